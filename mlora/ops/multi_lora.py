@@ -1,0 +1,207 @@
+"""The multi-LoRA linear operator: one frozen GEMM plus every job's low-rank update.
+
+For T tokens split into segments (slot i, token range [start, end)):
+
+    y = x·Wᵀ (+ bias) + Σ_segments s_i · (drop(x_seg)·A_iᵀ)·B_iᵀ
+
+One autograd Function owns the math; its forward and backward dispatch to a backend:
+the plain PyTorch code below (the CPU path and the oracle every kernel is tested
+against) or the Triton kernels on CUDA. The frozen weight gets no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous token range [start, end) that uses adapter `slot` of the call."""
+
+    slot: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class LoraCall:
+    """Everything about one call that is not a tensor: layout and hyper-parameters."""
+
+    segments: tuple[Segment, ...]
+    scales: tuple[float, ...]  # per slot: alpha / r (or alpha / sqrt(r) for rsLoRA)
+    dropout: tuple[float, ...]  # per slot: dropout probability p
+    has_masks: tuple[bool, ...]  # per segment: a dropout mask tensor was passed
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.scales)
+
+    def validate(self, tokens: int) -> None:
+        """Refuse overlapping or out-of-range segments before any kernel runs."""
+        last_end = 0
+        for seg in sorted(self.segments, key=lambda s: s.start):
+            if not 0 <= seg.slot < self.n_slots:
+                raise ValueError(f"segment {seg} names slot {seg.slot}, call has {self.n_slots}")
+            if seg.start < last_end or seg.end < seg.start or seg.end > tokens:
+                raise ValueError(f"segment {seg} overlaps another or leaves [0, {tokens})")
+            last_end = seg.end
+
+
+def _dropped(x_seg: Tensor, mask: Tensor | None, p: float) -> Tensor:
+    if mask is None or p == 0.0:
+        return x_seg
+    return x_seg * mask.to(x_seg.dtype) * (1.0 / (1.0 - p))
+
+
+def reference_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    call: LoraCall,
+) -> Tensor:
+    """Plain PyTorch forward: the base GEMM, then each segment's shrink and expand."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    for seg, mask in zip(call.segments, masks):
+        if seg.end == seg.start:
+            continue
+        xd = _dropped(x[seg.start : seg.end], mask, call.dropout[seg.slot])
+        h = xd @ lora_a[seg.slot].t()
+        y[seg.start : seg.end] += call.scales[seg.slot] * (h @ lora_b[seg.slot].t())
+    return y
+
+
+def reference_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    call: LoraCall,
+    need_dx: bool,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+    """Plain PyTorch backward: dx (through W and every adapter), dA_i and dB_i."""
+    dx = dy @ weight if need_dx else None
+    d_a = [torch.zeros_like(a) for a in lora_a]
+    d_b = [torch.zeros_like(b) for b in lora_b]
+    for seg, mask in zip(call.segments, masks):
+        if seg.end == seg.start:
+            continue
+        i, s, p = seg.slot, call.scales[seg.slot], call.dropout[seg.slot]
+        dy_seg = dy[seg.start : seg.end]
+        xd = _dropped(x[seg.start : seg.end], mask, p)
+        h = xd @ lora_a[i].t()  # recomputed: T_seg × r is cheaper to redo than to keep
+        g = s * (dy_seg @ lora_b[i])  # T_seg × r
+        d_a[i] += g.t() @ xd
+        d_b[i] += s * (dy_seg.t() @ h)
+        if dx is not None:
+            dx[seg.start : seg.end] += _dropped(g @ lora_a[i], mask, p)
+    return dx, d_a, d_b
+
+
+def _triton_available(x: Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    try:
+        from mlora.ops import triton_multi_lora  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(x: Tensor, backend: str) -> str:
+    """'auto' picks Triton on CUDA when it imports, else the PyTorch path."""
+    if backend == "auto":
+        return "triton" if _triton_available(x) else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"unknown multi-LoRA backend {backend!r}: use auto, torch or triton")
+    return backend
+
+
+class _MultiLoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, call, backend, *tensors):  # type: ignore[override]
+        n = call.n_slots
+        lora_a, lora_b = list(tensors[:n]), list(tensors[n : 2 * n])
+        masks = _unpack_masks(call, tensors[2 * n :])
+        if backend == "triton":
+            from mlora.ops import triton_multi_lora
+
+            y = triton_multi_lora.forward(x, weight, bias, lora_a, lora_b, masks, call)
+        else:
+            y = reference_forward(x, weight, bias, lora_a, lora_b, masks, call)
+        ctx.call, ctx.backend = call, backend
+        ctx.save_for_backward(x, weight, *tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        call: LoraCall = ctx.call
+        n = call.n_slots
+        x, weight, *tensors = ctx.saved_tensors
+        lora_a, lora_b = tensors[:n], tensors[n : 2 * n]
+        masks = _unpack_masks(call, tensors[2 * n :])
+        dy = dy.contiguous()
+        if ctx.backend == "triton":
+            from mlora.ops import triton_multi_lora
+
+            dx, d_a, d_b = triton_multi_lora.backward(
+                dy, x, weight, lora_a, lora_b, masks, call, ctx.needs_input_grad[0]
+            )
+        else:
+            dx, d_a, d_b = reference_backward(
+                dy, x, weight, lora_a, lora_b, masks, call, ctx.needs_input_grad[0]
+            )
+        n_masks = len(tensors) - 2 * n
+        return (dx, None, None, None, None, *d_a, *d_b, *([None] * n_masks))
+
+
+def _unpack_masks(call: LoraCall, mask_tensors: Sequence[Tensor]) -> list[Tensor | None]:
+    it = iter(mask_tensors)
+    return [next(it) if has else None for has in call.has_masks]
+
+
+def multi_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    scales: Sequence[float],
+    segments: Sequence[Segment],
+    dropout: Sequence[float] | None = None,
+    dropout_masks: Sequence[Tensor | None] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """y = x·Wᵀ + bias + Σ_segments s·(drop(x_seg)·Aᵀ)·Bᵀ for x of shape [T, d_in].
+
+    `lora_a[i]` is [r_i, d_in] and `lora_b[i]` is [d_out, r_i] (PEFT's layout); ranks
+    may differ per slot. `dropout_masks[k]`, if given, is a bool [len(segment k), d_in]
+    keep-mask for segment k, applied with the slot's probability as inverted dropout.
+    Tokens outside every segment get the base output only.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"multi_lora_linear takes x of shape [T, d_in], got {tuple(x.shape)}")
+    n = len(lora_a)
+    if len(lora_b) != n or len(scales) != n:
+        raise ValueError("lora_a, lora_b and scales must have one entry per slot")
+    masks = list(dropout_masks) if dropout_masks is not None else [None] * len(segments)
+    if len(masks) != len(segments):
+        raise ValueError("dropout_masks must have one entry (or None) per segment")
+    call = LoraCall(
+        segments=tuple(segments),
+        scales=tuple(float(s) for s in scales),
+        dropout=tuple(float(p) for p in (dropout if dropout is not None else [0.0] * n)),
+        has_masks=tuple(m is not None for m in masks),
+    )
+    call.validate(x.shape[0])
+    chosen = resolve_backend(x, backend)
+    mask_tensors = [m for m in masks if m is not None]
+    return _MultiLoraFunction.apply(x, weight, bias, call, chosen, *lora_a, *lora_b, *mask_tensors)
