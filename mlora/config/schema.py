@@ -1,0 +1,87 @@
+"""The run file's schema: plain dataclasses, field names as LLaMA-Factory / axolotl spell them.
+
+A run file has four sections: `model` (the frozen base), `defaults` (job fields every
+job inherits), `jobs` (the list) and `run` (run-wide limits and output). Nothing here
+imports torch: a file is checked before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+DATASET_FORMATS = ("auto", "alpaca", "messages")
+JOB_KINDS = ("lora",)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The frozen base model: a local Hugging Face folder of the Llama layout."""
+
+    path: str
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One LoRA fine-tuning job; every field but name and dataset has a default."""
+
+    name: str
+    dataset: str
+    kind: str = "lora"
+    dataset_format: str = "auto"
+    template: str = "alpaca"
+    cutoff_len: int = 256
+    eval_split: float = 0.0  # fraction in (0, 1) or a whole number of records
+    eval_steps: int | None = None  # evaluate every N steps (and at the end if eval_split)
+    # adapter
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    init_from: str | None = None  # an existing PEFT adapter folder to start from
+    # optimisation
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    momentum: float = 0.0  # SGD only
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    num_epochs: int = 1
+    max_steps: int | None = None  # overrides num_epochs when set
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    save_steps: int | None = None  # checkpoint every N optimizer steps
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Run-wide settings: where outputs go and how much runs at once."""
+
+    output_dir: str = "out/run"
+    max_concurrent_jobs: int = 8
+    max_tokens_per_batch: int = 8192  # tokens (rows × padded length) per fused batch
+    backend: str = "auto"  # multi-LoRA operator backend: auto | torch | triton
+    log_every_s: float = 5.0  # plain-log cadence when stdout is not a terminal
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run file."""
+
+    source: str  # the file it came from (for messages)
+    model: ModelSpec
+    jobs: tuple[JobSpec, ...]
+    run: RunLimits = field(default_factory=RunLimits)
+

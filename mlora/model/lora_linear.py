@@ -1,0 +1,166 @@
+"""The multi-LoRA linear module and the per-job adapter it reads from.
+
+Every target nn.Linear of the base becomes a MultiLoraLinear holding the frozen weight.
+Adapters are not its submodules: each job owns a StageAdapter (its A and B for every
+linear of the stage), and the module finds them, and the batch's row layout, through
+a Routing object shared by the whole stage. So adding, finishing or saving a job never
+touches the base model, and the base state dict stays the base's.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from mlora.ops import Segment, multi_lora_linear
+
+
+@dataclass(frozen=True)
+class JobRows:
+    """One job's rows [row_start, row_end) of a fused batch."""
+
+    job: str
+    row_start: int
+    row_end: int
+    seq_len: int  # the job's own padded length: dropout masks are drawn at this size
+    dropout_seed: int  # distinct per (job, step, micro-batch); layers add their index
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a fused [rows, seq_len] batch is split among jobs."""
+
+    rows: int
+    seq_len: int
+    jobs: tuple[JobRows, ...]
+    training: bool = True
+
+
+@dataclass
+class Routing:
+    """Shared by every MultiLoraLinear of a stage: who is training and the current batch."""
+
+    adapters: dict[str, "StageAdapter"] = field(default_factory=dict)
+    layout: BatchLayout | None = None
+    backend: str = "auto"
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class StageAdapter:
+    """One job's LoRA weights for the linears one stage holds (fp32 master weights)."""
+
+    def __init__(
+        self,
+        job: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        a: dict[str, nn.Parameter],
+        b: dict[str, nn.Parameter],
+    ) -> None:
+        self.job, self.r, self.alpha, self.dropout, self.use_rslora = job, r, alpha, dropout, use_rslora
+        self.scale = lora_scale(r, alpha, use_rslora)
+        self.a, self.b = a, b
+
+    @classmethod
+    def create(
+        cls,
+        job: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        shapes: dict[str, tuple[int, int]],
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> "StageAdapter":
+        """PEFT's init: A Kaiming-uniform (a=√5, i.e. U(±1/√d_in)), B zero.
+
+        Each linear's A comes from a generator seeded by (job seed, module path), so a
+        job's initial adapter is the same whichever stage or run holds the module.
+        """
+        a: dict[str, nn.Parameter] = {}
+        b: dict[str, nn.Parameter] = {}
+        for path, (d_in, d_out) in sorted(shapes.items()):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
+            bound = 1.0 / math.sqrt(d_in)
+            init = (torch.rand(r, d_in, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+            a[path] = nn.Parameter(init.to(device))
+            b[path] = nn.Parameter(torch.zeros(d_out, r, dtype=torch.float32, device=device))
+        return cls(job, r, alpha, dropout, use_rslora, a, b)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """A then B for every path, in a fixed order (the optimizer's order)."""
+        return [p for path in sorted(self.a) for p in (self.a[path], self.b[path])]
+
+    def named_tensors(self) -> Iterable[tuple[str, Tensor, Tensor]]:
+        for path in sorted(self.a):
+            yield path, self.a[path], self.b[path]
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen linear plus, for each job in the batch that adapts it, s·(drop(x)·Aᵀ)·Bᵀ."""
+
+    def __init__(self, base: nn.Linear, path: str, index: int, routing: Routing) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = nn.Parameter(base.bias.detach(), requires_grad=False) if base.bias is not None else None
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.path, self.index = path, index
+        self.routing = routing
+
+    def extra_repr(self) -> str:
+        return f"{self.path}: {self.in_features}→{self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        layout = self.routing.layout
+        active = [] if layout is None else [j for j in layout.jobs if self.path in self._adapter_a(j.job)]
+        if not active:
+            return nn.functional.linear(x, self.weight, self.bias)
+        assert layout is not None
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        a_list, b_list, scales, drops, segments, masks = [], [], [], [], [], []
+        for slot, rows in enumerate(active):
+            adapter = self.routing.adapters[rows.job]
+            a_list.append(adapter.a[self.path].to(x.dtype))
+            b_list.append(adapter.b[self.path].to(x.dtype))
+            scales.append(adapter.scale)
+            p = adapter.dropout if layout.training else 0.0
+            drops.append(p)
+            start, end = rows.row_start * layout.seq_len, rows.row_end * layout.seq_len
+            segments.append(Segment(slot, start, end))
+            masks.append(self._dropout_mask(rows, layout, p, x.device) if p > 0 else None)
+        y = multi_lora_linear(
+            flat, self.weight, self.bias, a_list, b_list, scales, segments,
+            dropout=drops, dropout_masks=masks, backend=self.routing.backend,
+        )
+        return y.view(*lead, self.out_features)
+
+    def _adapter_a(self, job: str) -> dict[str, nn.Parameter]:
+        adapter = self.routing.adapters.get(job)
+        return adapter.a if adapter is not None else {}
+
+    def _dropout_mask(self, rows: JobRows, layout: BatchLayout, p: float, device: torch.device) -> Tensor:
+        """Keep-mask drawn at the job's own [rows, seq_len, d_in] size, then padded.
+
+        Drawing at the job's own padded length (not the fused batch's) gives the job the
+        same masks whether it trains alone or beside longer sequences of other jobs.
+        """
+        gen = torch.Generator(device=device).manual_seed(rows.dropout_seed + 7919 * self.index)
+        n_rows = rows.row_end - rows.row_start
+        keep = torch.rand(n_rows, rows.seq_len, self.in_features, generator=gen, device=device) >= p
+        if rows.seq_len < layout.seq_len:
+            pad = torch.zeros(n_rows, layout.seq_len - rows.seq_len, self.in_features, dtype=torch.bool, device=device)
+            keep = torch.cat([keep, pad], dim=1)
+        return keep.view(-1, self.in_features)

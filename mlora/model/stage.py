@@ -1,0 +1,192 @@
+"""A pipeline stage of a Llama-layout causal LM, loaded from a local folder.
+
+A stage holds decoder blocks [start, end) and, if first, the embedding, if last, the
+final norm and LM head. It reads only its own tensors from the safetensors files, so a
+rank never materialises the whole model. A single-process run is one stage holding all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from mlora.model.layout import EMBED, HEAD, NORM, SUPPORTED_MODEL_TYPES, TARGET_PATHS, layer_prefix
+from mlora.model.lora_linear import BatchLayout, MultiLoraLinear, Routing
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be loaded, with the folder and what is wrong."""
+
+
+@dataclass(frozen=True)
+class StageBounds:
+    """Which part of the model a stage holds."""
+
+    start: int  # first decoder block
+    end: int  # one past the last
+    first: bool  # holds the embedding
+    last: bool  # holds norm + LM head
+
+
+def read_config(model_dir: str | Path) -> PretrainedConfig:
+    """Load and check the model's config: a supported Llama-layout causal LM."""
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{folder}/config.json: not valid JSON: {exc}") from exc
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelFolderError(
+            f"{folder}/config.json: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if not _weight_files(folder):
+        raise ModelFolderError(f"{folder}: no *.safetensors weight files")
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _tensor_index(folder: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it (sharded or not)."""
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    out: dict[str, Path] = {}
+    for file in _weight_files(folder):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                out[name] = file
+    return out
+
+
+def read_tensors(folder: Path, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """Read just these tensors, in dtype, on device."""
+    index = _tensor_index(folder)
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ModelFolderError(f"{folder}: weights lack {missing[:3]}{' …' if len(missing) > 3 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(index[name], []).append(name)
+    out: dict[str, Tensor] = {}
+    for file, file_names in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in file_names:
+                out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return out
+
+
+class StageModel(nn.Module):
+    """Embedding (first stage), blocks [start, end), norm + head (last stage)."""
+
+    def __init__(self, config: PretrainedConfig, bounds: StageBounds, parts: dict[str, nn.Module], rotary: nn.Module):
+        super().__init__()
+        self.config, self.bounds = config, bounds
+        self.embed_tokens = parts.get(EMBED)
+        self.layers = nn.ModuleList([parts[layer_prefix(i)] for i in range(bounds.start, bounds.end)])
+        self.norm = parts.get(NORM)
+        self.lm_head = parts.get(HEAD)
+        self.rotary_emb = rotary
+        self.routing = Routing()
+        self.eager = config._attn_implementation == "eager"
+        self.lora_linears: dict[str, MultiLoraLinear] = {}
+        for offset, layer in enumerate(self.layers):
+            index = bounds.start + offset
+            for target, rel in TARGET_PATHS.items():
+                parent_name, child = rel.split(".")
+                parent = getattr(layer, parent_name)
+                path = f"{layer_prefix(index)}.{rel}"
+                wrapped = MultiLoraLinear(getattr(parent, child), path, len(self.lora_linears), self.routing)
+                setattr(parent, child, wrapped)
+                self.lora_linears[path] = wrapped
+
+    def linear_shapes(self, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of every linear of this stage that one of `targets` names."""
+        return {
+            path: (m.in_features, m.out_features)
+            for path, m in self.lora_linears.items()
+            if path.rsplit(".", 1)[1] in targets
+        }
+
+    def forward(self, inputs: Tensor, layout: BatchLayout) -> Tensor:
+        """Token ids (first stage) or hidden states in; hidden states out (normed if last).
+
+        Rows are right-padded, so plain causal attention never lets a real token see a
+        pad: no padding mask is needed and SDPA can take its fused causal path.
+        """
+        hidden = self.embed_tokens(inputs) if self.bounds.first else inputs
+        seq_len = hidden.shape[1]
+        position_ids = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        mask = self._eager_causal_mask(seq_len, hidden) if self.eager else None
+        self.routing.layout = layout
+        try:
+            for layer in self.layers:
+                hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        finally:
+            self.routing.layout = None
+        if self.bounds.last:
+            hidden = self.norm(hidden)
+        return hidden
+
+    @staticmethod
+    def _eager_causal_mask(seq_len: int, like: Tensor) -> Tensor:
+        blocked = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=like.device), diagonal=1)
+        mask = torch.zeros(seq_len, seq_len, dtype=like.dtype, device=like.device)
+        return mask.masked_fill(blocked, torch.finfo(like.dtype).min)[None, None]
+
+
+def load_stage(
+    model_dir: str | Path,
+    bounds: StageBounds | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> StageModel:
+    """Build a stage's modules on the meta device, then fill them from safetensors."""
+    folder = Path(model_dir)
+    config = read_config(folder)
+    config._attn_implementation = attn_implementation
+    n_layers = config.num_hidden_layers
+    bounds = bounds or StageBounds(0, n_layers, True, True)
+    if not 0 <= bounds.start <= bounds.end <= n_layers:
+        raise ModelFolderError(f"{folder}: stage blocks [{bounds.start}, {bounds.end}) outside 0..{n_layers}")
+    torch_dtype, device = DTYPES[dtype], torch.device(device)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    parts: dict[str, nn.Module] = {layer_prefix(i): skeleton.model.layers[i] for i in range(bounds.start, bounds.end)}
+    if bounds.first:
+        parts[EMBED] = skeleton.model.embed_tokens
+    if bounds.last:
+        parts[NORM] = skeleton.model.norm
+        parts[HEAD] = skeleton.lm_head
+    index = _tensor_index(folder)
+    for prefix, module in parts.items():
+        wanted = [f"{prefix}.{name}" for name in module.state_dict()]
+        source = {w: w for w in wanted}
+        if prefix == HEAD and f"{HEAD}.weight" not in index:  # tied embeddings
+            source[f"{HEAD}.weight"] = f"{EMBED}.weight"
+        tensors = read_tensors(folder, list(source.values()), torch_dtype, device)
+        state = {w[len(prefix) + 1 :]: tensors[source[w]] for w in wanted}
+        module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
+    with torch.device(device):
+        rotary = type(skeleton.model.rotary_emb)(config=config)
+    stage = StageModel(config, bounds, parts, rotary)
+    stage.eval()  # base dropout off; LoRA dropout follows the batch layout's `training`
+    return stage
