@@ -47,23 +47,24 @@ def peft_key(path: str, which: str) -> str:
 
 
 def save_adapter(
-    out_dir: Path,
+    folder: Path,
     meta: AdapterMeta,
     weights: dict[str, tuple[Tensor, Tensor]],
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a PEFT LoRA folder atomically (a temp folder renamed into place).
+    """Write PEFT's two files into `folder` (created if needed), each atomically.
 
     `weights` maps module path → (A [r, d_in], B [d_out, r]). Refuses to replace an
-    existing folder: the caller decides what may be overwritten.
+    adapter already in the folder: the caller decides what may be overwritten.
     """
     from peft import LoraConfig  # heavy import, only when saving
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise AdapterError(f"{out_dir}: already exists; not overwriting an adapter")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    folder = Path(folder)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if (folder / name).exists():
+            raise AdapterError(f"{folder / name}: already exists; not overwriting an adapter")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
     try:
         config = LoraConfig(
             r=meta.r,
@@ -82,11 +83,11 @@ def save_adapter(
             tensors[peft_key(path, "A")] = a.detach().to("cpu", dtype).contiguous()
             tensors[peft_key(path, "B")] = b.detach().to("cpu", dtype).contiguous()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        os.replace(tmp, out_dir)
-    except BaseException:
+        os.replace(tmp / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+        os.replace(tmp / CONFIG_FILE, folder / CONFIG_FILE)  # last: its presence means complete
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return folder
 
 
 def read_adapter_meta(folder: Path) -> AdapterMeta:

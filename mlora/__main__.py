@@ -1,0 +1,7 @@
+"""`python -m mlora …` and `torchrun … -m mlora …`."""
+
+import sys
+
+from mlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""`mlora …` commands. Thin: each parses its arguments and calls one public function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: printed as one line, not a traceback."""
+    from mlora.config import ConfigError
+    from mlora.data import DataError
+    from mlora.model.peft_io import AdapterError
+    from mlora.model.stage import ModelFolderError
+    from mlora.runtime.output import OutputError
+
+    return (ConfigError, DataError, AdapterError, ModelFolderError, OutputError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mlora.config import load_run_file
+    from mlora.runtime.launch import train_from_cli
+
+    spec = load_run_file(args.run_file, args.overrides)
+    return train_from_cli(spec, resume=args.resume, overwrite=args.overwrite, live=False if args.plain else None)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from mlora.config import load_run_file
+    from mlora.runtime.preflight import preflight
+
+    spec = load_run_file(args.run_file, args.overrides)
+    for line in preflight(spec):
+        print(line)
+    print(f"{args.run_file}: OK ({len(spec.jobs)} jobs)")
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from mlora.model.tiny import write_tiny_model
+
+    path = write_tiny_model(Path(args.dir), args.arch, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote a tiny random {args.arch} model with its tokenizer to {path}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mlora.monitor import render_status
+
+    print(render_status(Path(args.output_dir)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mlora.monitor import write_report
+
+    path = write_report(Path(args.output_dir), Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlora", description="Train many LoRA adapters at once over one frozen base model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train every job of a run file")
+    p.add_argument("run_file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-3 jobs.sum.lora_r=16")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    p.add_argument("--plain", action="store_true", help="plain log lines instead of the live table")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("validate", help="check a run file, its datasets and model folder without training")
+    p.add_argument("run_file")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("tiny-model", help="write a small random model with a real tokenizer")
+    p.add_argument("dir")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "mistral"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("status", help="print the per-job table of a run (during or after it)")
+    p.add_argument("output_dir")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("report", help="write a PNG with loss curves and the per-job timeline")
+    p.add_argument("output_dir")
+    p.add_argument("--out", help="PNG path (default OUTPUT/report.png)")
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as exc:
+        print(f"mlora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

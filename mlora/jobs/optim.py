@@ -1,0 +1,88 @@
+"""A job's optimizer over the slice of its adapter that one stage holds.
+
+Gradient clipping uses the norm over the *whole* adapter: under pipelining each stage
+contributes its squared norm and the runtime sums them, so clipping (and so the
+adapter) is the same however the model is cut.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlora.config import JobSpec
+from mlora.jobs.lr import lr_factor
+from mlora.model.lora_linear import StageAdapter
+
+
+def build_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (default) or SGD with the job's hyper-parameters."""
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params,
+            lr=spec.learning_rate,
+            betas=(spec.adam_beta1, spec.adam_beta2),
+            eps=spec.adam_epsilon,
+            weight_decay=spec.weight_decay,
+        )
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.learning_rate, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}")
+
+
+class JobOptimizer:
+    """Optimizer + LR schedule for one job's adapter slice on this stage."""
+
+    def __init__(self, spec: JobSpec, adapter: StageAdapter, total_steps: int) -> None:
+        self.spec, self.adapter, self.total_steps = spec, adapter, total_steps
+        self.params = adapter.parameters()
+        self.optimizer = build_optimizer(spec, self.params)
+        self.steps_done = 0
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        factor = lr_factor(self.steps_done, self.spec.warmup_steps, self.total_steps, self.spec.lr_scheduler)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.spec.learning_rate * factor
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def grad_sq_norm(self) -> Tensor:
+        """Sum of squared gradient entries of this slice (fp32, on the params' device)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            device = self.params[0].device if self.params else torch.device("cpu")
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+
+    def step(self, total_norm: Tensor | None) -> None:
+        """Clip by the whole adapter's norm, step, advance the LR schedule, clear grads."""
+        if self.spec.max_grad_norm is not None and total_norm is not None:
+            coef = torch.clamp(self.spec.max_grad_norm / (total_norm + 1e-6), max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.device))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        self._set_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps_done": self.steps_done,
+            "optimizer": self.optimizer.state_dict(),
+            "weights": {path: (a.detach().clone(), b.detach().clone()) for path, a, b in self.adapter.named_tensors()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for path, (a, b) in state["weights"].items():
+                self.adapter.a[path].copy_(a)
+                self.adapter.b[path].copy_(b)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+        self._set_lr()

@@ -1,0 +1,68 @@
+"""Turning the chosen micro-batches into one right-padded tensor batch with its layout."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from mlora.jobs import PendingMicro
+from mlora.model.lora_linear import BatchLayout, JobRows
+
+IGNORE = -100
+
+
+@dataclass
+class FusedBatch:
+    """Rows grouped by job, right-padded to the longest row."""
+
+    input_ids: Tensor  # [B, L]
+    labels: Tensor  # [B, L], -100 on prompt and pad
+    row_slot: Tensor  # [B]: index into `micros`
+    layout: BatchLayout
+    micros: list[PendingMicro]
+    tokens: list[int]  # real (unpadded) input tokens per micro-batch
+
+
+def dropout_seed(seed: int, step: int, micro: int) -> int:
+    """A seed per (job, step, micro-batch): the same alone, fused or after a resume."""
+    return zlib.crc32(f"{seed}:{step}:{micro}".encode())
+
+
+def collate(
+    micros: Sequence[PendingMicro],
+    examples: Sequence[Sequence[Any]],
+    seeds: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+    training: bool = True,
+) -> FusedBatch:
+    """examples[k] are micro-batch k's Example objects (input_ids, labels)."""
+    lengths = [[len(e.input_ids) for e in exs] for exs in examples]
+    seq_len = max(max(ls) for ls in lengths)
+    n_rows = sum(len(exs) for exs in examples)
+    ids = torch.full((n_rows, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, seq_len), IGNORE, dtype=torch.long)
+    row_slot = torch.empty(n_rows, dtype=torch.long)
+    jobs: list[JobRows] = []
+    row = 0
+    for k, (m, exs) in enumerate(zip(micros, examples)):
+        start = row
+        for e in exs:
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+            row_slot[row] = k
+            row += 1
+        jobs.append(JobRows(m.job, start, row, max(lengths[k]), dropout_seed(seeds[k], m.step, m.micro)))
+    layout = BatchLayout(rows=n_rows, seq_len=seq_len, jobs=tuple(jobs), training=training)
+    return FusedBatch(
+        input_ids=ids.to(device, non_blocking=True),
+        labels=labels.to(device, non_blocking=True),
+        row_slot=row_slot.to(device, non_blocking=True),
+        layout=layout,
+        micros=list(micros),
+        tokens=[sum(ls) for ls in lengths],
+    )

@@ -1,0 +1,69 @@
+"""Checkpoints: per job, per step; each stage writes its own slice, the driver the progress.
+
+A checkpoint folder is written under a temporary name and renamed into place, so a
+crash never leaves a half-written checkpoint that --resume would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlora.runtime.output import checkpoint_root
+
+STATE = "state.json"
+
+
+def step_dir(out_dir: Path, job: str, step: int) -> Path:
+    return checkpoint_root(out_dir, job) / f"step-{step:06d}"
+
+
+def write_checkpoint(out_dir: Path, job: str, step: int, stages: dict[int, dict[str, Any]], state: dict[str, Any]) -> Path:
+    """stages: stage index → JobOptimizer.state_dict(); state: the driver's progress."""
+    final = step_dir(out_dir, job, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        for k, stage_state in stages.items():
+            torch.save(stage_state, tmp / f"stage{k}.pt")
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)  # a re-run of a step after --resume: same content
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def write_stage_slice(folder: Path, stage: int, stage_state: dict[str, Any]) -> None:
+    """A non-driver stage adds its slice to a checkpoint folder (atomic per file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".stage{stage}.pt.tmp"
+    torch.save(stage_state, tmp)
+    os.replace(tmp, folder / f"stage{stage}.pt")
+
+
+def latest_checkpoint(out_dir: Path, job: str, n_stages: int = 1) -> Path | None:
+    """The newest complete checkpoint of a job: state.json and every stage's slice present."""
+    root = checkpoint_root(out_dir, job)
+    if not root.is_dir():
+        return None
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        if (folder / STATE).is_file() and all((folder / f"stage{k}.pt").is_file() for k in range(n_stages)):
+            return folder
+    return None
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / STATE).read_text())
+
+
+def read_stage_slice(folder: Path, stage: int) -> dict[str, Any]:
+    return torch.load(folder / f"stage{stage}.pt", map_location="cpu", weights_only=False)

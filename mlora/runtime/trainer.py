@@ -1,0 +1,291 @@
+"""The training recipe: many LoRA jobs over one frozen base, in one process.
+
+Read it top to bottom: check everything, load the base once, then loop — admit queued
+jobs, fuse the running jobs' next micro-batches into one batch, one forward and one
+backward, and step each job whose gradient accumulation is complete. A job that ends
+writes its PEFT adapter at once while the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlora.config import JobSpec, RunSpec
+from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps, target_count
+from mlora.model.loss import job_loss_sums
+from mlora.model.lora_linear import StageAdapter
+from mlora.model.peft_io import AdapterError, AdapterMeta, load_adapter, read_adapter_meta, save_adapter
+from mlora.model.stage import StageModel, load_stage
+from mlora.runtime.batch import collate
+from mlora.runtime.checkpoint import latest_checkpoint, read_stage_slice, read_state, write_checkpoint
+from mlora.runtime.output import SUMMARY, job_dir, prepare_output
+from mlora.runtime.setup import build_job_states, load_tokenizer, resolve_device
+from mlora.schedule.planner import Candidate, plan_fused_batch
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapters: dict[str, Path] = field(default_factory=dict)
+    final_loss: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def adapter_meta(spec: JobSpec, model_path: str) -> AdapterMeta:
+    return AdapterMeta(
+        r=spec.lora_r,
+        alpha=spec.lora_alpha,
+        dropout=spec.lora_dropout,
+        use_rslora=spec.use_rslora,
+        target_modules=spec.target_modules,
+        base_model=model_path,
+    )
+
+
+def check_init_adapter(spec: JobSpec, source: str) -> None:
+    """An init_from adapter must match the job's rank, alpha and targets: say which differs."""
+    if spec.init_from is None:
+        return
+    try:
+        meta = read_adapter_meta(Path(spec.init_from))
+    except AdapterError as exc:
+        raise AdapterError(f"{source}: job {spec.name!r}: init_from: {exc}") from exc
+    for name, mine, theirs in (
+        ("lora_r", spec.lora_r, meta.r),
+        ("lora_alpha", spec.lora_alpha, meta.alpha),
+        ("target_modules", tuple(sorted(spec.target_modules)), meta.target_modules),
+        ("use_rslora", spec.use_rslora, meta.use_rslora),
+    ):
+        if mine != theirs:
+            raise AdapterError(
+                f"{source}: job {spec.name!r}: init_from: adapter {spec.init_from} has {name}={theirs!r}, job has {mine!r}"
+            )
+
+
+def make_adapter(spec: JobSpec, stage: StageModel, device: torch.device) -> StageAdapter:
+    """A fresh PEFT-initialised adapter, or the init_from adapter's weights, for this stage."""
+    shapes = stage.linear_shapes(spec.target_modules)
+    adapter = StageAdapter.create(
+        spec.name, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.use_rslora, shapes, spec.seed, device
+    )
+    if spec.init_from is not None:
+        _, weights = load_adapter(Path(spec.init_from))
+        with torch.no_grad():
+            for path in shapes:
+                if path not in weights:
+                    raise AdapterError(f"job {spec.name!r}: init_from {spec.init_from} lacks {path}")
+                a, b = weights[path]
+                adapter.a[path].copy_(a)
+                adapter.b[path].copy_(b)
+    return adapter
+
+
+class Trainer:
+    """State of one single-process run; `run()` is the loop."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        live: bool | None = None,
+        console: Any = None,
+        stop_after_batches: int | None = None,
+    ) -> None:
+        from mlora.monitor import JsonlSink, LiveView, MultiSink, RunSummary, TensorBoardSink
+
+        self.spec = spec
+        self.device = resolve_device(spec.model.device)
+        # Everything that can be wrong with the input is checked before the output folder
+        # is touched and before the model is loaded.
+        tokenizer = load_tokenizer(spec.model.path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for job_spec in spec.jobs:
+            check_init_adapter(job_spec, spec.source)
+        self.jobs: dict[str, JobState] = {
+            s.name: s for s in build_job_states(spec, tokenizer, plan_steps)
+        }
+        self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
+        self.stage = load_stage(
+            spec.model.path, dtype=spec.model.dtype, device=self.device, attn_implementation=spec.model.attn_implementation
+        )
+        self.stage.routing.backend = spec.run.backend
+        self.optimizers: dict[str, JobOptimizer] = {}
+        self.stop_after_batches = stop_after_batches
+        self.result = RunResult(self.out)
+
+        previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
+        self.summary = RunSummary(
+            name=spec.run.name or Path(spec.source).stem, output_dir=str(self.out), device=str(self.device), n_stages=1
+        )
+        self.sink = MultiSink([JsonlSink(self.out), TensorBoardSink(self.out)])
+        self.live = LiveView(enabled=live, console=console, log_every_s=spec.run.log_every_s)
+        now = time.time()
+        for job in self.jobs.values():
+            self.summary.job_queued(job.name, job.max_steps, now)
+            if resume:
+                self._restore(job, previous)
+
+    # ----------------------------------------------------------------- resume
+    def _restore(self, job: JobState, previous: Any) -> None:
+        """Finished jobs stay finished; others continue from their newest checkpoint."""
+        folder = job_dir(self.out, job.name)
+        if (folder / "adapter_config.json").is_file():
+            job.step, job.status = job.max_steps, "finished"
+            self.summary.restore_job(job.name, previous)
+            self.result.adapters[job.name] = folder
+            return
+        ckpt = latest_checkpoint(self.out, job.name)
+        if ckpt is not None:
+            state = read_state(ckpt)
+            job.step, job.tokens, job.losses = state["step"], state["tokens"], state["losses"]
+            job.resume_slice = read_stage_slice(ckpt, 0)  # applied when the job starts
+        truncate_metrics(folder / "metrics.jsonl", job.step)
+
+    # ------------------------------------------------------------------- loop
+    def run(self) -> RunResult:
+        self.summary.save(self.out / SUMMARY)
+        batches = 0
+        turn = 0
+        with self.live:
+            while True:
+                self._admit()
+                running = [j for j in self.jobs.values() if j.status == "running"]
+                if not running:
+                    break
+                self._train_one_batch(running, turn)
+                turn += 1
+                batches += 1
+                self.live.update(self.summary)
+                if self.stop_after_batches is not None and batches >= self.stop_after_batches:
+                    self.result.stopped_early = True
+                    break
+        finished = all(j.status == "finished" for j in self.jobs.values())
+        self.summary.run_finished(time.time(), "finished" if finished else "stopped")
+        self.summary.save(self.out / SUMMARY)
+        self.sink.close()
+        self.live.print_table(self.summary)
+        return self.result
+
+    def _admit(self) -> None:
+        """Start queued jobs, in file order, while fewer than max_concurrent_jobs run."""
+        running = sum(1 for j in self.jobs.values() if j.status == "running")
+        for job in self.jobs.values():
+            if running >= self.spec.run.max_concurrent_jobs:
+                return
+            if job.status != "queued":
+                continue
+            adapter = make_adapter(job.spec, self.stage, self.device)
+            self.stage.routing.adapters[job.name] = adapter
+            opt = JobOptimizer(job.spec, adapter, job.max_steps)
+            if job.resume_slice is not None:
+                opt.load_state_dict(job.resume_slice)
+                job.resume_slice = None
+            self.optimizers[job.name] = opt
+            job.status = "running"
+            self.summary.job_started(job.name, time.time())
+            running += 1
+
+    def _train_one_batch(self, running: list[JobState], turn: int) -> None:
+        pending = [j.pending() for j in running]
+        candidates = [
+            Candidate(p.job, len(p.examples), max(len(self.jobs[p.job].train[i].input_ids) for i in p.examples))
+            for p in pending
+        ]
+        chosen = [pending[i] for i in plan_fused_batch(candidates, self.spec.run.max_tokens_per_batch, turn)]
+        jobs = [self.jobs[m.job] for m in chosen]
+        batch = collate(
+            chosen,
+            [[j.train[i] for i in m.examples] for j, m in zip(jobs, chosen)],
+            [j.spec.seed for j in jobs],
+            self.pad_id,
+            self.device,
+        )
+        # Each job's loss is the mean over its whole step's target tokens, so every
+        # micro-batch's token-loss sum is divided by that step's count.
+        inv_targets = torch.tensor([1.0 / j.step_targets(m.step) for j, m in zip(jobs, chosen)], device=self.device)
+        hidden = self.stage(batch.input_ids, batch.layout)
+        sums = job_loss_sums(self.stage.lm_head, hidden, batch.labels, batch.row_slot, len(chosen))
+        per_job = sums * inv_targets
+        per_job.sum().backward()
+        per_job = per_job.detach()
+        for k, (job, micro) in enumerate(zip(jobs, chosen)):
+            job.loss_sum = job.loss_sum + per_job[k]
+            if job.micro_done(batch.tokens[k]):
+                self._finish_step(job)
+
+    def _finish_step(self, job: JobState) -> None:
+        opt = self.optimizers[job.name]
+        lr = opt.lr
+        opt.step(opt.grad_sq_norm().sqrt())
+        loss = float(job.loss_sum)
+        job.loss_sum = 0.0
+        job.losses.append(loss)
+        now = time.time()
+        self.summary.job_progress(job.name, job.step, job.tokens, loss, now)
+        self.sink.log_train(self.summary.train_row(job.name, loss=loss, lr=lr, t=now))
+        spec = job.spec
+        if job.eval and ((spec.eval_steps and job.step % spec.eval_steps == 0) or job.done):
+            eval_loss = self.evaluate(job)
+            self.summary.job_eval(job.name, eval_loss)
+            self.sink.log_eval({"kind": "eval", "job": job.name, "step": job.step, "eval_loss": eval_loss, "time": now})
+        if spec.save_steps and job.step % spec.save_steps == 0 and not job.done:
+            state = {"step": job.step, "tokens": job.tokens, "losses": job.losses}
+            write_checkpoint(self.out, job.name, job.step, {0: opt.state_dict()}, state)
+        if job.done:
+            self._finish_job(job)
+
+    def _finish_job(self, job: JobState) -> None:
+        """Write the adapter now, free its slot; the other jobs go on."""
+        adapter = self.stage.routing.adapters.pop(job.name)
+        folder = job_dir(self.out, job.name)
+        save_adapter(folder, adapter_meta(job.spec, self.spec.model.path), {p: (a, b) for p, a, b in adapter.named_tensors()})
+        del self.optimizers[job.name]
+        job.status = "finished"
+        self.result.adapters[job.name] = folder
+        self.result.final_loss[job.name] = job.losses[-1]
+        self.summary.job_finished(job.name, time.time(), peak_memory_bytes(self.device), str(folder))
+        self.summary.save(self.out / SUMMARY)
+
+    @torch.no_grad()
+    def evaluate(self, job: JobState) -> float:
+        """Mean next-token loss over the job's held-out examples (no dropout)."""
+        total, count = torch.zeros((), device=self.device), 0
+        size = job.spec.micro_batch_size
+        for start in range(0, len(job.eval), size):
+            exs = job.eval[start : start + size]
+            pm = PendingMicro(job.name, -1, start, True, tuple(range(len(exs))))
+            batch = collate([pm], [exs], [job.spec.seed], self.pad_id, self.device, training=False)
+            hidden = self.stage(batch.input_ids, batch.layout)
+            total += job_loss_sums(self.stage.lm_head, hidden, batch.labels, batch.row_slot, 1)[0]
+            count += sum(target_count(e.labels) for e in exs)
+        return float(total) / max(1, count)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric rows past the checkpoint a resumed job restarts from."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(spec: RunSpec, **kwargs: Any) -> RunResult:
+    """Train every job of the run file; see Trainer for the keyword options."""
+    return Trainer(spec, **kwargs).run()
+
