@@ -1,12 +1,16 @@
 """Per-job language-model loss on the last stage.
 
-Only positions with a target token (labels != -100) go through the LM head: prompt and
-pad positions cost nothing there. The result is each job's *sum* of token losses; the
-trainer divides by the job's target-token count for the whole optimizer step, so a job's
-loss is the mean over its step's target tokens however its rows were batched.
+Only positions with a target token go through the LM head: prompt and pad positions
+cost nothing there. Which positions those are is worked out on the host when the batch
+is made (`Targets`), so the loss needs no device-to-host sync. The result is each
+job's *sum* of token losses; the trainer divides by the job's target-token count for
+the whole optimizer step, so a job's loss is the mean over its step's target tokens
+however its rows were batched.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -14,12 +18,40 @@ from torch import Tensor, nn
 IGNORE = -100
 
 
-def job_loss_sums(lm_head: nn.Module, hidden: Tensor, labels: Tensor, row_job: Tensor, n_jobs: int) -> Tensor:
-    """Sum of next-token cross-entropy per job: hidden [B, L, d], labels [B, L], row_job [B]."""
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    picked = hidden[:, :-1][keep]
+@dataclass
+class Targets:
+    """Flat positions (row * seq_len + t) whose next token is a target, and that token."""
+
+    index: Tensor  # [N] positions in the flattened [B*L] hidden states
+    token: Tensor  # [N] target token ids
+    slot: Tensor  # [N] which micro-batch (job) of the fused batch each belongs to
+    n_slots: int
+
+    @classmethod
+    def from_labels(cls, labels: Tensor, row_slot: Tensor, n_slots: int) -> "Targets":
+        """labels [B, L] (-100 where no loss), on the host; position t predicts labels[t+1]."""
+        rows, seq_len = labels.shape
+        keep = labels[:, 1:] != IGNORE
+        r, t = keep.nonzero(as_tuple=True)
+        return cls(index=r * seq_len + t, token=labels[r, t + 1], slot=row_slot[r], n_slots=n_slots)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Targets":
+        move = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Targets(move(self.index), move(self.token), move(self.slot), self.n_slots)
+
+    def pin_memory(self) -> "Targets":
+        return Targets(self.index.pin_memory(), self.token.pin_memory(), self.slot.pin_memory(), self.n_slots)
+
+
+def job_loss_sums(lm_head: nn.Module, hidden: Tensor, targets: Targets) -> Tensor:
+    """Sum of next-token cross-entropy per micro-batch slot; hidden is [B, L, d]."""
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets.index)
     logits = lm_head(picked).float()
-    losses = nn.functional.cross_entropy(logits, target[keep], reduction="none")
-    job_of_token = row_job[:, None].expand_as(target)[keep]
-    return torch.zeros(n_jobs, dtype=torch.float32, device=hidden.device).index_add_(0, job_of_token, losses)
+    losses = nn.functional.cross_entropy(logits, targets.token, reduction="none")
+    sums = torch.zeros(targets.n_slots, dtype=torch.float32, device=hidden.device)
+    return sums.index_add_(0, targets.slot, losses)
+
+
+def full_logits(lm_head: nn.Module, hidden: Tensor) -> Tensor:
+    """Logits at every position (generation and parity checks)."""
+    return lm_head(hidden)

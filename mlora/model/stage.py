@@ -185,8 +185,35 @@ def load_stage(
         state = {w[len(prefix) + 1 :]: tensors[source[w]] for w in wanted}
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
+    return _assemble(skeleton, config, bounds, parts, device)
+
+
+def _assemble(
+    model: nn.Module, config: PretrainedConfig, bounds: StageBounds, parts: dict[str, nn.Module], device: torch.device
+) -> StageModel:
     with torch.device(device):
-        rotary = type(skeleton.model.rotary_emb)(config=config)
+        rotary = type(model.model.rotary_emb)(config=config)
     stage = StageModel(config, bounds, parts, rotary)
     stage.eval()  # base dropout off; LoRA dropout follows the batch layout's `training`
     return stage
+
+
+def stage_from_model(model: nn.Module, bounds: StageBounds | None = None) -> StageModel:
+    """A stage over an already-built Hugging Face model (benchmarks on random weights).
+
+    The model's own modules are reused and frozen, not copied; its target linears are
+    replaced in place, so the model should not be used on its own afterwards.
+    """
+    config = model.config
+    n_layers = config.num_hidden_layers
+    bounds = bounds or StageBounds(0, n_layers, True, True)
+    parts: dict[str, nn.Module] = {layer_prefix(i): model.model.layers[i] for i in range(bounds.start, bounds.end)}
+    if bounds.first:
+        parts[EMBED] = model.model.embed_tokens
+    if bounds.last:
+        parts[NORM] = model.model.norm
+        parts[HEAD] = model.lm_head
+    for module in parts.values():
+        module.requires_grad_(False)
+    device = next(model.parameters()).device
+    return _assemble(model, config, bounds, parts, device)

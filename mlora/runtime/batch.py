@@ -11,8 +11,7 @@ from torch import Tensor
 
 from mlora.jobs import PendingMicro
 from mlora.model.lora_linear import BatchLayout, JobRows
-
-IGNORE = -100
+from mlora.model.loss import IGNORE, Targets
 
 
 @dataclass
@@ -20,8 +19,7 @@ class FusedBatch:
     """Rows grouped by job, right-padded to the longest row."""
 
     input_ids: Tensor  # [B, L]
-    labels: Tensor  # [B, L], -100 on prompt and pad
-    row_slot: Tensor  # [B]: index into `micros`
+    targets: Targets  # where the loss is taken, and on which token
     layout: BatchLayout
     micros: list[PendingMicro]
     tokens: list[int]  # real (unpadded) input tokens per micro-batch
@@ -58,10 +56,12 @@ def collate(
             row += 1
         jobs.append(JobRows(m.job, start, row, max(lengths[k]), dropout_seed(seeds[k], m.step, m.micro)))
     layout = BatchLayout(rows=n_rows, seq_len=seq_len, jobs=tuple(jobs), training=training)
+    targets = Targets.from_labels(labels, row_slot, len(micros))
+    if device.type == "cuda":  # pinned host memory: the copies do not block the host
+        ids, targets = ids.pin_memory(), targets.pin_memory()
     return FusedBatch(
         input_ids=ids.to(device, non_blocking=True),
-        labels=labels.to(device, non_blocking=True),
-        row_slot=row_slot.to(device, non_blocking=True),
+        targets=targets.to(device, non_blocking=True),
         layout=layout,
         micros=list(micros),
         tokens=[sum(ls) for ls in lengths],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,23 @@ from mlora.model.lora_linear import StageAdapter
 from mlora.model.peft_io import AdapterError, AdapterMeta, load_adapter, read_adapter_meta, save_adapter
 from mlora.model.stage import StageModel, load_stage
 from mlora.runtime.batch import collate
+from mlora.runtime.deferred import DeferredScalar
 from mlora.runtime.checkpoint import latest_checkpoint, read_stage_slice, read_state, write_checkpoint
 from mlora.runtime.output import SUMMARY, job_dir, prepare_output
 from mlora.runtime.setup import build_job_states, load_tokenizer, resolve_device
 from mlora.schedule.planner import Candidate, plan_fused_batch
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """A finished optimizer step whose loss may still be on its way from the GPU."""
+
+    job: str
+    step: int
+    tokens: int
+    lr: float
+    loss: DeferredScalar
+    time: float
 
 
 @dataclass
@@ -127,6 +141,7 @@ class Trainer:
         self.stage.routing.backend = spec.run.backend
         self.optimizers: dict[str, JobOptimizer] = {}
         self.stop_after_batches = stop_after_batches
+        self._logs: deque[StepLog] = deque()
         self.result = RunResult(self.out)
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
@@ -169,12 +184,14 @@ class Trainer:
                 if not running:
                     break
                 self._train_one_batch(running, turn)
+                self._flush_logs(block=False)
                 turn += 1
                 batches += 1
                 self.live.update(self.summary)
                 if self.stop_after_batches is not None and batches >= self.stop_after_batches:
                     self.result.stopped_early = True
                     break
+        self._flush_logs(block=True)
         finished = all(j.status == "finished" for j in self.jobs.values())
         self.summary.run_finished(time.time(), "finished" if finished else "stopped")
         self.summary.save(self.out / SUMMARY)
@@ -220,7 +237,7 @@ class Trainer:
         # micro-batch's token-loss sum is divided by that step's count.
         inv_targets = torch.tensor([1.0 / j.step_targets(m.step) for j, m in zip(jobs, chosen)], device=self.device)
         hidden = self.stage(batch.input_ids, batch.layout)
-        sums = job_loss_sums(self.stage.lm_head, hidden, batch.labels, batch.row_slot, len(chosen))
+        sums = job_loss_sums(self.stage.lm_head, hidden, batch.targets)
         per_job = sums * inv_targets
         per_job.sum().backward()
         per_job = per_job.detach()
@@ -231,24 +248,33 @@ class Trainer:
 
     def _finish_step(self, job: JobState) -> None:
         opt = self.optimizers[job.name]
-        lr = opt.lr
+        self._logs.append(StepLog(job.name, job.step, job.tokens, opt.lr, DeferredScalar(job.loss_sum), time.time()))
         opt.step(opt.grad_sq_norm().sqrt())
-        loss = float(job.loss_sum)
         job.loss_sum = 0.0
-        job.losses.append(loss)
-        now = time.time()
-        self.summary.job_progress(job.name, job.step, job.tokens, loss, now)
-        self.sink.log_train(self.summary.train_row(job.name, loss=loss, lr=lr, t=now))
         spec = job.spec
-        if job.eval and ((spec.eval_steps and job.step % spec.eval_steps == 0) or job.done):
+        eval_due = bool(job.eval) and ((spec.eval_steps is not None and job.step % spec.eval_steps == 0) or job.done)
+        save_due = spec.save_steps is not None and job.step % spec.save_steps == 0 and not job.done
+        if eval_due or save_due or job.done:
+            self._flush_logs(block=True)
+        if eval_due:
             eval_loss = self.evaluate(job)
             self.summary.job_eval(job.name, eval_loss)
-            self.sink.log_eval({"kind": "eval", "job": job.name, "step": job.step, "eval_loss": eval_loss, "time": now})
-        if spec.save_steps and job.step % spec.save_steps == 0 and not job.done:
+            self.sink.log_eval({"kind": "eval", "job": job.name, "step": job.step, "eval_loss": eval_loss, "time": time.time()})
+        if save_due:
             state = {"step": job.step, "tokens": job.tokens, "losses": job.losses}
             write_checkpoint(self.out, job.name, job.step, {0: opt.state_dict()}, state)
         if job.done:
             self._finish_job(job)
+
+    def _flush_logs(self, block: bool) -> None:
+        """Log finished steps whose loss has reached the host (all of them if block)."""
+        while self._logs and (block or self._logs[0].loss.ready()):
+            rec = self._logs.popleft()
+            loss = rec.loss.get()
+            job = self.jobs[rec.job]
+            job.losses.append(loss)
+            self.summary.job_progress(rec.job, rec.step, rec.tokens, loss, rec.time)
+            self.sink.log_train(self.summary.train_row(rec.job, loss=loss, lr=rec.lr, t=rec.time))
 
     def _finish_job(self, job: JobState) -> None:
         """Write the adapter now, free its slot; the other jobs go on."""
@@ -272,7 +298,7 @@ class Trainer:
             pm = PendingMicro(job.name, -1, start, True, tuple(range(len(exs))))
             batch = collate([pm], [exs], [job.spec.seed], self.pad_id, self.device, training=False)
             hidden = self.stage(batch.input_ids, batch.layout)
-            total += job_loss_sums(self.stage.lm_head, hidden, batch.labels, batch.row_slot, 1)[0]
+            total += job_loss_sums(self.stage.lm_head, hidden, batch.targets)[0]
             count += sum(target_count(e.labels) for e in exs)
         return float(total) / max(1, count)
 

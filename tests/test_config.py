@@ -1,0 +1,128 @@
+"""Run files: defaults, overrides, and a table of broken files with the message each gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlora.config import ConfigError, apply_overrides, load_run_file
+
+GOOD = {
+    "model": {"path": "MODEL"},
+    "defaults": {"lora_r": 8, "learning_rate": "1e-3", "target_modules": ["q_proj", "v_proj"]},
+    "jobs": [
+        {"name": "a", "dataset": "DATA"},
+        {"name": "b", "dataset": "DATA", "lora_r": 4, "target_modules": "all"},
+    ],
+    "run": {"output_dir": "OUT", "max_concurrent_jobs": 2},
+}
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> dict[str, str]:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "x", "output": "y"}\n')
+    return {"MODEL": str(model), "DATA": str(data), "OUT": str(tmp_path / "out")}
+
+
+def write(tmp_path: Path, raw: dict, files: dict[str, str]) -> Path:
+    text = yaml.safe_dump(raw)
+    for key, value in files.items():
+        text = text.replace(key, value)
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_inherited_and_overridden(tmp_path, files):
+    spec = load_run_file(write(tmp_path, GOOD, files))
+    a, b = spec.jobs
+    assert a.lora_r == 8 and b.lora_r == 4
+    assert a.learning_rate == pytest.approx(1e-3)  # YAML reads 1e-3 as a string: accepted as a number
+    assert a.target_modules == ("q_proj", "v_proj")
+    assert b.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert spec.run.max_concurrent_jobs == 2
+
+
+def test_command_line_overrides(tmp_path, files):
+    path = write(tmp_path, GOOD, files)
+    spec = load_run_file(path, ["learning_rate=5e-4", "jobs.b.lora_alpha=32", "jobs.0.seed=7", "output_dir=elsewhere"])
+    assert [j.learning_rate for j in spec.jobs] == [5e-4, 5e-4]
+    assert spec.jobs[1].lora_alpha == 32 and spec.jobs[0].seed == 7
+    assert spec.run.output_dir == "elsewhere"
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"jobs": [{"name": "a"}]}
+    out = apply_overrides(raw, ["jobs.a.lora_r=3"], "f.yaml")
+    assert raw == {"jobs": [{"name": "a"}]} and out["jobs"][0]["lora_r"] == 3
+
+
+def _broken(**changes):
+    raw = yaml.safe_load(yaml.safe_dump(GOOD))
+    for dotted, value in changes.items():
+        node = raw
+        parts = dotted.split("__")
+        for p in parts[:-1]:
+            node = node[int(p)] if p.isdigit() else node[p]
+        if value is _DELETE:
+            del node[parts[-1]]
+        else:
+            node[parts[-1]] = value
+    return raw
+
+
+_DELETE = object()
+
+BROKEN = [
+    (_broken(jobs__1__lora_r=-4), "jobs[1] ('b'): lora_r: must be a positive whole number, got -4"),
+    (_broken(jobs__0__lora_rank=4), "jobs[0] ('a'): unknown field 'lora_rank' (did you mean 'lora_r'?)"),
+    (_broken(jobs__0__dataset="nope.jsonl"), "jobs[0] ('a'): dataset: file 'nope.jsonl' not found"),
+    (_broken(jobs__1__name="a"), "jobs[1] ('a'): name: 'a' is used by another job"),
+    (_broken(jobs__0__target_modules=["qproj"]), "jobs[0] ('a'): target_modules: 'qproj' is not one of"),
+    (_broken(jobs__0__lora_dropout=1.5), "jobs[0] ('a'): lora_dropout: must be in [0, 1), got 1.5"),
+    (_broken(jobs__0__optimizer="adam"), "jobs[0] ('a'): optimizer: 'adam' is not one of adamw, sgd"),
+    (_broken(jobs__0__lr_scheduler="step"), "jobs[0] ('a'): lr_scheduler: 'step' is not one of"),
+    (_broken(jobs__0__template="vicuna"), "jobs[0] ('a'): template: 'vicuna' is not one of"),
+    (_broken(jobs__0__micro_batch_size="four"), "jobs[0] ('a'): micro_batch_size: must be a whole number, got 'four'"),
+    (_broken(jobs__0__learning_rate=0), "jobs[0] ('a'): learning_rate: must be positive, got 0.0"),
+    (_broken(jobs__0__init_from="no/such/adapter"), "jobs[0] ('a'): init_from: 'no/such/adapter' is not a PEFT adapter folder"),
+    (_broken(jobs__0__name=_DELETE), "jobs[0]: name: missing (required)"),
+    (_broken(defaults__cutof_len=64), "defaults: unknown field 'cutof_len' (did you mean 'cutoff_len'?)"),
+    (_broken(model__dtype="fp8"), "model: dtype: 'fp8' is not one of float32, bfloat16, float16"),
+    (_broken(model__path="missing_model_dir"), "model: path: 'missing_model_dir' is not a folder"),
+    (_broken(run__max_concurrent_jobs=0), "run: max_concurrent_jobs: must be at least 1, got 0"),
+    (_broken(jobs=[]), "jobs: must be a non-empty list of jobs"),
+    (_broken(modle=1), "top level: unknown field 'modle' (did you mean 'model'?)"),
+]
+
+
+@pytest.mark.parametrize("raw, message", BROKEN, ids=[m.split(":")[0] + ":" + m.split(":")[1] for _, m in BROKEN])
+def test_broken_run_files(tmp_path, files, raw, message):
+    path = write(tmp_path, raw, files)
+    with pytest.raises(ConfigError) as info:
+        load_run_file(path)
+    assert str(info.value).startswith(str(path) + ": ")
+    assert message in str(info.value)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_run_file(bad)
+    with pytest.raises(ConfigError, match="run file not found"):
+        load_run_file(tmp_path / "missing.yaml")
+
+
+def test_bad_override(tmp_path, files):
+    path = write(tmp_path, GOOD, files)
+    with pytest.raises(ConfigError, match="no job named or numbered 'zzz'"):
+        load_run_file(path, ["jobs.zzz.lora_r=4"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_run_file(path, ["lora_r"])
