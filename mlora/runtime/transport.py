@@ -1,0 +1,119 @@
+"""Point-to-point transport between pipeline stages (torch.distributed isend/irecv).
+
+Every message is a small header, then optional notes, then the tensor. The header
+(micro-batch index, shape, dtype) lets shapes change from micro-batch to micro-batch
+and lets the receiver check it got what its action list expects. Notes are
+(kind, job, step, value) records that ride along with activations and gradients:
+gradient-norm partial sums and losses travel upstream with gradients, total norms
+downstream with activations, so no extra collective ever synchronises the stages.
+
+On CUDA the tensors go GPU to GPU through NCCL; on the CPU through gloo. Every wait
+has a deadline, and a peer that died or hangs becomes a PipelineError naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+MAGIC = 0x6D6C6F7261  # "mlora"
+HEADER_LEN = 12
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+
+NOTE_GRAD_SQ = 0  # partial sum of squared gradient entries of (job, step), stages k..P-1
+NOTE_GRAD_NORM = 1  # total gradient norm of (job, step) over all stages
+NOTE_LOSS = 2  # loss of (job, step), from the last stage
+NOTE_DONE = 3  # end of the run: no more messages on this channel
+
+
+class PipelineError(RuntimeError):
+    """A stage could not go on: a peer died, hung, or sent what was not expected."""
+
+
+@dataclass(frozen=True)
+class Note:
+    kind: int
+    job: int  # index of the job in the run file
+    step: int
+    value: float
+
+
+class Transport:
+    """Sends and receives for one rank. `describe(rank)` names a rank in messages."""
+
+    def __init__(self, rank: int, device: torch.device, timeout_s: float, describe: Callable[[int], str]) -> None:
+        self.rank, self.device = rank, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.describe = describe
+        self._pending: list[tuple[dist.Work, list[Tensor]]] = []
+
+    def send(self, dst: int, mb: int, tensor: Tensor | None, notes: list[Note]) -> None:
+        """isend header, notes and tensor; they stay alive until `flush_sends`."""
+        shape = tuple(tensor.shape) if tensor is not None else ()
+        if len(shape) > 4:
+            raise PipelineError(f"cannot send a {len(shape)}-d tensor")
+        dtype_code = DTYPES.index(tensor.dtype) if tensor is not None else -1
+        header = [MAGIC, mb, len(notes), len(shape), dtype_code, *shape]
+        header += [0] * (HEADER_LEN - len(header))
+        parts = [torch.tensor(header, dtype=torch.int64, device=self.device)]
+        if notes:
+            rows = [[n.kind, n.job, n.step, n.value] for n in notes]
+            parts.append(torch.tensor(rows, dtype=torch.float64, device=self.device))
+        if tensor is not None:
+            parts.append(tensor.detach().contiguous())
+        for part in parts:
+            self._pending.append((dist.isend(part, dst), [part]))
+        self._reap()
+
+    def recv(self, src: int, expect_mb: int, what: str) -> tuple[Tensor | None, list[Note]]:
+        """Blocking receive of one message from `src`; checks it is micro-batch expect_mb."""
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._wait(dist.irecv(header, src), src, what)
+        h = header.tolist()
+        if h[0] != MAGIC:
+            raise PipelineError(f"{self.describe(self.rank)}: garbled header from {self.describe(src)} ({what})")
+        mb, n_notes, ndim, dtype_code = h[1], h[2], h[3], h[4]
+        if mb != expect_mb:
+            raise PipelineError(
+                f"{self.describe(self.rank)}: expected micro-batch {expect_mb} from {self.describe(src)}, got {mb} ({what})"
+            )
+        notes: list[Note] = []
+        if n_notes:
+            buf = torch.empty(n_notes, 4, dtype=torch.float64, device=self.device)
+            self._wait(dist.irecv(buf, src), src, what)
+            notes = [Note(int(k), int(j), int(s), float(v)) for k, j, s, v in buf.tolist()]
+        tensor = None
+        if dtype_code >= 0:
+            tensor = torch.empty(tuple(h[5 : 5 + ndim]), dtype=DTYPES[dtype_code], device=self.device)
+            self._wait(dist.irecv(tensor, src), src, what)
+        return tensor, notes
+
+    def _wait(self, work: dist.Work, peer: int, what: str) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise PipelineError(
+                f"{self.describe(self.rank)}: lost {self.describe(peer)} while receiving {what}: {exc}"
+            ) from exc
+        if ok is False:
+            raise PipelineError(
+                f"{self.describe(self.rank)}: no answer from {self.describe(peer)} within "
+                f"{self.timeout.total_seconds():.0f} s while receiving {what}"
+            )
+
+    def _reap(self) -> None:
+        self._pending = [(w, keep) for w, keep in self._pending if not w.is_completed()]
+
+    def flush_sends(self) -> None:
+        """Wait for every send still in flight (at the end, or before freeing memory)."""
+        for work, _ in self._pending:
+            try:
+                work.wait(self.timeout)
+            except RuntimeError as exc:
+                raise PipelineError(f"{self.describe(self.rank)}: a send failed: {exc}") from exc
+        self._pending = []
