@@ -75,3 +75,23 @@ class MicroBatch:
             if s.job == job:
                 return s
         return None
+
+
+def round_robin_micro_batches(
+    jobs: dict[str, tuple[int, int]], *, rows: int = 1, tokens: int = 128
+) -> tuple[MicroBatch, ...]:
+    """One job per micro-batch, jobs taken in turn: `jobs` maps name → (steps, grad_accum).
+
+    The simplest planner there is, for tests, docs and schedule comparisons; real
+    grouping (several jobs per micro-batch, token budgets) is the planner's job.
+    """
+    queues = {
+        job: [JobSlice(job, step, micro, micro == accum - 1, rows, tokens) for step in range(steps) for micro in range(accum)]
+        for job, (steps, accum) in jobs.items()
+    }
+    out: list[MicroBatch] = []
+    while any(queues.values()):
+        for q in queues.values():
+            if q:
+                out.append(MicroBatch(len(out), (q.pop(0),)))
+    return tuple(out)
