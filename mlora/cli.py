@@ -20,11 +20,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mlora.config import load_run_file
     from mlora.runtime.launch import train_from_cli
 
-    spec = load_run_file(args.run_file, args.overrides)
-    return train_from_cli(spec, resume=args.resume, overwrite=args.overwrite, live=False if args.plain else None)
+    live = False if args.plain else None
+    return train_from_cli(args.run_file, args.overrides, resume=args.resume, overwrite=args.overwrite, live=live)
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -201,6 +201,10 @@ def _coerce(value: Any, type_name: str, source: str, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{source}: {where}: must be a string, got {value!r}")
+    if base.startswith("tuple[int"):
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{source}: {where}: must be a list of whole numbers, got {value!r}")
     if base.startswith("tuple[str"):
         if isinstance(value, str):
             value = [value]
@@ -302,3 +306,9 @@ def _check_run(run: RunLimits, source: str) -> None:
         raise ConfigError(f"{source}: run: backend: {run.backend!r} is not auto, torch or triton")
     if run.log_every_s <= 0:
         raise ConfigError(f"{source}: run: log_every_s: must be positive, got {run.log_every_s}")
+    if run.pipeline_timeout_s <= 0:
+        raise ConfigError(f"{source}: run: pipeline_timeout_s: must be positive, got {run.pipeline_timeout_s}")
+    if run.pipeline_groups is not None and run.pipeline_groups < 1:
+        raise ConfigError(f"{source}: run: pipeline_groups: must be at least 1, got {run.pipeline_groups}")
+    if run.layers_per_stage is not None and any(n < 1 for n in run.layers_per_stage):
+        raise ConfigError(f"{source}: run: layers_per_stage: every stage needs at least one block, got {list(run.layers_per_stage)}")

@@ -74,6 +74,10 @@ class RunLimits:
     backend: str = "auto"  # multi-LoRA operator backend: auto | torch | triton
     log_every_s: float = 5.0  # plain-log cadence when stdout is not a terminal
     name: str | None = None
+    # pipeline runs (torchrun with several processes)
+    layers_per_stage: tuple[int, ...] | None = None  # explicit split; default balances cost
+    pipeline_groups: int | None = None  # job groups interleaving through the stages; default P
+    pipeline_timeout_s: float = 300.0  # a peer silent this long is declared lost
 
 
 @dataclass(frozen=True)

@@ -107,11 +107,13 @@ class StageModel(nn.Module):
         self.lora_linears: dict[str, MultiLoraLinear] = {}
         for offset, layer in enumerate(self.layers):
             index = bounds.start + offset
-            for target, rel in TARGET_PATHS.items():
+            for t, rel in enumerate(TARGET_PATHS.values()):
                 parent_name, child = rel.split(".")
                 parent = getattr(layer, parent_name)
                 path = f"{layer_prefix(index)}.{rel}"
-                wrapped = MultiLoraLinear(getattr(parent, child), path, len(self.lora_linears), self.routing)
+                # the index is global (not per stage) so dropout masks do not depend on the split
+                global_index = index * len(TARGET_PATHS) + t
+                wrapped = MultiLoraLinear(getattr(parent, child), path, global_index, self.routing)
                 setattr(parent, child, wrapped)
                 self.lora_linears[path] = wrapped
 

@@ -30,6 +30,19 @@ def dropout_seed(seed: int, step: int, micro: int) -> int:
     return zlib.crc32(f"{seed}:{step}:{micro}".encode())
 
 
+def make_layout(
+    micros: Sequence[PendingMicro], lengths: Sequence[Sequence[int]], seeds: Sequence[int], training: bool = True
+) -> BatchLayout:
+    """The row layout of a fused batch from row lengths alone (no tensors needed)."""
+    seq_len = max(max(ls) for ls in lengths)
+    jobs: list[JobRows] = []
+    row = 0
+    for m, ls, seed in zip(micros, lengths, seeds):
+        jobs.append(JobRows(m.job, row, row + len(ls), max(ls), dropout_seed(seed, m.step, m.micro)))
+        row += len(ls)
+    return BatchLayout(rows=row, seq_len=seq_len, jobs=tuple(jobs), training=training)
+
+
 def collate(
     micros: Sequence[PendingMicro],
     examples: Sequence[Sequence[Any]],
@@ -40,22 +53,17 @@ def collate(
 ) -> FusedBatch:
     """examples[k] are micro-batch k's Example objects (input_ids, labels)."""
     lengths = [[len(e.input_ids) for e in exs] for exs in examples]
-    seq_len = max(max(ls) for ls in lengths)
-    n_rows = sum(len(exs) for exs in examples)
-    ids = torch.full((n_rows, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((n_rows, seq_len), IGNORE, dtype=torch.long)
-    row_slot = torch.empty(n_rows, dtype=torch.long)
-    jobs: list[JobRows] = []
+    layout = make_layout(micros, lengths, seeds, training)
+    ids = torch.full((layout.rows, layout.seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((layout.rows, layout.seq_len), IGNORE, dtype=torch.long)
+    row_slot = torch.empty(layout.rows, dtype=torch.long)
     row = 0
-    for k, (m, exs) in enumerate(zip(micros, examples)):
-        start = row
+    for k, exs in enumerate(examples):
         for e in exs:
             ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
             labels[row, : len(e.labels)] = torch.tensor(e.labels)
             row_slot[row] = k
             row += 1
-        jobs.append(JobRows(m.job, start, row, max(lengths[k]), dropout_seed(seeds[k], m.step, m.micro)))
-    layout = BatchLayout(rows=n_rows, seq_len=seq_len, jobs=tuple(jobs), training=training)
     targets = Targets.from_labels(labels, row_slot, len(micros))
     if device.type == "cuda":  # pinned host memory: the copies do not block the host
         ids, targets = ids.pin_memory(), targets.pin_memory()

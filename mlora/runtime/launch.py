@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from mlora.config import RunSpec
+from typing import Sequence
 
 
-def train_from_cli(spec: RunSpec, **kwargs: Any) -> int:
-    """Run the single-process trainer; exit status 0 when every job finished."""
+def train_from_cli(run_file: str, overrides: Sequence[str], *, resume: bool, overwrite: bool, live: bool | None) -> int:
+    """Under torchrun with several processes, a pipeline; otherwise the single-process trainer.
+
+    Returns the exit status: 0 when every job finished.
+    """
+    from mlora.runtime.pipeline import is_pipeline_launch, run_pipeline
+
+    if is_pipeline_launch():
+        return run_pipeline(run_file, overrides, resume=resume, overwrite=overwrite, live=live)
+    from mlora.config import load_run_file
     from mlora.runtime.trainer import train
 
-    result = train(spec, **kwargs)
+    spec = load_run_file(run_file, overrides)
+    result = train(spec, resume=resume, overwrite=overwrite, live=live)
     return 0 if not result.stopped_early else 1

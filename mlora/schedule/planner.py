@@ -51,6 +51,7 @@ class JobPlanSizes:
     job: str
     steps: tuple[tuple[tuple[int, int], ...], ...]
     tokens: tuple[tuple[int, ...], ...]  # real tokens of each micro-batch, same shape
+    first_step: int = 0  # the job's step number of steps[0] (after a resume)
 
 
 def plan_pipeline(jobs: Sequence[JobPlanSizes], n_groups: int, max_concurrent: int, max_tokens: int) -> list[MicroBatch]:
@@ -87,7 +88,7 @@ def plan_pipeline(jobs: Sequence[JobPlanSizes], n_groups: int, max_concurrent: i
                 step, micro = pos
                 n_rows, max_len = job.steps[step][micro]
                 last = micro == len(job.steps[step]) - 1
-                piece = JobSlice(job.job, step, micro, last, n_rows, job.tokens[step][micro])
+                piece = JobSlice(job.job, job.first_step + step, micro, last, n_rows, job.tokens[step][micro])
                 if pending and (rows + n_rows) * max(length, max_len) > max_tokens:
                     out.append(MicroBatch(len(out), tuple(pending)))
                     pending, rows, length = [], 0, 0

@@ -1,0 +1,379 @@
+"""Pipeline training across processes: one stage per rank, jobs interleaved, no flush.
+
+Launched by `torchrun --nproc-per-node P -m mlora train RUN.yaml`. Read top to bottom:
+
+1. every rank parses the run file; rank 0 (the driver) checks data and output, plans
+   the whole run as micro-batches, builds and validates the per-stage action lists;
+2. rank 0 broadcasts the plan; each rank loads only its own blocks' tensors and creates
+   its slice of every job's adapter and optimizer;
+3. each rank executes its action list (StageWorker); token ids leave rank 0, targets go
+   from rank 0 to the last rank, losses come back to rank 0 with the gradients;
+4. the adapter slices and the trace are gathered on rank 0, which writes one PEFT
+   folder per job, trace.json and the run summary.
+
+A 1-process run never comes here: it is the single-process Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mlora.config import ConfigError, RunSpec, load_run_file
+from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
+from mlora.model.loss import Targets
+from mlora.model.peft_io import save_adapter
+from mlora.model.stage import StageBounds, load_stage, read_config
+from mlora.runtime.batch import collate, make_layout
+from mlora.runtime.checkpoint import latest_checkpoint, read_stage_slice, read_state, write_stage_slice
+from mlora.runtime.checkpoint import STATE, step_dir
+from mlora.runtime.output import SUMMARY, job_dir, prepare_output
+from mlora.runtime.setup import build_job_states, load_tokenizer
+from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
+from mlora.runtime.trainer import adapter_meta, check_init_adapter, make_adapter, peak_memory_bytes, truncate_metrics
+from mlora.runtime.transport import PipelineError, Transport
+from mlora.schedule.partition import ModelShape, balanced_split, explicit_split
+from mlora.schedule.pipeline import build_schedule
+from mlora.schedule.planner import JobPlanSizes, plan_pipeline
+from mlora.schedule.trace import bubble_from_events, to_chrome_trace
+from mlora.schedule.validate import validate_schedule
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """What rank 0 decides and every rank needs."""
+
+    spec: RunSpec
+    bounds: tuple[StageBounds, ...]
+    split_text: str
+    schedule: Any  # mlora.schedule.actions.Schedule
+    plans: dict[int, MicroBatchPlan]
+    job_ids: dict[str, int]
+    total_steps: dict[str, int]
+    restored: dict[str, str | None]  # job → checkpoint folder to load (None: fresh)
+    active: tuple[str, ...]  # jobs with work left
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_pipeline_launch() -> bool:
+    return world()[1] > 1
+
+
+def stage_shape(model_path: str) -> ModelShape:
+    c = read_config(model_path)
+    return ModelShape(
+        n_layers=c.num_hidden_layers,
+        hidden=c.hidden_size,
+        intermediate=c.intermediate_size,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        vocab=c.vocab_size,
+    )
+
+
+def split_model(spec: RunSpec, n_stages: int) -> tuple[tuple[StageBounds, ...], str]:
+    shape = stage_shape(spec.model.path)
+    layers = spec.run.layers_per_stage
+    if layers is not None and len(layers) != n_stages:
+        raise ConfigError(f"{spec.source}: run: layers_per_stage: {len(layers)} entries for {n_stages} processes")
+    try:
+        split = explicit_split(shape, layers) if layers is not None else balanced_split(shape, n_stages)
+    except ValueError as exc:
+        raise ConfigError(f"{spec.source}: run: layers_per_stage: {exc}") from exc
+    bounds = tuple(
+        StageBounds(split.bounds[k], split.bounds[k + 1], k == 0, k == n_stages - 1) for k in range(n_stages)
+    )
+    return bounds, split.describe()
+
+
+# --------------------------------------------------------------------- rank 0
+class Driver:
+    """Rank 0's view: data, the plan, metrics and outputs."""
+
+    def __init__(self, spec: RunSpec, n_stages: int, resume: bool, overwrite: bool, live: bool | None) -> None:
+        self.spec, self.n_stages = spec, n_stages
+        tokenizer = load_tokenizer(spec.model.path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for job in spec.jobs:
+            check_init_adapter(job, spec.source)
+        self.jobs: dict[str, JobState] = {s.name: s for s in build_job_states(spec, tokenizer, plan_steps)}
+        self.bounds, self.split_text = split_model(spec, n_stages)
+        self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
+        self.resume = resume
+        self.device = torch.device("cpu")
+        self.live_flag = live
+        self.members: dict[int, list[tuple[PendingMicro, list[Any], int]]] = {}
+
+    def plan(self) -> PipelinePlan:
+        restored: dict[str, str | None] = {}
+        active: list[str] = []
+        for job in self.jobs.values():
+            folder = job_dir(self.out, job.name)
+            if self.resume and (folder / "adapter_config.json").is_file():
+                job.step, job.status = job.max_steps, "finished"
+                continue
+            ckpt = latest_checkpoint(self.out, job.name, self.n_stages) if self.resume else None
+            if ckpt is not None:
+                state = read_state(ckpt)
+                job.step, job.tokens, job.losses = state["step"], state["tokens"], state["losses"]
+                truncate_metrics(folder / "metrics.jsonl", job.step)
+            restored[job.name] = str(ckpt) if ckpt is not None else None
+            active.append(job.name)
+        sizes = []
+        for name in active:
+            job = self.jobs[name]
+            steps = job.steps[job.step :]
+            lens = [[[len(job.train[i].input_ids) for i in mb] for mb in st.micro_batches] for st in steps]
+            sizes.append(
+                JobPlanSizes(
+                    job=name,
+                    steps=tuple(tuple((len(mb), max(mb)) for mb in st) for st in lens),
+                    tokens=tuple(tuple(sum(mb) for mb in st) for st in lens),
+                    first_step=job.step,
+                )
+            )
+        groups = self.spec.run.pipeline_groups or self.n_stages
+        mbs = plan_pipeline(sizes, groups, self.spec.run.max_concurrent_jobs, self.spec.run.max_tokens_per_batch)
+        schedule = build_schedule(mbs, self.n_stages)
+        validate_schedule(schedule)
+        plans: dict[int, MicroBatchPlan] = {}
+        for mb in mbs:
+            micros, lengths, seeds, inv, members = [], [], [], [], []
+            for s in mb.slices:
+                job = self.jobs[s.job]
+                examples = job.steps[s.step].micro_batches[s.micro]
+                micro = PendingMicro(s.job, s.step, s.micro, s.last, examples)
+                micros.append(micro)
+                lengths.append([len(job.train[i].input_ids) for i in examples])
+                seeds.append(job.spec.seed)
+                inv.append(1.0 / job.step_targets(s.step))
+                members.append((micro, [job.train[i] for i in examples], job.spec.seed))
+            plans[mb.index] = MicroBatchPlan(mb, make_layout(micros, lengths, seeds), tuple(inv))
+            self.members[mb.index] = members
+        return PipelinePlan(
+            spec=self.spec,
+            bounds=self.bounds,
+            split_text=self.split_text,
+            schedule=schedule,
+            plans=plans,
+            job_ids={j.name: i for i, j in enumerate(self.spec.jobs)},
+            total_steps={name: self.jobs[name].max_steps for name in self.jobs},
+            restored=restored,
+            active=tuple(active),
+        )
+
+    def batch(self, mb: int, device: torch.device) -> Any:
+        members = self.members[mb]
+        return collate([m for m, _, _ in members], [e for _, e, _ in members], [s for _, _, s in members], self.pad_id, device)
+
+
+# ------------------------------------------------------------------ all ranks
+def run_pipeline(run_file: str, overrides: Sequence[str], *, resume: bool, overwrite: bool, live: bool | None) -> int:
+    """Entry point of every rank under torchrun; returns the process exit status."""
+    rank, n_ranks, local_rank = world()
+    try:
+        return _run(rank, n_ranks, local_rank, run_file, overrides, resume, overwrite, live)
+    except PipelineError as exc:
+        print(f"mlora: rank {rank} (stage {rank}): {exc}", file=sys.stderr, flush=True)
+        os._exit(3)  # never hang in teardown waiting for a peer that is gone
+
+
+def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Sequence[str],
+         resume: bool, overwrite: bool, live: bool | None) -> int:
+    from mlora.cli import user_errors
+
+    # Parse everywhere (cheap); only rank 0 checks the data paths it alone reads.
+    error: str | None = None
+    spec: RunSpec | None = None
+    try:
+        spec = load_run_file(run_file, overrides, check_paths=rank == 0)
+    except ConfigError as exc:
+        error = str(exc)
+    timeout = spec.run.pipeline_timeout_s if spec is not None else 300.0
+    use_cuda = torch.cuda.is_available() and (spec is None or spec.model.device != "cpu")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
+
+    driver: Driver | None = None
+    message: dict[str, Any] = {}
+    if rank == 0:
+        if error is None:
+            assert spec is not None
+            try:
+                driver = Driver(spec, n_ranks, resume, overwrite, live)
+                message = {"plan": driver.plan()}
+            except user_errors() as exc:
+                error = str(exc)
+        if error is not None:
+            message = {"error": error}
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    message = box[0]
+    if "error" in message:
+        if rank == 0:
+            print(f"mlora train: error: {message['error']}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        return 2
+    plan: PipelinePlan = message["plan"]
+    spec = plan.spec
+    if rank == 0:
+        print(f"pipeline of {n_ranks} stages:\n{plan.split_text}", flush=True)
+
+    stage = load_stage(spec.model.path, plan.bounds[rank], spec.model.dtype, device, spec.model.attn_implementation)
+    stage.routing.backend = spec.run.backend
+    optimizers: dict[str, JobOptimizer] = {}
+    specs = {j.name: j for j in spec.jobs}
+    for name in plan.active:
+        adapter = make_adapter(specs[name], stage, device)
+        stage.routing.adapters[name] = adapter
+        optimizers[name] = JobOptimizer(specs[name], adapter, plan.total_steps[name])
+        if plan.restored[name] is not None:
+            optimizers[name].load_state_dict(read_stage_slice(Path(plan.restored[name]), rank))
+
+    transport = Transport(rank, device, timeout, lambda r: f"rank {r} (stage {r})")
+    monitor = PipelineMonitor(driver, spec, n_ranks) if rank == 0 else None
+    last = n_ranks - 1
+
+    def token_ids(mb: int) -> torch.Tensor:
+        assert driver is not None
+        batch = driver.batch(mb, device)
+        pending_targets[mb] = batch.targets
+        if monitor is not None:
+            monitor.forwarded(plan.plans[mb])
+        return batch.input_ids
+
+    pending_targets: dict[int, Targets] = {}
+
+    def send_targets(mb: int) -> None:
+        t = pending_targets.pop(mb)
+        transport.send(last, mb, torch.stack([t.index, t.token, t.slot]), [])
+
+    def recv_targets(mb: int) -> Targets:
+        packed, _ = transport.recv(0, mb, f"targets of micro-batch {mb}")
+        assert packed is not None
+        return Targets(packed[0], packed[1], packed[2], len(plan.plans[mb].batch.slices))
+
+    def on_step(job: str, step: int) -> None:
+        save_steps = specs[job].save_steps
+        if save_steps and (step + 1) % save_steps == 0 and step + 1 < plan.total_steps[job]:
+            folder = step_dir(Path(spec.run.output_dir), job, step + 1)
+            write_stage_slice(folder, rank, optimizers[job].state_dict())
+            if monitor is not None:
+                monitor.checkpoint(job, step + 1, folder)
+
+    worker = StageWorker(
+        rank, n_ranks, stage, optimizers, plan.job_ids, transport, plan.plans,
+        token_ids=token_ids if rank == 0 else None,
+        targets=recv_targets if rank == last else None,
+        send_targets=send_targets if rank == 0 else None,
+        on_loss=monitor.loss if monitor is not None else None,
+        on_step=on_step,
+    )
+    if monitor is not None:
+        monitor.start()
+    events = worker.run(plan.schedule.stages[rank])
+    transport.flush_sends()
+
+    slices = {name: {p: (a.detach().cpu(), b.detach().cpu()) for p, a, b in stage.routing.adapters[name].named_tensors()}
+              for name in plan.active}
+    gathered: list[Any] = [None] * n_ranks if rank == 0 else []
+    dist.gather_object((slices, events, peak_memory_bytes(device)), gathered if rank == 0 else None, dst=0)
+    if monitor is not None:
+        monitor.finish(plan, gathered)
+    dist.destroy_process_group()
+    return 0
+
+
+class PipelineMonitor:
+    """Rank 0's metrics: progress from losses as they arrive, outputs at the end."""
+
+    def __init__(self, driver: Driver | None, spec: RunSpec, n_stages: int) -> None:
+        from mlora.monitor import JsonlSink, LiveView, MultiSink, RunSummary, TensorBoardSink
+
+        assert driver is not None
+        self.driver, self.spec, self.n_stages = driver, spec, n_stages
+        self.out = driver.out
+        self.summary = RunSummary(
+            name=spec.run.name or Path(spec.source).stem, output_dir=str(self.out), device="pipeline", n_stages=n_stages
+        )
+        self.sink = MultiSink([JsonlSink(self.out), TensorBoardSink(self.out)])
+        self.live = LiveView(enabled=driver.live_flag, log_every_s=spec.run.log_every_s)
+        now = time.time()
+        for job in driver.jobs.values():
+            self.summary.job_queued(job.name, job.max_steps, now)
+            if job.status == "finished":
+                self.summary.restore_job(job.name, None)
+
+    def start(self) -> None:
+        self.summary.save(self.out / SUMMARY)
+        self.live.__enter__()
+
+    def forwarded(self, plan: MicroBatchPlan) -> None:
+        for s in plan.batch.slices:
+            job = self.driver.jobs[s.job]
+            if job.status == "queued":
+                job.status = "running"
+                self.summary.job_started(s.job, time.time())
+            job.tokens += s.tokens
+
+    def loss(self, job_name: str, step: int, loss: float) -> None:
+        job = self.driver.jobs[job_name]
+        job.losses.append(loss)
+        now = time.time()
+        lr = self._lr(job, step)
+        self.summary.job_progress(job_name, step + 1, job.tokens, loss, now)
+        self.sink.log_train(self.summary.train_row(job_name, loss=loss, lr=lr, t=now))
+        if step + 1 == job.max_steps:
+            job.status = "finished"
+            self.summary.job_finished(job_name, now, 0, str(job_dir(self.out, job_name)))
+        self.live.update(self.summary)
+
+    @staticmethod
+    def _lr(job: JobState, step: int) -> float:
+        from mlora.jobs import lr_factor
+
+        s = job.spec
+        return s.learning_rate * lr_factor(step, s.warmup_steps, job.max_steps, s.lr_scheduler)
+
+    def checkpoint(self, job_name: str, step: int, folder: Path) -> None:
+        job = self.driver.jobs[job_name]
+        state = {"step": step, "tokens": job.tokens, "losses": job.losses[:step]}
+        tmp = folder / f".{STATE}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, folder / STATE)
+
+    def finish(self, plan: PipelinePlan, gathered: list[Any]) -> None:
+        events = [e for _, evs, _ in gathered for e in evs]
+        peaks = [peak for _, _, peak in gathered]
+        for name in plan.active:
+            weights: dict[str, Any] = {}
+            for slices, _, _ in gathered:
+                weights.update(slices[name])
+            job = self.driver.jobs[name]
+            save_adapter(job_dir(self.out, name), adapter_meta(job.spec, self.spec.model.path), weights)
+            self.summary.job_finished(name, time.time(), max(peaks), str(job_dir(self.out, name)))
+        trace = to_chrome_trace(events, n_stages=self.n_stages)
+        (self.out / "trace.json").write_text(json.dumps(trace))
+        bubble = bubble_from_events(events, self.n_stages)
+        self.summary.set_run_info(bubble_fraction=bubble, peak_memory_per_stage=peaks)
+        self.summary.run_finished(time.time(), "finished")
+        self.summary.save(self.out / SUMMARY)
+        self.sink.close()
+        self.live.__exit__(None, None, None)
+        self.live.print_table(self.summary)
+        print(f"measured bubble fraction: {bubble:.3f} (trace: {self.out / 'trace.json'})", flush=True)

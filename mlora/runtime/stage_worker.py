@@ -1,0 +1,257 @@
+"""One pipeline stage executing its action list: forward, backward, send, receive, step.
+
+The worker owns its slice of every job's adapter and optimizer. Everything a stage must
+know beyond its own tensors arrives as notes riding on activations and gradients:
+
+- gradient clipping needs the norm of the *whole* adapter. After the backward of a
+  job step's last micro-batch, stage k adds its squared norm to the partial sum that
+  came up from stage k+1 and passes it upstream with the gradient. Stage 0 then knows
+  the total, steps, and sends the total downstream with its next activations; stage
+  k > 0 applies its pending step when the total arrives. The job's next step cannot
+  reach stage k before that (it travels behind the total), so no step is stale.
+- the last stage reports each (job, step) loss upstream the same way, to rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mlora.jobs import JobOptimizer
+from mlora.model.lora_linear import BatchLayout
+from mlora.model.loss import Targets, job_loss_sums
+from mlora.model.stage import StageModel
+from mlora.runtime.transport import NOTE_DONE, NOTE_GRAD_NORM, NOTE_GRAD_SQ, NOTE_LOSS, Note, PipelineError, Transport
+from mlora.schedule.actions import Action, ActionKind
+from mlora.schedule.microbatch import MicroBatch
+from mlora.schedule.trace import TraceEvent, action_event
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """What every stage knows of a micro-batch before the run: its rows and loss weights."""
+
+    batch: MicroBatch
+    layout: BatchLayout
+    inv_targets: tuple[float, ...]  # per slice: 1 / target tokens of that job step
+
+
+@dataclass
+class StageState:
+    """Live tensors of in-flight micro-batches, freed as soon as they are no longer needed."""
+
+    inputs: dict[int, Tensor] = field(default_factory=dict)  # received activations (requires grad)
+    outputs: dict[int, Tensor] = field(default_factory=dict)  # stage outputs kept for backward
+    losses: dict[int, Tensor] = field(default_factory=dict)  # last stage: weighted per-slice losses
+    grads: dict[int, Tensor] = field(default_factory=dict)  # received output gradients
+    targets: dict[int, Targets] = field(default_factory=dict)  # last stage: loss positions
+    up_notes: dict[int, list[Note]] = field(default_factory=dict)  # to send upstream with mb's grad
+    down_notes: list[Note] = field(default_factory=list)  # to send downstream with the next activation
+
+
+class StageWorker:
+    """Executes one stage's actions. Rank 0 supplies token ids and targets by callback."""
+
+    def __init__(
+        self,
+        index: int,
+        n_stages: int,
+        stage: StageModel,
+        optimizers: dict[str, JobOptimizer],
+        job_ids: dict[str, int],
+        transport: Transport | None,
+        plans: dict[int, MicroBatchPlan],
+        token_ids: Callable[[int], Tensor] | None = None,
+        targets: Callable[[int], Targets] | None = None,
+        send_targets: Callable[[int], None] | None = None,
+        on_loss: Callable[[str, int, float], None] | None = None,
+        on_step: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """token_ids/send_targets (rank 0) and targets (last stage) bring the data in."""
+        self.index, self.n_stages = index, n_stages
+        self.first, self.last = index == 0, index == n_stages - 1
+        self.stage, self.optimizers, self.job_ids = stage, optimizers, job_ids
+        self.job_names = {i: name for name, i in job_ids.items()}
+        self.transport, self.plans = transport, plans
+        self.token_ids, self.targets_of, self.on_loss = token_ids, targets, on_loss
+        self.send_targets, self.on_step = send_targets, on_step
+        self.backwarded: dict[tuple[str, int], int] = {}
+        self.state = StageState()
+        self.step_loss: dict[tuple[str, int], float] = {}
+        self.pending_steps: set[tuple[str, int]] = set()  # OPTIMIZER_STEP seen, total norm not yet
+        self.known_norms: dict[tuple[str, int], float] = {}
+        self.partials: dict[tuple[str, int], float] = {}  # downstream squared-norm partials
+        self.events: list[TraceEvent] = []
+        self.t0 = time.perf_counter()
+
+    # ------------------------------------------------------------ execution
+    def run(self, actions: Sequence[Action]) -> list[TraceEvent]:
+        handlers = {
+            ActionKind.FORWARD: self._forward,
+            ActionKind.BACKWARD: self._backward,
+            ActionKind.SEND_ACT: self._send_act,
+            ActionKind.RECV_ACT: self._recv_act,
+            ActionKind.SEND_GRAD: self._send_grad,
+            ActionKind.RECV_GRAD: self._recv_grad,
+            ActionKind.OPTIMIZER_STEP: self._optimizer_step,
+        }
+        for action in actions:
+            start = time.perf_counter() - self.t0
+            handlers[action.kind](action)
+            end = time.perf_counter() - self.t0
+            mb = self.plans[action.mb].batch if action.mb is not None else None
+            self.events.append(action_event(action, start, end, mb))
+        self._finish()
+        return self.events
+
+    def _finish(self) -> None:
+        """End of the list: pass the last totals downstream and wait for ours."""
+        if not self.first:
+            assert self.transport is not None
+            _, notes = self.transport.recv(self.index - 1, -1, "the end-of-run message")
+            self._absorb_down(notes)
+        if not self.last:
+            assert self.transport is not None
+            self.transport.send(self.index + 1, -1, None, self.state.down_notes + [Note(NOTE_DONE, 0, 0, 0.0)])
+            self.state.down_notes = []
+            self.transport.flush_sends()
+        if self.pending_steps:
+            raise PipelineError(f"stage {self.index}: steps never completed: {sorted(self.pending_steps)}")
+
+    # ------------------------------------------------------------- compute
+    def _forward(self, action: Action) -> None:
+        plan = self.plans[action.mb]
+        for s in plan.batch.slices:
+            if any(job == s.job for job, _ in self.pending_steps):
+                raise PipelineError(f"stage {self.index}: micro-batch {action.mb} would use stale weights of {s.job}")
+        if self.first:
+            assert self.token_ids is not None
+            inputs = self.token_ids(action.mb)
+        else:
+            inputs = self.state.inputs[action.mb]
+        hidden = self.stage(inputs, plan.layout)
+        if self.last:
+            targets = self.state.targets.pop(action.mb)
+            sums = job_loss_sums(self.stage.lm_head, hidden, targets)
+            weighted = sums * torch.tensor(plan.inv_targets, device=sums.device)
+            self.state.losses[action.mb] = weighted
+            values = weighted.detach().tolist()
+            notes = []
+            for s, value in zip(plan.batch.slices, values):
+                key = (s.job, s.step)
+                self.step_loss[key] = self.step_loss.get(key, 0.0) + value
+                if s.last:
+                    notes.append(Note(NOTE_LOSS, self.job_ids[s.job], s.step, self.step_loss.pop(key)))
+            self.state.up_notes.setdefault(action.mb, []).extend(notes)
+        else:
+            self.state.outputs[action.mb] = hidden
+
+    def _backward(self, action: Action) -> None:
+        mb = action.mb
+        assert mb is not None
+        if self.last:
+            self.state.losses.pop(mb).sum().backward()
+        else:
+            self.state.outputs.pop(mb).backward(self.state.grads.pop(mb))
+        plan = self.plans[mb]
+        for s in plan.batch.slices:
+            key = (s.job, s.step)
+            done = self.backwarded.get(key, 0) + 1
+            if done != s.micro + 1:
+                raise PipelineError(f"stage {self.index}: {s.job} step {s.step} micro-batches backwarded out of order")
+            if s.last:
+                self.backwarded.pop(key, None)
+            else:
+                self.backwarded[key] = done
+            if s.last and self._clips(s.job):
+                partial = self.optimizers[s.job].grad_sq_norm().item() + self.partials.pop(key, 0.0)
+                if self.first:
+                    self.known_norms[key] = math.sqrt(partial)
+                else:
+                    self.state.up_notes.setdefault(mb, []).append(Note(NOTE_GRAD_SQ, self.job_ids[s.job], s.step, partial))
+
+    def _optimizer_step(self, action: Action) -> None:
+        key = (action.job, action.step)
+        assert action.job is not None
+        if not self._clips(action.job):
+            self.optimizers[action.job].step(None)
+            if self.on_step is not None:
+                self.on_step(*key)
+            return
+        if key in self.known_norms:
+            self._apply_step(key)
+        elif self.first:
+            raise PipelineError(f"stage 0: step {key} before its gradient norm is known")
+        else:
+            self.pending_steps.add(key)
+
+    def _apply_step(self, key: tuple[str, int]) -> None:
+        norm = self.known_norms.pop(key)
+        opt = self.optimizers[key[0]]
+        opt.step(torch.tensor(norm, device=opt.params[0].device))
+        self.pending_steps.discard(key)
+        if self.on_step is not None:
+            self.on_step(*key)
+        if self.first and not self.last:  # later stages pass totals on as they arrive
+            self.state.down_notes.append(Note(NOTE_GRAD_NORM, self.job_ids[key[0]], key[1], norm))
+
+    def _clips(self, job: str) -> bool:
+        return self.optimizers[job].spec.max_grad_norm is not None
+
+    # ------------------------------------------------------- communication
+    def _send_act(self, action: Action) -> None:
+        assert self.transport is not None and action.mb is not None
+        out = self.state.outputs[action.mb]
+        if self.send_targets is not None:
+            self.send_targets(action.mb)
+        self.transport.send(self.index + 1, action.mb, out.detach(), self.state.down_notes)
+        self.state.down_notes = []
+
+    def _recv_act(self, action: Action) -> None:
+        assert self.transport is not None and action.mb is not None
+        if self.last:  # rank 0 sends the targets just before the activations
+            assert self.targets_of is not None
+            self.state.targets[action.mb] = self.targets_of(action.mb)
+        x, notes = self.transport.recv(self.index - 1, action.mb, f"activations of micro-batch {action.mb}")
+        assert x is not None
+        self._absorb_down(notes)
+        self.state.inputs[action.mb] = x.requires_grad_(True)
+
+    def _send_grad(self, action: Action) -> None:
+        assert self.transport is not None and action.mb is not None
+        x = self.state.inputs.pop(action.mb)
+        self.transport.send(self.index - 1, action.mb, x.grad, self.state.up_notes.pop(action.mb, []))
+
+    def _recv_grad(self, action: Action) -> None:
+        assert self.transport is not None and action.mb is not None
+        g, notes = self.transport.recv(self.index + 1, action.mb, f"gradients of micro-batch {action.mb}")
+        assert g is not None
+        self.state.grads[action.mb] = g
+        relay = []
+        for note in notes:
+            key = (self.job_names[note.job], note.step)
+            if note.kind == NOTE_GRAD_SQ:
+                self.partials[key] = note.value
+            elif note.kind == NOTE_LOSS:
+                if self.first and self.on_loss is not None:
+                    self.on_loss(key[0], key[1], note.value)
+                else:
+                    relay.append(note)
+        self.state.up_notes.setdefault(action.mb, []).extend(relay)
+
+    def _absorb_down(self, notes: list[Note]) -> None:
+        """Totals from upstream: apply the steps they complete, pass them on."""
+        for note in notes:
+            if note.kind != NOTE_GRAD_NORM:
+                continue
+            key = (self.job_names[note.job], note.step)
+            self.known_norms[key] = note.value
+            if not self.last:
+                self.state.down_notes.append(note)
+            if key in self.pending_steps:
+                self._apply_step(key)
