@@ -14,7 +14,7 @@ from typing import Sequence
 from mlora.schedule.actions import ActionKind, Schedule
 from mlora.schedule.microbatch import MicroBatch
 from mlora.schedule.trace import BUSY_KINDS, TraceEvent, action_event
-from mlora.schedule.validate import _channel, execution_order
+from mlora.schedule.validate import channel_of, execution_order
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ def simulate(schedule: Schedule, costs: StageCosts | None = None) -> SimResult:
         elif a.kind is ActionKind.OPTIMIZER_STEP:
             end = start + costs.optimizer
         elif a.kind in (ActionKind.SEND_ACT, ActionKind.SEND_GRAD):
-            in_flight[_channel(a)].append(start + costs.send_latency)
+            in_flight[channel_of(a)].append(start + costs.send_latency)
         else:
-            end = max(start, in_flight[_channel(a)].popleft())
+            end = max(start, in_flight[channel_of(a)].popleft())
         clock[k] = end
         if a.kind.value in BUSY_KINDS:
             busy[k] += end - start

@@ -180,7 +180,8 @@ def _check_weights(schedule: Schedule) -> None:
                 applied.add(key)
 
 
-def _channel(a: Action) -> tuple[int, int, str]:
+def channel_of(a: Action) -> tuple[int, int, str]:
+    """(src, dst, "act"|"grad"): the FIFO a send or receive belongs to."""
     data = "act" if a.kind in (ActionKind.SEND_ACT, ActionKind.RECV_ACT) else "grad"
     if a.kind in (ActionKind.SEND_ACT, ActionKind.SEND_GRAD):
         return (a.stage, a.peer, data)  # type: ignore[return-value]
@@ -207,12 +208,12 @@ def execution_order(schedule: Schedule) -> list[tuple[int, int]]:
             while ptr[k] < len(acts):
                 a = acts[ptr[k]]
                 if a.kind in (ActionKind.RECV_ACT, ActionKind.RECV_GRAD):
-                    ch = _channel(a)
+                    ch = channel_of(a)
                     if sent[ch] <= received[ch]:
                         break
                     received[ch] += 1
                 elif a.kind in (ActionKind.SEND_ACT, ActionKind.SEND_GRAD):
-                    sent[_channel(a)] += 1
+                    sent[channel_of(a)] += 1
                 order.append((k, ptr[k]))
                 ptr[k] += 1
                 progress = True
