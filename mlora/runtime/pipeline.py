@@ -245,7 +245,9 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         if plan.restored[name] is not None:
             optimizers[name].load_state_dict(read_stage_slice(Path(plan.restored[name]), rank))
 
-    transport = Transport(rank, device, timeout, lambda r: f"rank {r} (stage {r})")
+    # every rank creates the groups, in the same order
+    channels = {name: dist.new_group(timeout=timedelta(seconds=timeout)) for name in ("act", "grad", "targets")}
+    transport = Transport(rank, device, timeout, lambda r: f"rank {r} (stage {r})", channels)
     monitor = PipelineMonitor(driver, spec, n_ranks) if rank == 0 else None
     last = n_ranks - 1
 
@@ -261,10 +263,10 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
 
     def send_targets(mb: int) -> None:
         t = pending_targets.pop(mb)
-        transport.send(last, mb, torch.stack([t.index, t.token, t.slot]), [])
+        transport.send(last, mb, torch.stack([t.index, t.token, t.slot]), [], channel="targets")
 
     def recv_targets(mb: int) -> Targets:
-        packed, _ = transport.recv(0, mb, f"targets of micro-batch {mb}")
+        packed, _ = transport.recv(0, mb, f"targets of micro-batch {mb}", channel="targets")
         assert packed is not None
         return Targets(packed[0], packed[1], packed[2], len(plan.plans[mb].batch.slices))
 

@@ -225,11 +225,11 @@ class StageWorker:
     def _send_grad(self, action: Action) -> None:
         assert self.transport is not None and action.mb is not None
         x = self.state.inputs.pop(action.mb)
-        self.transport.send(self.index - 1, action.mb, x.grad, self.state.up_notes.pop(action.mb, []))
+        self.transport.send(self.index - 1, action.mb, x.grad, self.state.up_notes.pop(action.mb, []), channel="grad")
 
     def _recv_grad(self, action: Action) -> None:
         assert self.transport is not None and action.mb is not None
-        g, notes = self.transport.recv(self.index + 1, action.mb, f"gradients of micro-batch {action.mb}")
+        g, notes = self.transport.recv(self.index + 1, action.mb, f"gradients of micro-batch {action.mb}", channel="grad")
         assert g is not None
         self.state.grads[action.mb] = g
         relay = []

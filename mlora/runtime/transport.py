@@ -7,8 +7,12 @@ and lets the receiver check it got what its action list expects. Notes are
 gradient-norm partial sums and losses travel upstream with gradients, total norms
 downstream with activations, so no extra collective ever synchronises the stages.
 
-On CUDA the tensors go GPU to GPU through NCCL; on the CPU through gloo. Every wait
-has a deadline, and a peer that died or hangs becomes a PipelineError naming it.
+On CUDA the tensors go GPU to GPU through NCCL; on the CPU through gloo. Activations,
+gradients and targets each travel on their own process group ("channel"): NCCL runs
+one communicator's sends and receives in order on one stream, so with a single group
+stage k's activation send and stage k+1's gradient send could wait on each other.
+Every wait has a deadline, and a peer that died or hangs becomes a PipelineError
+naming it.
 """
 
 from __future__ import annotations
@@ -46,14 +50,23 @@ class Note:
 class Transport:
     """Sends and receives for one rank. `describe(rank)` names a rank in messages."""
 
-    def __init__(self, rank: int, device: torch.device, timeout_s: float, describe: Callable[[int], str]) -> None:
+    def __init__(
+        self,
+        rank: int,
+        device: torch.device,
+        timeout_s: float,
+        describe: Callable[[int], str],
+        channels: dict[str, dist.ProcessGroup | None] | None = None,
+    ) -> None:
         self.rank, self.device = rank, device
+        self.channels = channels or {}
         self.timeout = timedelta(seconds=timeout_s)
         self.describe = describe
         self._pending: list[tuple[dist.Work, list[Tensor]]] = []
 
-    def send(self, dst: int, mb: int, tensor: Tensor | None, notes: list[Note]) -> None:
-        """isend header, notes and tensor; they stay alive until `flush_sends`."""
+    def send(self, dst: int, mb: int, tensor: Tensor | None, notes: list[Note], channel: str = "act") -> None:
+        """isend header, notes and tensor on `channel`; they stay alive until `flush_sends`."""
+        group = self.channels.get(channel)
         shape = tuple(tensor.shape) if tensor is not None else ()
         if len(shape) > 4:
             raise PipelineError(f"cannot send a {len(shape)}-d tensor")
@@ -67,13 +80,14 @@ class Transport:
         if tensor is not None:
             parts.append(tensor.detach().contiguous())
         for part in parts:
-            self._pending.append((dist.isend(part, dst), [part]))
+            self._pending.append((dist.isend(part, dst, group=group), [part]))
         self._reap()
 
-    def recv(self, src: int, expect_mb: int, what: str) -> tuple[Tensor | None, list[Note]]:
-        """Blocking receive of one message from `src`; checks it is micro-batch expect_mb."""
+    def recv(self, src: int, expect_mb: int, what: str, channel: str = "act") -> tuple[Tensor | None, list[Note]]:
+        """Blocking receive of one message from `src` on `channel`; checks it is micro-batch expect_mb."""
+        group = self.channels.get(channel)
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, src), src, what)
+        self._wait(dist.irecv(header, src, group=group), src, what)
         h = header.tolist()
         if h[0] != MAGIC:
             raise PipelineError(f"{self.describe(self.rank)}: garbled header from {self.describe(src)} ({what})")
@@ -85,12 +99,12 @@ class Transport:
         notes: list[Note] = []
         if n_notes:
             buf = torch.empty(n_notes, 4, dtype=torch.float64, device=self.device)
-            self._wait(dist.irecv(buf, src), src, what)
+            self._wait(dist.irecv(buf, src, group=group), src, what)
             notes = [Note(int(k), int(j), int(s), float(v)) for k, j, s, v in buf.tolist()]
         tensor = None
         if dtype_code >= 0:
             tensor = torch.empty(tuple(h[5 : 5 + ndim]), dtype=DTYPES[dtype_code], device=self.device)
-            self._wait(dist.irecv(tensor, src), src, what)
+            self._wait(dist.irecv(tensor, src, group=group), src, what)
         return tensor, notes
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
