@@ -108,36 +108,55 @@ def make_adapter(spec: JobSpec, stage: StageModel, device: torch.device) -> Stag
     return adapter
 
 
+@dataclass
+class Prepared:
+    """Everything a run needs, checked and loaded: what `Trainer` runs over."""
+
+    spec: RunSpec
+    jobs: list[JobState]
+    stage: StageModel
+    pad_id: int
+    out: Path
+    device: torch.device
+
+
+def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> Prepared:
+    """Check every input, then claim the output folder, then load the base once.
+
+    The order matters: a bad dataset or adapter is reported before the output folder
+    is touched and before any weight is read.
+    """
+    device = resolve_device(spec.model.device)
+    tokenizer = load_tokenizer(spec.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for job_spec in spec.jobs:
+        check_init_adapter(job_spec, spec.source)
+    jobs = build_job_states(spec, tokenizer, plan_steps)
+    out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
+    stage = load_stage(
+        spec.model.path, dtype=spec.model.dtype, device=device, attn_implementation=spec.model.attn_implementation
+    )
+    return Prepared(spec, jobs, stage, pad_id, out, device)
+
+
 class Trainer:
-    """State of one single-process run; `run()` is the loop."""
+    """State of one single-process run over prepared parts; `run()` is the loop."""
 
     def __init__(
         self,
-        spec: RunSpec,
+        prepared: Prepared,
         *,
         resume: bool = False,
-        overwrite: bool = False,
         live: bool | None = None,
         console: Any = None,
         stop_after_batches: int | None = None,
     ) -> None:
         from mlora.monitor import JsonlSink, LiveView, MultiSink, RunSummary, TensorBoardSink
 
-        self.spec = spec
-        self.device = resolve_device(spec.model.device)
-        # Everything that can be wrong with the input is checked before the output folder
-        # is touched and before the model is loaded.
-        tokenizer = load_tokenizer(spec.model.path)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        for job_spec in spec.jobs:
-            check_init_adapter(job_spec, spec.source)
-        self.jobs: dict[str, JobState] = {
-            s.name: s for s in build_job_states(spec, tokenizer, plan_steps)
-        }
-        self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
-        self.stage = load_stage(
-            spec.model.path, dtype=spec.model.dtype, device=self.device, attn_implementation=spec.model.attn_implementation
-        )
+        spec = self.spec = prepared.spec
+        self.device, self.pad_id, self.out = prepared.device, prepared.pad_id, prepared.out
+        self.jobs: dict[str, JobState] = {j.name: j for j in prepared.jobs}
+        self.stage = prepared.stage
         self.stage.routing.backend = spec.run.backend
         self.optimizers: dict[str, JobOptimizer] = {}
         self.stop_after_batches = stop_after_batches
@@ -311,7 +330,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def train(spec: RunSpec, **kwargs: Any) -> RunResult:
-    """Train every job of the run file; see Trainer for the keyword options."""
-    return Trainer(spec, **kwargs).run()
+def train(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, **kwargs: Any) -> RunResult:
+    """Train every job of the run file; see Trainer for the other keyword options."""
+    prepared = prepare(spec, resume=resume, overwrite=overwrite)
+    return Trainer(prepared, resume=resume, **kwargs).run()
 

@@ -1,0 +1,224 @@
+"""End to end, one GPU: HF PEFT training jobs one at a time vs mlora training them together.
+
+Random-weight Llama models of 7B shape (hidden 4096, 32 layers, MLP 11008) and 1.1B
+shape (hidden 2048, 22 layers, MLP 5632, 4 KV heads), bf16, micro-batch 4 × 512 tokens
+per job, r = 16 on all 7 projections, AdamW. Prints a table and writes a JSON file:
+tokens/s, each job's completion time, peak memory, MFU = 4 · params · tokens / time
+over the measured bf16 matmul peak (frozen base: forward 2·P·T, backward to the
+activations 2·P·T).
+
+    python bench/e2e/bench_e2e.py --out bench/e2e/results.json      # on a GPU
+    python bench/e2e/bench_e2e.py --small                           # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mlora.config import JobSpec, ModelSpec, RunLimits, RunSpec  # noqa: E402
+from mlora.config.schema import ALL_TARGET_MODULES  # noqa: E402
+from mlora.jobs import JobState, plan_steps  # noqa: E402
+from mlora.model.stage import stage_from_model  # noqa: E402
+from mlora.runtime.trainer import Prepared, Trainer  # noqa: E402
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
+    "small": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, vocab: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], vocab_size=vocab, max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """Measured dense matmul throughput: the MFU denominator."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def random_batches(n_batches: int, micro: int, seq: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (micro, seq), generator=gen) for _ in range(n_batches)]
+
+
+def run_peft(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    """What users do today: one PEFT job after another, plain training loop."""
+    from peft import LoraConfig, get_peft_model
+
+    start = time.perf_counter()
+    completion, tokens, steady = [], 0, []
+    for j in range(args.jobs):
+        config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(ALL_TARGET_MODULES), task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        batches = random_batches(args.steps, args.micro, args.seq, args.vocab, seed=j)
+        for i, ids in enumerate(batches):
+            if i == args.warmup:
+                sync(device)
+                t_steady = time.perf_counter()
+            ids = ids.to(device)
+            loss = peft_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        steady.append((args.steps - args.warmup) * args.micro * args.seq / (time.perf_counter() - t_steady))
+        tokens += args.steps * args.micro * args.seq
+        completion.append(time.perf_counter() - start)
+        model = peft_model.unload()
+        del peft_model, opt, params
+    total = time.perf_counter() - start
+    return {"tokens_per_s": tokens / total, "steady_tokens_per_s": statistics.mean(steady), "completion_s": completion, "total_s": total}
+
+
+def run_mlora(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, backend: str, budget: int) -> dict:
+    """mlora: all jobs fused into one batch per step, through the real Trainer."""
+    stage = stage_from_model(model)
+    jobs, specs = [], []
+    for j in range(args.jobs):
+        spec = JobSpec(
+            name=f"job{j}", dataset="synthetic", lora_r=args.rank, lora_alpha=2 * args.rank,
+            target_modules=ALL_TARGET_MODULES, micro_batch_size=args.micro, max_steps=args.steps,
+            learning_rate=1e-4, cutoff_len=args.seq, seed=j,
+        )
+        ids = random_batches(args.steps, args.micro, args.seq, args.vocab, seed=j)
+        examples = [Example(row.tolist(), [-100] + row.tolist()[1:]) for batch in ids for row in batch]
+        steps = plan_steps(len(examples), args.micro, 1, 1, args.steps, lambda e, n=len(examples): range(n))
+        jobs.append(JobState(spec=spec, train=examples, eval=[], steps=steps))
+        specs.append(spec)
+    with tempfile.TemporaryDirectory() as out:
+        run = RunSpec(
+            source="bench_e2e",
+            model=ModelSpec(path="<in memory>", dtype=args.dtype, device=str(device)),
+            jobs=tuple(specs),
+            run=RunLimits(output_dir=out, max_concurrent_jobs=args.jobs, max_tokens_per_batch=budget, backend=backend),
+        )
+        trainer = Trainer(Prepared(run, jobs, stage, 0, Path(out), device), live=False)
+        sync(device)
+        start = time.perf_counter()
+        result = trainer.run()
+        sync(device)
+        total = time.perf_counter() - start
+        summary = json.loads((Path(out) / "run_summary.json").read_text())
+    completion = [summary["jobs"][s.name]["finished_at"] - summary["jobs"][s.name]["queued_at"] for s in specs]
+    tokens = args.jobs * args.steps * args.micro * args.seq
+    del result
+    return {"tokens_per_s": tokens / total, "completion_s": completion, "total_s": total, "max_tokens_per_batch": budget}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="7b,1.1b")
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--backends", default="auto")
+    parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
+    parser.add_argument("--out", default="bench/e2e/results.json")
+    args = parser.parse_args()
+    if args.small:
+        args.shapes, args.steps, args.warmup, args.seq, args.vocab, args.dtype = "small", 3, 1, 32, 512, "float32"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    peak = matmul_peak_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
+    rows = []
+    for shape in args.shapes.split(","):
+        model = build_model(shape, device, dtype, args.vocab)
+        params = n_params(model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        peft = run_peft(model, args, device)
+        peft["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        peft["mfu"] = 4 * params * peft["tokens_per_s"] / (peak * 1e12)
+        rows.append({"shape": shape, "system": "peft, one job at a time", **peft})
+        for backend in args.backends.split(","):
+            budget = args.jobs * args.micro * args.seq
+            while True:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    res = run_mlora(model, args, device, backend, budget)
+                    break
+                except torch.OutOfMemoryError:
+                    if budget <= args.micro * args.seq:
+                        raise
+                    budget //= 2
+                    print(f"[{shape}] out of memory: retrying with max_tokens_per_batch={budget}", flush=True)
+            res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            res["mfu"] = 4 * params * res["tokens_per_s"] / (peak * 1e12)
+            res["speedup_vs_peft"] = res["tokens_per_s"] / peft["tokens_per_s"]
+            rows.append({"shape": shape, "system": f"mlora, {args.jobs} jobs together ({backend})", **res})
+        del model
+    header = f"{'shape':6} {'system':34} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'peak GiB':>9} {'avg JCT s':>9}  completion s"
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"matmul peak {peak:.0f} TFLOP/s, {args.jobs} jobs x {args.steps} steps x {args.micro}x{args.seq} tokens, r={args.rank}")
+    print(header)
+    for r in rows:
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        x = f"{r.get('speedup_vs_peft', 1.0):.2f}"
+        jct = statistics.mean(r["completion_s"])
+        comp = " ".join(f"{c:.1f}" for c in r["completion_s"])
+        print(f"{r['shape']:6} {r['system']:34} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% {mem:>9} {jct:9.1f}  {comp}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
