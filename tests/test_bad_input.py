@@ -1,0 +1,121 @@
+"""Bad input fails before any compute, with a message naming the file and field; nothing
+already written is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlora", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def base_run(tmp_path: Path, model: Path, dataset: Path, **job) -> dict:
+    return {
+        "model": {"path": str(model), "device": "cpu"},
+        "defaults": {"cutoff_len": 32, "max_steps": 2},
+        "jobs": [{"name": "j", "dataset": str(dataset), **job}],
+        "run": {"output_dir": str(tmp_path / "out")},
+    }
+
+
+def broken_model_dirs(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    bert = tmp_path / "bert"
+    shutil.copytree(good, bert)
+    cfg = json.loads((bert / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (bert / "config.json").write_text(json.dumps(cfg))
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(good, no_weights)
+    for f in no_weights.glob("*.safetensors"):
+        f.unlink()
+    return {
+        "no config": (no_config, "has no config.json"),
+        "unsupported": (bert, "model_type 'bert' is not supported"),
+        "no weights": (no_weights, "no *.safetensors weight files"),
+    }
+
+
+def test_bad_model_folders(tmp_path, tiny_models, datasets):
+    for label, (folder, message) in broken_model_dirs(tmp_path, tiny_models["llama"]).items():
+        run = write_run(tmp_path / f"{label.replace(' ', '-')}.yaml", base_run(tmp_path, folder, datasets["copy"]))
+        proc = mlora("validate", str(run), cwd=tmp_path)
+        assert proc.returncode == 2, (label, proc.stdout, proc.stderr)
+        assert message in proc.stderr and str(folder) in proc.stderr, (label, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "line 2"),
+        ('{"instruction": "a", "input": "x"}\n', "output"),
+        ('{"messages": [{"role": "wizard", "content": "hi"}]}\n', "wizard"),
+        ("", "empty"),
+    ],
+    ids=["bad json", "missing output", "unknown role", "empty"],
+)
+def test_bad_datasets(tmp_path, tiny_models, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    run = write_run(tmp_path / "run.yaml", base_run(tmp_path, tiny_models["llama"], data))
+    proc = mlora("train", str(run), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "data.jsonl" in proc.stderr and message in proc.stderr and "'j'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before the output folder was made
+
+
+def test_init_from_that_does_not_fit(tmp_path, tiny_models, datasets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"])).save_pretrained(str(tmp_path / "start"))
+    run = write_run(tmp_path / "run.yaml", base_run(tmp_path, tiny_models["llama"], datasets["copy"], lora_r=8, init_from=str(tmp_path / "start")))
+    proc = mlora("validate", str(run), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "init_from" in proc.stderr and "lora_r=16" in proc.stderr and "job has 8" in proc.stderr, proc.stderr
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_existing_output_is_never_overwritten_without_flag(tmp_path, tiny_models, datasets):
+    run = write_run(tmp_path / "run.yaml", base_run(tmp_path, tiny_models["llama"], datasets["copy"]))
+    first = mlora("train", str(run), "--plain", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = digest(tmp_path / "out")
+    assert "j/adapter_model.safetensors" in before
+
+    again = mlora("train", str(run), "--plain", "learning_rate=0.5", cwd=tmp_path)
+    assert again.returncode == 2
+    assert "holds an earlier run" in again.stderr and "--overwrite" in again.stderr
+    assert digest(tmp_path / "out") == before
+
+    both = mlora("train", str(run), "--resume", "--overwrite", cwd=tmp_path)
+    assert both.returncode == 2 and "contradict" in both.stderr
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    other = mlora("train", str(run), "--overwrite", f"output_dir={foreign}", cwd=tmp_path)
+    assert other.returncode == 2 and "not an mlora run folder" in other.stderr
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    replaced = mlora("train", str(run), "--plain", "--overwrite", "learning_rate=0.5", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert digest(tmp_path / "out")["j/adapter_model.safetensors"] != before["j/adapter_model.safetensors"]

@@ -1,0 +1,109 @@
+"""Pipelining changes nothing (invariant 2), and a dead rank never hangs the others.
+
+Real processes under torchrun, talking over gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlora.config import load_run_file
+from mlora.runtime.trainer import train
+
+from conftest import write_run
+
+pytestmark = pytest.mark.slow
+
+JOBS = [
+    {"name": "copy", "dataset": "copy", "lora_r": 4, "target_modules": "all", "micro_batch_size": 2, "gradient_accumulation_steps": 2},
+    {"name": "reverse", "dataset": "reverse", "lora_r": 8, "target_modules": ["q_proj", "v_proj"], "micro_batch_size": 3,
+     "lr_scheduler": "cosine", "lora_dropout": 0.1},
+    {"name": "count", "dataset": "count", "lora_r": 2, "target_modules": ["down_proj", "up_proj"], "micro_batch_size": 1,
+     "gradient_accumulation_steps": 3, "optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.05},
+    {"name": "copy2", "dataset": "copy", "lora_r": 16, "lora_alpha": 8, "target_modules": ["o_proj", "k_proj"], "micro_batch_size": 4,
+     "max_grad_norm": 0.02, "seed": 9},
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, max_steps: int = 4, **run) -> Path:
+    raw = {
+        "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
+        "defaults": {"cutoff_len": 32, "max_steps": max_steps, "learning_rate": 1e-2, "seed": 5},
+        "jobs": [{**j, "dataset": str(datasets[j["dataset"]])} for j in JOBS],
+        "run": {"output_dir": str(tmp_path / out), **run},
+    }
+    return write_run(tmp_path / f"{out}.yaml", raw)
+
+
+def torchrun(n: int, run: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", f"--master-port={free_port()}",
+           "-m", "mlora", "train", str(run), "--plain", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datasets, stages):
+    single = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, "single")), live=False)
+    proc = torchrun(stages, run_file(tmp_path, tiny_models["llama"], datasets, "pipe"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"pipeline of {stages} stages" in proc.stdout
+    out = tmp_path / "pipe"
+    for job in JOBS:
+        a = load_file(str(single.output_dir / job["name"] / "adapter_model.safetensors"))
+        b = load_file(str(out / job["name"] / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+    trace = json.loads((out / "trace.json").read_text())
+    assert {e["tid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == set(range(stages))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert all(j["state"] == "finished" for j in summary["jobs"].values())
+    assert 0.0 <= summary["run"]["bubble_fraction"] < 1.0
+
+
+def test_a_killed_rank_stops_every_rank_with_an_error(tmp_path, tiny_models, datasets):
+    timeout_s = 8
+    run = run_file(tmp_path, tiny_models["llama"], datasets, "killed", max_steps=400, pipeline_timeout_s=timeout_s)
+    port = free_port()
+    procs = []
+    for rank in range(3):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "mlora", "train", str(run), "--plain"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    metrics = tmp_path / "killed" / "copy" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.2)
+    assert metrics.is_file(), "the run never got going"
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    for rank in (0, 2):
+        try:
+            _, err = procs[rank].communicate(timeout=timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank {rank} still running {timeout_s + 30} s after rank 1 was killed")
+        assert procs[rank].returncode != 0
+        assert "rank 1 (stage 1)" in err, err[-2000:]
+    assert time.time() - killed_at < timeout_s + 30

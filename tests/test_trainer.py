@@ -1,0 +1,100 @@
+"""The single-process trainer: invariant 1, queueing, resume and eval, on a tiny real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlora.config import load_run_file
+from mlora.runtime.trainer import train
+
+from conftest import write_run
+
+JOBS = [
+    # different ranks, targets, micro-batch sizes, accumulation, optimizers and schedules
+    {"name": "copy", "dataset": "copy", "lora_r": 4, "target_modules": ["q_proj", "v_proj"], "micro_batch_size": 2,
+     "gradient_accumulation_steps": 2, "learning_rate": 1e-2},
+    {"name": "reverse", "dataset": "reverse", "lora_r": 8, "target_modules": "all", "micro_batch_size": 3,
+     "learning_rate": 5e-3, "lr_scheduler": "cosine", "warmup_steps": 1, "lora_dropout": 0.1},
+    {"name": "count", "dataset": "count", "lora_r": 2, "lora_alpha": 4, "target_modules": ["down_proj", "o_proj"],
+     "micro_batch_size": 1, "gradient_accumulation_steps": 3, "optimizer": "sgd", "momentum": 0.9,
+     "learning_rate": 0.05, "max_grad_norm": 0.05, "use_rslora": True},
+]
+
+
+def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], jobs: list[dict], out: str, **run) -> Path:
+    resolved = [{**j, "dataset": str(datasets[j["dataset"]])} for j in jobs]
+    raw = {
+        "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
+        "defaults": {"cutoff_len": 32, "max_steps": 4, "seed": 3},
+        "jobs": resolved,
+        "run": {"output_dir": str(tmp_path / out), **run},
+    }
+    return write_run(tmp_path / f"{out}.yaml", raw)
+
+
+def adapter(out: Path, job: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / job / "adapter_model.safetensors"))
+
+
+def test_jobs_together_equal_alone(tmp_path, tiny_models, datasets):
+    together = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "together")), live=False)
+    for job in JOBS:
+        alone = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, [job], f"alone-{job['name']}")), live=False)
+        a, b = adapter(alone.output_dir, job["name"]), adapter(together.output_dir, job["name"])
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+        # the adapter moved away from its initialisation (B starts at zero)
+        assert any(key.endswith("lora_B.weight") and a[key].abs().max() > 0 for key in a)
+
+
+def test_token_budget_and_queue_do_not_change_adapters(tmp_path, tiny_models, datasets):
+    base = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "base")), live=False)
+    queued = train(
+        load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "queued", max_concurrent_jobs=1, max_tokens_per_batch=64)),
+        live=False,
+    )
+    summary = json.loads((queued.output_dir / "run_summary.json").read_text())["jobs"]
+    order = sorted(summary, key=lambda j: summary[j]["started_at"])
+    assert order == ["copy", "reverse", "count"]
+    for first, second in zip(order, order[1:]):
+        assert summary[second]["started_at"] >= summary[first]["finished_at"]
+        assert summary[second]["wait_s"] > 0
+    for job in JOBS:
+        a, b = adapter(base.output_dir, job["name"]), adapter(queued.output_dir, job["name"])
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_ends_with_the_same_adapters(tmp_path, tiny_models, datasets):
+    jobs = [{**j, "save_steps": 2, "max_steps": 5} for j in JOBS]
+    full = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "full")), live=False)
+    spec = load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "cut"))
+    stopped = train(spec, live=False, stop_after_batches=7)
+    assert stopped.stopped_early
+    assert any((stopped.output_dir / j["name"] / "checkpoints").is_dir() for j in jobs)
+    resumed = train(spec, resume=True, live=False)
+    assert not resumed.stopped_early
+    for job in jobs:
+        a, b = adapter(full.output_dir, job["name"]), adapter(resumed.output_dir, job["name"])
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+    # metrics cover every step exactly once after the resume
+    for job in jobs:
+        rows = [json.loads(x) for x in (resumed.output_dir / job["name"] / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows if r["kind"] == "train"]
+        assert steps == list(range(1, 6))
+
+
+def test_eval_split_reports_eval_loss(tmp_path, tiny_models, datasets):
+    jobs = [{**JOBS[0], "eval_split": 0.25, "eval_steps": 2}]
+    result = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "eval")), live=False)
+    rows = [json.loads(x) for x in (result.output_dir / "copy" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 < r["eval_loss"] < 20 for r in evals)
