@@ -1,0 +1,68 @@
+"""A job's data: tokenised examples, a held-out eval split, and the order of each epoch.
+
+Everything is a pure function of the dataset, the tokenizer and the job's seed, so the
+job sees the same examples in the same order whether it trains alone or with others.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlora.data.records import DataError, load_records
+from mlora.data.templates import render
+from mlora.data.tokenize import Example, tokenize_pieces
+
+
+def split_sizes(n: int, eval_split: float) -> int:
+    """How many records go to eval: a fraction in (0, 1) or a whole number."""
+    if eval_split <= 0:
+        return 0
+    count = int(eval_split) if eval_split >= 1 else max(1, round(n * eval_split))
+    return min(count, n - 1) if n > 1 else 0
+
+
+@dataclass(frozen=True)
+class JobData:
+    train: list[Example]
+    eval: list[Example]
+    dropped: int  # examples with no trained token left after cutoff_len
+    seed: int
+
+    @classmethod
+    def build(
+        cls,
+        path: Path,
+        fmt: str,
+        template: str,
+        tokenizer: Any,
+        cutoff_len: int,
+        eval_split: float,
+        seed: int,
+    ) -> "JobData":
+        records = load_records(Path(path), fmt)
+        n_eval = split_sizes(len(records), eval_split)
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        eval_ids = set(order[:n_eval])
+        train: list[Example] = []
+        evals: list[Example] = []
+        dropped = 0
+        for i, record in enumerate(records):
+            task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
+            example = tokenize_pieces(tokenizer, render(record, template), cutoff_len, task=task)
+            if example is None:
+                dropped += 1
+                continue
+            (evals if i in eval_ids else train).append(example)
+        if not train:
+            raise DataError(f"{path}: no training example has a response token within cutoff_len={cutoff_len}")
+        return cls(train, evals, dropped, seed)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """A permutation of the training examples, fixed by (seed, epoch)."""
+        order = list(range(len(self.train)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order

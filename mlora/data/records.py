@@ -1,0 +1,97 @@
+"""Reading datasets: Alpaca JSON/JSONL (instruction, input, output) or chat `messages` JSONL.
+
+Errors name the file, the line (or record) and the field, so a broken line in a
+100k-line file is found at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("auto", "alpaca", "messages")
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used, with the file and the place in it."""
+
+
+def detect_format(record: dict[str, Any]) -> str | None:
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    return None
+
+
+def _read_lines(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) for a .jsonl, or (index + 1, item) for a .json list."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json dataset must be a list of records")
+        return [(i + 1, item) for i, item in enumerate(data)]
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number}: not valid JSON: {exc.msg}") from exc
+    return out
+
+
+def load_records(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
+    """Every record of the file, checked against its format."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown dataset format {fmt!r} (use {', '.join(FORMATS)})")
+    rows = _read_lines(path)
+    if not rows:
+        raise DataError(f"{path}: empty dataset")
+    where = "record" if path.suffix == ".json" else "line"
+    if fmt == "auto":
+        first = rows[0][1]
+        detected = detect_format(first) if isinstance(first, dict) else None
+        if detected is None:
+            raise DataError(f"{path}: {where} {rows[0][0]}: neither Alpaca (instruction/output) nor chat (messages)")
+        fmt = detected
+    check = _check_alpaca if fmt == "alpaca" else _check_messages
+    for number, record in rows:
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: {where} {number}: a record must be a JSON object")
+        check(record, f"{path}: {where} {number}")
+    return [r for _, r in rows]
+
+
+def _check_alpaca(record: dict[str, Any], where: str) -> None:
+    for field in ("instruction", "output"):
+        if field not in record:
+            raise DataError(f"{where}: lacks `{field}`")
+    for field in ("instruction", "input", "output"):
+        if field in record and not isinstance(record[field], str):
+            raise DataError(f"{where}: `{field}` must be a string")
+
+
+def _check_messages(record: dict[str, Any], where: str) -> None:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `messages` must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: messages[{i}] needs `role` and `content`")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: messages[{i}]: unknown role {message['role']!r} (use {', '.join(ROLES)})")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: messages[{i}]: `content` must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message to learn from")

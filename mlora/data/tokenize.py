@@ -1,0 +1,43 @@
+"""Pieces of text → token ids and labels, with the loss on trained pieces only.
+
+Each piece is tokenised on its own (no special tokens) and the ids concatenated, so
+the boundary between prompt and response is exact: labels are the ids of trained
+pieces and -100 everywhere else. An end-of-sequence token closes the last trained
+piece, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from mlora.data.templates import Piece
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken
+    task: int = -1  # the record's task index, when its dataset tags one (MeteoRA)
+
+
+def tokenize_pieces(tokenizer: Any, pieces: Sequence[Piece], cutoff_len: int, add_bos: bool = True, task: int = -1) -> Example | None:
+    """Token ids and labels, cut to `cutoff_len`; None if no trained token survives."""
+    ids: list[int] = []
+    labels: list[int] = []
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE)
+    last_trained = max((i for i, p in enumerate(pieces) if p.train), default=-1)
+    for i, piece in enumerate(pieces):
+        piece_ids = tokenizer(piece.text, add_special_tokens=False)["input_ids"]
+        if i == last_trained and tokenizer.eos_token_id is not None:
+            piece_ids = [*piece_ids, tokenizer.eos_token_id]
+        ids.extend(piece_ids)
+        labels.extend(piece_ids if piece.train else [IGNORE] * len(piece_ids))
+    ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+    if all(label == IGNORE for label in labels[1:]):
+        return None
+    return Example(ids, labels, task)
