@@ -14,9 +14,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mlora.data import DataError
     from mlora.model.peft_io import AdapterError
     from mlora.model.stage import ModelFolderError
+    from mlora.monitor import NotARunError
     from mlora.runtime.output import OutputError
 
-    return (ConfigError, DataError, AdapterError, ModelFolderError, OutputError)
+    return (ConfigError, DataError, AdapterError, ModelFolderError, OutputError, NotARunError)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -96,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come before or after the flags: `train run.yaml --resume lr=1e-3`
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except user_errors() as exc:

@@ -2,7 +2,9 @@
 
 The tokenizer is a byte-level BPE trained with the `tokenizers` library on the demo
 tasks' text, saved so that `AutoTokenizer.from_pretrained` loads it offline. The
-weights are random (std 0.02) and fixed by the seed.
+weights are random and fixed by the seed, scaled like a trained model's rather than
+like an initialisation (std 1/√fan_in, unit-norm-ish embeddings and head rows), so that
+the frozen model's hidden states carry signal and LoRA adapters alone can learn tasks.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import torch
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>"]  # single tokens, as in Qwen's tokenizers
 _OURS = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "generation_config.json", "chat_template.jinja"}
 
 
 def _corpus() -> list[str]:
     """Text the tokenizer learns merges from: the shipped demo data plus plain English."""
+    from mlora.data.templates import TEMPLATES
+
     lines = [
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-        "### Instruction: ### Input: ### Response:",
         "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - = , . ? !",
         "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
-        "<|im_start|>system user assistant<|im_end|>",
     ]
+    for t in TEMPLATES.values():  # so that template scaffolding becomes few tokens
+        filled = t.prompt_with_input.format(instruction="x", input="y") + t.prompt_no_input.format(instruction="x")
+        lines.extend([filled] * 20)
     data_dir = Path(__file__).resolve().parents[1] / "demo" / "data"
     for file in sorted(data_dir.glob("*.jsonl")) if data_dir.is_dir() else []:
         for line in file.read_text().splitlines():
@@ -48,10 +53,13 @@ def build_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, special_tokens=SPECIALS + CHAT_MARKERS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=CHAT_MARKERS,
+    )
 
 
 def _config(arch: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, inter: int, tie: bool, tokenizer):
@@ -84,9 +92,11 @@ def write_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 172,
-    vocab_size: int = 512,
+    vocab_size: int = 1024,
     tie_word_embeddings: bool = False,
     overwrite: bool = False,
+    embed_std: float = 1.0,
+    head_std: float = 0.25,
 ) -> Path:
     """Write config.json, model.safetensors and the tokenizer to out_dir; return it."""
     from transformers import AutoModelForCausalLM
@@ -112,8 +122,11 @@ def write_tiny_model(
         for name, param in sorted(model.named_parameters()):
             if "norm" in name:
                 param.fill_(1.0)
-            else:
+            elif param.dim() == 1:  # biases
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+            else:
+                std = embed_std if "embed_tokens" in name else head_std if "lm_head" in name else param.shape[1] ** -0.5
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
