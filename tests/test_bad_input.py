@@ -24,7 +24,7 @@ def mlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def base_run(tmp_path: Path, model: Path, dataset: Path, **job) -> dict:
     return {
         "model": {"path": str(model), "device": "cpu"},
-        "defaults": {"cutoff_len": 32, "max_steps": 2},
+        "defaults": {"template": "plain", "cutoff_len": 32, "max_steps": 2},
         "jobs": [{"name": "j", "dataset": str(dataset), **job}],
         "run": {"output_dir": str(tmp_path / "out")},
     }

@@ -26,7 +26,7 @@ def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_models, d
     model_dir = tiny_models[arch]
     raw = {
         "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "defaults": {"cutoff_len": 32, "max_steps": 3, "learning_rate": 2e-2},
+        "defaults": {"template": "plain", "cutoff_len": 32, "max_steps": 3, "learning_rate": 2e-2},
         "jobs": [
             {"name": "all", "dataset": str(datasets["copy"]), "lora_r": 4, "target_modules": "all", "use_rslora": True},
             {"name": "qv", "dataset": str(datasets["reverse"]), "lora_r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
@@ -82,7 +82,7 @@ def test_init_from_continues_a_peft_adapter(tmp_path, tiny_models, datasets):
 
     raw = {
         "model": {"path": str(model_dir), "device": "cpu"},
-        "jobs": [{"name": "cont", "dataset": str(datasets["copy"]), "lora_r": 4, "lora_alpha": 8,
+        "jobs": [{"name": "cont", "dataset": str(datasets["copy"]), "template": "plain", "lora_r": 4, "lora_alpha": 8,
                   "init_from": str(start), "max_steps": 1, "learning_rate": 1e-9, "optimizer": "sgd"}],
         "run": {"output_dir": str(tmp_path / "out")},
     }

@@ -31,6 +31,7 @@ JOBS = [
      "lr_scheduler": "cosine", "lora_dropout": 0.1},
     {"name": "count", "dataset": "count", "lora_r": 2, "target_modules": ["down_proj", "up_proj"], "micro_batch_size": 1,
      "gradient_accumulation_steps": 3, "optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.05},
+    # (AdamW turns gradient rounding noise into updates of up to ~lr, so lr stays small for 1e-5)
     {"name": "copy2", "dataset": "copy", "lora_r": 16, "lora_alpha": 8, "target_modules": ["o_proj", "k_proj"], "micro_batch_size": 4,
      "max_grad_norm": 0.02, "seed": 9},
 ]
@@ -45,7 +46,7 @@ def free_port() -> int:
 def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, max_steps: int = 4, **run) -> Path:
     raw = {
         "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
-        "defaults": {"cutoff_len": 32, "max_steps": max_steps, "learning_rate": 1e-2, "seed": 5},
+        "defaults": {"template": "plain", "cutoff_len": 32, "max_steps": max_steps, "learning_rate": 2e-3, "seed": 5},
         "jobs": [{**j, "dataset": str(datasets[j["dataset"]])} for j in JOBS],
         "run": {"output_dir": str(tmp_path / out), **run},
     }

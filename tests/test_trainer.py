@@ -30,7 +30,7 @@ def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], jobs: list[
     resolved = [{**j, "dataset": str(datasets[j["dataset"]])} for j in jobs]
     raw = {
         "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
-        "defaults": {"cutoff_len": 32, "max_steps": 4, "seed": 3},
+        "defaults": {"template": "plain", "cutoff_len": 32, "max_steps": 4, "seed": 3},
         "jobs": resolved,
         "run": {"output_dir": str(tmp_path / out), **run},
     }
