@@ -1,0 +1,84 @@
+"""Profile mlora's fused training step on one GPU: where the time of a step goes.
+
+    python bench/e2e/profile_step.py --shape 1.1b --backend torch
+
+Prints the step time (median of timed steps) and the torch.profiler table of the top
+CUDA kernels and CPU ops, so that a slow step can be traced to its cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.e2e.bench_e2e import SHAPES, Example, build_model  # noqa: E402
+from mlora.config.schema import ALL_TARGET_MODULES  # noqa: E402
+from mlora.jobs import JobOptimizer, PendingMicro  # noqa: E402
+from mlora.config import JobSpec  # noqa: E402
+from mlora.model.loss import job_loss_sums  # noqa: E402
+from mlora.model.stage import stage_from_model  # noqa: E402
+from mlora.runtime.batch import collate  # noqa: E402
+from mlora.runtime.trainer import make_adapter  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = build_model(args.shape, device, torch.bfloat16, 32000)
+    stage = stage_from_model(model)
+    stage.routing.backend = args.backend
+    opts = []
+    micros, examples = [], []
+    for j in range(args.jobs):
+        spec = JobSpec(name=f"job{j}", dataset="-", lora_r=16, lora_alpha=32, target_modules=ALL_TARGET_MODULES, seed=j)
+        adapter = make_adapter(spec, stage, device)
+        stage.routing.adapters[spec.name] = adapter
+        opts.append(JobOptimizer(spec, adapter, 100))
+        ids = torch.randint(3, 32000, (args.micro, args.seq))
+        micros.append(PendingMicro(spec.name, 0, 0, True, tuple(range(args.micro))))
+        examples.append([Example(r.tolist(), [-100] + r.tolist()[1:]) for r in ids])
+    inv = torch.full((args.jobs,), 1.0 / (args.micro * (args.seq - 1)), device=device)
+
+    def step() -> None:
+        batch = collate(micros, examples, list(range(args.jobs)), 0, device)
+        hidden = stage(batch.input_ids, batch.layout)
+        (job_loss_sums(stage.lm_head, hidden, batch.targets) * inv).sum().backward()
+        for opt in opts:
+            opt.step(opt.grad_sq_norm().sqrt())
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    ms = 1000 * statistics.median(times)
+    tokens = args.jobs * args.micro * args.seq
+    print(f"{args.shape} backend={args.backend}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
