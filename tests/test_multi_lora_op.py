@@ -48,14 +48,15 @@ def random_case(seed: int, with_bias: bool, with_dropout: bool):
     return x, w, b, a_list, b_list, scales, segments, dropout, masks
 
 
+@pytest.mark.parametrize("backend", ["loop", "torch"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("with_dropout", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_forward_and_gradients_match_naive_loop(seed, with_bias, with_dropout):
+def test_forward_and_gradients_match_naive_loop(seed, with_bias, with_dropout, backend):
     x, w, b, a_list, b_list, scales, segments, dropout, masks = random_case(seed, with_bias, with_dropout)
     leaves = [t.clone().requires_grad_(True) for t in (x, *a_list, *b_list)]
     lx, la, lb = leaves[0], leaves[1:5], leaves[5:9]
-    y = multi_lora_linear(lx, w, b, la, lb, scales, segments, dropout=dropout, dropout_masks=masks, backend="torch")
+    y = multi_lora_linear(lx, w, b, la, lb, scales, segments, dropout=dropout, dropout_masks=masks, backend=backend)
     ref_leaves = [t.clone().requires_grad_(True) for t in (x, *a_list, *b_list)]
     rx, ra, rb = ref_leaves[0], ref_leaves[1:5], ref_leaves[5:9]
     y_ref = naive(rx, w, b, ra, rb, scales, segments, dropout, masks)
@@ -71,14 +72,15 @@ def test_forward_and_gradients_match_naive_loop(seed, with_bias, with_dropout):
         assert torch.count_nonzero(grads[1 + slot]) == 0
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_gradcheck(backend):
     x, w, b, a_list, b_list, scales, segments, dropout, masks = random_case(5, True, True)
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, a_list[0], a_list[2], b_list[0], b_list[2]))
 
     def f(x, a0, a2, b0, b2):
         a = [a0, a_list[1], a2, a_list[3]]
         bb = [b0, b_list[1], b2, b_list[3]]
-        return multi_lora_linear(x, w, b, a, bb, scales, segments, dropout=dropout, dropout_masks=masks, backend="torch")
+        return multi_lora_linear(x, w, b, a, bb, scales, segments, dropout=dropout, dropout_masks=masks, backend=backend)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -95,3 +97,18 @@ def test_bad_segments_are_refused(segments, message):
     x = torch.randn(10, 4)
     with pytest.raises(ValueError, match=message):
         multi_lora_linear(x, torch.randn(3, 4), None, [torch.randn(2, 4)], [torch.randn(3, 2)], [1.0], segments)
+
+
+def test_fp32_adapters_under_bf16_inputs_get_fp32_gradients():
+    """Master weights stay fp32; the math runs in x's dtype; the cache is shared."""
+    x, w, b, a_list, b_list, scales, segments, dropout, masks = random_case(3, True, False)
+    xb, wb, bb = x.to(torch.bfloat16), w.to(torch.bfloat16), b.to(torch.bfloat16)
+    a32 = [a.float().requires_grad_(True) for a in a_list]
+    b32 = [t.float().requires_grad_(True) for t in b_list]
+    cache: dict = {}
+    y = multi_lora_linear(xb, wb, bb, a32, b32, scales, segments, backend="torch", cache=cache)
+    assert y.dtype == torch.bfloat16 and len(cache) == 1
+    y.float().sum().backward()
+    ref = naive(x, w, b, a_list, b_list, scales, segments, dropout, masks)
+    assert (y.double() - ref).norm() / ref.norm() < 2e-2
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in a32 + b32)

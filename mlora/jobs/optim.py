@@ -20,12 +20,14 @@ from mlora.model.lora_linear import StageAdapter
 def build_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (default) or SGD with the job's hyper-parameters."""
     if spec.optimizer == "adamw":
+        on_gpu = bool(params) and params[0].is_cuda
         return torch.optim.AdamW(
             params,
             lr=spec.learning_rate,
             betas=(spec.adam_beta1, spec.adam_beta2),
             eps=spec.adam_epsilon,
             weight_decay=spec.weight_decay,
+            fused=on_gpu or None,  # one kernel for all of a job's tensors on CUDA
         )
     if spec.optimizer == "sgd":
         return torch.optim.SGD(params, lr=spec.learning_rate, momentum=spec.momentum, weight_decay=spec.weight_decay)
@@ -57,15 +59,16 @@ class JobOptimizer:
         if not grads:
             device = self.params[0].device if self.params else torch.device("cpu")
             return torch.zeros((), dtype=torch.float32, device=device)
-        return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        norms = torch._foreach_norm(grads)  # multi-tensor: a few kernels for hundreds of tensors
+        return torch.stack(norms).float().pow(2).sum()
 
     def step(self, total_norm: Tensor | None) -> None:
         """Clip by the whole adapter's norm, step, advance the LR schedule, clear grads."""
         if self.spec.max_grad_norm is not None and total_norm is not None:
             coef = torch.clamp(self.spec.max_grad_norm / (total_norm + 1e-6), max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef.to(p.grad.device))
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1

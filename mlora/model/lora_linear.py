@@ -48,6 +48,7 @@ class Routing:
     adapters: dict[str, "StageAdapter"] = field(default_factory=dict)
     layout: BatchLayout | None = None
     backend: str = "auto"
+    op_cache: dict = field(default_factory=dict)  # per-batch tensors the operator shares across layers
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
@@ -133,8 +134,8 @@ class MultiLoraLinear(nn.Module):
         a_list, b_list, scales, drops, segments, masks = [], [], [], [], [], []
         for slot, rows in enumerate(active):
             adapter = self.routing.adapters[rows.job]
-            a_list.append(adapter.a[self.path].to(x.dtype))
-            b_list.append(adapter.b[self.path].to(x.dtype))
+            a_list.append(adapter.a[self.path])  # fp32 masters: the operator casts
+            b_list.append(adapter.b[self.path])
             scales.append(adapter.scale)
             p = adapter.dropout if layout.training else 0.0
             drops.append(p)
@@ -143,7 +144,7 @@ class MultiLoraLinear(nn.Module):
             masks.append(self._dropout_mask(rows, layout, p, x.device) if p > 0 else None)
         y = multi_lora_linear(
             flat, self.weight, self.bias, a_list, b_list, scales, segments,
-            dropout=drops, dropout_masks=masks, backend=self.routing.backend,
+            dropout=drops, dropout_masks=masks, backend=self.routing.backend, cache=self.routing.op_cache,
         )
         return y.view(*lead, self.out_features)
 

@@ -137,11 +137,13 @@ class StageModel(nn.Module):
         position_embeddings = self.rotary_emb(hidden, position_ids)
         mask = self._eager_causal_mask(seq_len, hidden) if self.eager else None
         self.routing.layout = layout
+        self.routing.op_cache.clear()
         try:
             for layer in self.layers:
                 hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         finally:
             self.routing.layout = None
+            self.routing.op_cache.clear()
         if self.bounds.last:
             hidden = self.norm(hidden)
         return hidden

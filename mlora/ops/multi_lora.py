@@ -116,51 +116,91 @@ def _triton_available(x: Tensor) -> bool:
     return True
 
 
+BACKENDS = ("auto", "torch", "loop", "triton")
+
+
 def resolve_backend(x: Tensor, backend: str) -> str:
-    """'auto' picks Triton on CUDA when it imports, else the PyTorch path."""
+    """'auto' picks Triton on CUDA when it imports, else the dense PyTorch path.
+
+    'loop' is the plain per-segment reference above: the oracle in tests.
+    """
     if backend == "auto":
         return "triton" if _triton_available(x) else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"unknown multi-LoRA backend {backend!r}: use auto, torch or triton")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown multi-LoRA backend {backend!r}: use {', '.join(BACKENDS)}")
     return backend
 
 
 class _MultiLoraFunction(torch.autograd.Function):
+    """Adapters may be fp32 master weights under a bf16 x: they are cast for the math
+    here and their gradients cast back, so no autograd cast nodes pile up per linear."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, call, backend, *tensors):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, call, backend, cache, *tensors):  # type: ignore[override]
         n = call.n_slots
-        lora_a, lora_b = list(tensors[:n]), list(tensors[n : 2 * n])
+        param_a, param_b = tensors[:n], tensors[n : 2 * n]
+        lora_a = [a.to(x.dtype) for a in param_a]
+        lora_b = [b.to(x.dtype) for b in param_b]
         masks = _unpack_masks(call, tensors[2 * n :])
+        extra: tuple[Tensor, ...] = ()
         if backend == "triton":
             from mlora.ops import triton_multi_lora
 
             y = triton_multi_lora.forward(x, weight, bias, lora_a, lora_b, masks, call)
+        elif backend == "torch":
+            from mlora.ops import dense_multi_lora
+
+            scale = _cached_scale(cache, call, lora_a, x)
+            y, hs, mult = dense_multi_lora.forward(x, weight, bias, lora_a, lora_b, masks, call, scale)
+            extra = (scale, hs) if mult is None else (scale, hs, mult)
         else:
             y = reference_forward(x, weight, bias, lora_a, lora_b, masks, call)
-        ctx.call, ctx.backend = call, backend
-        ctx.save_for_backward(x, weight, *tensors)
+        ctx.call, ctx.backend, ctx.n_extra = call, backend, len(extra)
+        ctx.param_dtypes = [t.dtype for t in (*param_a, *param_b)]
+        ctx.save_for_backward(x, weight, *tensors, *extra)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         call: LoraCall = ctx.call
         n = call.n_slots
-        x, weight, *tensors = ctx.saved_tensors
-        lora_a, lora_b = tensors[:n], tensors[n : 2 * n]
+        x, weight, *rest = ctx.saved_tensors
+        extra = rest[len(rest) - ctx.n_extra :] if ctx.n_extra else []
+        tensors = rest[: len(rest) - ctx.n_extra]
+        lora_a = [a.to(x.dtype) for a in tensors[:n]]
+        lora_b = [b.to(x.dtype) for b in tensors[n : 2 * n]]
         masks = _unpack_masks(call, tensors[2 * n :])
         dy = dy.contiguous()
+        need_dx = ctx.needs_input_grad[0]
         if ctx.backend == "triton":
             from mlora.ops import triton_multi_lora
 
-            dx, d_a, d_b = triton_multi_lora.backward(
-                dy, x, weight, lora_a, lora_b, masks, call, ctx.needs_input_grad[0]
+            dx, d_a, d_b = triton_multi_lora.backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
+        elif ctx.backend == "torch":
+            from mlora.ops import dense_multi_lora
+
+            scale, hs, *mult = extra
+            dx, d_a, d_b = dense_multi_lora.backward(
+                dy, x, weight, lora_a, lora_b, scale, hs, mult[0] if mult else None, need_dx
             )
         else:
-            dx, d_a, d_b = reference_backward(
-                dy, x, weight, lora_a, lora_b, masks, call, ctx.needs_input_grad[0]
-            )
+            dx, d_a, d_b = reference_backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
+        grads = [g.to(dt) for g, dt in zip((*d_a, *d_b), ctx.param_dtypes)]
         n_masks = len(tensors) - 2 * n
-        return (dx, None, None, None, None, *d_a, *d_b, *([None] * n_masks))
+        return (dx, None, None, None, None, None, *grads, *([None] * n_masks))
+
+
+def _cached_scale(cache: dict | None, call: LoraCall, lora_a: Sequence[Tensor], x: Tensor) -> Tensor:
+    """The dense path's slot-scale matrix; every layer of a batch with the same jobs shares it."""
+    from mlora.ops.dense_multi_lora import slot_scale_matrix
+
+    ranks = tuple(a.shape[0] for a in lora_a)
+    key = (call.segments, call.scales, ranks, x.shape[0], x.dtype, x.device)
+    if cache is None:
+        return slot_scale_matrix(call, ranks, x.shape[0], x.dtype, x.device)
+    if key not in cache:
+        cache[key] = slot_scale_matrix(call, ranks, x.shape[0], x.dtype, x.device)
+    return cache[key]
 
 
 def _unpack_masks(call: LoraCall, mask_tensors: Sequence[Tensor]) -> list[Tensor | None]:
@@ -179,13 +219,16 @@ def multi_lora_linear(
     dropout: Sequence[float] | None = None,
     dropout_masks: Sequence[Tensor | None] | None = None,
     backend: str = "auto",
+    cache: dict | None = None,
 ) -> Tensor:
     """y = x·Wᵀ + bias + Σ_segments s·(drop(x_seg)·Aᵀ)·Bᵀ for x of shape [T, d_in].
 
     `lora_a[i]` is [r_i, d_in] and `lora_b[i]` is [d_out, r_i] (PEFT's layout); ranks
     may differ per slot. `dropout_masks[k]`, if given, is a bool [len(segment k), d_in]
     keep-mask for segment k, applied with the slot's probability as inverted dropout.
-    Tokens outside every segment get the base output only.
+    Tokens outside every segment get the base output only. Adapters may be kept in
+    another dtype (fp32 master weights); the math runs in x's dtype. `cache` (owned by
+    the caller, cleared per batch) lets layers share per-batch layout tensors.
     """
     if x.dim() != 2:
         raise ValueError(f"multi_lora_linear takes x of shape [T, d_in], got {tuple(x.shape)}")
@@ -204,4 +247,4 @@ def multi_lora_linear(
     call.validate(x.shape[0])
     chosen = resolve_backend(x, backend)
     mask_tensors = [m for m in masks if m is not None]
-    return _MultiLoraFunction.apply(x, weight, bias, call, chosen, *lora_a, *lora_b, *mask_tensors)
+    return _MultiLoraFunction.apply(x, weight, bias, call, chosen, cache, *lora_a, *lora_b, *mask_tensors)
