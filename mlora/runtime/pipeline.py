@@ -110,6 +110,10 @@ class Driver:
         for job in spec.jobs:
             check_init_adapter(job, spec.source)
         self.jobs: dict[str, JobState] = {s.name: s for s in build_job_states(spec, tokenizer, plan_steps)}
+        no_eval = [j.name for j in self.jobs.values() if j.eval]
+        if no_eval:
+            print(f"mlora: pipeline runs do not evaluate yet; eval split of {', '.join(no_eval)} is held out but unused",
+                  file=sys.stderr, flush=True)
         self.bounds, self.split_text = split_model(spec, n_stages)
         self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
         self.resume = resume
