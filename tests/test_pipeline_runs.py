@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mlora.config import load_run_file
@@ -51,6 +52,21 @@ def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, m
         "run": {"output_dir": str(tmp_path / out), **run},
     }
     return write_run(tmp_path / f"{out}.yaml", raw)
+
+
+def kill_everything_running(arg: str) -> None:
+    """SIGKILL every process whose command line holds `arg` (torchrun puts workers in their own sessions)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if arg.encode() in cmdline:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def torchrun(n: int, run: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -108,3 +124,44 @@ def test_a_killed_rank_stops_every_rank_with_an_error(tmp_path, tiny_models, dat
         assert procs[rank].returncode != 0
         assert "rank 1 (stage 1)" in err, err[-2000:]
     assert time.time() - killed_at < timeout_s + 30
+
+
+def test_pipeline_resume_after_a_crash_ends_with_the_uninterrupted_adapters(tmp_path, tiny_models, datasets):
+    """Crash a 2-stage run mid-way, resume it: same adapters as the same run uninterrupted."""
+    steps = 120
+
+    def with_checkpoints(out: str) -> Path:
+        run = run_file(tmp_path, tiny_models["llama"], datasets, out, max_steps=steps, pipeline_timeout_s=10)
+        raw = yaml.safe_load(run.read_text())
+        raw["defaults"]["save_steps"] = 3
+        run.write_text(yaml.safe_dump(raw))
+        return run
+
+    full = torchrun(2, with_checkpoints("full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = with_checkpoints("crash")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "mlora", "train", str(run), "--plain"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = tmp_path / "crash"
+
+    def ready() -> bool:
+        files = ("state.json", "stage0.pt", "stage1.pt")
+        return all((out / j["name"] / "checkpoints" / "step-000006" / f).is_file() for j in JOBS for f in files)
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.05)
+    kill_everything_running(str(run))  # the launcher and its workers die at once, mid-run
+    proc.wait()
+    assert ready(), "no complete checkpoint before the crash"
+    assert not (out / "trace.json").exists(), "the run ended before the crash: nothing to resume"
+    resumed = torchrun(2, run, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for job in JOBS:
+        a = load_file(str(tmp_path / "full" / job["name"] / "adapter_model.safetensors"))
+        b = load_file(str(out / job["name"] / "adapter_model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, j=job["name"], k=key: f"{j} {k}: {m}")
+    rows = [json.loads(x) for x in (out / "copy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))
