@@ -50,12 +50,17 @@ def dropout_multiplier(call: LoraCall, masks: Sequence[Tensor | None], x: Tensor
     return mult
 
 
+def concat(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A_cat [Σr, d_in] and B_cat [d_out, Σr] in the compute dtype: two copies, any number of slots."""
+    return torch.cat(list(lora_a), dim=0).to(dtype), torch.cat(list(lora_b), dim=1).to(dtype)
+
+
 def forward(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Sequence[Tensor],
-    lora_b: Sequence[Tensor],
+    a_cat: Tensor,
+    b_cat: Tensor,
     masks: Sequence[Tensor | None],
     call: LoraCall,
     scale: Tensor,
@@ -63,8 +68,6 @@ def forward(
     """y, and what backward needs: Hs [T, Σr] and the dropout multiplier."""
     mult = dropout_multiplier(call, masks, x)
     xd = x if mult is None else x * mult
-    a_cat = torch.cat(list(lora_a), dim=0)
-    b_cat = torch.cat(list(lora_b), dim=1)
     hs = (xd @ a_cat.t()) * scale
     y = torch.nn.functional.linear(x, weight, bias)
     y.addmm_(hs, b_cat.t())
@@ -75,19 +78,20 @@ def backward(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
-    lora_a: Sequence[Tensor],
-    lora_b: Sequence[Tensor],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    ranks: Sequence[int],
     scale: Tensor,
     hs: Tensor,
     mult: Tensor | None,
     need_dx: bool,
+    grad_dtype: torch.dtype,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
-    a_cat = torch.cat(list(lora_a), dim=0)
-    b_cat = torch.cat(list(lora_b), dim=1)
+    """dx and every slot's dA, dB (views into two [Σr, ·] results, in grad_dtype)."""
     g = (dy @ b_cat) * scale
     xd = x if mult is None else x * mult
-    d_a_cat = g.t() @ xd
-    d_b_cat = dy.t() @ hs
+    d_a_cat = (g.t() @ xd).to(grad_dtype)
+    d_b_cat = (dy.t() @ hs).to(grad_dtype)
     dx = None
     if need_dx:
         dx = dy @ weight
@@ -95,5 +99,4 @@ def backward(
             dx.addmm_(g, a_cat)
         else:
             dx += (g @ a_cat) * mult
-    ranks = [a.shape[0] for a in lora_a]
-    return dx, list(d_a_cat.split(ranks, dim=0)), list(d_b_cat.split(ranks, dim=1))
+    return dx, list(d_a_cat.split(list(ranks), dim=0)), list(d_b_cat.split(list(ranks), dim=1))

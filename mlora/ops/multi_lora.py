@@ -139,62 +139,64 @@ class _MultiLoraFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, call, backend, cache, *tensors):  # type: ignore[override]
         n = call.n_slots
         param_a, param_b = tensors[:n], tensors[n : 2 * n]
+        masks = _unpack_masks(call, tensors[2 * n :])
+        ctx.call, ctx.backend = call, backend
+        ctx.param_dtypes = [t.dtype for t in (*param_a, *param_b)]
+        ctx.ranks = [a.shape[0] for a in param_a]
+        if backend == "torch":
+            from mlora.ops import dense_multi_lora
+
+            scale = _cached_scale(cache, call, ctx.ranks, x)
+            a_cat, b_cat = dense_multi_lora.concat(param_a, param_b, x.dtype)
+            y, hs, mult = dense_multi_lora.forward(x, weight, bias, a_cat, b_cat, masks, call, scale)
+            ctx.has_mult = mult is not None
+            ctx.save_for_backward(x, weight, a_cat, b_cat, scale, hs, *([mult] if mult is not None else []))
+            return y
         lora_a = [a.to(x.dtype) for a in param_a]
         lora_b = [b.to(x.dtype) for b in param_b]
-        masks = _unpack_masks(call, tensors[2 * n :])
-        extra: tuple[Tensor, ...] = ()
         if backend == "triton":
             from mlora.ops import triton_multi_lora
 
             y = triton_multi_lora.forward(x, weight, bias, lora_a, lora_b, masks, call)
-        elif backend == "torch":
-            from mlora.ops import dense_multi_lora
-
-            scale = _cached_scale(cache, call, lora_a, x)
-            y, hs, mult = dense_multi_lora.forward(x, weight, bias, lora_a, lora_b, masks, call, scale)
-            extra = (scale, hs) if mult is None else (scale, hs, mult)
         else:
             y = reference_forward(x, weight, bias, lora_a, lora_b, masks, call)
-        ctx.call, ctx.backend, ctx.n_extra = call, backend, len(extra)
-        ctx.param_dtypes = [t.dtype for t in (*param_a, *param_b)]
-        ctx.save_for_backward(x, weight, *tensors, *extra)
+        ctx.save_for_backward(x, weight, *tensors)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         call: LoraCall = ctx.call
         n = call.n_slots
-        x, weight, *rest = ctx.saved_tensors
-        extra = rest[len(rest) - ctx.n_extra :] if ctx.n_extra else []
-        tensors = rest[: len(rest) - ctx.n_extra]
+        dy = dy.contiguous()
+        need_dx = ctx.needs_input_grad[0]
+        n_masks = sum(call.has_masks)
+        if ctx.backend == "torch":
+            from mlora.ops import dense_multi_lora
+
+            x, weight, a_cat, b_cat, scale, hs, *mult = ctx.saved_tensors
+            dx, d_a, d_b = dense_multi_lora.backward(
+                dy, x, weight, a_cat, b_cat, ctx.ranks, scale, hs, mult[0] if mult else None, need_dx, ctx.param_dtypes[0]
+            )
+            return (dx, None, None, None, None, None, *d_a, *d_b, *([None] * n_masks))
+        x, weight, *tensors = ctx.saved_tensors
         lora_a = [a.to(x.dtype) for a in tensors[:n]]
         lora_b = [b.to(x.dtype) for b in tensors[n : 2 * n]]
         masks = _unpack_masks(call, tensors[2 * n :])
-        dy = dy.contiguous()
-        need_dx = ctx.needs_input_grad[0]
         if ctx.backend == "triton":
             from mlora.ops import triton_multi_lora
 
             dx, d_a, d_b = triton_multi_lora.backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
-        elif ctx.backend == "torch":
-            from mlora.ops import dense_multi_lora
-
-            scale, hs, *mult = extra
-            dx, d_a, d_b = dense_multi_lora.backward(
-                dy, x, weight, lora_a, lora_b, scale, hs, mult[0] if mult else None, need_dx
-            )
         else:
             dx, d_a, d_b = reference_backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
         grads = [g.to(dt) for g, dt in zip((*d_a, *d_b), ctx.param_dtypes)]
-        n_masks = len(tensors) - 2 * n
         return (dx, None, None, None, None, None, *grads, *([None] * n_masks))
 
 
-def _cached_scale(cache: dict | None, call: LoraCall, lora_a: Sequence[Tensor], x: Tensor) -> Tensor:
+def _cached_scale(cache: dict | None, call: LoraCall, ranks_list: Sequence[int], x: Tensor) -> Tensor:
     """The dense path's slot-scale matrix; every layer of a batch with the same jobs shares it."""
     from mlora.ops.dense_multi_lora import slot_scale_matrix
 
-    ranks = tuple(a.shape[0] for a in lora_a)
+    ranks = tuple(ranks_list)
     key = (call.segments, call.scales, ranks, x.shape[0], x.dtype, x.device)
     if cache is None:
         return slot_scale_matrix(call, ranks, x.shape[0], x.dtype, x.device)
