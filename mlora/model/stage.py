@@ -173,12 +173,7 @@ def load_stage(
     torch_dtype, device = DTYPES[dtype], torch.device(device)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    parts: dict[str, nn.Module] = {layer_prefix(i): skeleton.model.layers[i] for i in range(bounds.start, bounds.end)}
-    if bounds.first:
-        parts[EMBED] = skeleton.model.embed_tokens
-    if bounds.last:
-        parts[NORM] = skeleton.model.norm
-        parts[HEAD] = skeleton.lm_head
+    parts = _stage_parts(skeleton, bounds)
     index = _tensor_index(folder)
     for prefix, module in parts.items():
         wanted = [f"{prefix}.{name}" for name in module.state_dict()]
@@ -190,6 +185,17 @@ def load_stage(
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
     return _assemble(skeleton, config, bounds, parts, device)
+
+
+def _stage_parts(model: nn.Module, bounds: StageBounds) -> dict[str, nn.Module]:
+    """The model's modules a stage holds, by state-dict prefix."""
+    parts: dict[str, nn.Module] = {layer_prefix(i): model.model.layers[i] for i in range(bounds.start, bounds.end)}
+    if bounds.first:
+        parts[EMBED] = model.model.embed_tokens
+    if bounds.last:
+        parts[NORM] = model.model.norm
+        parts[HEAD] = model.lm_head
+    return parts
 
 
 def _assemble(
@@ -211,12 +217,7 @@ def stage_from_model(model: nn.Module, bounds: StageBounds | None = None) -> Sta
     config = model.config
     n_layers = config.num_hidden_layers
     bounds = bounds or StageBounds(0, n_layers, True, True)
-    parts: dict[str, nn.Module] = {layer_prefix(i): model.model.layers[i] for i in range(bounds.start, bounds.end)}
-    if bounds.first:
-        parts[EMBED] = model.model.embed_tokens
-    if bounds.last:
-        parts[NORM] = model.model.norm
-        parts[HEAD] = model.lm_head
+    parts = _stage_parts(model, bounds)
     for module in parts.values():
         module.requires_grad_(False)
     device = next(model.parameters()).device
