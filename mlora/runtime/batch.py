@@ -20,6 +20,7 @@ class FusedBatch:
 
     input_ids: Tensor  # [B, L]
     targets: Targets  # where the loss is taken, and on which token
+    loss_weights: Tensor  # [n micro-batches]: 1 / target tokens of the job's step
     layout: BatchLayout
     micros: list[PendingMicro]
     tokens: list[int]  # real (unpadded) input tokens per micro-batch
@@ -50,8 +51,13 @@ def collate(
     pad_id: int,
     device: torch.device,
     training: bool = True,
+    loss_weights: Sequence[float] | None = None,
 ) -> FusedBatch:
-    """examples[k] are micro-batch k's Example objects (input_ids, labels)."""
+    """examples[k] are micro-batch k's Example objects (input_ids, labels).
+
+    Everything the step needs on the device is built here and copied from pinned
+    memory without blocking: a copy from pageable memory would wait for the GPU.
+    """
     lengths = [[len(e.input_ids) for e in exs] for exs in examples]
     layout = make_layout(micros, lengths, seeds, training)
     ids = torch.full((layout.rows, layout.seq_len), pad_id, dtype=torch.long)
@@ -65,11 +71,13 @@ def collate(
             row_slot[row] = k
             row += 1
     targets = Targets.from_labels(labels, row_slot, len(micros))
-    if device.type == "cuda":  # pinned host memory: the copies do not block the host
-        ids, targets = ids.pin_memory(), targets.pin_memory()
+    weights = torch.tensor(list(loss_weights) if loss_weights is not None else [1.0] * len(micros), dtype=torch.float32)
+    if device.type == "cuda":
+        ids, targets, weights = ids.pin_memory(), targets.pin_memory(), weights.pin_memory()
     return FusedBatch(
         input_ids=ids.to(device, non_blocking=True),
         targets=targets.to(device, non_blocking=True),
+        loss_weights=weights.to(device, non_blocking=True),
         layout=layout,
         micros=list(micros),
         tokens=[sum(ls) for ls in lengths],

@@ -50,6 +50,7 @@ class StageState:
     losses: dict[int, Tensor] = field(default_factory=dict)  # last stage: weighted per-slice losses
     grads: dict[int, Tensor] = field(default_factory=dict)  # received output gradients
     targets: dict[int, Targets] = field(default_factory=dict)  # last stage: loss positions
+    weights: dict[int, Tensor] = field(default_factory=dict)  # last stage: per-slice loss weights
     up_notes: dict[int, list[Note]] = field(default_factory=dict)  # to send upstream with mb's grad
     down_notes: list[Note] = field(default_factory=list)  # to send downstream with the next activation
 
@@ -138,7 +139,7 @@ class StageWorker:
         if self.last:
             targets = self.state.targets.pop(action.mb)
             sums = job_loss_sums(self.stage.lm_head, hidden, targets)
-            weighted = sums * torch.tensor(plan.inv_targets, device=sums.device)
+            weighted = sums * self.state.weights.pop(action.mb)
             self.state.losses[action.mb] = weighted
             values = weighted.detach().tolist()
             notes = []
@@ -217,6 +218,10 @@ class StageWorker:
         if self.last:  # rank 0 sends the targets just before the activations
             assert self.targets_of is not None
             self.state.targets[action.mb] = self.targets_of(action.mb)
+            device = self.state.targets[action.mb].index.device
+            weights = torch.tensor(self.plans[action.mb].inv_targets, dtype=torch.float32)
+            weights = weights.pin_memory() if device.type == "cuda" else weights
+            self.state.weights[action.mb] = weights.to(device, non_blocking=True)
         x, notes = self.transport.recv(self.index - 1, action.mb, f"activations of micro-batch {action.mb}")
         assert x is not None
         self._absorb_down(notes)

@@ -245,22 +245,21 @@ class Trainer:
         ]
         chosen = [pending[i] for i in plan_fused_batch(candidates, self.spec.run.max_tokens_per_batch, turn)]
         jobs = [self.jobs[m.job] for m in chosen]
+        # Each job's loss is the mean over its whole step's target tokens, so every
+        # micro-batch's token-loss sum is divided by that step's count.
         batch = collate(
             chosen,
             [[j.train[i] for i in m.examples] for j, m in zip(jobs, chosen)],
             [j.spec.seed for j in jobs],
             self.pad_id,
             self.device,
+            loss_weights=[1.0 / j.step_targets(m.step) for j, m in zip(jobs, chosen)],
         )
-        # Each job's loss is the mean over its whole step's target tokens, so every
-        # micro-batch's token-loss sum is divided by that step's count.
-        inv_targets = torch.tensor([1.0 / j.step_targets(m.step) for j, m in zip(jobs, chosen)], device=self.device)
         hidden = self.stage(batch.input_ids, batch.layout)
-        sums = job_loss_sums(self.stage.lm_head, hidden, batch.targets)
-        per_job = sums * inv_targets
+        per_job = job_loss_sums(self.stage.lm_head, hidden, batch.targets) * batch.loss_weights
         per_job.sum().backward()
         per_job = per_job.detach()
-        for k, (job, micro) in enumerate(zip(jobs, chosen)):
+        for k, job in enumerate(jobs):
             job.loss_sum = job.loss_sum + per_job[k]
             if job.micro_done(batch.tokens[k]):
                 self._finish_step(job)
