@@ -68,12 +68,39 @@ def test_eval_split_and_order_are_deterministic(tmp_path, tokenizer):
     assert sorted(a.epoch_order(3)) == list(range(40))
     other_seed = JobData.build(path, "auto", "plain", tokenizer, 64, 0.2, 8)
     assert [e.input_ids for e in other_seed.eval] != [e.input_ids for e in a.eval]
+    assert other_seed.epoch_order(0) != a.epoch_order(0)
+    assert len(JobData.build(path, "auto", "plain", tokenizer, 64, 0, 7).eval) == 0
+    assert len(JobData.build(path, "auto", "plain", tokenizer, 64, 500, 7).train) == 1  # one always trains
+    train_ids = {tuple(e.input_ids) for e in a.train}
+    assert not train_ids & {tuple(e.input_ids) for e in a.eval} and len(train_ids) == 40
 
 
-def test_json_list_format(tmp_path, tokenizer):
+def test_micro_batches_follow_the_epoch_order(tmp_path, tokenizer):
+    rows = [{"instruction": "n", "input": str(i), "output": str(i)} for i in range(23)]
+    data = JobData.build(write(tmp_path / "d.jsonl", rows), "auto", "plain", tokenizer, 64, 0, 3)
+    batches = data.micro_batches(2, 5)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]  # the short last batch is kept
+    assert [i for b in batches for i in b] == data.epoch_order(2)
+    assert data.micro_batches(2, 5) == batches != data.micro_batches(3, 5)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        data.micro_batches(0, 0)
+
+
+def test_json_list_format_and_byte_order_mark(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     assert load_records(path) == [{"instruction": "a", "output": "b"}]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"instruction": "a", "output": "b"}).encode() + b"\n\n")
+    assert load_records(bom, "alpaca") == [{"instruction": "a", "output": "b"}]
+
+
+def test_demo_data_loads_in_its_formats():
+    from mlora.demo.tasks import DATA_DIR
+
+    for path in sorted(DATA_DIR.glob("*.jsonl")):
+        records = load_records(path)
+        assert len(records) == 400 and ("messages" in records[0]) == path.name.endswith("_chat.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -87,14 +114,29 @@ def test_json_list_format(tmp_path, tokenizer):
         ("other.jsonl", '{"text": "x"}\n', "other.jsonl: line 1: neither Alpaca"),
         ("list.json", '{"instruction": "a"}', "list.json: a .json dataset must be a list"),
         ("type.jsonl", '{"instruction": "a", "output": 3}\n', "type.jsonl: line 1: `output` must be a string"),
+        ("late.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n', "late.jsonl: line 3: lacks `output`"),
+        ("bad.json", '[{"instruction": "a",\n "output": }]', "bad.json: not valid JSON (line 2)"),
+        ("rec.json", '[{"instruction": "a", "output": "b"}, {"output": "c"}]', "rec.json: record 2: lacks `instruction`"),
+        ("nomsg.jsonl", '{"messages": []}\n', "nomsg.jsonl: line 1: `messages` must be a non-empty list"),
+        ("norole.jsonl", '{"messages": [{"content": "x"}]}\n', "norole.jsonl: line 1: messages[0] needs `role`"),
+        ("absent.jsonl", None, "absent.jsonl: file not found"),
     ],
 )
 def test_broken_datasets_name_file_and_line(tmp_path, name, content, message):
     path = tmp_path / name
-    path.write_text(content)
+    if content is not None:
+        path.write_text(content)
     with pytest.raises(DataError) as info:
         load_records(path)
-    assert message in str(info.value)
+    assert message in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_format_given_explicitly_is_checked(tmp_path):
+    path = write(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(DataError, match="d.jsonl: line 1: `messages` must be a non-empty list"):
+        load_records(path, "messages")
+    with pytest.raises(DataError, match="unknown dataset format 'csv'"):
+        load_records(path, "csv")
 
 
 def test_render_marks_only_responses(tmp_path):
@@ -108,3 +150,28 @@ def test_no_trained_token_gives_none(tokenizer):
     from mlora.data import Piece
 
     assert tokenize_pieces(tokenizer, [Piece("only a prompt", False)], 64) is None
+
+
+def test_tokenize_pieces_exact_layout(tokenizer):
+    from mlora.data import Piece
+
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pieces = [Piece("Add the numbers.\n12+30\n", False), Piece("42", True)]
+    ex = tokenize_pieces(tokenizer, pieces, 64)
+    prompt, answer = ids(pieces[0].text), ids("42") + [tokenizer.eos_token_id]
+    assert ex.input_ids == [tokenizer.bos_token_id, *prompt, *answer]
+    assert ex.labels == [-100] * (1 + len(prompt)) + answer
+    no_bos = tokenize_pieces(tokenizer, pieces, 64, add_bos=False)
+    assert no_bos.input_ids == ex.input_ids[1:] and no_bos.labels == ex.labels[1:]
+    cut = tokenize_pieces(tokenizer, pieces, len(ex.input_ids) - 1)
+    assert cut.input_ids == ex.input_ids[:-1] and tokenizer.eos_token_id not in cut.input_ids  # cut from the end
+
+
+def test_chat_render_pieces():
+    record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    pieces = render(record, "chatml")
+    assert [(p.text, p.train) for p in pieces] == [
+        ("<|im_start|>system\ns<|im_end|>\n", False), ("<|im_start|>user\nu<|im_end|>\n", False),
+        ("<|im_start|>assistant\n", False), ("a<|im_end|>\n", True),
+    ]
+    assert [p.text for p in render({"instruction": "i", "output": "o"}, "plain")] == ["i\n", "o"]

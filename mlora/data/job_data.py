@@ -16,8 +16,11 @@ from mlora.data.templates import render
 from mlora.data.tokenize import Example, tokenize_pieces
 
 
-def split_sizes(n: int, eval_split: float) -> int:
-    """How many records go to eval: a fraction in (0, 1) or a whole number."""
+def split_sizes(n: int, eval_split: float | int) -> int:
+    """How many of n records go to eval: a fraction in (0, 1) or a count; 0 → none.
+
+    At least one record stays for training, so a large split is capped at n - 1.
+    """
     if eval_split <= 0:
         return 0
     count = int(eval_split) if eval_split >= 1 else max(1, round(n * eval_split))
@@ -26,6 +29,8 @@ def split_sizes(n: int, eval_split: float) -> int:
 
 @dataclass(frozen=True)
 class JobData:
+    """A job's examples after templating, tokenisation, cutoff and the eval split."""
+
     train: list[Example]
     eval: list[Example]
     dropped: int  # examples with no trained token left after cutoff_len
@@ -39,9 +44,10 @@ class JobData:
         template: str,
         tokenizer: Any,
         cutoff_len: int,
-        eval_split: float,
+        eval_split: float | int,
         seed: int,
     ) -> "JobData":
+        """Read, render, tokenise and split; the split is over records, fixed by `seed`."""
         records = load_records(Path(path), fmt)
         n_eval = split_sizes(len(records), eval_split)
         order = list(range(len(records)))
@@ -66,3 +72,10 @@ class JobData:
         order = list(range(len(self.train)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
+
+    def micro_batches(self, epoch: int, micro_batch_size: int) -> list[list[int]]:
+        """The epoch's order cut into micro-batches of train indices; the last may be short."""
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1, not {micro_batch_size}")
+        order = self.epoch_order(epoch)
+        return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]

@@ -19,6 +19,7 @@ class DataError(ValueError):
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
+    """`messages`, `alpaca` (either of its keys, so a missing one is reported by name), or None."""
     if "messages" in record:
         return "messages"
     if "instruction" in record or "output" in record:
@@ -30,7 +31,7 @@ def _read_lines(path: Path) -> list[tuple[int, Any]]:
     """(line number, parsed object) for a .jsonl, or (index + 1, item) for a .json list."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     if path.suffix == ".json":
         try:
             data = json.loads(text)

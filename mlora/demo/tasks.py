@@ -18,6 +18,7 @@ WORDS = (
 ).split()
 
 Record = dict[str, str]
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def reverse(rng: random.Random) -> Record:
@@ -65,4 +66,4 @@ def write_all(folder: Path, n: int = 400) -> None:
 
 
 if __name__ == "__main__":
-    write_all(Path(__file__).resolve().parent / "data")
+    write_all(DATA_DIR)
