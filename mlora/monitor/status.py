@@ -1,11 +1,17 @@
-"""`mlora status OUTPUT`: the per-job table of a run, during or after it."""
+"""`mlora status OUTPUT`: the per-job table of a run, during or after it.
+
+The trainer saves run_summary.json on state changes only, so while a run goes on the
+newest facts are in each job's metrics.jsonl; `load_summary` merges the two.
+"""
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
+from typing import Any
 
-from mlora.monitor.summary import RunSummary
+from mlora.monitor.metrics import METRICS_FILE, tail_metrics
+from mlora.monitor.summary import JobRecord, RunSummary
 from mlora.monitor.table import fmt_s, plain_table
 
 SUMMARY = "run_summary.json"
@@ -15,32 +21,74 @@ class NotARunError(ValueError):
     """The folder is not an mlora run's output."""
 
 
-def load_summary(output_dir: Path) -> RunSummary:
-    path = Path(output_dir) / SUMMARY
+def _read_summary(output_dir: Path) -> RunSummary:
+    path = output_dir / SUMMARY
+    if not output_dir.is_dir():
+        raise NotARunError(f"{output_dir}: no such folder")
     if not path.is_file():
         raise NotARunError(f"{output_dir}: not an mlora run folder (no {SUMMARY})")
-    summary = RunSummary.load(path)
-    for name, job in summary.jobs.items():  # a running job may be ahead of the summary
-        metrics = Path(output_dir) / name / "metrics.jsonl"
-        if job.state == "running" and metrics.is_file():
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            train = [r for r in rows if r.get("kind") == "train"]
-            if train and train[-1]["step"] > job.steps:
-                last = train[-1]
-                job.steps, job.tokens, job.last_loss, job.last_time = last["step"], last["tokens"], last["loss"], last["time"]
+    try:
+        return RunSummary.load(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NotARunError(f"{path}: not a readable mlora run summary ({type(exc).__name__}: {exc})") from exc
+
+
+def _merge_metrics(job: JobRecord, rows: list[dict[str, Any]]) -> None:
+    """Bring a job that is not done up to its newest metrics rows."""
+    train = [r for r in rows if r.get("kind") == "train" and isinstance(r.get("step"), int)]
+    evals = [r for r in rows if r.get("kind") == "eval" and r.get("eval_loss") is not None]
+    if train and train[-1]["step"] >= job.steps:
+        last = train[-1]
+        if job.state == "queued":  # started after the summary was last saved
+            job.state = "running"
+            if last.get("time") is not None and last.get("elapsed_s") is not None:
+                job.started_at = last["time"] - last["elapsed_s"]
+        job.steps = last["step"]
+        job.tokens = last.get("tokens", job.tokens)
+        job.last_loss = last.get("loss", job.last_loss)
+        job.last_lr = last.get("lr", job.last_lr)
+        job.last_time = last.get("time", job.last_time)
+        job.step_tokens = last.get("step_tokens", job.step_tokens)
+        job.tokens_per_s = last.get("tokens_per_s", job.tokens_per_s)
+        if job.first_loss is None and train[0]["step"] == 1:
+            job.first_loss = train[0].get("loss")
+    if evals:
+        job.eval_loss = evals[-1]["eval_loss"]
+
+
+def load_summary(output_dir: Path) -> RunSummary:
+    """The run summary, with unfinished jobs updated from the tail of their metrics.jsonl."""
+    output_dir = Path(output_dir)
+    summary = _read_summary(output_dir)
+    for name, job in summary.jobs.items():
+        if job.state in ("queued", "running"):
+            _merge_metrics(job, tail_metrics(output_dir / name / METRICS_FILE))
     return summary
 
 
-def render_status(output_dir: Path) -> str:
-    summary = load_summary(output_dir)
+def _headline(summary: RunSummary, now: float) -> str:
     head = f"run {summary.name} ({summary.state}) on {summary.device}"
     if summary.n_stages > 1:
         head += f", {summary.n_stages} pipeline stages"
-    if summary.started_at and summary.finished_at:
+    if summary.started_at is not None and summary.finished_at is not None:
         head += f", took {fmt_s(summary.finished_at - summary.started_at)}"
+    elif summary.state == "running":
+        times = [j.last_time or j.started_at or j.queued_at for j in summary.jobs.values()]
+        known = [t for t in times if t is not None]
+        if known:  # a run that crashed stays "running": the age of its newest news tells
+            head += f", last update {fmt_s(max(0.0, now - max(known)))} ago"
     bubble = summary.info.get("bubble_fraction")
     if bubble is not None:
         head += f", bubble {100 * bubble:.1f}%"
+    return head
+
+
+def render_status(output_dir: Path, now: float | None = None) -> str:
+    """What `mlora status OUTPUT` prints: headline, per-job table, average completion time."""
+    summary = load_summary(output_dir)
+    now = time.time() if now is None else now
     done = [j.completion_s for j in summary.jobs.values() if j.completion_s is not None]
     foot = f"average job completion time {fmt_s(sum(done) / len(done))}" if done else ""
-    return "\n".join(x for x in (head, plain_table(summary), foot) if x)
+    failed = [f"{name}: {j.error}" for name, j in summary.jobs.items() if j.state == "failed" and j.error]
+    parts = [_headline(summary, now), plain_table(summary), foot, *(f"failed {x}" for x in failed)]
+    return "\n".join(p for p in parts if p)

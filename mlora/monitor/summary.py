@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+JOB_STATES = ("queued", "running", "finished", "failed")
+
 
 def eta_s(step: int, max_steps: int, elapsed_s: float) -> float | None:
     """Seconds left at the job's average pace so far; None before the first step."""
@@ -23,15 +25,20 @@ def eta_s(step: int, max_steps: int, elapsed_s: float) -> float | None:
 
 @dataclass
 class JobRecord:
-    state: str = "queued"  # queued | running | finished | failed
+    """One job as the monitor sees it: times, progress and results (no training state)."""
+
+    state: str = "queued"  # one of JOB_STATES
     queued_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
     steps: int = 0
     max_steps: int = 0
     tokens: int = 0
+    step_tokens: int | None = None
+    tokens_per_s: float | None = None
     first_loss: float | None = None
     last_loss: float | None = None
+    last_lr: float | None = None
     eval_loss: float | None = None
     last_time: float | None = None
     peak_memory_bytes: int | None = None
@@ -40,12 +47,14 @@ class JobRecord:
 
     @property
     def wait_s(self) -> float | None:
+        """Time spent in the queue before training began."""
         if self.started_at is None or self.queued_at is None:
             return None
         return self.started_at - self.queued_at
 
     @property
     def train_s(self) -> float | None:
+        """Time since training began: to the end once done, else to the last logged step."""
         end = self.finished_at if self.finished_at is not None else self.last_time
         if self.started_at is None or end is None:
             return None
@@ -53,29 +62,29 @@ class JobRecord:
 
     @property
     def completion_s(self) -> float | None:
-        if self.finished_at is None or self.queued_at is None:
+        """What a user waits for: from submission (queued) to the adapter being written."""
+        if self.state != "finished" or self.finished_at is None or self.queued_at is None:
             return None
         return self.finished_at - self.queued_at
 
     @property
-    def tokens_per_s(self) -> float | None:
-        t = self.train_s
-        return self.tokens / t if t else None
+    def final_loss(self) -> float | None:
+        return self.last_loss if self.state == "finished" else None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(
-            wait_s=self.wait_s, train_s=self.train_s, completion_s=self.completion_s,
-            tokens_per_s=self.tokens_per_s, final_loss=self.last_loss if self.state == "finished" else None,
-        )
+        out.update(wait_s=self.wait_s, train_s=self.train_s, completion_s=self.completion_s, final_loss=self.final_loss)
         return out
 
 
 _RECORD_FIELDS = set(JobRecord.__dataclass_fields__)
+_RUN_FIELDS = ("name", "output_dir", "device", "n_stages", "started_at", "finished_at", "state")
 
 
 @dataclass
 class RunSummary:
+    """All jobs of one run; the trainer reports events, views read it."""
+
     name: str
     output_dir: str
     device: str
@@ -89,16 +98,41 @@ class RunSummary:
     # ------------------------------------------------------------ events
     def job_queued(self, name: str, max_steps: int, t: float) -> None:
         self.jobs[name] = JobRecord(queued_at=t, max_steps=max_steps)
-        if self.started_at is None:
+        if self.started_at is None or t < self.started_at:
             self.started_at = t
 
     def job_started(self, name: str, t: float) -> None:
         job = self.jobs[name]
         job.state, job.started_at = "running", t
 
-    def job_progress(self, name: str, step: int, tokens: int, loss: float, t: float) -> None:
+    def job_progress(
+        self,
+        name: str,
+        step: int,
+        tokens: int,
+        loss: float,
+        t: float,
+        *,
+        tokens_per_s: float | None = None,
+        lr: float | None = None,
+        step_tokens: int | None = None,
+    ) -> None:
+        """A finished optimizer step. `tokens` is the job's cumulative count.
+
+        Without `tokens_per_s` the rate is tokens over the time since the job started;
+        a trainer that pauses jobs (or resumes one with earlier tokens) passes its own.
+        Without `step_tokens` it is the increase since the previous step, when that
+        step was the one logged just before.
+        """
         job = self.jobs[name]
+        if step_tokens is None and step == job.steps + 1 and job.steps > 0:
+            step_tokens = tokens - job.tokens
+        if tokens_per_s is None and job.started_at is not None and t > job.started_at:
+            tokens_per_s = tokens / (t - job.started_at)
         job.steps, job.tokens, job.last_loss, job.last_time = step, tokens, loss, t
+        job.step_tokens, job.tokens_per_s = step_tokens, tokens_per_s
+        if lr is not None:
+            job.last_lr = lr
         if job.first_loss is None:
             job.first_loss = loss
 
@@ -125,39 +159,43 @@ class RunSummary:
         self.finished_at, self.state = t, state
 
     def set_run_info(self, **info: Any) -> None:
+        """Extra run facts (pipeline bubble, memory per stage) saved under "run"."""
         self.info.update(info)
 
     # ------------------------------------------------------------- views
-    def train_row(self, name: str, *, loss: float, lr: float, t: float) -> dict[str, Any]:
-        """The metrics.jsonl row of a finished step, from the job's current record."""
+    def train_row(self, name: str, *, loss: float, lr: float, t: float, epoch: float | None = None) -> dict[str, Any]:
+        """The metrics.jsonl row of the step just reported with `job_progress`."""
         job = self.jobs[name]
         elapsed = t - job.started_at if job.started_at is not None else 0.0
         return {
-            "kind": "train", "job": name, "step": job.steps, "max_steps": job.max_steps, "loss": loss, "lr": lr,
-            "tokens": job.tokens, "tokens_per_s": job.tokens / elapsed if elapsed > 0 else None,
-            "elapsed_s": elapsed, "eta_s": eta_s(job.steps, job.max_steps, elapsed), "time": t,
+            "kind": "train", "job": name, "step": job.steps, "max_steps": job.max_steps, "epoch": epoch,
+            "loss": loss, "lr": lr, "tokens": job.tokens, "step_tokens": job.step_tokens,
+            "tokens_per_s": job.tokens_per_s, "elapsed_s": elapsed,
+            "eta_s": eta_s(job.steps, job.max_steps, elapsed), "time": t,
         }
+
+    def table_rows(self, now: float | None = None) -> list[tuple[str, ...]]:
+        """One row of display strings per job (columns: `mlora.monitor.table.COLUMNS`)."""
+        from mlora.monitor.table import table_rows  # the table module imports this one
+
+        return table_rows(self, now)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "run": {
-                "name": self.name, "output_dir": self.output_dir, "device": self.device, "n_stages": self.n_stages,
-                "started_at": self.started_at, "finished_at": self.finished_at, "state": self.state, **self.info,
-            },
-            "jobs": {name: job.to_json() for name, job in self.jobs.items()},
-        }
+        run = {k: getattr(self, k) for k in _RUN_FIELDS}
+        return {"run": {**run, **self.info}, "jobs": {name: job.to_json() for name, job in self.jobs.items()}}
 
     def save(self, path: Path) -> None:
+        """Write to a temporary file beside `path`, then replace it in one step."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "RunSummary":
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
         run = dict(raw["run"])
-        base = {k: run.pop(k) for k in ("name", "output_dir", "device", "n_stages", "started_at", "finished_at", "state")}
+        base = {k: run.pop(k) for k in _RUN_FIELDS if k in run}
         summary = cls(**base, info=run)
         for name, job in raw["jobs"].items():
             summary.jobs[name] = JobRecord(**{k: v for k, v in job.items() if k in _RECORD_FIELDS})
