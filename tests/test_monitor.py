@@ -55,7 +55,7 @@ def test_jsonl_rows_and_summary_times(tmp_path):
     assert rows[1] == {"kind": "train", "job": "a", "step": 2, "max_steps": 3, "epoch": 1.0, "loss": 3.0, "lr": 1e-3,
                        "tokens": 200, "step_tokens": 100, "tokens_per_s": 10.0, "elapsed_s": 20.0, "eta_s": 10.0,
                        "time": 120.0}
-    assert rows[0]["step_tokens"] is None  # no earlier step to count from
+    assert rows[0]["step_tokens"] == 100
     assert rows[3] == {"kind": "eval", "job": "a", "step": 3, "eval_loss": 2.5, "time": 130.0}
     assert read_metrics(tmp_path / "a" / "metrics.jsonl") == rows
 
@@ -75,11 +75,12 @@ def test_progress_rates_and_eta():
     s.job_queued("j", 10, 0.0)
     s.job_started("j", 2.0)
     s.job_progress("j", 1, 30, 1.0, 4.0)
-    assert (s.jobs["j"].tokens_per_s, s.jobs["j"].step_tokens) == (15.0, None)
+    assert (s.jobs["j"].tokens_per_s, s.jobs["j"].step_tokens) == (15.0, 30)
     s.job_progress("j", 2, 70, 0.9, 6.0, tokens_per_s=99.0)
     assert (s.jobs["j"].tokens_per_s, s.jobs["j"].step_tokens) == (99.0, 40)
     s.job_progress("j", 5, 200, 0.8, 8.0, step_tokens=7)  # a gap in steps (resume): only an explicit count
     assert s.jobs["j"].step_tokens == 7
+    assert s.train_row("j", loss=0.8, lr=3e-4, t=8.0)["step_tokens"] == 7 and s.jobs["j"].last_lr == 3e-4
     assert eta_s(0, 10, 5.0) is None and eta_s(5, 10, 5.0) == 5.0 and eta_s(12, 10, 5.0) == 0.0
 
 

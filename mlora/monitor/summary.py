@@ -125,7 +125,7 @@ class RunSummary:
         step was the one logged just before.
         """
         job = self.jobs[name]
-        if step_tokens is None and step == job.steps + 1 and job.steps > 0:
+        if step_tokens is None and step == job.steps + 1:
             step_tokens = tokens - job.tokens
         if tokens_per_s is None and job.started_at is not None and t > job.started_at:
             tokens_per_s = tokens / (t - job.started_at)
@@ -164,8 +164,12 @@ class RunSummary:
 
     # ------------------------------------------------------------- views
     def train_row(self, name: str, *, loss: float, lr: float, t: float, epoch: float | None = None) -> dict[str, Any]:
-        """The metrics.jsonl row of the step just reported with `job_progress`."""
+        """The metrics.jsonl row of the step just reported with `job_progress`.
+
+        `lr` is also kept as the job's latest, for the live view's log lines.
+        """
         job = self.jobs[name]
+        job.last_lr = lr
         elapsed = t - job.started_at if job.started_at is not None else 0.0
         return {
             "kind": "train", "job": name, "step": job.steps, "max_steps": job.max_steps, "epoch": epoch,
