@@ -157,9 +157,11 @@ class _MultiLoraFunction(torch.autograd.Function):
         if backend == "triton":
             from mlora.ops import triton_multi_lora
 
-            y = triton_multi_lora.forward(x, weight, bias, lora_a, lora_b, masks, call)
-        else:
-            y = reference_forward(x, weight, bias, lora_a, lora_b, masks, call)
+            # h = drop(x)·Aᵀ (T × padded rank) is kept: cheaper than another pass over x
+            y, h = triton_multi_lora.forward_keep_shrink(x, weight, bias, lora_a, lora_b, masks, call)
+            ctx.save_for_backward(x, weight, h, *tensors)
+            return y
+        y = reference_forward(x, weight, bias, lora_a, lora_b, masks, call)
         ctx.save_for_backward(x, weight, *tensors)
         return y
 
@@ -179,13 +181,14 @@ class _MultiLoraFunction(torch.autograd.Function):
             )
             return (dx, None, None, None, None, None, *d_a, *d_b, *([None] * n_masks))
         x, weight, *tensors = ctx.saved_tensors
+        h = tensors.pop(0) if ctx.backend == "triton" else None
         lora_a = [a.to(x.dtype) for a in tensors[:n]]
         lora_b = [b.to(x.dtype) for b in tensors[n : 2 * n]]
         masks = _unpack_masks(call, tensors[2 * n :])
         if ctx.backend == "triton":
             from mlora.ops import triton_multi_lora
 
-            dx, d_a, d_b = triton_multi_lora.backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
+            dx, d_a, d_b = triton_multi_lora.backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx, h=h)
         else:
             dx, d_a, d_b = reference_backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
         grads = [g.to(dt) for g, dt in zip((*d_a, *d_b), ctx.param_dtypes)]

@@ -1,0 +1,194 @@
+"""The base GEMM with the LoRA expand folded in as extra reduction steps.
+
+    out[tile] = a[rows]·Wᵀ (or a[rows]·W)  +  Σ_{segments j meeting the rows} s_j·u[rows ∈ j]·V_j
+
+Forward: a = x, W is [N, K] (nn.Linear), u = h = drop(x)·Aᵀ, V_j = B_jᵀ.
+Backward: a = dy, W is [K, N] (dx = dy·W), u = g = dy·B (fp32), V_j = A_j, and the
+LoRA part of a segment with a dropout mask is multiplied by it (and 1/(1-p)).
+
+After the K loop over the frozen weight, each [BLOCK_M, BLOCK_N] tile loops over the
+segments its rows meet (usually one, two where a segment boundary crosses the tile)
+and adds one [BLOCK_M, R]·[R, BLOCK_N] product with the rows of other segments
+masked to zero: R/K extra reduction steps, and the LoRA output never goes through
+memory. On CUDA with aligned shapes the main loop reads a and W through TMA tensor
+descriptors; otherwise (odd shapes, the interpreter when asked) through pointers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from mlora.ops.kernels.interpret import INTERPRET
+from mlora.ops.kernels.plan import SegmentPlan
+
+INTERPRET_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Descriptors carry their block shape: set it to the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    if isinstance(nargs["a_src"], TensorDescriptor):
+        nargs["a_src"].block_shape = [bm, bk]
+    if isinstance(nargs["w_src"], TensorDescriptor):
+        nargs["w_src"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
+
+
+def _configs() -> list[triton.Config]:
+    shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=nw,
+                      pre_hook=_set_block_shapes)
+        for bm, bn, bk, st, nw in shapes
+    ]
+
+
+@triton.jit
+def fused_gemm_kernel(
+    a_src, w_src, out_ptr, bias_ptr, u_ptr,
+    seg_slot, seg_start, seg_end, tok_lo, tok_hi,
+    v_tab, mask_tab, slot_rank, slot_scale, slot_keep,
+    M, N, K, M_BUCKET,
+    R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    dtype = out_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * grid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    rows = m0 + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if USE_TMA:
+            a = a_src.load([m0, k0])
+            if W_KN:
+                w = w_src.load([k0, n0])
+            else:
+                w = w_src.load([n0, k0]).T
+        else:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < K
+            a = tl.load(a_src + rows64[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if W_KN:
+                w = tl.load(w_src + kk[:, None].to(tl.int64) * N + cols64[None, :],
+                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            else:
+                w = tl.load(w_src + cols64[None, :] * K + kk[:, None],
+                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    # LoRA expand: one [BLOCK_M, R]·[R, BLOCK_N] step per segment the tile's rows meet.
+    lo = tl.load(tok_lo + m0)
+    hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
+    rr = tl.arange(0, R)
+    for j in range(lo, hi):
+        slot = tl.load(seg_slot + j)
+        s0 = tl.load(seg_start + j)
+        s1 = tl.load(seg_end + j)
+        rank = tl.load(slot_rank + slot)
+        scale = tl.load(slot_scale + slot)
+        in_seg = (rows >= s0) & (rows < s1)
+        u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
+        u = (u.to(tl.float32) * scale).to(dtype)
+        v_ptr = tl.load(v_tab + slot).to(tl.pointer_type(dtype))
+        v_ok = (rr < rank)[:, None] & col_ok[None, :]
+        if W_KN:  # V = A_j [rank, N]
+            v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=v_ok, other=0.0)
+        else:  # V = B_jᵀ, B_j [N, rank]
+            v = tl.load(v_ptr + cols64[None, :] * rank + rr[:, None], mask=v_ok, other=0.0)
+        if DROPOUT:
+            mask_addr = tl.load(mask_tab + j)
+            if mask_addr != 0:
+                keep = tl.load(slot_keep + slot)
+                part = tl.dot(u, v, input_precision=PRECISION)
+                m_ptr = mask_addr.to(tl.pointer_type(tl.int8))
+                kept = tl.load(m_ptr + (rows64 - s0)[:, None] * N + cols64[None, :],
+                               mask=in_seg[:, None] & col_ok[None, :], other=0)
+                acc += tl.where(kept != 0, part * keep, 0.0)
+            else:
+                acc = tl.dot(u, v, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(u, v, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+_tuned = None if INTERPRET else triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "W_KN", "DROPOUT"])(
+    fused_gemm_kernel
+)
+
+
+def _tma_ok(t: Tensor) -> bool:
+    """TMA needs 16-byte aligned base and row stride, and a contiguous last dim."""
+    size = t.element_size()
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[1] * size) % 16 == 0
+
+
+def fused_gemm(
+    a: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    u: Tensor,
+    v_tab: Tensor,
+    mask_tab: Tensor,
+    plan: SegmentPlan,
+    w_kn: bool,
+    dropout: bool,
+    precision: str,
+    use_tma: bool | None = None,
+) -> Tensor:
+    """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
+
+    use_tma None picks descriptors when the device and the shapes allow them.
+    """
+    m, k = a.shape
+    n = weight.shape[1] if w_kn else weight.shape[0]
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    if use_tma is None:
+        use_tma = a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight)
+    meta = INTERPRET_META if INTERPRET else None
+    if use_tma:
+        block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
+        a_src = TensorDescriptor.from_tensor(a, block)
+        w_src = TensorDescriptor.from_tensor(weight, block)
+    else:
+        a_src, w_src = a, weight
+    args = (
+        a_src, w_src, out, bias if bias is not None else out, u,
+        plan.seg_slot, plan.seg_start, plan.seg_end, plan.tok_lo, plan.tok_hi,
+        v_tab, mask_tab, plan.slot_rank, plan.slot_scale, plan.slot_keep,
+        m, n, k, triton.next_power_of_2(m),
+    )
+    flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
+                 PRECISION=precision)
+    if meta is not None:
+        _set_block_shapes({"a_src": a_src, "w_src": w_src, "W_KN": w_kn, **meta})
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=4, num_stages=1)
+    else:
+        def grid(cfg: dict) -> tuple[int]:
+            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+        _tuned[grid](*args, **flags)
+    return out

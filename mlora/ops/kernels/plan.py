@@ -1,0 +1,257 @@
+"""Host-side plans: the segment layout of a call turned into small int32 device tables.
+
+The layout (which slot owns which token range) is host metadata in `LoraCall`, so the
+tables are built with NumPy, sent to the device in one copy, and cached per layout:
+every adapted linear of a batch shares them, and kernels never sync with the host.
+Adapter and dropout-mask tensors are reached through int64 address tables instead of
+being copied into one padded buffer per call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mlora.ops.multi_lora import Segment
+
+_POINTER_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+_POINTER_TABLES_MAX = 512
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rank_block(ranks: Sequence[int]) -> int:
+    """Every slot's rank padded to one power of two ≥ 16 (tl.dot's smallest side)."""
+    return max(16, 1 << (max(ranks, default=1) - 1).bit_length())
+
+
+def _to_device(arrays: dict[str, np.ndarray], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """Concatenate, copy once (pinned, non-blocking on CUDA), and hand back views."""
+    names = list(arrays)
+    flat = np.concatenate([arrays[n].ravel() for n in names]) if names else np.zeros(0)
+    host = torch.from_numpy(np.ascontiguousarray(flat)).to(dtype)
+    if device.type == "cuda":
+        buf = host.pin_memory().to(device, non_blocking=True)
+    else:
+        buf = host.to(device)
+    out, at = {}, 0
+    for n in names:
+        size = arrays[n].size
+        out[n] = buf[at : at + size]
+        at += size
+    return out
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Tables for the non-empty segments of one call, sorted by start.
+
+    tok_lo[t] / tok_hi[t]: the segments meeting rows [m0, m1) of a GEMM tile are the
+    sorted indices [tok_lo[m0], tok_hi[m1]), whatever BLOCK_M the autotuner picks.
+    shrink_seg / shrink_row: the shrink kernel's tiles, each inside one segment.
+    """
+
+    rank_pad: int
+    order: tuple[int, ...]  # index into call.segments of each sorted non-empty segment
+    slot_used: tuple[bool, ...]
+    seg_slot: Tensor
+    seg_start: Tensor
+    seg_end: Tensor
+    tok_lo: Tensor
+    tok_hi: Tensor
+    shrink_seg: Tensor
+    shrink_row: Tensor
+    slot_rank: Tensor
+    slot_scale: Tensor  # fp32
+    slot_keep: Tensor  # fp32: 1 / (1 - p)
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.order)
+
+    @property
+    def n_shrink_tiles(self) -> int:
+        return self.shrink_seg.shape[0]
+
+
+def _sorted_nonempty(segments: Sequence[Segment]) -> list[tuple[int, Segment]]:
+    return sorted(((k, s) for k, s in enumerate(segments) if s.end > s.start), key=lambda ks: ks[1].start)
+
+
+@functools.lru_cache(maxsize=64)
+def segment_plan(
+    segments: tuple[Segment, ...],
+    scales: tuple[float, ...],
+    dropout: tuple[float, ...],
+    ranks: tuple[int, ...],
+    tokens: int,
+    device: torch.device,
+    shrink_block_m: int,
+) -> SegmentPlan:
+    """Build (or fetch) the device tables of one layout; see SegmentPlan."""
+    live = _sorted_nonempty(segments)
+    starts = np.array([s.start for _, s in live], dtype=np.int64)
+    ends = np.array([s.end for _, s in live], dtype=np.int64)
+    positions = np.arange(tokens + 1)
+    tiles = [(j, row) for j, (_, s) in enumerate(live) for row in range(s.start, s.end, shrink_block_m)]
+    ints = _to_device(
+        {
+            "seg_slot": np.array([s.slot for _, s in live], dtype=np.int64),
+            "seg_start": starts,
+            "seg_end": ends,
+            "tok_lo": np.searchsorted(ends, positions, side="right"),  # segments with end ≤ t
+            "tok_hi": np.searchsorted(starts, positions, side="left"),  # segments with start < t
+            "shrink_seg": np.array([j for j, _ in tiles], dtype=np.int64),
+            "shrink_row": np.array([r for _, r in tiles], dtype=np.int64),
+            "slot_rank": np.array(ranks, dtype=np.int64),
+        },
+        torch.int32,
+        device,
+    )
+    floats = _to_device(
+        {
+            "slot_scale": np.array(scales, dtype=np.float64),
+            "slot_keep": np.array([1.0 / (1.0 - p) if p < 1.0 else 0.0 for p in dropout], dtype=np.float64),
+        },
+        torch.float32,
+        device,
+    )
+    used = {s.slot for _, s in live}
+    return SegmentPlan(
+        rank_pad=rank_block(ranks),
+        order=tuple(k for k, _ in live),
+        slot_used=tuple(i in used for i in range(len(ranks))),
+        **ints,
+        **floats,
+    )
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    """Work items of the per-slot token reductions (dA, dB) for one output width.
+
+    An item is one slot's run of token pieces (each piece inside one segment); one
+    program per (item, column tile) loops over them. A slot with one item writes its
+    gradient directly; a slot split over several items (to fill the GPU when few jobs
+    hold many tokens) writes fp32 partials that a second kernel sums in a fixed order,
+    so results are deterministic.
+    """
+
+    n_items: int
+    n_partials: int
+    item_slot: Tensor
+    item_lo: Tensor
+    item_hi: Tensor
+    item_part: Tensor  # partial index, or -1: write the gradient directly
+    piece_start: Tensor
+    piece_end: Tensor
+    piece_seg: Tensor  # sorted segment index (for its dropout mask)
+    red_slot: Tensor
+    red_lo: Tensor
+    red_hi: Tensor
+
+    @property
+    def n_reduce(self) -> int:
+        return self.red_slot.shape[0]
+
+
+@functools.lru_cache(maxsize=64)
+def item_plan(
+    segments: tuple[Segment, ...],
+    width: int,
+    rank_pad: int,
+    device: torch.device,
+    block_m: int,
+    block_d: int,
+    target_programs: int,
+    partial_budget_bytes: int,
+) -> ItemPlan:
+    """Split each slot's tokens into items so items × column tiles ≈ target_programs.
+
+    The number of split items is capped so the fp32 partials stay under the budget.
+    """
+    live = _sorted_nonempty(segments)
+    by_slot: dict[int, list[tuple[int, int, int]]] = {}
+    for j, (_, s) in enumerate(live):
+        by_slot.setdefault(s.slot, []).append((s.start, s.end, j))
+    covered = sum(s.end - s.start for _, s in live)
+    want = max(1, cdiv(target_programs, cdiv(width, block_d)))
+    want = min(want, max(1, partial_budget_bytes // (rank_pad * width * 4)))
+    chunk = cdiv(max(block_m, cdiv(covered, want)), block_m) * block_m
+
+    items: list[tuple[int, int, int, int]] = []  # slot, piece lo, piece hi, partial
+    pieces: list[tuple[int, int, int]] = []
+    reduce: list[tuple[int, int, int]] = []
+    n_partials = 0
+    for slot in sorted(by_slot):
+        runs = by_slot[slot]
+        rows = sum(e - s for s, e, _ in runs)
+        per_item = cdiv(cdiv(rows, cdiv(rows, chunk)), block_m) * block_m
+        first_part = n_partials
+        cut: list[list[tuple[int, int, int]]] = [[]]
+        room = per_item
+        for start, end, j in runs:
+            while start < end:
+                if room == 0:
+                    cut.append([])
+                    room = per_item
+                take = min(room, end - start)
+                cut[-1].append((start, start + take, j))
+                start += take
+                room -= take
+        split = len(cut) > 1
+        for group in cut:
+            part = n_partials if split else -1
+            n_partials += int(split)
+            items.append((slot, len(pieces), len(pieces) + len(group), part))
+            pieces.extend(group)
+        if split:
+            reduce.append((slot, first_part, n_partials))
+
+    def col(rows: list[tuple], k: int) -> np.ndarray:
+        return np.array([r[k] for r in rows], dtype=np.int64)
+
+    t = _to_device(
+        {
+            "item_slot": col(items, 0),
+            "item_lo": col(items, 1),
+            "item_hi": col(items, 2),
+            "item_part": col(items, 3),
+            "piece_start": col(pieces, 0),
+            "piece_end": col(pieces, 1),
+            "piece_seg": col(pieces, 2),
+            "red_slot": col(reduce, 0),
+            "red_lo": col(reduce, 1),
+            "red_hi": col(reduce, 2),
+        },
+        torch.int32,
+        device,
+    )
+    return ItemPlan(n_items=len(items), n_partials=n_partials, **t)
+
+
+def pointer_table(tensors: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    """int64 device table of data addresses (0 for None), cached by the addresses.
+
+    A table only holds addresses, so one built for the same addresses is the same
+    table whatever those tensors now hold; the caller keeps the tensors alive.
+    """
+    key = (device, tuple(0 if t is None else t.data_ptr() for t in tensors))
+    table = _POINTER_TABLES.get(key)
+    if table is not None:
+        _POINTER_TABLES.move_to_end(key)
+        return table
+    host = torch.tensor(key[1] if key[1] else [0], dtype=torch.int64)
+    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    _POINTER_TABLES[key] = table
+    if len(_POINTER_TABLES) > _POINTER_TABLES_MAX:
+        _POINTER_TABLES.popitem(last=False)
+    return table

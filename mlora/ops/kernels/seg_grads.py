@@ -1,0 +1,158 @@
+"""Per-slot token reductions for the adapter gradients.
+
+    dA_i  = s_i · Σ_{t ∈ slot i} g[t]ᵀ · drop(x[t])        (left = g,  right = x)
+    dB_iᵀ = s_i · Σ_{t ∈ slot i} h[t]ᵀ · dy[t]             (left = h,  right = dy)
+
+One program per (work item, column tile of BLOCK_D): it loops over its item's token
+pieces in BLOCK_M rows, accumulating a [R, BLOCK_D] fp32 tile, so no atomics are
+needed for the gradients and their result does not depend on scheduling. The dB
+pass reads dy anyway, so it also computes g = dy·B_i on the way: each column tile
+adds its [BLOCK_M, R] share of the reduction over d_out into an fp32 g with relaxed
+atomics (the only atomics in the operator; g's summation order over d_out tiles may
+vary between runs at fp32 rounding level). That saves a separate pass over dy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mlora.ops.kernels.interpret import INTERPRET
+from mlora.ops.kernels.plan import ItemPlan, SegmentPlan
+
+BLOCK_M = 16 if INTERPRET else 64
+BLOCK_D = 16 if INTERPRET else 128
+NUM_WARPS = 4
+NUM_STAGES = 1 if INTERPRET else 3
+
+
+@triton.jit
+def seg_grad_kernel(
+    left_ptr, right_ptr, out_ptr, part_ptr, g_ptr,
+    item_slot, item_lo, item_hi, item_part, piece_start, piece_end, piece_seg,
+    seg_start, mask_tab, v_tab, out_off, slot_rank, slot_scale, slot_keep,
+    D,
+    R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    item = tl.program_id(0)
+    d0 = tl.program_id(1) * BLOCK_D
+    dtype = right_ptr.dtype.element_ty
+    slot = tl.load(item_slot + item)
+    rank = tl.load(slot_rank + slot)
+    dd = d0 + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    rr = tl.arange(0, R)
+    r_ok = rr < rank
+    if DROPOUT:
+        keep = tl.load(slot_keep + slot)
+    if SHRINK_G:  # B_i rows d0.. as a [BLOCK_D, R] tile: g[rows] += dy[rows, d-tile]·B_i[d-tile]
+        b_ptr = tl.load(v_tab + slot).to(tl.pointer_type(dtype))
+        b_tile = tl.load(b_ptr + dd[:, None].to(tl.int64) * rank + rr[None, :],
+                         mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+    acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
+    for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
+        p0 = tl.load(piece_start + p)
+        p1 = tl.load(piece_end + p)
+        if DROPOUT:
+            j = tl.load(piece_seg + p)
+            mask_addr = tl.load(mask_tab + j)
+            seg0 = tl.load(seg_start + j)
+        for m0 in range(p0, p1, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < p1
+            rows64 = rows.to(tl.int64)
+            tile_ok = row_ok[:, None] & d_ok[None, :]
+            right = tl.load(right_ptr + rows64[:, None] * D + dd[None, :], mask=tile_ok, other=0.0)
+            if DROPOUT:
+                if mask_addr != 0:
+                    m_ptr = mask_addr.to(tl.pointer_type(tl.int8))
+                    kept = tl.load(m_ptr + (rows64 - seg0)[:, None] * D + dd[None, :], mask=tile_ok, other=0)
+                    right = tl.where(kept != 0, right.to(tl.float32) * keep, 0.0).to(dtype)
+            left = tl.load(left_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
+            acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
+            if SHRINK_G:
+                g_part = tl.dot(right, b_tile, input_precision=PRECISION)
+                tl.atomic_add(g_ptr + rows64[:, None] * R + rr[None, :], g_part,
+                              mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
+    acc = acc * tl.load(slot_scale + slot)
+    part = tl.load(item_part + item)
+    if part < 0:
+        base = out_ptr + tl.load(out_off + slot)
+        if OUT_T:  # dB_i is [D, rank]
+            ptrs = base + dd[None, :].to(tl.int64) * rank + rr[:, None]
+        else:  # dA_i is [rank, D]
+            ptrs = base + rr[:, None].to(tl.int64) * D + dd[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    else:
+        ptrs = part_ptr + part.to(tl.int64) * R * D + rr[:, None] * D + dd[None, :]
+        tl.store(ptrs, acc, mask=d_ok[None, :])
+
+
+@triton.jit
+def reduce_partials_kernel(
+    part_ptr, out_ptr, red_slot, red_lo, red_hi, out_off, slot_rank,
+    D,
+    R: tl.constexpr, OUT_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Sum a split slot's fp32 partials in item order and write its gradient."""
+    i = tl.program_id(0)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    slot = tl.load(red_slot + i)
+    rank = tl.load(slot_rank + slot)
+    rr = tl.arange(0, R)
+    r_ok = rr < rank
+    acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
+    for p in range(tl.load(red_lo + i), tl.load(red_hi + i)):
+        acc += tl.load(part_ptr + p * (R * D) + rr[:, None] * D + dd[None, :], mask=d_ok[None, :], other=0.0)
+    base = out_ptr + tl.load(out_off + slot)
+    if OUT_T:
+        ptrs = base + dd[None, :].to(tl.int64) * rank + rr[:, None]
+    else:
+        ptrs = base + rr[:, None].to(tl.int64) * D + dd[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+
+
+def seg_grads(
+    left: Tensor,
+    right: Tensor,
+    out: Tensor,
+    out_off: Tensor,
+    plan: SegmentPlan,
+    items: ItemPlan,
+    transposed: bool,
+    mask_tab: Tensor,
+    dropout: bool,
+    precision: str,
+    g: Tensor | None = None,
+    b_tab: Tensor | None = None,
+) -> None:
+    """Write every used slot's gradient into its part of the flat buffer `out`.
+
+    `g` and `b_tab` given: also accumulate g = right·B_slot (right is dy) into g.
+    """
+    if items.n_items == 0:
+        return
+    width = right.shape[1]
+    r = plan.rank_pad
+    parts = torch.empty(max(items.n_partials * r * width, 1), dtype=torch.float32, device=right.device)
+    shrink_g = g is not None
+    grid = (items.n_items, triton.cdiv(width, BLOCK_D))
+    seg_grad_kernel[grid](
+        left, right, out, parts, g if shrink_g else parts,
+        items.item_slot, items.item_lo, items.item_hi, items.item_part,
+        items.piece_start, items.piece_end, items.piece_seg,
+        plan.seg_start, mask_tab, b_tab if shrink_g else mask_tab, out_off,
+        plan.slot_rank, plan.slot_scale, plan.slot_keep,
+        width,
+        R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if items.n_reduce:
+        reduce_partials_kernel[(items.n_reduce, triton.cdiv(width, BLOCK_D))](
+            parts, out, items.red_slot, items.red_lo, items.red_hi, out_off, plan.slot_rank,
+            width, R=r, OUT_T=transposed, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+        )
