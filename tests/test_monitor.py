@@ -8,8 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from mlora.monitor import JsonlSink, LiveView, MultiSink, NotARunError, RunSummary, TensorBoardSink, eta_s
-from mlora.monitor import print_table, read_metrics, render_status, tail_metrics, write_report
+from mlora.monitor import (
+    JsonlSink,
+    LiveView,
+    MultiSink,
+    NotARunError,
+    RunSummary,
+    TensorBoardSink,
+    eta_s,
+    print_table,
+    read_metrics,
+    render_status,
+    tail_metrics,
+    write_report,
+)
 
 TRAIN_FIELDS = {"kind", "job", "step", "max_steps", "epoch", "loss", "lr", "tokens", "step_tokens", "tokens_per_s",
                 "elapsed_s", "eta_s", "time"}

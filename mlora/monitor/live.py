@@ -40,11 +40,11 @@ def progress_line(name: str, job: JobRecord) -> str:
 def state_line(name: str, job: JobRecord) -> str:
     """One line per state change: what a user scanning a log wants to know about it."""
     line = f"[job {name}] {job.state}"
-    if job.state == "running" and job.wait_s:
+    if job.state == "running" and (job.wait_s or 0.0) >= 0.5:
         line += f" after waiting {fmt_s(job.wait_s)}"
     elif job.state == "finished":
         line += f" in {fmt_s(job.completion_s)}"
-        if job.wait_s:
+        if (job.wait_s or 0.0) >= 0.5:
             line += f" (waited {fmt_s(job.wait_s)})"
     elif job.state == "failed":
         line += f" after {fmt_s(job.train_s)}: {job.error}" if job.error else ""
@@ -105,7 +105,7 @@ class LiveView:
         self._line_at: dict[str, float] = {}
         self._line_step: dict[str, int] = {}
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         if self.rich:
             from rich.console import Console
             from rich.live import Live
@@ -115,7 +115,7 @@ class LiveView:
             self._live.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._live is None:
             return
         self._live.__exit__(*exc)

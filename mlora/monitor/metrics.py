@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol, Sequence
+from typing import IO, Any, Protocol
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"

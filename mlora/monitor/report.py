@@ -26,7 +26,7 @@ def _end_of_run(summary: RunSummary) -> float | None:
 
 def _bar_label(job: JobRecord) -> str:
     if job.state == "finished":
-        return f" done in {fmt_s(job.completion_s)}" + (f" (waited {fmt_s(job.wait_s)})" if job.wait_s else "")
+        return f" done in {fmt_s(job.completion_s)}" + (f" (waited {fmt_s(job.wait_s)})" if (job.wait_s or 0.0) >= 0.5 else "")
     if job.state == "failed":
         return f" failed after {fmt_s(job.train_s)}"
     if job.state == "running":

@@ -148,7 +148,7 @@ class RunSummary:
         job = self.jobs[name]
         job.state, job.finished_at, job.error = "failed", t, error
 
-    def restore_job(self, name: str, previous: "RunSummary | None") -> None:
+    def restore_job(self, name: str, previous: RunSummary | None) -> None:
         """A job finished by an earlier run (before --resume) keeps its record."""
         if previous is not None and name in previous.jobs:
             self.jobs[name] = previous.jobs[name]
@@ -196,7 +196,7 @@ class RunSummary:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "RunSummary":
+    def load(cls, path: Path) -> RunSummary:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
         run = dict(raw["run"])
         base = {k: run.pop(k) for k in _RUN_FIELDS if k in run}
