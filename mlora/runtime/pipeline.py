@@ -343,10 +343,10 @@ class PipelineMonitor:
         now = time.time()
         lr = self._lr(job, step)
         self.summary.job_progress(job_name, step + 1, job.tokens, loss, now)
-        self.sink.log_train(self.summary.train_row(job_name, loss=loss, lr=lr, t=now))
+        self.sink.log_train(self.summary.train_row(job_name, loss=loss, lr=lr, t=now, epoch=job.steps[step].epoch))
         if step + 1 == job.max_steps:
             job.status = "finished"
-            self.summary.job_finished(job_name, now, 0, str(job_dir(self.out, job_name)))
+            self.summary.job_finished(job_name, now, None, str(job_dir(self.out, job_name)))
         self.live.update(self.summary)
 
     @staticmethod
@@ -372,7 +372,8 @@ class PipelineMonitor:
                 weights.update(slices[name])
             job = self.driver.jobs[name]
             save_adapter(job_dir(self.out, name), adapter_meta(job.spec, self.spec.model.path), weights)
-            self.summary.job_finished(name, time.time(), max(peaks), str(job_dir(self.out, name)))
+            record = self.summary.jobs[name]  # finished when its last loss arrived; keep that time
+            record.peak_memory_bytes = max(peaks)
         trace = to_chrome_trace(events, n_stages=self.n_stages)
         (self.out / "trace.json").write_text(json.dumps(trace))
         bubble = bubble_from_events(events, self.n_stages)

@@ -292,7 +292,8 @@ class Trainer:
             job = self.jobs[rec.job]
             job.losses.append(loss)
             self.summary.job_progress(rec.job, rec.step, rec.tokens, loss, rec.time)
-            self.sink.log_train(self.summary.train_row(rec.job, loss=loss, lr=rec.lr, t=rec.time))
+            epoch = job.steps[rec.step - 1].epoch
+            self.sink.log_train(self.summary.train_row(rec.job, loss=loss, lr=rec.lr, t=rec.time, epoch=epoch))
 
     def _finish_job(self, job: JobState) -> None:
         """Write the adapter now, free its slot; the other jobs go on."""
