@@ -1,23 +1,34 @@
-"""The multi-LoRA operator on one GPU: forward + backward time and extra memory.
+"""The multi-LoRA operator alone, one GPU: forward + backward of one adapted linear.
+
+T = 8192 bf16 tokens split unevenly (seeded) over K jobs, r = 16, shapes 4096→4096,
+4096→14336, 14336→4096. Rows, each timed forward + backward (dx, and dA/dB where
+there are adapters; the frozen W gets no gradient):
+
+  base     x·Wᵀ and dy·W alone (cuBLAS): the floor the LoRA work should hide in
+  peft     one LoRA over all T tokens as HF PEFT computes it (autograd)
+  loop     mLoRA's per-job Python loop (the reference operator)
+  bmm      MeteoRA's bmm-torch: gather each token's A and B, two batched products
+  dense    mlora's dense PyTorch operator (backend "torch", the CPU path)
+  fused    mlora's Triton operator (this repository's kernels)
+  fused-0  the fused operator with no segments: its GEMM alone, against cuBLAS
+  (--ablate) fused-serial: dA pass not overlapped with the dx GEMM; fused-ptr: GEMM
+           main loop through pointers instead of TMA descriptors
+
+Median ms (triton.testing.do_bench), peak memory over the inputs, and the relative
+error against the loop (the largest over y, dx, all dA, all dB).
 
     PYTHONPATH=. python3 bench/ops/bench_ops.py --out bench/ops/results.json
-    python bench/ops/bench_ops.py --small          # CPU smoke test of the script
-
-T = 8192 tokens split unevenly (seeded) among K jobs, r = 16, bf16, for 4096→4096,
-4096→14336 and 14336→4096. Rows: (a) the frozen base GEMM alone (x·Wᵀ forward, dy·W
-backward), (b) one LoRA in plain PyTorch over all tokens (what PEFT runs), (c) a Python
-loop over jobs (what mLoRA runs; mlora's `loop` oracle), (d) per-token gather + bmm
-(MeteoRA's bmm-torch), (e) mlora's operator per backend available (`torch`: dense
-GEMMs; `triton` when its kernels import). Median ms of forward + backward (CUDA events),
-peak memory above the inputs, and the relative error of (e) against (c).
+    python bench/ops/bench_ops.py --small        # CPU smoke test of the script (no Triton rows)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,148 +38,240 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mlora.ops import Segment, multi_lora_linear  # noqa: E402
 
+TOKENS = 8192
+RANK = 16
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+JOBS = [1, 4, 16, 64]
+ROWS = ["base", "peft", "loop", "bmm", "dense", "fused", "fused-0"]
+CHECKED = ("bmm", "dense", "fused", "fused-serial", "fused-ptr")  # rows compared with the loop
+Outputs = list[torch.Tensor]
+
 
 def uneven_segments(tokens: int, jobs: int, seed: int) -> list[Segment]:
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.rand(jobs, generator=gen) + 0.25
-    lengths = (weights / weights.sum() * tokens).floor().long()
-    lengths[-1] += tokens - int(lengths.sum())
-    out, start = [], 0
-    for slot, n in enumerate(lengths.tolist()):
-        out.append(Segment(slot, start, start + n))
-        start += n
-    return out
+    """K contiguous jobs, lengths from K − 1 seeded random cut points (all ≥ 1)."""
+    cuts = sorted(random.Random(seed).sample(range(1, tokens), jobs - 1))
+    bounds = [0, *cuts, tokens]
+    return [Segment(i, bounds[i], bounds[i + 1]) for i in range(jobs)]
 
 
-def timed(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    if device.type != "cuda":
-        import time
+def make_inputs(tokens: int, d_in: int, d_out: int, jobs: int, seed: int, device: str, dtype: torch.dtype):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(device=device, dtype=dtype, generator=gen)
+    x = torch.randn(tokens, d_in, **kw)
+    w = torch.randn(d_out, d_in, **kw) * d_in**-0.5
+    dy = torch.randn(tokens, d_out, **kw)
+    a = [(torch.randn(RANK, d_in, **kw) * d_in**-0.5).requires_grad_() for _ in range(jobs)]
+    b = [(torch.randn(d_out, RANK, **kw) * RANK**-0.5).requires_grad_() for _ in range(jobs)]
+    return x, w, dy, a, b
 
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
-        return statistics.median(times)
-    torch.cuda.synchronize()
+
+def variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> dict[str, Callable[[], Outputs]]:
+    """Each row as a function returning [y, dx, *dA, *dB] (base and peft: what they have)."""
+    jobs = len(a)
+    xg = x.detach().requires_grad_()
+
+    def base() -> Outputs:
+        return [x @ w.t(), dy @ w]
+
+    def peft() -> Outputs:
+        y = torch.nn.functional.linear(xg, w) + (xg @ a[0].t()) @ b[0].t() * scale
+        return [y, *torch.autograd.grad(y, [xg, a[0], b[0]], dy)]
+
+    def op(backend: str, segs: list[Segment]) -> Callable[[], Outputs]:
+        def run() -> Outputs:
+            y = multi_lora_linear(xg, w, None, a, b, [scale] * jobs, segs, backend=backend)
+            return [y, *torch.autograd.grad(y, [xg, *a, *b], dy)]
+
+        return run
+
+    slot = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for s in segments:
+        slot[s.start : s.end] = s.slot
+
+    def bmm() -> Outputs:
+        a_all, b_all = torch.stack(a), torch.stack(b)  # [K, r, d_in], [K, d_out, r]
+        a_tok, b_tok = a_all[slot], b_all[slot]  # per token: [T, r, d_in], [T, d_out, r]
+        h = torch.bmm(a_tok, xg.unsqueeze(-1))  # [T, r, 1]
+        y = torch.nn.functional.linear(xg, w) + scale * torch.bmm(b_tok, h).squeeze(-1)
+        return [y, *torch.autograd.grad(y, [xg, *a, *b], dy)]
+
+    def ablated(setting: str) -> Callable[[], Outputs]:
+        import os
+
+        from mlora.ops import triton_multi_lora
+
+        fused = op("triton", segments)
+
+        def run() -> Outputs:
+            saved = triton_multi_lora.OVERLAP_GRAD_A, os.environ.get("MLORA_TRITON_TMA")
+            if setting == "serial":
+                triton_multi_lora.OVERLAP_GRAD_A = False
+            else:
+                os.environ["MLORA_TRITON_TMA"] = "0"
+            try:
+                return fused()
+            finally:
+                triton_multi_lora.OVERLAP_GRAD_A = saved[0]
+                if saved[1] is None:
+                    os.environ.pop("MLORA_TRITON_TMA", None)
+                else:
+                    os.environ["MLORA_TRITON_TMA"] = saved[1]
+
+        return run
+
+    return {"base": base, "peft": peft, "loop": op("loop", segments), "bmm": bmm, "dense": op("torch", segments),
+            "fused": op("triton", segments), "fused-0": op("triton", []),
+            "fused-serial": ablated("serial"), "fused-ptr": ablated("ptr")}
+
+
+def rel_err(out: Outputs, ref: Outputs) -> float:
+    """Largest of ‖out − ref‖ / ‖ref‖ over y, dx, every dA (concatenated) and every dB."""
+    n = (len(ref) - 2) // 2
+    errs = []
+    for lo, hi in ((0, 1), (1, 2), (2, 2 + n), (2 + n, 2 + 2 * n)):
+        o = torch.cat([t.float().flatten() for t in out[lo:hi]])
+        r = torch.cat([t.float().flatten() for t in ref[lo:hi]])
+        errs.append(((o - r).norm() / r.norm()).item())
+    return max(errs)
+
+
+def median_ms(fn: Callable[[], Outputs], device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=200, return_mode="median")
     times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    for _ in range(5):
+        t = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(1000 * (time.perf_counter() - t))
     return statistics.median(times)
 
 
-def peak_extra(fn: Callable[[], None], device: torch.device) -> float | None:
-    if device.type != "cuda":
+def peak_extra_mib(fn: Callable[[], Outputs], device: str) -> float | None:
+    if device != "cuda":
         return None
     torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    fn()
+    before = torch.cuda.memory_allocated()
+    out = fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--jobs", default="1,4,16,64")
-    parser.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--small", action="store_true")
     parser.add_argument("--out", default="bench/ops/results.json")
+    parser.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES))
+    parser.add_argument("--jobs", default=",".join(map(str, JOBS)))
+    parser.add_argument("--tokens", type=int, default=TOKENS)
+    parser.add_argument("--small", action="store_true", help="CPU smoke test: 256 tokens, 64→96, K = 1, 4")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times of the fused op (4096², K=16)")
+    parser.add_argument("--ablate", action="store_true", help="also time fused-serial and fused-ptr")
+    parser.add_argument("--rows", default=",".join(ROWS), help="which rows to time (base and loop always run)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.small:
-        args.tokens, args.shapes, args.jobs, args.reps = 256, "64x96", "1,4", 3
-    backends = ["torch"]
-    if device.type == "cuda":
-        try:
-            from mlora.ops import triton_multi_lora  # noqa: F401
+        args.tokens, args.shapes, args.jobs = 256, "64x96", "1,4"
+    wanted = {"base", "loop", *args.rows.split(",")} | ({"fused-serial", "fused-ptr"} if args.ablate else set())
+    rows = [r for r in (*ROWS, "fused-serial", "fused-ptr") if r in wanted and (device == "cuda" or not r.startswith("fused"))]
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                tokens=args.tokens, rank=RANK, dtype=str(dtype).removeprefix("torch."), date="2026-11-24")
+    if device == "cuda":
+        import triton
 
-            backends.append("triton")
-        except ImportError:
-            pass
-    rows = []
-    T, r = args.tokens, args.rank
-    for shape in args.shapes.split(","):
-        d_in, d_out = (int(v) for v in shape.split("x"))
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(T, d_in, device=device, dtype=dtype, generator=gen).requires_grad_(True)
-        w = torch.randn(d_out, d_in, device=device, dtype=dtype, generator=gen) / d_in**0.5
-        dy = torch.randn(T, d_out, device=device, dtype=dtype, generator=gen)
-
-        def run(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-            def step() -> None:
-                x.grad = None
-                fn().backward(dy)
-            return step
-
-        base = run(lambda: torch.nn.functional.linear(x, w))
-        rows.append({"shape": shape, "K": 0, "row": "(a) base GEMM alone", "ms": timed(base, device, args.reps),
-                     "extra_mib": peak_extra(base, device), "rel_err": None})
-        for K in (int(k) for k in args.jobs.split(",")):
-            segs = uneven_segments(T, K, seed=K)
-            a_list = [(torch.randn(r, d_in, device=device, generator=gen) / d_in**0.5).requires_grad_(True) for _ in range(K)]
-            b_list = [(torch.randn(d_out, r, device=device, generator=gen) * 0.1).requires_grad_(True) for _ in range(K)]
-            scales = [2.0] * K
-            slot_of_token = torch.cat([torch.full((s.end - s.start,), s.slot, device=device) for s in segs])
-
-            def peft_one() -> torch.Tensor:
-                a, b = a_list[0].to(dtype), b_list[0].to(dtype)
-                return torch.nn.functional.linear(x, w) + 2.0 * ((x @ a.t()) @ b.t())
-
-            def gather_bmm() -> torch.Tensor:
-                a_tok = torch.stack([a.to(dtype) for a in a_list])[slot_of_token]  # [T, r, d_in]
-                b_tok = torch.stack([b.to(dtype) for b in b_list])[slot_of_token]  # [T, d_out, r]
-                h = torch.bmm(a_tok, x.unsqueeze(-1))  # [T, r, 1]
-                return torch.nn.functional.linear(x, w) + 2.0 * torch.bmm(b_tok, h).squeeze(-1)
-
-            def mlora(backend: str) -> Callable[[], torch.Tensor]:
-                return lambda: multi_lora_linear(x, w, None, a_list, b_list, scales, segs, backend=backend)
-
-            if K == 1:
-                fn = run(peft_one)
-                rows.append({"shape": shape, "K": K, "row": "(b) one LoRA, plain PyTorch", "ms": timed(fn, device, args.reps),
-                             "extra_mib": peak_extra(fn, device), "rel_err": None})
-            loop = run(mlora("loop"))
-            rows.append({"shape": shape, "K": K, "row": "(c) loop over jobs", "ms": timed(loop, device, args.reps),
-                         "extra_mib": peak_extra(loop, device), "rel_err": None})
-            try:
-                fn = run(gather_bmm)
-                rows.append({"shape": shape, "K": K, "row": "(d) gather + bmm", "ms": timed(fn, device, 5),
-                             "extra_mib": peak_extra(fn, device), "rel_err": None})
-            except torch.OutOfMemoryError:
-                rows.append({"shape": shape, "K": K, "row": "(d) gather + bmm", "ms": None, "extra_mib": None, "rel_err": "OOM"})
-            ref_y = mlora("loop")().float()
-            for backend in backends:
-                fn = run(mlora(backend))
-                y = mlora(backend)().float()
-                err = ((y - ref_y).norm() / ref_y.norm()).item()
-                rows.append({"shape": shape, "K": K, "row": f"(e) mlora ({backend})", "ms": timed(fn, device, args.reps),
-                             "extra_mib": peak_extra(fn, device), "rel_err": err})
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, T={T}, r={r}, {dtype}, forward+backward median ms")
-    print(f"{'shape':12} {'K':>3} {'row':28} {'ms':>8} {'x base':>7} {'extra MiB':>10} {'rel err':>9}")
-    base_ms = {}
-    for row in rows:
-        if row["K"] == 0:
-            base_ms[row["shape"]] = row["ms"]
-        ms = f"{row['ms']:.3f}" if row["ms"] is not None else "-"
-        ratio = f"{row['ms'] / base_ms[row['shape']]:.2f}" if row["ms"] is not None else "-"
-        mem = f"{row['extra_mib']:.0f}" if row["extra_mib"] is not None else "-"
-        err = row["rel_err"] if isinstance(row["rel_err"], str) else (f"{row['rel_err']:.1e}" if row["rel_err"] is not None else "")
-        print(f"{row['shape']:12} {row['K']:>3} {row['row']:28} {ms:>8} {ratio:>7} {mem:>10} {err:>9}")
+        meta["triton"] = triton.__version__
+    print(meta, flush=True)
+    results = []
+    for d_in, d_out in shapes:
+        peft = None
+        for jobs in (int(k) for k in args.jobs.split(",")):
+            x, w, dy, a, b = make_inputs(args.tokens, d_in, d_out, jobs, jobs, device, dtype)
+            segments = uneven_segments(args.tokens, jobs, seed=jobs)
+            fns = variants(x, w, dy, a, b, segments, scale=2.0)
+            ref = fns["loop"]()
+            row: dict = dict(d_in=d_in, d_out=d_out, jobs=jobs, lengths=[s.end - s.start for s in segments])
+            for name in rows:
+                if name == "peft" and peft is not None:  # one LoRA over all tokens: the same at every K
+                    row["peft_ms"], row["peft_mib"] = peft
+                    continue
+                try:
+                    out = fns[name]()  # compiles / autotunes before timing
+                    if name in CHECKED:
+                        row[f"{name}_err"] = rel_err(out, ref)
+                    del out
+                    row[f"{name}_ms"] = median_ms(fns[name], device)
+                    row[f"{name}_mib"] = peak_extra_mib(fns[name], device)
+                except torch.OutOfMemoryError:
+                    row[f"{name}_ms"] = row[f"{name}_mib"] = None
+                    torch.cuda.empty_cache()
+                if name == "peft":
+                    peft = (row["peft_ms"], row["peft_mib"])
+            if row.get("fused_ms") is not None and row.get("base_ms"):
+                row["fused_over_base"] = row["fused_ms"] / row["base_ms"]
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "lengths"}), flush=True)
+            if args.profile and device == "cuda" and (d_in, d_out, jobs) == (4096, 4096, 16):
+                profile(fns["fused"])
+            del x, w, dy, a, b, fns, ref
+            if device == "cuda":
+                torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print_table(results, rows)
+
+
+def profile(fn: Callable[[], Outputs]) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    compiled_report()
+
+
+def compiled_report() -> None:
+    """Registers, spills and shared memory of every compiled kernel, and the tuned GEMM configs."""
+    from mlora.ops.kernels import fused_gemm, seg_grads, shrink
+
+    for name, fn in (("fused_gemm", fused_gemm.fused_gemm_kernel), ("shrink", shrink.shrink_kernel),
+                     ("seg_grad", seg_grads.seg_grad_kernel)):
+        for cache in fn.device_caches.values():
+            for kernel in cache[0].values():
+                md = kernel.metadata
+                print(f"{name}: regs {kernel.n_regs} spills {kernel.n_spills} warps {md.num_warps} "
+                      f"stages {md.num_stages} shared {md.shared}", flush=True)
+    if fused_gemm._tuned is not None:
+        for key, cfg in fused_gemm._tuned.cache.items():
+            print("tuned", key, cfg, flush=True)
+
+
+def print_table(results: list[dict], rows: list[str]) -> None:
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    mem_rows = [r for r in ("loop", "bmm", "dense", "fused") if r in rows]
+    err_rows = [r for r in CHECKED if r in rows]
+    print(f"forward + backward, median ms; MiB: peak above the inputs ({'/'.join(mem_rows)}); "
+          f"rel err vs loop ({'/'.join(err_rows)})")
+    print("| d_in→d_out | K | " + " | ".join(rows) + " | fused/base | MiB | rel err |")
+    print("|" + "---|" * (len(rows) + 5))
+    for r in results:
+        cells = [num(r.get(f"{n}_ms"), ".3f") for n in rows]
+        mem = " / ".join(num(r.get(f"{n}_mib"), ".0f") for n in mem_rows)
+        err = " / ".join(num(r.get(f"{n}_err"), ".1e") for n in err_rows)
+        print(f"| {r['d_in']}→{r['d_out']} | {r['jobs']} | " + " | ".join(cells)
+              + f" | {num(r.get('fused_over_base'), '.3f')} | {mem} | {err} |")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, pointer_tab
 from mlora.ops.multi_lora import LoraCall
 
 PARTIAL_BUDGET_BYTES = 8 << 20  # fp32 partials of split slots, per gradient pass
+OVERLAP_GRAD_A = True  # on CUDA, run the dA pass on a side stream beside the dx GEMM
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def _precision(x: Tensor) -> str:
@@ -151,24 +153,48 @@ def backward(
 
     off_a, ends_a = _offsets(ranks, d_in, x.device)
     off_b, ends_b = _offsets(ranks, d_out, x.device)
-    flat_a = torch.empty(ends_a[-1], dtype=x.dtype, device=x.device)
-    flat_b = torch.empty(ends_b[-1], dtype=x.dtype, device=x.device)
+    alloc = torch.empty if all(plan.slot_used) else torch.zeros  # a slot without tokens gets zeros
+    flat_a = alloc(ends_a[-1], dtype=x.dtype, device=x.device)
+    flat_b = alloc(ends_b[-1], dtype=x.dtype, device=x.device)
     d_a = [flat_a[ends_a[i] : ends_a[i + 1]].view(r, d_in) for i, r in enumerate(ranks)]
     d_b = [flat_b[ends_b[i] : ends_b[i + 1]].view(d_out, r) for i, r in enumerate(ranks)]
-    for i, used in enumerate(plan.slot_used):
-        if not used:
-            d_a[i].zero_()
-            d_b[i].zero_()
 
     g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
     if plan.n_segments:
         grads.seg_grads(h, dy, flat_b, off_b, plan, _items(x, call, plan, d_out), transposed=True,
                         mask_tab=mask_tab, dropout=False, precision=precision, g=g, b_tab=b_tab)
-    dx = None
-    if need_dx:
+
+    def grad_a() -> None:
+        if plan.n_segments:
+            grads.seg_grads(g, x, flat_a, off_a, plan, _items(x, call, plan, d_in), transposed=False,
+                            mask_tab=mask_tab, dropout=dropout, precision=precision)
+
+    if not need_dx:
+        grad_a()
+        return None, d_a, d_b
+    side = _side_stream(x.device) if plan.n_segments and OVERLAP_GRAD_A else None
+    if side is None:
         dx = gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan,
                              w_kn=True, dropout=dropout, precision=precision, use_tma=use_tma)
-    if plan.n_segments:
-        grads.seg_grads(g, x, flat_a, off_a, plan, _items(x, call, plan, d_in), transposed=False,
-                        mask_tab=mask_tab, dropout=dropout, precision=precision)
+        grad_a()
+        return dx, d_a, d_b
+    # The dA pass only reads memory; run it beside the compute-bound dx GEMM. Every
+    # later use on the main stream is ordered after it by the final wait_stream, so
+    # the buffers it reads may return to the main stream's pool when this returns.
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        grad_a()
+    dx = gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan,
+                         w_kn=True, dropout=dropout, precision=precision, use_tma=use_tma)
+    main.wait_stream(side)
     return dx, d_a, d_b
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]

@@ -16,6 +16,8 @@ descriptors; otherwise (odd shapes, the interpreter when asked) through pointers
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +40,10 @@ def _set_block_shapes(nargs: dict) -> None:
 
 
 def _configs() -> list[triton.Config]:
+    """A few H100 bf16 shapes; MLORA_TRITON_AUTOTUNE=0 keeps the first (no tuning runs)."""
     shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]
+    if os.environ.get("MLORA_TRITON_AUTOTUNE", "1") == "0":
+        shapes = shapes[:1]
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=nw,
                       pre_hook=_set_block_shapes)
@@ -158,7 +163,8 @@ def fused_gemm(
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
-    use_tma None picks descriptors when the device and the shapes allow them.
+    use_tma None picks descriptors when the device and the shapes allow them (and
+    MLORA_TRITON_TMA is not 0).
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -166,7 +172,7 @@ def fused_gemm(
     if m == 0 or n == 0:
         return out
     if use_tma is None:
-        use_tma = a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight)
+        use_tma = os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight)
     meta = INTERPRET_META if INTERPRET else None
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
