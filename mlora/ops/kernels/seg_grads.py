@@ -82,13 +82,13 @@ def seg_grad_kernel(
     if part < 0:
         base = out_ptr + tl.load(out_off + slot)
         if OUT_T:  # dB_i is [D, rank]
-            ptrs = base + dd[None, :].to(tl.int64) * rank + rr[:, None]
+            out_ptrs = base + dd[None, :].to(tl.int64) * rank + rr[:, None]
         else:  # dA_i is [rank, D]
-            ptrs = base + rr[:, None].to(tl.int64) * D + dd[None, :]
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            out_ptrs = base + rr[:, None].to(tl.int64) * D + dd[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
     else:
-        ptrs = part_ptr + part.to(tl.int64) * R * D + rr[:, None] * D + dd[None, :]
-        tl.store(ptrs, acc, mask=d_ok[None, :])
+        part_ptrs = part_ptr + part.to(tl.int64) * R * D + rr[:, None] * D + dd[None, :]
+        tl.store(part_ptrs, acc, mask=d_ok[None, :])
 
 
 @triton.jit
