@@ -11,11 +11,13 @@ there are adapters; the frozen W gets no gradient):
   dense    mlora's dense PyTorch operator (backend "torch", the CPU path)
   fused    mlora's Triton operator (this repository's kernels)
   fused-0  the fused operator with no segments: its GEMM alone, against cuBLAS
-  (--ablate) fused-serial: dA pass not overlapped with the dx GEMM; fused-ptr: GEMM
-           main loop through pointers instead of TMA descriptors
+  (--ablate) fused-serial: dA pass not overlapped with the dx GEMM
+  (--rows …,fused-ptr) fused-ptr: GEMM main loop through pointers instead of TMA
 
-Median ms (triton.testing.do_bench), peak memory over the inputs, and the relative
-error against the loop (the largest over y, dx, all dA, all dB).
+Median ms (triton.testing.do_bench: eager, host launch costs included), the same
+replayed from a CUDA graph for base / dense / fused (device time alone), peak memory
+over the inputs, and the relative error against the loop (the largest over y, dx, all
+dA, all dB).
 
     PYTHONPATH=. python3 bench/ops/bench_ops.py --out bench/ops/results.json
     python bench/ops/bench_ops.py --small        # CPU smoke test of the script (no Triton rows)
@@ -44,6 +46,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 JOBS = [1, 4, 16, 64]
 ROWS = ["base", "peft", "loop", "bmm", "dense", "fused", "fused-0"]
 CHECKED = ("bmm", "dense", "fused", "fused-serial", "fused-ptr")  # rows compared with the loop
+GRAPHED = ("base", "dense", "fused", "fused-0", "fused-serial")  # rows also timed as a CUDA graph
 Outputs = list[torch.Tensor]
 
 
@@ -148,6 +151,17 @@ def median_ms(fn: Callable[[], Outputs], device: str) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn: Callable[[], Outputs]) -> float | None:
+    """Median ms of fn replayed from a CUDA graph: its device time without host launch costs."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=200, return_mode="median")
+    except Exception as exc:  # a row that cannot be captured: say so, keep the eager number
+        print(f"graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def peak_extra_mib(fn: Callable[[], Outputs], device: str) -> float | None:
     if device != "cuda":
         return None
@@ -170,14 +184,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=TOKENS)
     parser.add_argument("--small", action="store_true", help="CPU smoke test: 256 tokens, 64→96, K = 1, 4")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the fused op (4096², K=16)")
-    parser.add_argument("--ablate", action="store_true", help="also time fused-serial and fused-ptr")
+    parser.add_argument("--ablate", action="store_true", help="also time fused-serial")
     parser.add_argument("--rows", default=",".join(ROWS), help="which rows to time (base and loop always run)")
+    parser.add_argument("--graph-rows", default=",".join(GRAPHED), help="rows also timed from a CUDA graph")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile of the fused op's host side (4096², K=1, 64)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.small:
         args.tokens, args.shapes, args.jobs = 256, "64x96", "1,4"
-    wanted = {"base", "loop", *args.rows.split(",")} | ({"fused-serial", "fused-ptr"} if args.ablate else set())
+    wanted = {"base", "loop", *args.rows.split(",")} | ({"fused-serial"} if args.ablate else set())
     rows = [r for r in (*ROWS, "fused-serial", "fused-ptr") if r in wanted and (device == "cuda" or not r.startswith("fused"))]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
@@ -206,6 +222,8 @@ def main() -> None:
                         row[f"{name}_err"] = rel_err(out, ref)
                     del out
                     row[f"{name}_ms"] = median_ms(fns[name], device)
+                    if device == "cuda" and name in GRAPHED and name in args.graph_rows.split(","):
+                        row[f"{name}_graph_ms"] = graph_ms(fns[name])
                     row[f"{name}_mib"] = peak_extra_mib(fns[name], device)
                 except torch.OutOfMemoryError:
                     row[f"{name}_ms"] = row[f"{name}_mib"] = None
@@ -218,6 +236,8 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "lengths"}), flush=True)
             if args.profile and device == "cuda" and (d_in, d_out, jobs) == (4096, 4096, 16):
                 profile(fns["fused"])
+            if args.host_profile and (d_in, d_out, jobs) in ((4096, 4096, 1), (4096, 4096, 64)):
+                host_profile(fns["fused" if device == "cuda" else "dense"])
             del x, w, dy, a, b, fns, ref
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -238,6 +258,19 @@ def profile(fn: Callable[[], Outputs]) -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
     compiled_report()
+
+
+def host_profile(fn: Callable[[], Outputs]) -> None:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
 def compiled_report() -> None:
@@ -264,14 +297,18 @@ def print_table(results: list[dict], rows: list[str]) -> None:
     err_rows = [r for r in CHECKED if r in rows]
     print(f"forward + backward, median ms; MiB: peak above the inputs ({'/'.join(mem_rows)}); "
           f"rel err vs loop ({'/'.join(err_rows)})")
-    print("| d_in→d_out | K | " + " | ".join(rows) + " | fused/base | MiB | rel err |")
-    print("|" + "---|" * (len(rows) + 5))
+    graphed = [n for n in GRAPHED if n in rows and any(r.get(f"{n}_graph_ms") for r in results)]
+    print("| d_in→d_out | K | " + " | ".join(rows) + "".join(f" | {n} (graph)" for n in graphed)
+          + " | fused/base | fused/base (graph) | MiB | rel err |")
+    print("|" + "---|" * (len(rows) + len(graphed) + 6))
     for r in results:
-        cells = [num(r.get(f"{n}_ms"), ".3f") for n in rows]
+        cells = [num(r.get(f"{n}_ms"), ".3f") for n in rows] + [num(r.get(f"{n}_graph_ms"), ".3f") for n in graphed]
+        ratio_g = (r["fused_graph_ms"] / r["base_graph_ms"]
+                   if r.get("fused_graph_ms") and r.get("base_graph_ms") else None)
         mem = " / ".join(num(r.get(f"{n}_mib"), ".0f") for n in mem_rows)
         err = " / ".join(num(r.get(f"{n}_err"), ".1e") for n in err_rows)
         print(f"| {r['d_in']}→{r['d_out']} | {r['jobs']} | " + " | ".join(cells)
-              + f" | {num(r.get('fused_over_base'), '.3f')} | {mem} | {err} |")
+              + f" | {num(r.get('fused_over_base'), '.3f')} | {num(ratio_g, '.3f')} | {mem} | {err} |")
 
 
 if __name__ == "__main__":

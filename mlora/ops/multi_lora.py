@@ -152,8 +152,7 @@ class _MultiLoraFunction(torch.autograd.Function):
             ctx.has_mult = mult is not None
             ctx.save_for_backward(x, weight, a_cat, b_cat, scale, hs, *([mult] if mult is not None else []))
             return y
-        lora_a = [a.to(x.dtype) for a in param_a]
-        lora_b = [b.to(x.dtype) for b in param_b]
+        lora_a, lora_b = _cast(param_a, x.dtype), _cast(param_b, x.dtype)
         if backend == "triton":
             from mlora.ops import triton_multi_lora
 
@@ -182,8 +181,7 @@ class _MultiLoraFunction(torch.autograd.Function):
             return (dx, None, None, None, None, None, *d_a, *d_b, *([None] * n_masks))
         x, weight, *tensors = ctx.saved_tensors
         h = tensors.pop(0) if ctx.backend == "triton" else None
-        lora_a = [a.to(x.dtype) for a in tensors[:n]]
-        lora_b = [b.to(x.dtype) for b in tensors[n : 2 * n]]
+        lora_a, lora_b = _cast(tensors[:n], x.dtype), _cast(tensors[n : 2 * n], x.dtype)
         masks = _unpack_masks(call, tensors[2 * n :])
         if ctx.backend == "triton":
             from mlora.ops import triton_multi_lora
@@ -191,8 +189,13 @@ class _MultiLoraFunction(torch.autograd.Function):
             dx, d_a, d_b = triton_multi_lora.backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx, h=h)
         else:
             dx, d_a, d_b = reference_backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
-        grads = [g.to(dt) for g, dt in zip((*d_a, *d_b), ctx.param_dtypes)]
+        grads = [g if g.dtype == dt else g.to(dt) for g, dt in zip((*d_a, *d_b), ctx.param_dtypes)]
         return (dx, None, None, None, None, None, *grads, *([None] * n_masks))
+
+
+def _cast(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Cast only what differs: a no-op .to() still costs a dispatch per adapter."""
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def _cached_scale(cache: dict | None, call: LoraCall, ranks_list: Sequence[int], x: Tensor) -> Tensor:

@@ -3,15 +3,20 @@
 forward:   h = drop(x)·Aᵀ per segment (shrink), then y = x·Wᵀ + bias + s·h·Bᵀ in one
            GEMM whose tiles add the LoRA expand as extra reduction steps.
 backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B; then
-           dx = dy·W + drop(s·g·A) in one GEMM; then one pass over x gives dA = s·gᵀ·drop(x).
+           dx = dy·W + drop(s·g·A) in one GEMM, with the pass over x that gives
+           dA = s·gᵀ·drop(x) beside it on a side stream.
 
 h (T × padded rank) is kept from forward for backward; g is T × padded rank in fp32.
-See docs/kernels.md for the design and mlora/ops/kernels/ for the kernels.
+The host work per call is kept flat in the number of jobs where it can be: plans are
+found by the identity of the call, adapter address tables by the adapters' addresses,
+and tensors are validated only when a table is built. See docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -24,9 +29,44 @@ from mlora.ops.kernels.interpret import INTERPRET
 from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, pointer_table, segment_plan
 from mlora.ops.multi_lora import LoraCall
 
-PARTIAL_BUDGET_BYTES = 8 << 20  # fp32 partials of split slots, per gradient pass
+PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pass
 OVERLAP_GRAD_A = True  # on CUDA, run the dA pass on a side stream beside the dx GEMM
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_BY_CALL: OrderedDict[int, "_CallState"] = OrderedDict()
+_BY_CALL_MAX = 2048  # a forward of every adapted linear of a model, then their backwards
+
+
+@dataclass
+class _CallState:
+    """What one LoraCall needs on one device; forward and backward share the object."""
+
+    call: LoraCall
+    tokens: int
+    device: torch.device
+    ranks: tuple[int, ...]
+    plan: SegmentPlan
+    items: dict[int, ItemPlan] = field(default_factory=dict)
+
+
+def _state(x: Tensor, lora_a: Sequence[Tensor], call: LoraCall) -> _CallState:
+    """Per-call state, found by identity (cheap) before the per-layout cache (hashes segments)."""
+    st = _BY_CALL.get(id(call))
+    if st is not None and st.call is call and st.tokens == x.shape[0] and st.device == x.device:
+        return st
+    ranks = tuple(a.shape[0] for a in lora_a)
+    plan = segment_plan(call.segments, call.scales, call.dropout, ranks, x.shape[0], x.device, shrink_mod.BLOCK_M)
+    st = _CallState(call, x.shape[0], x.device, ranks, plan)
+    _BY_CALL[id(call)] = st
+    if len(_BY_CALL) > _BY_CALL_MAX:
+        _BY_CALL.popitem(last=False)
+    return st
+
+
+def _items(st: _CallState, width: int) -> ItemPlan:
+    if width not in st.items:
+        st.items[width] = item_plan(st.call.segments, width, st.plan.rank_pad, st.device, grads.BLOCK_M,
+                                    grads.BLOCK_D, _target_programs(st.device), PARTIAL_BUDGET_BYTES)
+    return st.items[width]
 
 
 def _precision(x: Tensor) -> str:
@@ -36,42 +76,51 @@ def _precision(x: Tensor) -> str:
     return "tf32"
 
 
-def _plan(x: Tensor, lora_a: Sequence[Tensor], call: LoraCall) -> SegmentPlan:
-    ranks = tuple(a.shape[0] for a in lora_a)
-    return segment_plan(call.segments, call.scales, call.dropout, ranks, x.shape[0], x.device, shrink_mod.BLOCK_M)
-
-
+@functools.lru_cache(maxsize=8)
 def _target_programs(device: torch.device) -> int:
+    """Reduction programs wanted: several per SM, so waves are short and bytes in flight many."""
     if device.type == "cuda" and not INTERPRET:
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8
 
 
-def _items(x: Tensor, call: LoraCall, plan: SegmentPlan, width: int) -> ItemPlan:
-    return item_plan(call.segments, width, plan.rank_pad, x.device, grads.BLOCK_M, grads.BLOCK_D,
-                     _target_programs(x.device), PARTIAL_BUDGET_BYTES)
+def _adapter_tables(x: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], d_out: int) -> tuple[Tensor, Tensor]:
+    """Address tables of A and B; layouts are checked in full when a table is built."""
+    dtype = x.dtype
+    if not all(t.dtype == dtype and t.is_contiguous() for t in (*lora_a, *lora_b)):
+        raise ValueError(f"triton multi-LoRA needs contiguous adapters in {dtype}")
+
+    def check() -> None:
+        for a, b in zip(lora_a, lora_b):
+            r = a.shape[0]
+            if a.device != x.device or b.device != x.device or a.shape != (r, x.shape[1]) or b.shape != (d_out, r):
+                raise ValueError(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} on {a.device} do not fit "
+                                 f"x {tuple(x.shape)} on {x.device} and d_out {d_out}")
+
+    return pointer_table(lora_a, x.device, check), pointer_table(lora_b, x.device, check)
 
 
-def _mask_table(masks: Sequence[Tensor | None], call: LoraCall, plan: SegmentPlan, width: int,
-                device: torch.device) -> tuple[Tensor, bool, list[Tensor]]:
-    """Addresses of the sorted segments' keep-masks (0: no dropout), and the kept tensors."""
+def _mask_table(masks: Sequence[Tensor | None], st: _CallState, width: int) -> tuple[Tensor, bool, list[Tensor]]:
+    """Addresses of the sorted segments' keep-masks (0: no dropout), and the tensors to keep alive."""
+    call, plan = st.call, st.plan
+    if not any(call.has_masks):
+        return pointer_table([None] * plan.n_segments, st.device), False, []
     kept: list[Tensor | None] = []
     for k in plan.order:
         seg, mask = call.segments[k], masks[k]
         if mask is None or call.dropout[seg.slot] == 0.0:
             kept.append(None)
             continue
-        if mask.shape != (seg.end - seg.start, width) or mask.device != device:
-            raise ValueError(f"dropout mask of {seg} must be [{seg.end - seg.start}, {width}] on {device}")
+        if mask.shape != (seg.end - seg.start, width) or mask.device != st.device:
+            raise ValueError(f"dropout mask of {seg} must be [{seg.end - seg.start}, {width}] on {st.device}")
         kept.append(mask.contiguous())
     alive = [m for m in kept if m is not None]
-    return pointer_table(kept, device), bool(alive), alive
+    return pointer_table(kept, st.device), bool(alive), alive
 
 
-def _check(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor]) -> None:
-    for t in (weight, *lora_a, *lora_b):
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"triton multi-LoRA needs every tensor in {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
+def _check_base(x: Tensor, weight: Tensor) -> None:
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"triton multi-LoRA needs W in {x.dtype} on {x.device}, got {weight.dtype} on {weight.device}")
 
 
 def forward_keep_shrink(
@@ -85,15 +134,14 @@ def forward_keep_shrink(
     use_tma: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h): the reference forward's y, and h = drop(x)·Aᵀ [T, R] for backward."""
-    _check(x, weight, lora_a, lora_b)
+    _check_base(x, weight)
     x, weight = x.contiguous(), weight.contiguous()
-    lora_a = [a.contiguous() for a in lora_a]
-    lora_b = [b.contiguous() for b in lora_b]
-    plan = _plan(x, lora_a, call)
+    st = _state(x, lora_a, call)
+    a_tab, b_tab = _adapter_tables(x, lora_a, lora_b, weight.shape[0])
     precision = _precision(x)
-    mask_tab, dropout, _alive = _mask_table(masks, call, plan, x.shape[1], x.device)
-    h = shrink_mod.shrink(x, pointer_table(lora_a, x.device), mask_tab, plan, dropout, precision)
-    y = gemm.fused_gemm(x, weight, bias, h, pointer_table(lora_b, x.device), mask_tab, plan,
+    mask_tab, dropout, _alive = _mask_table(masks, st, x.shape[1])
+    h = shrink_mod.shrink(x, a_tab, mask_tab, st.plan, dropout, precision)
+    y = gemm.fused_gemm(x, weight, bias, h, b_tab, mask_tab, st.plan,
                         w_kn=False, dropout=False, precision=precision, use_tma=use_tma)
     return y, h
 
@@ -123,6 +171,14 @@ def _offsets(ranks: tuple[int, ...], width: int, device: torch.device) -> tuple[
     return dev, tuple(offs)
 
 
+def _split(flat: Tensor, ranks: tuple[int, ...], ends: tuple[int, ...], rows_first: bool, width: int) -> list[Tensor]:
+    """Per-slot views of a flat gradient buffer: [rank, width] (dA) or [width, rank] (dB)."""
+    if len(set(ranks)) == 1:  # one view call for all slots
+        r = ranks[0]
+        return list(flat.view(len(ranks), r, width).unbind(0) if rows_first else flat.view(len(ranks), width, r).unbind(0))
+    return [flat[ends[i] : ends[i + 1]].view((r, width) if rows_first else (width, r)) for i, r in enumerate(ranks)]
+
+
 def backward(
     dy: Tensor,
     x: Tensor,
@@ -136,18 +192,15 @@ def backward(
     use_tma: bool | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """Same as reference_backward; pass forward's h to skip recomputing it."""
-    _check(x, weight, lora_a, lora_b)
+    _check_base(x, weight)
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
-    lora_a = [a.contiguous() for a in lora_a]
-    lora_b = [b.contiguous() for b in lora_b]
     tokens, d_in = x.shape
     d_out = dy.shape[1]
-    plan = _plan(x, lora_a, call)
+    st = _state(x, lora_a, call)
+    plan, ranks = st.plan, st.ranks
+    a_tab, b_tab = _adapter_tables(x, lora_a, lora_b, d_out)
     precision = _precision(x)
-    mask_tab, dropout, _alive = _mask_table(masks, call, plan, d_in, x.device)
-    a_tab = pointer_table(lora_a, x.device)
-    b_tab = pointer_table(lora_b, x.device)
-    ranks = tuple(a.shape[0] for a in lora_a)
+    mask_tab, dropout, _alive = _mask_table(masks, st, d_in)
     if h is None:
         h = shrink_mod.shrink(x, a_tab, mask_tab, plan, dropout, precision)
 
@@ -156,26 +209,29 @@ def backward(
     alloc = torch.empty if all(plan.slot_used) else torch.zeros  # a slot without tokens gets zeros
     flat_a = alloc(ends_a[-1], dtype=x.dtype, device=x.device)
     flat_b = alloc(ends_b[-1], dtype=x.dtype, device=x.device)
-    d_a = [flat_a[ends_a[i] : ends_a[i + 1]].view(r, d_in) for i, r in enumerate(ranks)]
-    d_b = [flat_b[ends_b[i] : ends_b[i + 1]].view(d_out, r) for i, r in enumerate(ranks)]
+    d_a = _split(flat_a, ranks, ends_a, True, d_in)
+    d_b = _split(flat_b, ranks, ends_b, False, d_out)
 
     g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
     if plan.n_segments:
-        grads.seg_grads(h, dy, flat_b, off_b, plan, _items(x, call, plan, d_out), transposed=True,
+        grads.seg_grads(h, dy, flat_b, off_b, plan, _items(st, d_out), transposed=True,
                         mask_tab=mask_tab, dropout=False, precision=precision, g=g, b_tab=b_tab)
 
     def grad_a() -> None:
         if plan.n_segments:
-            grads.seg_grads(g, x, flat_a, off_a, plan, _items(x, call, plan, d_in), transposed=False,
+            grads.seg_grads(g, x, flat_a, off_a, plan, _items(st, d_in), transposed=False,
                             mask_tab=mask_tab, dropout=dropout, precision=precision)
+
+    def grad_x() -> Tensor:
+        return gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan,
+                               w_kn=True, dropout=dropout, precision=precision, use_tma=use_tma)
 
     if not need_dx:
         grad_a()
         return None, d_a, d_b
     side = _side_stream(x.device) if plan.n_segments and OVERLAP_GRAD_A else None
     if side is None:
-        dx = gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan,
-                             w_kn=True, dropout=dropout, precision=precision, use_tma=use_tma)
+        dx = grad_x()
         grad_a()
         return dx, d_a, d_b
     # The dA pass only reads memory; run it beside the compute-bound dx GEMM. Every
@@ -185,8 +241,7 @@ def backward(
     side.wait_stream(main)
     with torch.cuda.stream(side):
         grad_a()
-    dx = gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan,
-                         w_kn=True, dropout=dropout, precision=precision, use_tma=use_tma)
+    dx = grad_x()
     main.wait_stream(side)
     return dx, d_a, d_b
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -238,17 +238,21 @@ def item_plan(
     return ItemPlan(n_items=len(items), n_partials=n_partials, **t)
 
 
-def pointer_table(tensors: Sequence[Tensor | None], device: torch.device) -> Tensor:
+def pointer_table(tensors: Sequence[Tensor | None], device: torch.device,
+                  check: Callable[[], None] | None = None) -> Tensor:
     """int64 device table of data addresses (0 for None), cached by the addresses.
 
     A table only holds addresses, so one built for the same addresses is the same
-    table whatever those tensors now hold; the caller keeps the tensors alive.
+    table whatever those tensors now hold; the caller keeps the tensors alive. `check`
+    (validation of the tensors' layout) runs only when a table is built.
     """
     key = (device, tuple(0 if t is None else t.data_ptr() for t in tensors))
     table = _POINTER_TABLES.get(key)
     if table is not None:
         _POINTER_TABLES.move_to_end(key)
         return table
+    if check is not None:
+        check()
     host = torch.tensor(key[1] if key[1] else [0], dtype=torch.int64)
     table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
     _POINTER_TABLES[key] = table

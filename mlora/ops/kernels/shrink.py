@@ -16,7 +16,7 @@ from torch import Tensor
 from mlora.ops.kernels.interpret import INTERPRET
 from mlora.ops.kernels.plan import SegmentPlan
 
-BLOCK_M = 16 if INTERPRET else 64
+BLOCK_M = 16 if INTERPRET else 32
 BLOCK_K = 16 if INTERPRET else 128
 NUM_WARPS = 4
 NUM_STAGES = 1 if INTERPRET else 4
