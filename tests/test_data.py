@@ -101,6 +101,18 @@ def test_demo_data_loads_in_its_formats():
     for path in sorted(DATA_DIR.glob("*.jsonl")):
         records = load_records(path)
         assert len(records) == 400 and ("messages" in records[0]) == path.name.endswith("_chat.jsonl")
+        assert path.stat().st_size < 100_000
+
+
+def test_demo_files_are_what_the_generators_write(tmp_path, tokenizer):
+    from mlora.demo.tasks import DATA_DIR, TASKS, write_all
+
+    written = write_all(tmp_path)
+    assert {p.name for p in written} == {p.name for p in DATA_DIR.glob("*.jsonl")} == {f"{t}.jsonl" for t in TASKS} | {"upper_chat.jsonl"}
+    for path in written:
+        assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), f"rerun python -m mlora.demo.tasks ({path.name})"
+        data = JobData.build(path, "auto", "chatml" if "chat" in path.name else "plain", tokenizer, 48, 0, 0)
+        assert data.dropped == 0 and max(len(e.input_ids) for e in data.train) <= 24
 
 
 @pytest.mark.parametrize(
