@@ -134,9 +134,9 @@ def check_autograd(case: Case, dtype: torch.dtype, device: str, seed: int, tol: 
     x, w, b, a, bb, masks, call, dy = make(case, dtype, device, seed)
 
     def run(backend: str, cast: torch.dtype):
-        xl = x.to(cast).requires_grad_()
-        al = [t.float().requires_grad_() for t in a]
-        bl = [t.float().requires_grad_() for t in bb]
+        xl = x.detach().to(cast).clone().requires_grad_()  # fresh leaves: no grad shared between runs
+        al = [t.detach().float().clone().requires_grad_() for t in a]
+        bl = [t.detach().float().clone().requires_grad_() for t in bb]
         y = multi_lora_linear(xl, w.to(cast), None if b is None else b.to(cast), al, bl, call.scales,
                               call.segments, dropout=call.dropout, dropout_masks=masks, backend=backend)
         (y.float() * dy.float()).sum().backward()

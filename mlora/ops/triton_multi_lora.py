@@ -80,12 +80,14 @@ def _precision(x: Tensor) -> str:
 def _target_programs(device: torch.device) -> int:
     """Reduction programs wanted: several per SM, so waves are short and bytes in flight many."""
     if device.type == "cuda" and not INTERPRET:
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8
 
 
-def _adapter_tables(x: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], d_out: int) -> tuple[Tensor, Tensor]:
-    """Address tables of A and B; layouts are checked in full when a table is built."""
+def _adapter_tables(x: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                    d_out: int) -> tuple[Tensor, Tensor, bool]:
+    """Address tables of A and B, and whether every A is 16-byte aligned; layouts are
+    checked in full when a table is built."""
     dtype = x.dtype
     if not all(t.dtype == dtype and t.is_contiguous() for t in (*lora_a, *lora_b)):
         raise ValueError(f"triton multi-LoRA needs contiguous adapters in {dtype}")
@@ -97,14 +99,16 @@ def _adapter_tables(x: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor
                 raise ValueError(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} on {a.device} do not fit "
                                  f"x {tuple(x.shape)} on {x.device} and d_out {d_out}")
 
-    return pointer_table(lora_a, x.device, check), pointer_table(lora_b, x.device, check)
+    a_tab, a_aligned = pointer_table(lora_a, x.device, check)
+    b_tab, _ = pointer_table(lora_b, x.device, check)
+    return a_tab, b_tab, a_aligned
 
 
 def _mask_table(masks: Sequence[Tensor | None], st: _CallState, width: int) -> tuple[Tensor, bool, list[Tensor]]:
     """Addresses of the sorted segments' keep-masks (0: no dropout), and the tensors to keep alive."""
     call, plan = st.call, st.plan
     if not any(call.has_masks):
-        return pointer_table([None] * plan.n_segments, st.device), False, []
+        return pointer_table([None] * plan.n_segments, st.device)[0], False, []
     kept: list[Tensor | None] = []
     for k in plan.order:
         seg, mask = call.segments[k], masks[k]
@@ -115,7 +119,7 @@ def _mask_table(masks: Sequence[Tensor | None], st: _CallState, width: int) -> t
             raise ValueError(f"dropout mask of {seg} must be [{seg.end - seg.start}, {width}] on {st.device}")
         kept.append(mask.contiguous())
     alive = [m for m in kept if m is not None]
-    return pointer_table(kept, st.device), bool(alive), alive
+    return pointer_table(kept, st.device)[0], bool(alive), alive
 
 
 def _check_base(x: Tensor, weight: Tensor) -> None:
@@ -137,10 +141,10 @@ def forward_keep_shrink(
     _check_base(x, weight)
     x, weight = x.contiguous(), weight.contiguous()
     st = _state(x, lora_a, call)
-    a_tab, b_tab = _adapter_tables(x, lora_a, lora_b, weight.shape[0])
+    a_tab, b_tab, aligned = _adapter_tables(x, lora_a, lora_b, weight.shape[0])
     precision = _precision(x)
     mask_tab, dropout, _alive = _mask_table(masks, st, x.shape[1])
-    h = shrink_mod.shrink(x, a_tab, mask_tab, st.plan, dropout, precision)
+    h = shrink_mod.shrink(x, a_tab, mask_tab, st.plan, dropout, precision, aligned)
     y = gemm.fused_gemm(x, weight, bias, h, b_tab, mask_tab, st.plan,
                         w_kn=False, dropout=False, precision=precision, use_tma=use_tma)
     return y, h
@@ -198,11 +202,11 @@ def backward(
     d_out = dy.shape[1]
     st = _state(x, lora_a, call)
     plan, ranks = st.plan, st.ranks
-    a_tab, b_tab = _adapter_tables(x, lora_a, lora_b, d_out)
+    a_tab, b_tab, aligned = _adapter_tables(x, lora_a, lora_b, d_out)
     precision = _precision(x)
     mask_tab, dropout, _alive = _mask_table(masks, st, d_in)
     if h is None:
-        h = shrink_mod.shrink(x, a_tab, mask_tab, plan, dropout, precision)
+        h = shrink_mod.shrink(x, a_tab, mask_tab, plan, dropout, precision, aligned)
 
     off_a, ends_a = _offsets(ranks, d_in, x.device)
     off_b, ends_b = _offsets(ranks, d_out, x.device)
@@ -223,8 +227,8 @@ def backward(
                             mask_tab=mask_tab, dropout=dropout, precision=precision)
 
     def grad_x() -> Tensor:
-        return gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan,
-                               w_kn=True, dropout=dropout, precision=precision, use_tma=use_tma)
+        return gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan, w_kn=True, dropout=dropout,
+                               precision=precision, use_tma=use_tma, v_aligned=aligned)
 
     if not need_dx:
         grad_a()

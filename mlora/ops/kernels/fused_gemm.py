@@ -58,7 +58,7 @@ def fused_gemm_kernel(
     v_tab, mask_tab, slot_rank, slot_scale, slot_keep,
     M, N, K, M_BUCKET,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
@@ -113,6 +113,8 @@ def fused_gemm_kernel(
         u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
         u = (u.to(tl.float32) * scale).to(dtype)
         v_ptr = tl.load(v_tab + slot).to(tl.pointer_type(dtype))
+        if V_ALIGNED:
+            v_ptr = tl.multiple_of(v_ptr, 16)
         v_ok = (rr < rank)[:, None] & col_ok[None, :]
         if W_KN:  # V = A_j [rank, N]
             v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=v_ok, other=0.0)
@@ -160,11 +162,12 @@ def fused_gemm(
     dropout: bool,
     precision: str,
     use_tma: bool | None = None,
+    v_aligned: bool = False,
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
     use_tma None picks descriptors when the device and the shapes allow them (and
-    MLORA_TRITON_TMA is not 0).
+    MLORA_TRITON_TMA is not 0). v_aligned: every V_j address is 16-byte aligned.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -187,7 +190,7 @@ def fused_gemm(
         m, n, k, triton.next_power_of_2(m),
     )
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
-                 PRECISION=precision)
+                 PRECISION=precision, V_ALIGNED=v_aligned)
     if meta is not None:
         _set_block_shapes({"a_src": a_src, "w_src": w_src, "W_KN": w_kn, **meta})
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mlora.ops.multi_lora import Segment
 
-_POINTER_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+_POINTER_TABLES: OrderedDict[tuple, tuple[Tensor, bool]] = OrderedDict()
 _POINTER_TABLES_MAX = 512
 
 
@@ -239,23 +239,25 @@ def item_plan(
 
 
 def pointer_table(tensors: Sequence[Tensor | None], device: torch.device,
-                  check: Callable[[], None] | None = None) -> Tensor:
-    """int64 device table of data addresses (0 for None), cached by the addresses.
+                  check: Callable[[], None] | None = None) -> tuple[Tensor, bool]:
+    """int64 device table of data addresses (0 for None), cached by the addresses, and
+    whether every address is 16-byte aligned (lets kernels load 16 bytes at a time).
 
     A table only holds addresses, so one built for the same addresses is the same
     table whatever those tensors now hold; the caller keeps the tensors alive. `check`
     (validation of the tensors' layout) runs only when a table is built.
     """
     key = (device, tuple(0 if t is None else t.data_ptr() for t in tensors))
-    table = _POINTER_TABLES.get(key)
-    if table is not None:
+    hit = _POINTER_TABLES.get(key)
+    if hit is not None:
         _POINTER_TABLES.move_to_end(key)
-        return table
+        return hit
     if check is not None:
         check()
     host = torch.tensor(key[1] if key[1] else [0], dtype=torch.int64)
     table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
-    _POINTER_TABLES[key] = table
+    hit = (table, all(addr % 16 == 0 for addr in key[1]))
+    _POINTER_TABLES[key] = hit
     if len(_POINTER_TABLES) > _POINTER_TABLES_MAX:
         _POINTER_TABLES.popitem(last=False)
-    return table
+    return hit

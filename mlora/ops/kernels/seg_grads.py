@@ -26,6 +26,7 @@ BLOCK_M = 16 if INTERPRET else 64
 BLOCK_D = 16 if INTERPRET else 128
 NUM_WARPS = 4
 NUM_STAGES = 1 if INTERPRET else 3
+REDUCE_BLOCK = 64 if INTERPRET else 1024
 
 
 @triton.jit
@@ -95,25 +96,29 @@ def seg_grad_kernel(
 def reduce_partials_kernel(
     part_ptr, out_ptr, red_slot, red_lo, red_hi, out_off, slot_rank,
     D,
-    R: tl.constexpr, OUT_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    R: tl.constexpr, OUT_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Sum a split slot's fp32 partials in item order and write its gradient."""
+    """Sum a split slot's fp32 partials in item order and write its gradient.
+
+    Each program owns BLOCK consecutive elements of the flat [R, D] block, so the
+    grid is wide even for one split slot, and its loads are contiguous.
+    """
     i = tl.program_id(0)
-    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dd < D
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_block = offs < R * D
     slot = tl.load(red_slot + i)
     rank = tl.load(slot_rank + slot)
-    rr = tl.arange(0, R)
-    r_ok = rr < rank
-    acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for p in range(tl.load(red_lo + i), tl.load(red_hi + i)):
-        acc += tl.load(part_ptr + p * (R * D) + rr[:, None] * D + dd[None, :], mask=d_ok[None, :], other=0.0)
+        acc += tl.load(part_ptr + p * (R * D) + offs, mask=in_block, other=0.0)
+    r = offs // D
+    d = offs % D
     base = out_ptr + tl.load(out_off + slot)
     if OUT_T:
-        ptrs = base + dd[None, :].to(tl.int64) * rank + rr[:, None]
+        ptrs = base + d.to(tl.int64) * rank + r
     else:
-        ptrs = base + rr[:, None].to(tl.int64) * D + dd[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+        ptrs = base + r.to(tl.int64) * D + d
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_block & (r < rank))
 
 
 def seg_grads(
@@ -152,7 +157,7 @@ def seg_grads(
         BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if items.n_reduce:
-        reduce_partials_kernel[(items.n_reduce, triton.cdiv(width, BLOCK_D))](
+        reduce_partials_kernel[(items.n_reduce, triton.cdiv(r * width, REDUCE_BLOCK))](
             parts, out, items.red_slot, items.red_lo, items.red_hi, out_off, plan.slot_rank,
-            width, R=r, OUT_T=transposed, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+            width, R=r, OUT_T=transposed, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )

@@ -28,7 +28,7 @@ def shrink_kernel(
     seg_slot, seg_start, seg_end, tile_seg, tile_row, slot_rank, slot_keep,
     K,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     j = tl.load(tile_seg + tile)
@@ -39,6 +39,8 @@ def shrink_kernel(
     rank = tl.load(slot_rank + slot)
     dtype = x_ptr.dtype.element_ty
     a_ptr = tl.load(a_tab + slot).to(tl.pointer_type(dtype))
+    if ALIGNED:  # 16-byte aligned adapters: A rows load 16 bytes at a time
+        a_ptr = tl.multiple_of(a_ptr, 16)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < s1
     rows64 = rows.to(tl.int64)
@@ -63,7 +65,8 @@ def shrink_kernel(
     tl.store(h_ptr + rows64[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def shrink(x: Tensor, a_tab: Tensor, mask_tab: Tensor, plan: SegmentPlan, dropout: bool, precision: str) -> Tensor:
+def shrink(x: Tensor, a_tab: Tensor, mask_tab: Tensor, plan: SegmentPlan, dropout: bool, precision: str,
+           aligned: bool = False) -> Tensor:
     """h [T, R] in x's dtype; rows of uncovered tokens are left unwritten."""
     h = torch.empty(x.shape[0], plan.rank_pad, dtype=x.dtype, device=x.device)
     if plan.n_shrink_tiles == 0:
@@ -72,7 +75,7 @@ def shrink(x: Tensor, a_tab: Tensor, mask_tab: Tensor, plan: SegmentPlan, dropou
         x, h, a_tab, mask_tab,
         plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg, plan.shrink_row, plan.slot_rank, plan.slot_keep,
         x.shape[1],
-        R=plan.rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, DROPOUT=dropout, PRECISION=precision,
+        R=plan.rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, DROPOUT=dropout, PRECISION=precision, ALIGNED=aligned,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return h
