@@ -11,13 +11,13 @@ there are adapters; the frozen W gets no gradient):
   dense    mlora's dense PyTorch operator (backend "torch", the CPU path)
   fused    mlora's Triton operator (this repository's kernels)
   fused-0  the fused operator with no segments: its GEMM alone, against cuBLAS
-  (--ablate) fused-serial: dA pass not overlapped with the dx GEMM
-  (--rows …,fused-ptr) fused-ptr: GEMM main loop through pointers instead of TMA
 
-Median ms (triton.testing.do_bench: eager, host launch costs included), the same
-replayed from a CUDA graph for base and the fused rows (device time alone), peak memory
-over the inputs, and the relative error against the loop (the largest over y, dx, all
-dA, all dB).
+Eager rows go through multi_lora_linear and autograd, so they include the host's
+launch and autograd costs (2K + 1 gradients); median ms from triton.testing.do_bench.
+Device rows replay a CUDA graph of the operator's own forward + backward calls (no
+autograd), i.e. device time alone: base, fused, fused-serial (dA pass not beside the
+dx GEMM), fused-bd64 (reduction column tiles of 64), fused-0. Peak memory is over the
+inputs; relative error is against the loop, the largest over y, dx, all dA, all dB.
 
     PYTHONPATH=. python3 bench/ops/bench_ops.py --out bench/ops/results.json
     python bench/ops/bench_ops.py --small        # CPU smoke test of the script (no Triton rows)
@@ -45,9 +45,8 @@ RANK = 16
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 JOBS = [1, 4, 16, 64]
 ROWS = ["base", "peft", "loop", "bmm", "dense", "fused", "fused-0"]
-CHECKED = ("bmm", "dense", "fused", "fused-serial", "fused-ptr")  # rows compared with the loop
-GRAPHED = ("base", "fused", "fused-0", "fused-serial")  # rows also timed as a CUDA graph (dense copies
-# host data to the device inside its forward, which a graph cannot capture)
+DEVICE_ROWS = ["base", "fused", "fused-serial", "fused-bd64", "fused-0"]
+CHECKED = ("bmm", "dense", "fused")  # eager rows compared with the loop (device rows: all fused ones)
 Outputs = list[torch.Tensor]
 
 
@@ -99,33 +98,37 @@ def variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> dict[str,
         y = torch.nn.functional.linear(xg, w) + scale * torch.bmm(b_tok, h).squeeze(-1)
         return [y, *torch.autograd.grad(y, [xg, *a, *b], dy)]
 
-    def ablated(setting: str) -> Callable[[], Outputs]:
-        import os
+    return {"base": base, "peft": peft, "loop": op("loop", segments), "bmm": bmm, "dense": op("torch", segments),
+            "fused": op("triton", segments), "fused-0": op("triton", [])}
 
-        from mlora.ops import triton_multi_lora
 
-        fused = op("triton", segments)
+def device_variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> dict[str, Callable[[], Outputs]]:
+    """The fused operator's own forward + backward calls, without autograd, for graph capture."""
+    from mlora.ops import triton_multi_lora as tm
+    from mlora.ops.kernels import seg_grads
+    from mlora.ops.multi_lora import LoraCall
+
+    a_d, b_d = [t.detach() for t in a], [t.detach() for t in b]
+    jobs = len(a)
+
+    def fused(segs: list[Segment], overlap: bool = True, block_d: int | None = None) -> Callable[[], Outputs]:
+        call = LoraCall(tuple(segs), (scale,) * jobs, (0.0,) * jobs, (False,) * len(segs))
+        masks = [None] * len(segs)
 
         def run() -> Outputs:
-            saved = triton_multi_lora.OVERLAP_GRAD_A, os.environ.get("MLORA_TRITON_TMA")
-            if setting == "serial":
-                triton_multi_lora.OVERLAP_GRAD_A = False
-            else:
-                os.environ["MLORA_TRITON_TMA"] = "0"
+            saved = tm.OVERLAP_GRAD_A, seg_grads.BLOCK_D
+            tm.OVERLAP_GRAD_A, seg_grads.BLOCK_D = overlap, block_d or saved[1]
             try:
-                return fused()
+                y, h = tm.forward_keep_shrink(x, w, None, a_d, b_d, masks, call)
+                dx, d_a, d_b = tm.backward(dy, x, w, a_d, b_d, masks, call, True, h=h)
             finally:
-                triton_multi_lora.OVERLAP_GRAD_A = saved[0]
-                if saved[1] is None:
-                    os.environ.pop("MLORA_TRITON_TMA", None)
-                else:
-                    os.environ["MLORA_TRITON_TMA"] = saved[1]
+                tm.OVERLAP_GRAD_A, seg_grads.BLOCK_D = saved
+            return [y, dx, *d_a, *d_b]
 
         return run
 
-    return {"base": base, "peft": peft, "loop": op("loop", segments), "bmm": bmm, "dense": op("torch", segments),
-            "fused": op("triton", segments), "fused-0": op("triton", []),
-            "fused-serial": ablated("serial"), "fused-ptr": ablated("ptr")}
+    return {"base": lambda: [x @ w.t(), dy @ w], "fused": fused(segments), "fused-serial": fused(segments, False),
+            "fused-bd64": fused(segments, block_d=64), "fused-0": fused([])}
 
 
 def rel_err(out: Outputs, ref: Outputs) -> float:
@@ -185,17 +188,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=TOKENS)
     parser.add_argument("--small", action="store_true", help="CPU smoke test: 256 tokens, 64→96, K = 1, 4")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the fused op (4096², K=16)")
-    parser.add_argument("--ablate", action="store_true", help="also time fused-serial")
-    parser.add_argument("--rows", default=",".join(ROWS), help="which rows to time (base and loop always run)")
-    parser.add_argument("--graph-rows", default=",".join(GRAPHED), help="rows also timed from a CUDA graph")
+    parser.add_argument("--rows", default=",".join(ROWS), help="eager rows to time (base and loop always run)")
+    parser.add_argument("--device-rows", default=",".join(DEVICE_ROWS), help="rows timed from a CUDA graph")
     parser.add_argument("--host-profile", action="store_true", help="cProfile of the fused op's host side (4096², K=1, 64)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.small:
         args.tokens, args.shapes, args.jobs = 256, "64x96", "1,4"
-    wanted = {"base", "loop", *args.rows.split(",")} | ({"fused-serial"} if args.ablate else set())
-    rows = [r for r in (*ROWS, "fused-serial", "fused-ptr") if r in wanted and (device == "cuda" or not r.startswith("fused"))]
+    wanted = {"base", "loop", *args.rows.split(",")}
+    rows = [r for r in ROWS if r in wanted and (device == "cuda" or not r.startswith("fused"))]
+    dev_rows = [r for r in DEVICE_ROWS if r in args.device_rows.split(",")] if device == "cuda" else []
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                 tokens=args.tokens, rank=RANK, dtype=str(dtype).removeprefix("torch."), date="2026-11-24")
@@ -223,28 +226,36 @@ def main() -> None:
                         row[f"{name}_err"] = rel_err(out, ref)
                     del out
                     row[f"{name}_ms"] = median_ms(fns[name], device)
-                    if device == "cuda" and name in GRAPHED and name in args.graph_rows.split(","):
-                        row[f"{name}_graph_ms"] = graph_ms(fns[name])
                     row[f"{name}_mib"] = peak_extra_mib(fns[name], device)
                 except torch.OutOfMemoryError:
                     row[f"{name}_ms"] = row[f"{name}_mib"] = None
                     torch.cuda.empty_cache()
                 if name == "peft":
                     peft = (row["peft_ms"], row["peft_mib"])
+            dev_fns = device_variants(x, w, dy, a, b, segments, scale=2.0) if dev_rows else {}
+            for name in dev_rows:
+                out = dev_fns[name]()
+                if name != "base" and name != "fused-0":
+                    row[f"dev_{name}_err"] = rel_err(out, ref)
+                del out
+                row[f"dev_{name}_ms"] = graph_ms(dev_fns[name])
             if row.get("fused_ms") is not None and row.get("base_ms"):
                 row["fused_over_base"] = row["fused_ms"] / row["base_ms"]
+            if row.get("dev_fused_ms") and row.get("dev_base_ms"):
+                row["dev_fused_over_base"] = row["dev_fused_ms"] / row["dev_base_ms"]
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "lengths"}), flush=True)
-            if args.profile and device == "cuda" and (d_in, d_out, jobs) == (4096, 4096, 16):
-                profile(fns["fused"])
+            if args.profile and dev_fns and (d_in, d_out) == (4096, 4096):
+                print(f"kernels of one fused forward + backward, 4096², K = {jobs}:", flush=True)
+                profile(dev_fns["fused"])
             if args.host_profile and (d_in, d_out, jobs) in ((4096, 4096, 1), (4096, 4096, 64)):
                 host_profile(fns["fused" if device == "cuda" else "dense"])
-            del x, w, dy, a, b, fns, ref
+            del x, w, dy, a, b, fns, dev_fns, ref
             if device == "cuda":
                 torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    print_table(results, rows)
+    print_table(results, rows, dev_rows)
 
 
 def profile(fn: Callable[[], Outputs]) -> None:
@@ -257,7 +268,10 @@ def profile(fn: Callable[[], Outputs]) -> None:
         for _ in range(10):
             fn()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if ev.device_time_total > 0:
+            print(f"  {ev.key[:48]:48} {ev.count / 10:4.1f} calls {ev.device_time_total / 10:9.1f} us per fwd+bwd",
+                  flush=True)
     compiled_report()
 
 
@@ -290,26 +304,26 @@ def compiled_report() -> None:
             print("tuned", key, cfg, flush=True)
 
 
-def print_table(results: list[dict], rows: list[str]) -> None:
+def print_table(results: list[dict], rows: list[str], dev_rows: list[str]) -> None:
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
     mem_rows = [r for r in ("loop", "bmm", "dense", "fused") if r in rows]
     err_rows = [r for r in CHECKED if r in rows]
-    print(f"forward + backward, median ms; MiB: peak above the inputs ({'/'.join(mem_rows)}); "
-          f"rel err vs loop ({'/'.join(err_rows)})")
-    graphed = [n for n in GRAPHED if n in rows and any(r.get(f"{n}_graph_ms") for r in results)]
-    print("| d_in→d_out | K | " + " | ".join(rows) + "".join(f" | {n} (graph)" for n in graphed)
-          + " | fused/base | fused/base (graph) | MiB | rel err |")
-    print("|" + "---|" * (len(rows) + len(graphed) + 6))
+    print(f"forward + backward, median ms. Eager (autograd): {', '.join(rows)}. Device (CUDA graph, no autograd): "
+          f"{', '.join(dev_rows)}. MiB: peak above the inputs ({'/'.join(mem_rows)}); rel err vs loop "
+          f"({'/'.join(err_rows)})")
+    head = ["d_in→d_out", "K", *rows, *(f"dev {n}" for n in dev_rows), "fused/base", "dev fused/base", "MiB", "rel err"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for r in results:
-        cells = [num(r.get(f"{n}_ms"), ".3f") for n in rows] + [num(r.get(f"{n}_graph_ms"), ".3f") for n in graphed]
-        ratio_g = (r["fused_graph_ms"] / r["base_graph_ms"]
-                   if r.get("fused_graph_ms") and r.get("base_graph_ms") else None)
-        mem = " / ".join(num(r.get(f"{n}_mib"), ".0f") for n in mem_rows)
-        err = " / ".join(num(r.get(f"{n}_err"), ".1e") for n in err_rows)
-        print(f"| {r['d_in']}→{r['d_out']} | {r['jobs']} | " + " | ".join(cells)
-              + f" | {num(r.get('fused_over_base'), '.3f')} | {num(ratio_g, '.3f')} | {mem} | {err} |")
+        cells = [f"{r['d_in']}→{r['d_out']}", str(r["jobs"])]
+        cells += [num(r.get(f"{n}_ms"), ".3f") for n in rows]
+        cells += [num(r.get(f"dev_{n}_ms"), ".3f") for n in dev_rows]
+        cells += [num(r.get("fused_over_base"), ".3f"), num(r.get("dev_fused_over_base"), ".3f")]
+        cells.append(" / ".join(num(r.get(f"{n}_mib"), ".0f") for n in mem_rows))
+        cells.append(" / ".join(num(r.get(f"{n}_err"), ".1e") for n in err_rows))
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
