@@ -3,8 +3,8 @@
 forward:   h = drop(x)·Aᵀ per segment (shrink), then y = x·Wᵀ + bias + s·h·Bᵀ in one
            GEMM whose tiles add the LoRA expand as extra reduction steps.
 backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B; then
-           dx = dy·W + drop(s·g·A) in one GEMM, with the pass over x that gives
-           dA = s·gᵀ·drop(x) beside it on a side stream.
+           dx = dy·W + drop(s·g·A) in one GEMM, then one pass over x gives
+           dA = s·gᵀ·drop(x) (optionally beside the GEMM on a side stream).
 
 h (T × padded rank) is kept from forward for backward; g is T × padded rank in fp32.
 The host work per call is kept flat in the number of jobs where it can be: plans are
@@ -30,7 +30,9 @@ from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, pointer_tab
 from mlora.ops.multi_lora import LoraCall
 
 PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pass
-OVERLAP_GRAD_A = True  # on CUDA, run the dA pass on a side stream beside the dx GEMM
+# On CUDA, run the dA pass on a side stream beside the dx GEMM. Off: measured on an
+# H100 (bench/ops, 2026-11-24) it saved nothing, the GEMM slowing by what it hid.
+OVERLAP_GRAD_A = False
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _BY_CALL: OrderedDict[int, "_CallState"] = OrderedDict()
 _BY_CALL_MAX = 2048  # a forward of every adapted linear of a model, then their backwards
