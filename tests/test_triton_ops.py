@@ -195,6 +195,6 @@ def test_compiled_on_cuda() -> None:
            "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", "import test_triton_ops as t; t.run_cuda_checks()"],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
+                          env=env, cwd=root, capture_output=True, text=True, timeout=900, check=False)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]

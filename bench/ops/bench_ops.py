@@ -260,7 +260,8 @@ def main() -> None:
 
 
 def profile(fn: Callable[[], Outputs]) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for _ in range(3):
         fn()

@@ -26,7 +26,13 @@ from mlora.ops.kernels import fused_gemm as gemm
 from mlora.ops.kernels import seg_grads as grads
 from mlora.ops.kernels import shrink as shrink_mod
 from mlora.ops.kernels.interpret import INTERPRET
-from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, pointer_table, segment_plan
+from mlora.ops.kernels.plan import (
+    ItemPlan,
+    SegmentPlan,
+    item_plan,
+    pointer_table,
+    segment_plan,
+)
 from mlora.ops.multi_lora import LoraCall
 
 PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pass
@@ -34,7 +40,7 @@ PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pa
 # H100 (bench/ops, 2026-11-24) it saved nothing, the GEMM slowing by what it hid.
 OVERLAP_GRAD_A = False
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-_BY_CALL: OrderedDict[int, "_CallState"] = OrderedDict()
+_BY_CALL: OrderedDict[int, _CallState] = OrderedDict()
 _BY_CALL_MAX = 2048  # a forward of every adapted linear of a model, then their backwards
 
 
