@@ -88,7 +88,7 @@ def _deep_copy(value: Any) -> Any:
 
 def _set_path(root: dict[str, Any], parts: list[str], value: Any, source: str, key: str) -> None:
     node: Any = root
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if isinstance(node, list):
             node = node[_job_index(node, part, source, key)]
             continue
