@@ -137,11 +137,15 @@ def parse_run(raw: Mapping[str, Any], source: str, check_paths: bool = True) -> 
         label = f"jobs[{i}]" + (f" ({job_raw['name']!r})" if "name" in job_raw else "")
         merged = {**defaults, **job_raw}
         job = _build(JobSpec, merged, source, label)
-        job = _check_job(job, source, label, check_paths)
+        job = _check_job(job, source, label, check_paths, explicit=set(job_raw))
         if job.name in seen:
             raise ConfigError(f"{source}: {label}: name: {job.name!r} is used by another job")
         seen.add(job.name)
         jobs.append(job)
+    labels = {job.name: f"jobs[{i}] ({job.name!r})" for i, job in enumerate(jobs)}
+    for job in jobs:
+        if job.kind == "meteora":
+            _check_meteora_adapters(job, jobs, source, labels[job.name], check_paths)
 
     run = _build(RunLimits, raw.get("run") or {}, source, "run")
     _check_run(run, source)
@@ -201,6 +205,13 @@ def _coerce(value: Any, type_name: str, source: str, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{source}: {where}: must be a string, got {value!r}")
+    if base.startswith("dict[str, str]"):
+        ok = isinstance(value, Mapping) and value and all(
+            isinstance(k, (str, int)) and not isinstance(k, bool) and isinstance(v, str) for k, v in value.items()
+        )
+        if ok:
+            return {str(k): v for k, v in value.items()}
+        raise ConfigError(f"{source}: {where}: must be a mapping of names to file paths, got {value!r}")
     if base.startswith("tuple[int"):
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
@@ -229,8 +240,15 @@ def _check_model(model: ModelSpec, source: str, check_paths: bool) -> None:
             raise ConfigError(f"{source}: model: path: {model.path!r} has no config.json (not a Hugging Face model folder)")
 
 
-def _check_job(job: JobSpec, source: str, where: str, check_paths: bool) -> JobSpec:
-    """Check a job's values; return it with `target_modules: all` spelled out."""
+METEORA_FIELDS = ("adapters", "datasets", "top_k", "temperature", "gate_loss_coef", "train_loras")
+
+
+def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explicit: set[str] = frozenset()) -> JobSpec:  # type: ignore[assignment]
+    """Check a job's values; return it with `target_modules: all` spelled out.
+
+    `explicit` are the fields the job itself sets (not inherited from defaults): a
+    MeteoRA-only field set on a LoRA job is a mistake worth naming.
+    """
     def fail(field_name: str, why: str) -> None:
         raise ConfigError(f"{source}: {where}: {field_name}: {why}")
 
@@ -238,8 +256,17 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool) -> JobS
         fail("name", f"{job.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
     if job.kind not in JOB_KINDS:
         fail("kind", f"{job.kind!r} is not one of {', '.join(JOB_KINDS)}")
-    if check_paths and not Path(job.dataset).is_file():
-        fail("dataset", f"file {job.dataset!r} not found")
+    if job.kind == "meteora":
+        _check_meteora_fields(job, fail)
+    else:
+        for name in METEORA_FIELDS:
+            if name in explicit:
+                fail(name, "only applies to jobs of kind: meteora")
+        if job.dataset is None:
+            fail("dataset", "missing (required): the file of the job's training records")
+    for name, path in _dataset_files(job):
+        if check_paths and not Path(path).is_file():
+            fail(name, f"file {path!r} not found")
     if job.dataset_format not in DATASET_FORMATS:
         fail("dataset_format", f"{job.dataset_format!r} is not one of {', '.join(DATASET_FORMATS)}")
     _check_template(job.template, fail)
@@ -288,6 +315,71 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool) -> JobS
     if job.warmup_steps < 0:
         fail("warmup_steps", f"must be >= 0, got {job.warmup_steps}")
     return dataclasses.replace(job, target_modules=tuple(targets))
+
+
+def _dataset_files(job: JobSpec) -> list[tuple[str, str]]:
+    """(field for messages, path) of every dataset file a job reads."""
+    files = [("dataset", job.dataset)] if job.dataset is not None else []
+    return files + [(f"datasets: {key}", path) for key, path in (job.datasets or {}).items()]
+
+
+def _check_meteora_fields(job: JobSpec, fail: Any) -> None:
+    """What a MeteoRA job needs that a run file can get wrong on its own."""
+    if not job.adapters:
+        fail("adapters", "a meteora job needs at least one adapter (PEFT folders or LoRA job names of this run)")
+    if len(set(job.adapters)) != len(job.adapters):
+        fail("adapters", "names an adapter twice")
+    if not 1 <= job.top_k <= len(job.adapters):
+        fail("top_k", f"must be in 1..{len(job.adapters)} (the number of adapters), got {job.top_k}")
+    if job.temperature <= 0:
+        fail("temperature", f"must be positive, got {job.temperature}")
+    if job.gate_loss_coef < 0:
+        fail("gate_loss_coef", f"must be >= 0, got {job.gate_loss_coef}")
+    if (job.dataset is None) == (job.datasets is None):
+        fail("dataset", "give either `dataset` (records with a `task` field) or `datasets` (adapter -> file), not both"
+             if job.dataset is not None else "missing: give `dataset` (records with a `task` field) or `datasets` (adapter -> file)")
+    for key in job.datasets or {}:
+        if task_index(key, job.adapters) is None:
+            fail(f"datasets: {key}", f"is neither an adapter of this job ({', '.join(job.adapters)}) nor an index 0..{len(job.adapters) - 1}")
+
+
+def task_index(key: str | int, adapters: Sequence[str]) -> int | None:
+    """An adapter's index from how the job lists it, its name, or its number."""
+    labels = [adapter_label(a) for a in adapters]
+    for names in (list(adapters), labels):
+        if isinstance(key, str) and key in names:
+            return names.index(key)
+    text = str(key)
+    if text.isdigit() and int(text) < len(adapters):
+        return int(text)
+    return None
+
+
+def adapter_label(ref: str) -> str:
+    """The name an adapter goes by in a MeteoRA job: a job's name, or a folder's last part."""
+    return Path(ref).name or ref
+
+
+def _check_meteora_adapters(job: JobSpec, jobs: Sequence[JobSpec], source: str, where: str, check_paths: bool) -> None:
+    """Each adapter is a LoRA job of this run or a PEFT folder; run jobs must share targets."""
+    by_name = {j.name: j for j in jobs}
+    targets: dict[str, tuple[str, ...]] = {}
+    for ref in job.adapters:
+        dep = by_name.get(ref)
+        if dep is not None:
+            if dep.kind != "lora":
+                raise ConfigError(f"{source}: {where}: adapters: {ref!r} is a {dep.kind} job; only LoRA jobs can be mixed")
+            targets[ref] = tuple(sorted(dep.target_modules))
+        elif check_paths and not (Path(ref) / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{source}: {where}: adapters: {ref!r} is neither a job of this run nor a PEFT adapter folder (no adapter_config.json)"
+            )
+    if len(set(targets.values())) > 1:
+        listed = "; ".join(f"{k}: {','.join(v)}" for k, v in targets.items())
+        raise ConfigError(f"{source}: {where}: adapters: the LoRA jobs must adapt the same modules ({listed})")
+    labels = [adapter_label(r) for r in job.adapters]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{source}: {where}: adapters: two adapters share the name {labels}; rename a folder")
 
 
 def _check_template(template: str, fail: Any) -> None:

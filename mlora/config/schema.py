@@ -13,7 +13,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DATASET_FORMATS = ("auto", "alpaca", "messages")
-JOB_KINDS = ("lora",)
+JOB_KINDS = ("lora", "meteora")
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,15 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One LoRA fine-tuning job; every field but name and dataset has a default."""
+    """One job: a LoRA to fine-tune (`kind: lora`) or a MeteoRA mixture (`kind: meteora`).
+
+    Every field but name and a dataset has a default. A MeteoRA job reads `adapters`,
+    `top_k`, `temperature`, `gate_loss_coef`, `train_loras` and optionally `datasets`;
+    the lora_* fields and target_modules do not apply to it (its adapters fix them).
+    """
 
     name: str
-    dataset: str
+    dataset: str | None = None  # a MeteoRA job may give `datasets` instead
     kind: str = "lora"
     dataset_format: str = "auto"
     template: str = "alpaca"
@@ -62,6 +67,13 @@ class JobSpec:
     gradient_accumulation_steps: int = 1
     save_steps: int | None = None  # checkpoint every N optimizer steps
     seed: int = 42
+    # MeteoRA (kind: meteora)
+    adapters: tuple[str, ...] = ()  # PEFT folders, or names of LoRA jobs of this run
+    datasets: dict[str, str] | None = None  # adapter name or index -> file of that task's records
+    top_k: int = 2
+    temperature: float = 1.0
+    gate_loss_coef: float = 50.0  # as MeteoRA's released training code
+    train_loras: bool = False  # train the K adapters too, not only the gates
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mlora.data.records import DataError, load_records
 from mlora.data.templates import render
@@ -46,8 +46,15 @@ class JobData:
         cutoff_len: int,
         eval_split: float | int,
         seed: int,
+        task_names: Sequence[str] | None = None,
+        force_task: int | None = None,
     ) -> "JobData":
-        """Read, render, tokenise and split; the split is over records, fixed by `seed`."""
+        """Read, render, tokenise and split; the split is over records, fixed by `seed`.
+
+        MeteoRA jobs pass `task_names` (their adapters): then every record must say
+        its task, by `force_task` (a file per task) or by its own `task` field (an
+        adapter name or index).
+        """
         records = load_records(Path(path), fmt)
         n_eval = split_sizes(len(records), eval_split)
         order = list(range(len(records)))
@@ -57,7 +64,10 @@ class JobData:
         evals: list[Example] = []
         dropped = 0
         for i, record in enumerate(records):
-            task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
+            if task_names is None:
+                task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
+            else:
+                task = force_task if force_task is not None else record_task(record, task_names, path, i)
             example = tokenize_pieces(tokenizer, render(record, template), cutoff_len, task=task)
             if example is None:
                 dropped += 1
@@ -66,6 +76,13 @@ class JobData:
         if not train:
             raise DataError(f"{path}: no training example has a response token within cutoff_len={cutoff_len}")
         return cls(train, evals, dropped, seed)
+
+    @classmethod
+    def concat(cls, parts: Sequence["JobData"], seed: int) -> "JobData":
+        """One job's data from several files (a MeteoRA job's file per task), in order."""
+        return cls(
+            [e for p in parts for e in p.train], [e for p in parts for e in p.eval], sum(p.dropped for p in parts), seed
+        )
 
     def epoch_order(self, epoch: int) -> list[int]:
         """A permutation of the training examples, fixed by (seed, epoch)."""
@@ -79,3 +96,18 @@ class JobData:
             raise ValueError(f"micro_batch_size must be at least 1, not {micro_batch_size}")
         order = self.epoch_order(epoch)
         return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+def record_task(record: dict[str, Any], task_names: Sequence[str], path: Path, index: int) -> int:
+    """A record's task index from its `task` field: an adapter's name or its index."""
+    value = record.get("task")
+    if isinstance(value, bool) or value is None:
+        raise DataError(f"{path}: record {index + 1}: no `task` field (a MeteoRA job needs each record's adapter)")
+    if isinstance(value, int) and 0 <= value < len(task_names):
+        return value
+    if isinstance(value, str) and value in task_names:
+        return list(task_names).index(value)
+    raise DataError(
+        f"{path}: record {index + 1}: task {value!r} is neither an adapter ({', '.join(task_names)}) "
+        f"nor an index 0..{len(task_names) - 1}"
+    )

@@ -43,6 +43,8 @@ class JobState:
     status: str = "queued"
     tokens: int = 0  # input tokens processed (cumulative)
     loss_sum: float = 0.0  # loss summed over the current step's micro-batches
+    gate_sums: dict[str, Any] = field(default_factory=dict)  # MeteoRA: gate loss / routing hits of the step
+    gate_count: int = 0  # MeteoRA: gated linears in the whole model
     losses: list[float] = field(default_factory=list)
     resume_slice: dict[str, Any] | None = None  # checkpointed optimizer state to load at start
 
@@ -71,6 +73,10 @@ class JobState:
     def step_targets(self, step: int) -> int:
         """Target tokens in the whole of step `step`: the loss denominator of every micro-batch."""
         return sum(target_count(self.train[i].labels) for mb in self.steps[step].micro_batches for i in mb)
+
+    def step_tokens(self, step: int) -> int:
+        """Real input tokens in the whole of step `step`: a MeteoRA gate loss's denominator."""
+        return sum(len(self.train[i].input_ids) for mb in self.steps[step].micro_batches for i in mb)
 
     def micro_done(self, tokens: int) -> bool:
         """Record a finished micro-batch; True when it completed the step."""

@@ -37,7 +37,8 @@ def build_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.op
 class JobOptimizer:
     """Optimizer + LR schedule for one job's adapter slice on this stage."""
 
-    def __init__(self, spec: JobSpec, adapter: StageAdapter, total_steps: int) -> None:
+    def __init__(self, spec: JobSpec, adapter: StageAdapter | Any, total_steps: int) -> None:
+        """`adapter`: a StageAdapter, or any slice with `parameters()` (a MeteoRA adapter)."""
         self.spec, self.adapter, self.total_steps = spec, adapter, total_steps
         self.params = adapter.parameters()
         self.optimizer = build_optimizer(spec, self.params)
@@ -78,14 +79,16 @@ class JobOptimizer:
         return {
             "steps_done": self.steps_done,
             "optimizer": self.optimizer.state_dict(),
-            "weights": {path: (a.detach().clone(), b.detach().clone()) for path, a, b in self.adapter.named_tensors()},
+            "params": [p.detach().clone() for p in self.params],  # the trained tensors, in the optimizer's order
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["params"]
+        if len(saved) != len(self.params) or any(s.shape != p.shape for s, p in zip(saved, self.params)):
+            raise ValueError("checkpoint does not match this job's adapter slice (other ranks, targets or stage split)")
         with torch.no_grad():
-            for path, (a, b) in state["weights"].items():
-                self.adapter.a[path].copy_(a)
-                self.adapter.b[path].copy_(b)
+            for param, value in zip(self.params, saved):
+                param.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_done = int(state["steps_done"])
         self._set_lr()

@@ -76,3 +76,21 @@ def task_labels(tasks: Sequence[int] | Tensor, lengths: Sequence[int] | Tensor, 
         raise ValueError(f"a row is longer than seq_len={seq_len}")
     real = torch.arange(seq_len)[None, :] < lengths_t[:, None]
     return torch.where(real, tasks_t[:, None], torch.full_like(real, IGNORE, dtype=torch.long)).reshape(-1)
+
+
+def gate_step_terms(logits: Sequence[Tensor], task: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy and summed top-1 hits of every gate over a micro-batch.
+
+    For a trainer that averages over a job's whole step: both are divided by
+    (gated linears × the step's labelled tokens), known on the host.
+    """
+    if not logits:
+        raise ValueError("gate_step_terms needs the gate logits of at least one linear")
+    task = task.to(device=logits[0].device, dtype=torch.long)
+    keep = task != IGNORE
+    ce = torch.zeros((), device=logits[0].device)
+    hits = torch.zeros((), device=logits[0].device)
+    for one in logits:
+        ce = ce + torch.nn.functional.cross_entropy(one.float(), task, ignore_index=IGNORE, reduction="sum")
+        hits = hits + ((one.detach().argmax(-1) == task) & keep).sum()
+    return ce, hits

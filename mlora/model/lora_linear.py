@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -41,11 +41,20 @@ class BatchLayout:
     training: bool = True
 
 
+@runtime_checkable
+class MixtureAdapter(Protocol):
+    """A job whose linears add a routed mixture (MeteoRA) instead of one LoRA."""
+
+    gates: dict
+
+    def delta(self, path: str, x_flat: Tensor) -> Tensor: ...
+
+
 @dataclass
 class Routing:
     """Shared by every MultiLoraLinear of a stage: who is training and the current batch."""
 
-    adapters: dict[str, "StageAdapter"] = field(default_factory=dict)
+    adapters: dict[str, "StageAdapter | MixtureAdapter"] = field(default_factory=dict)
     layout: BatchLayout | None = None
     backend: str = "auto"
     op_cache: dict = field(default_factory=dict)  # per-batch tensors the operator shares across layers
@@ -125,12 +134,30 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         layout = self.routing.layout
-        active = [] if layout is None else [j for j in layout.jobs if self.path in self._adapter_a(j.job)]
-        if not active:
+        active: list[JobRows] = []
+        mixtures: list[tuple[JobRows, MixtureAdapter]] = []
+        for rows in layout.jobs if layout is not None else ():
+            adapter = self.routing.adapters.get(rows.job)
+            if isinstance(adapter, StageAdapter):
+                if self.path in adapter.a:
+                    active.append(rows)
+            elif adapter is not None and self.path in adapter.gates:
+                mixtures.append((rows, adapter))
+        if not active and not mixtures:
             return nn.functional.linear(x, self.weight, self.bias)
         assert layout is not None
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
+        y = self._lora(flat, active, layout) if active else nn.functional.linear(flat, self.weight, self.bias)
+        for rows, mixture in mixtures:
+            # A MeteoRA job's rows get its routed mixture on top of the frozen output
+            # (the slice add is autograd-safe: the base GEMM does not save its output).
+            start, end = rows.row_start * layout.seq_len, rows.row_end * layout.seq_len
+            y[start:end] += mixture.delta(self.path, flat[start:end])
+        return y.view(*lead, self.out_features)
+
+    def _lora(self, flat: Tensor, active: list[JobRows], layout: BatchLayout) -> Tensor:
+        """Base GEMM plus every LoRA job's segment, in one multi-LoRA call."""
         a_list, b_list, scales, drops, segments, masks = [], [], [], [], [], []
         for slot, rows in enumerate(active):
             adapter = self.routing.adapters[rows.job]
@@ -141,16 +168,11 @@ class MultiLoraLinear(nn.Module):
             drops.append(p)
             start, end = rows.row_start * layout.seq_len, rows.row_end * layout.seq_len
             segments.append(Segment(slot, start, end))
-            masks.append(self._dropout_mask(rows, layout, p, x.device) if p > 0 else None)
-        y = multi_lora_linear(
+            masks.append(self._dropout_mask(rows, layout, p, flat.device) if p > 0 else None)
+        return multi_lora_linear(
             flat, self.weight, self.bias, a_list, b_list, scales, segments,
             dropout=drops, dropout_masks=masks, backend=self.routing.backend, cache=self.routing.op_cache,
         )
-        return y.view(*lead, self.out_features)
-
-    def _adapter_a(self, job: str) -> dict[str, nn.Parameter]:
-        adapter = self.routing.adapters.get(job)
-        return adapter.a if adapter is not None else {}
 
     def _dropout_mask(self, rows: JobRows, layout: BatchLayout, p: float, device: torch.device) -> Tensor:
         """Keep-mask drawn at the job's own [rows, seq_len, d_in] size, then padded.

@@ -155,6 +155,24 @@ class StageModel(nn.Module):
         return mask.masked_fill(blocked, torch.finfo(like.dtype).min)[None, None]
 
 
+def base_linear_shapes(model_dir: str | Path) -> tuple[dict[str, tuple[int, int]], int]:
+    """(d_in, d_out) of every adaptable linear of a model folder, and its block count.
+
+    Built on the meta device from the config alone: lets a run check adapters against
+    the base before any weight is read.
+    """
+    config = read_config(Path(model_dir))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes = {}
+    for i, layer in enumerate(skeleton.model.layers):
+        for rel in TARGET_PATHS.values():
+            parent_name, child = rel.split(".")
+            linear = getattr(getattr(layer, parent_name), child)
+            shapes[f"{layer_prefix(i)}.{rel}"] = (linear.in_features, linear.out_features)
+    return shapes, int(config.num_hidden_layers)
+
+
 def load_stage(
     model_dir: str | Path,
     bounds: StageBounds | None = None,

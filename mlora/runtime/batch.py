@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mlora.jobs import PendingMicro
+from mlora.meteora.gate import task_labels
 from mlora.model.lora_linear import BatchLayout, JobRows
 from mlora.model.loss import IGNORE, Targets
 
@@ -24,6 +25,7 @@ class FusedBatch:
     layout: BatchLayout
     micros: list[PendingMicro]
     tokens: list[int]  # real (unpadded) input tokens per micro-batch
+    task_labels: list[Tensor | None]  # MeteoRA micro-batches: each token's adapter index (-100 on pads)
 
 
 def dropout_seed(seed: int, step: int, micro: int) -> int:
@@ -52,8 +54,12 @@ def collate(
     device: torch.device,
     training: bool = True,
     loss_weights: Sequence[float] | None = None,
+    with_tasks: Sequence[bool] | None = None,
 ) -> FusedBatch:
     """examples[k] are micro-batch k's Example objects (input_ids, labels).
+
+    `with_tasks[k]` asks for micro-batch k's per-token task labels (a MeteoRA job's
+    gate targets), laid out like the job's rows of the fused batch.
 
     Everything the step needs on the device is built here and copied from pinned
     memory without blocking: a copy from pageable memory would wait for the GPU.
@@ -72,8 +78,15 @@ def collate(
             row += 1
     targets = Targets.from_labels(labels, row_slot, len(micros))
     weights = torch.tensor(list(loss_weights) if loss_weights is not None else [1.0] * len(micros), dtype=torch.float32)
+    tasks: list[Tensor | None] = []
+    for k, exs in enumerate(examples):
+        if with_tasks is not None and with_tasks[k]:
+            tasks.append(task_labels([e.task for e in exs], lengths[k], layout.seq_len))
+        else:
+            tasks.append(None)
     if device.type == "cuda":
         ids, targets, weights = ids.pin_memory(), targets.pin_memory(), weights.pin_memory()
+        tasks = [t.pin_memory() if t is not None else None for t in tasks]
     return FusedBatch(
         input_ids=ids.to(device, non_blocking=True),
         targets=targets.to(device, non_blocking=True),
@@ -81,4 +94,5 @@ def collate(
         layout=layout,
         micros=list(micros),
         tokens=[sum(ls) for ls in lengths],
+        task_labels=[t.to(device, non_blocking=True) if t is not None else None for t in tasks],
     )

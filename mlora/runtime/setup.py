@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from mlora.config import ConfigError, RunSpec
+from mlora.config import ConfigError, JobSpec, RunSpec
 from mlora.jobs import JobState
 
 
@@ -35,6 +35,24 @@ def load_tokenizer(model_path: str) -> Any:
         raise ConfigError(f"model: path: {model_path!r}: cannot load its tokenizer: {exc}") from exc
 
 
+def read_job_data(job: JobSpec, tokenizer: Any) -> Any:
+    """A job's JobData; a MeteoRA job's records each carry their adapter's index."""
+    from mlora.config.load import adapter_label, task_index
+    from mlora.data import JobData
+
+    common = (job.dataset_format, job.template, tokenizer, job.cutoff_len, job.eval_split, job.seed)
+    if job.kind != "meteora":
+        return JobData.build(Path(job.dataset), *common)  # type: ignore[arg-type]
+    names = [adapter_label(a) for a in job.adapters]
+    if job.dataset is not None:
+        return JobData.build(Path(job.dataset), *common, task_names=names)
+    parts = []
+    for key, path in (job.datasets or {}).items():
+        index = task_index(key, job.adapters)
+        parts.append(JobData.build(Path(path), *common, task_names=names, force_task=index))
+    return JobData.concat(parts, job.seed)
+
+
 def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., Any]) -> list[JobState]:
     """Read, tokenize and split every job's dataset; fix each job's plan of steps."""
     from mlora.data import DataError, JobData
@@ -42,11 +60,10 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
     states = []
     for job in spec.jobs:
         try:
-            data = JobData.build(
-                Path(job.dataset), job.dataset_format, job.template, tokenizer, job.cutoff_len, job.eval_split, job.seed
-            )
+            data = read_job_data(job, tokenizer)
         except DataError as exc:
-            raise ConfigError(f"{spec.source}: job {job.name!r}: dataset: {exc}") from exc
+            field = "dataset" if job.dataset is not None else "datasets"
+            raise ConfigError(f"{spec.source}: job {job.name!r}: {field}: {exc}") from exc
         if not data.train:
             raise ConfigError(f"{spec.source}: job {job.name!r}: dataset: no training examples left after the eval split")
         steps = plan_steps(

@@ -23,11 +23,19 @@ from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps, target_
 from mlora.model.loss import job_loss_sums
 from mlora.model.lora_linear import StageAdapter
 from mlora.model.peft_io import AdapterError, AdapterMeta, load_adapter, read_adapter_meta, save_adapter
-from mlora.model.stage import StageModel, load_stage
+from mlora.meteora.gate import gate_step_terms
+from mlora.model.stage import StageModel, base_linear_shapes, load_stage
 from mlora.runtime.batch import collate
 from mlora.runtime.deferred import DeferredScalar
 from mlora.runtime.checkpoint import latest_checkpoint, read_stage_slice, read_state, write_checkpoint
 from mlora.runtime.output import SUMMARY, job_dir, prepare_output
+from mlora.runtime.meteora_jobs import (
+    check_meteora_inputs,
+    gated_linears,
+    make_meteora_adapter,
+    run_dependencies,
+    with_relative_folders,
+)
 from mlora.runtime.setup import build_job_states, load_tokenizer, resolve_device
 from mlora.schedule.planner import Candidate, plan_fused_batch
 
@@ -42,6 +50,7 @@ class StepLog:
     lr: float
     loss: DeferredScalar
     time: float
+    extra: dict[str, DeferredScalar] = field(default_factory=dict)  # MeteoRA: gate_loss, route_acc
 
 
 @dataclass
@@ -131,6 +140,8 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for job_spec in spec.jobs:
         check_init_adapter(job_spec, spec.source)
+    if any(j.kind == "meteora" for j in spec.jobs):
+        check_meteora_inputs(spec, *base_linear_shapes(spec.model.path))
     jobs = build_job_states(spec, tokenizer, plan_steps)
     out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
     stage = load_stage(
@@ -179,7 +190,7 @@ class Trainer:
     def _restore(self, job: JobState, previous: Any) -> None:
         """Finished jobs stay finished; others continue from their newest checkpoint."""
         folder = job_dir(self.out, job.name)
-        if (folder / "adapter_config.json").is_file():
+        if (folder / "adapter_config.json").is_file() or (folder / "meteora_config.json").is_file():
             job.step, job.status = job.max_steps, "finished"
             self.summary.restore_job(job.name, previous)
             self.result.adapters[job.name] = folder
@@ -224,9 +235,9 @@ class Trainer:
         for job in self.jobs.values():
             if running >= self.spec.run.max_concurrent_jobs:
                 return
-            if job.status != "queued":
+            if job.status != "queued" or not self._dependencies_done(job):
                 continue
-            adapter = make_adapter(job.spec, self.stage, self.device)
+            adapter = self._make_adapter(job)
             self.stage.routing.adapters[job.name] = adapter
             opt = JobOptimizer(job.spec, adapter, job.max_steps)
             if job.resume_slice is not None:
@@ -236,6 +247,19 @@ class Trainer:
             job.status = "running"
             self.summary.job_started(job.name, time.time())
             running += 1
+
+    def _dependencies_done(self, job: JobState) -> bool:
+        """A MeteoRA job mixing LoRA jobs of this run waits until they have written their adapters."""
+        return all(self.jobs[d].status == "finished" for d in run_dependencies(job.spec, self.spec))
+
+    def _make_adapter(self, job: JobState) -> Any:
+        if job.spec.kind != "meteora":
+            return make_adapter(job.spec, self.stage, self.device)
+        shapes = {p: (m.in_features, m.out_features) for p, m in self.stage.lora_linears.items()}
+        n_layers = int(self.stage.config.num_hidden_layers)
+        adapter = make_meteora_adapter(job.spec, self.spec, self.out, shapes, n_layers, self.device, self.spec.run.backend)
+        job.gate_count = gated_linears(job.spec, self.spec, n_layers)
+        return adapter
 
     def _train_one_batch(self, running: list[JobState], turn: int) -> None:
         pending = [j.pending() for j in running]
@@ -254,21 +278,41 @@ class Trainer:
             self.pad_id,
             self.device,
             loss_weights=[1.0 / j.step_targets(m.step) for j, m in zip(jobs, chosen)],
+            with_tasks=[j.spec.kind == "meteora" for j in jobs],
         )
         hidden = self.stage(batch.input_ids, batch.layout)
         per_job = job_loss_sums(self.stage.lm_head, hidden, batch.targets) * batch.loss_weights
-        per_job.sum().backward()
+        total = per_job.sum()
+        for k, (job, micro) in enumerate(zip(jobs, chosen)):
+            if job.spec.kind == "meteora":
+                total = total + self._gate_loss(job, micro.step, batch.task_labels[k])
+        total.backward()
         per_job = per_job.detach()
         for k, job in enumerate(jobs):
             job.loss_sum = job.loss_sum + per_job[k]
             if job.micro_done(batch.tokens[k]):
                 self._finish_step(job)
 
+    def _gate_loss(self, job: JobState, step: int, task: Any) -> Any:
+        """coef × this micro-batch's share of the step's mean gate cross-entropy.
+
+        The mean is over every gated linear and every real token of the job's step,
+        so it, like the LM loss, does not depend on how the step is cut or fused.
+        """
+        adapter = self.stage.routing.adapters[job.name]
+        ce, hits = gate_step_terms(adapter.take_gate_logits(), task)
+        denom = float(job.gate_count * job.step_tokens(step))
+        for key, value in (("gate_loss", ce.detach() / denom), ("route_acc", hits / denom)):
+            job.gate_sums[key] = job.gate_sums.get(key, 0.0) + value
+        return job.spec.gate_loss_coef * ce / denom
+
     def _finish_step(self, job: JobState) -> None:
         opt = self.optimizers[job.name]
-        self._logs.append(StepLog(job.name, job.step, job.tokens, opt.lr, DeferredScalar(job.loss_sum), time.time()))
+        extra = {k: DeferredScalar(v) for k, v in job.gate_sums.items()}
+        self._logs.append(StepLog(job.name, job.step, job.tokens, opt.lr, DeferredScalar(job.loss_sum), time.time(), extra))
         opt.step(opt.grad_sq_norm().sqrt())
         job.loss_sum = 0.0
+        job.gate_sums = {}
         spec = job.spec
         eval_due = bool(job.eval) and ((spec.eval_steps is not None and job.step % spec.eval_steps == 0) or job.done)
         save_due = spec.save_steps is not None and job.step % spec.save_steps == 0 and not job.done
@@ -293,13 +337,18 @@ class Trainer:
             job.losses.append(loss)
             self.summary.job_progress(rec.job, rec.step, rec.tokens, loss, rec.time)
             epoch = job.steps[rec.step - 1].epoch
-            self.sink.log_train(self.summary.train_row(rec.job, loss=loss, lr=rec.lr, t=rec.time, epoch=epoch))
+            row = self.summary.train_row(rec.job, loss=loss, lr=rec.lr, t=rec.time, epoch=epoch)
+            row.update({k: v.get() for k, v in rec.extra.items()})
+            self.sink.log_train(row)
 
     def _finish_job(self, job: JobState) -> None:
         """Write the adapter now, free its slot; the other jobs go on."""
         adapter = self.stage.routing.adapters.pop(job.name)
         folder = job_dir(self.out, job.name)
-        save_adapter(folder, adapter_meta(job.spec, self.spec.model.path), {p: (a, b) for p, a, b in adapter.named_tensors()})
+        if job.spec.kind == "meteora":
+            with_relative_folders(adapter, folder).save(folder)
+        else:
+            save_adapter(folder, adapter_meta(job.spec, self.spec.model.path), {p: (a, b) for p, a, b in adapter.named_tensors()})
         del self.optimizers[job.name]
         job.status = "finished"
         self.result.adapters[job.name] = folder
@@ -317,6 +366,8 @@ class Trainer:
             pm = PendingMicro(job.name, -1, start, True, tuple(range(len(exs))))
             batch = collate([pm], [exs], [job.spec.seed], self.pad_id, self.device, training=False)
             hidden = self.stage(batch.input_ids, batch.layout)
+            if job.spec.kind == "meteora":
+                self.stage.routing.adapters[job.name].take_gate_logits()  # not trained on here
             total += job_loss_sums(self.stage.lm_head, hidden, batch.targets)[0]
             count += sum(target_count(e.labels) for e in exs)
         return float(total) / max(1, count)

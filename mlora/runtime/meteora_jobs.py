@@ -1,0 +1,102 @@
+"""MeteoRA jobs in a run: where their adapters come from, checks, building and saving.
+
+A MeteoRA job mixes K LoRA adapters: PEFT folders given by path, or LoRA jobs of the
+same run (then it waits for them and reads what they wrote). Shared by the
+single-process trainer and the pipeline stages, which build the same adapter over
+their own linears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from mlora.config import ConfigError, JobSpec, RunSpec
+from mlora.config.load import adapter_label
+from mlora.meteora.adapter import MeteoraAdapter, MeteoraError, _read_adapters
+from mlora.model.layout import parse_linear_path
+from mlora.runtime.output import job_dir
+
+# run.backend (the multi-LoRA operator's) → the MeteoRA operator's backend
+METEORA_BACKEND = {"auto": "auto", "torch": "loop", "triton": "triton"}
+
+
+def run_dependencies(job: JobSpec, spec: RunSpec) -> list[str]:
+    """The LoRA jobs of this run a MeteoRA job mixes: it starts when they are done."""
+    names = {j.name for j in spec.jobs}
+    return [ref for ref in job.adapters if ref in names] if job.kind == "meteora" else []
+
+
+def adapter_folders(job: JobSpec, spec: RunSpec, out: Path) -> list[Path]:
+    names = {j.name for j in spec.jobs}
+    return [job_dir(out, ref) if ref in names else Path(ref) for ref in job.adapters]
+
+
+def check_meteora_inputs(spec: RunSpec, shapes: dict[str, tuple[int, int]], n_layers: int) -> None:
+    """Load every given PEFT folder of every MeteoRA job and check it fits the base and its peers.
+
+    Run before the output folder is claimed: a wrong adapter is named up front, not
+    when the job is admitted after other jobs have trained.
+    """
+    for job in spec.jobs:
+        if job.kind != "meteora":
+            continue
+        deps = set(run_dependencies(job, spec))
+        folders = [Path(ref) for ref in job.adapters if ref not in deps]
+        try:
+            if folders:
+                metas, _ = _read_adapters(folders, shapes, n_layers)
+                if deps:
+                    dep = next(j for j in spec.jobs if j.name in deps)
+                    if tuple(sorted(dep.target_modules)) != tuple(sorted(metas[0].target_modules)):
+                        raise MeteoraError(
+                            f"{folders[0]} targets {list(metas[0].target_modules)} but job {dep.name!r} "
+                            f"targets {list(dep.target_modules)}; MeteoRA needs every adapter on the same modules"
+                        )
+        except (MeteoraError, OSError, ValueError) as exc:
+            raise ConfigError(f"{spec.source}: job {job.name!r}: adapters: {exc}") from exc
+
+
+def gated_linears(job: JobSpec, spec: RunSpec, n_layers: int) -> int:
+    """How many linears of the whole model get a gate: the gate loss's mean is over them."""
+    deps = run_dependencies(job, spec)
+    if deps:
+        dep = next(j for j in spec.jobs if j.name == deps[0])
+        return n_layers * len(dep.target_modules)
+    from mlora.model.peft_io import load_adapter
+
+    _, weights = load_adapter(Path(job.adapters[0]))
+    return len({p for p in weights if parse_linear_path(p)[0] < n_layers})
+
+
+def make_meteora_adapter(
+    job: JobSpec, spec: RunSpec, out: Path, shapes: dict[str, tuple[int, int]], n_layers: int,
+    device: torch.device, backend: str,
+) -> MeteoraAdapter:
+    """The job's adapters over this stage's linears, gates freshly initialised (seeded by path)."""
+    try:
+        return MeteoraAdapter.from_adapters(
+            adapter_folders(job, spec, out), shapes, names=[adapter_label(r) for r in job.adapters], n_layers=n_layers,
+            base_model=spec.model.path, top_k=job.top_k, temperature=job.temperature, train_loras=job.train_loras,
+            seed=job.seed, device=device, backend=METEORA_BACKEND[backend],
+        )
+    except MeteoraError as exc:
+        raise ConfigError(f"{spec.source}: job {job.name!r}: adapters: {exc}") from exc
+
+
+def with_relative_folders(adapter: MeteoraAdapter, folder: Path) -> MeteoraAdapter:
+    """Point the saved config at adapters inside the run's output by relative paths.
+
+    So a run's output folder can be moved or copied whole and still load.
+    """
+    out = folder.resolve().parent
+    adapters = []
+    for name, path in adapter.config.adapters:
+        p = Path(path).resolve()
+        inside = out in p.parents
+        adapters.append((name, os.path.relpath(p, folder.resolve()) if inside else str(p)))
+    adapter.config = dataclasses.replace(adapter.config, adapters=tuple(adapters))
+    return adapter
