@@ -191,3 +191,37 @@ def test_bad_records_and_foreign_adapters_fail_before_the_output_folder(tmp_path
     with pytest.raises(ConfigError, match=r"job 'mix': adapters: .*foreign: .*the base linear is 172→64; the adapter was trained on another base"):
         train(load_run_file(run(tmp_path, model_dir, [meteora_job("mix", [folders[0], foreign], data)], "o3")), live=False)
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+@pytest.mark.slow
+def test_pipeline_gives_the_single_process_gates(tmp_path, tiny_models, datasets):
+    """2 stages over gloo: a MeteoRA job over folders shares micro-batches with a LoRA job; one
+    over LoRA jobs of the run starts in a second phase from each stage's own trained slices."""
+    from test_pipeline_runs import torchrun
+
+    model_dir = tiny_models["llama"]
+    folders = random_loras(tmp_path, model_dir, 2)
+    data = {name: task_file(tmp_path / f"{name}.jsonl", {i: 0}, 12) for i, name in ((0, "reverse"), (1, "upper"))}
+    both = task_file(tmp_path / "both.jsonl", {0: 0, 1: 1}, 12)
+    jobs = [
+        *({"name": n, "dataset": str(p), "lora_r": 4, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 2e-3,
+           "target_modules": ["q_proj", "down_proj"]} for n, p in data.items()),
+        meteora_job("folders", folders, both, micro_batch_size=3, gradient_accumulation_steps=2, max_steps=2,
+                    learning_rate=2e-3, top_k=1, train_loras=True, max_grad_norm=0.5),
+        {"name": "mix", "kind": "meteora", "adapters": ["reverse", "upper"], "max_steps": 3, "micro_batch_size": 4,
+         "learning_rate": 2e-3, "dataset": str(both)},
+    ]
+    single = train(load_run_file(run(tmp_path, model_dir, jobs, "single")), live=False)
+    proc = torchrun(2, run(tmp_path, model_dir, jobs, "pipe"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, n_targets in (("folders", 3), ("mix", 2)):
+        a, b = gates(single.output_dir, name), gates(tmp_path / "pipe", name)
+        assert a.keys() == b.keys() and len(a) == 4 * n_targets
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    trained = [load_file(str(out / "folders" / "adapters" / "lora1" / "adapter_model.safetensors"))
+               for out in (single.output_dir, tmp_path / "pipe")]
+    for key in trained[0]:
+        torch.testing.assert_close(trained[1][key], trained[0][key], rtol=1e-5, atol=1e-6)
+    config = json.loads((tmp_path / "pipe" / "mix" / "meteora_config.json").read_text())
+    assert [a["folder"] for a in config["adapters"]] == ["../reverse", "../upper"]

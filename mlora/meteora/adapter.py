@@ -252,8 +252,38 @@ class MeteoraAdapter:
         check_hyper(len(folders_p), top_k, temperature, "MeteoRA adapters")
         adapter_names = _unique_names(folders_p, names)
         metas, weights = _read_adapters(folders_p, shapes, n_layers)
+        return cls.from_weights(
+            list(zip(adapter_names, (str(f.resolve()) for f in folders_p))), metas, weights, shapes,
+            base_model=base_model, top_k=top_k, temperature=temperature, train_loras=train_loras,
+            gate_init=gate_init, seed=seed, device=device, backend=backend,
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        adapters: Sequence[tuple[str, str]],
+        metas: Sequence[AdapterMeta],
+        weights: Sequence[dict[str, tuple[Tensor, Tensor]]],
+        shapes: dict[str, tuple[int, int]],
+        *,
+        base_model: str = "",
+        top_k: int = 2,
+        temperature: float = 1.0,
+        train_loras: bool = False,
+        gate_init: str = "normal",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        backend: str = "auto",
+    ) -> "MeteoraAdapter":
+        """A new MeteoRA adapter over K adapters already in memory ((name, folder) each).
+
+        A pipeline stage mixes the LoRA jobs it has just trained from its own slices of
+        them; `weights[k]` needs only the paths of this stage. Tensors are copied, so
+        training the mixture's adapters never changes the originals.
+        """
+        check_hyper(len(adapters), top_k, temperature, "MeteoRA adapters")
         config = MeteoraConfig(
-            adapters=tuple((n, str(f.resolve())) for n, f in zip(adapter_names, folders_p)),
+            adapters=tuple((str(n), str(f)) for n, f in adapters),
             top_k=top_k, temperature=temperature, target_modules=metas[0].target_modules,
             base_model=base_model or metas[0].base_model, train_loras=train_loras,
         )
@@ -262,9 +292,9 @@ class MeteoraAdapter:
         lora_b: dict[str, list[Tensor]] = {}
         gates: dict[str, nn.Parameter] = {}
         for path in sorted(set(weights[0]) & set(shapes)):
-            lora_a[path] = [nn.Parameter(w[path][0].to(device), requires_grad=train_loras) for w in weights]
-            lora_b[path] = [nn.Parameter(w[path][1].to(device), requires_grad=train_loras) for w in weights]
-            gates[path] = nn.Parameter(init_gate(path, len(folders_p), shapes[path][0], gate_init, seed).to(device))
+            lora_a[path] = [nn.Parameter(w[path][0].detach().to(device, torch.float32, copy=True), requires_grad=train_loras) for w in weights]
+            lora_b[path] = [nn.Parameter(w[path][1].detach().to(device, torch.float32, copy=True), requires_grad=train_loras) for w in weights]
+            gates[path] = nn.Parameter(init_gate(path, len(adapters), shapes[path][0], gate_init, seed).to(device))
         return cls(config, metas, lora_a, lora_b, gates, backend)
 
     @classmethod

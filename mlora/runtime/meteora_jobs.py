@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,3 +101,62 @@ def with_relative_folders(adapter: MeteoraAdapter, folder: Path) -> MeteoraAdapt
         adapters.append((name, os.path.relpath(p, folder.resolve()) if inside else str(p)))
     adapter.config = dataclasses.replace(adapter.config, adapters=tuple(adapters))
     return adapter
+
+
+def make_meteora_on_stage(
+    job: JobSpec, spec: RunSpec, out: Path, trained: dict[str, Any], shapes: dict[str, tuple[int, int]],
+    device: torch.device, backend: str,
+) -> MeteoraAdapter:
+    """A pipeline stage's MeteoRA adapter: LoRA jobs it has just trained from its own slices
+    (`trained`: job name → StageAdapter), everything else from PEFT folders.
+
+    No stage needs another's files, so this works across machines without a shared disk.
+    """
+    from mlora.model.peft_io import load_adapter
+    from mlora.runtime.trainer import adapter_meta
+
+    by_name = {j.name: j for j in spec.jobs}
+    adapters, metas, weights = [], [], []
+    for ref, folder in zip(job.adapters, adapter_folders(job, spec, out)):
+        adapters.append((adapter_label(ref), str(folder.resolve())))
+        if ref in trained:
+            metas.append(adapter_meta(by_name[ref], spec.model.path))
+            weights.append({p: (a, b) for p, a, b in trained[ref].named_tensors()})
+        else:
+            meta, w = load_adapter(folder)
+            metas.append(meta)
+            weights.append({p: t for p, t in w.items() if p in shapes})
+    return MeteoraAdapter.from_weights(
+        adapters, metas, weights, shapes, base_model=spec.model.path, top_k=job.top_k, temperature=job.temperature,
+        train_loras=job.train_loras, seed=job.seed, device=device, backend=METEORA_BACKEND[backend],
+    )
+
+
+def meteora_slice(adapter: MeteoraAdapter) -> dict[str, Any]:
+    """What a stage sends rank 0 at the end: its gates and, if they trained, its adapters' slices."""
+    loras = None
+    if adapter.config.train_loras:
+        loras = {p: [(a.detach().cpu(), b.detach().cpu()) for a, b in zip(adapter.lora_a[p], adapter.lora_b[p])]
+                 for p in adapter.paths}
+    return {"gates": {k: v.cpu() for k, v in adapter.gate_state().items()}, "loras": loras, "config": adapter.config,
+            "metas": adapter.metas}
+
+
+def write_meteora_slices(folder: Path, slices: list[dict[str, Any]]) -> Path:
+    """Rank 0 merges every stage's gates (and trained adapters) into one MeteoRA folder."""
+    from mlora.meteora.adapter import MeteoraConfig, write_meteora
+
+    gates: dict[str, torch.Tensor] = {}
+    for s in slices:
+        gates.update(s["gates"])
+    first = slices[0]
+    config: MeteoraConfig = first["config"]
+    loras = None
+    if config.train_loras:
+        loras = {}
+        for i, ((name, _), meta) in enumerate(zip(config.adapters, first["metas"])):
+            loras[name] = (meta, {p: pairs[i] for s in slices for p, pairs in s["loras"].items()})
+        config = dataclasses.replace(config, adapters=tuple((n, f"adapters/{n}") for n, _ in config.adapters))
+    holder = MeteoraAdapter(config, first["metas"], {}, {}, {})
+    config = with_relative_folders(holder, folder).config if not config.train_loras else config
+    return write_meteora(folder, config, gates, loras)

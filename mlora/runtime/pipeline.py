@@ -32,11 +32,20 @@ from mlora.config import ConfigError, RunSpec, load_run_file
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
 from mlora.model.loss import Targets
 from mlora.model.peft_io import save_adapter
-from mlora.model.stage import StageBounds, load_stage, read_config
+from mlora.model.lora_linear import StageAdapter
+from mlora.model.stage import StageBounds, base_linear_shapes, load_stage, read_config
 from mlora.runtime.batch import collate, make_layout
 from mlora.runtime.checkpoint import latest_checkpoint, read_stage_slice, read_state, write_stage_slice
 from mlora.runtime.checkpoint import STATE, step_dir
 from mlora.runtime.output import SUMMARY, job_dir, prepare_output
+from mlora.runtime.meteora_jobs import (
+    check_meteora_inputs,
+    gated_linears,
+    make_meteora_on_stage,
+    meteora_slice,
+    run_dependencies,
+    write_meteora_slices,
+)
 from mlora.runtime.setup import build_job_states, load_tokenizer
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
 from mlora.runtime.trainer import adapter_meta, check_init_adapter, make_adapter, peak_memory_bytes, truncate_metrics
@@ -55,8 +64,8 @@ class PipelinePlan:
     spec: RunSpec
     bounds: tuple[StageBounds, ...]
     split_text: str
-    schedule: Any  # mlora.schedule.actions.Schedule
-    plans: dict[int, MicroBatchPlan]
+    phases: tuple[tuple[tuple[str, ...], Any], ...]  # (jobs starting, mlora.schedule.actions.Schedule) in order
+    plans: dict[int, MicroBatchPlan]  # every phase's micro-batches (numbered across phases)
     job_ids: dict[str, int]
     total_steps: dict[str, int]
     restored: dict[str, str | None]  # job → checkpoint folder to load (None: fresh)
@@ -109,6 +118,8 @@ class Driver:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for job in spec.jobs:
             check_init_adapter(job, spec.source)
+        if any(j.kind == "meteora" for j in spec.jobs):
+            check_meteora_inputs(spec, *base_linear_shapes(spec.model.path))
         self.jobs: dict[str, JobState] = {s.name: s for s in build_job_states(spec, tokenizer, plan_steps)}
         no_eval = [j.name for j in self.jobs.values() if j.eval]
         if no_eval:
@@ -126,7 +137,7 @@ class Driver:
         active: list[str] = []
         for job in self.jobs.values():
             folder = job_dir(self.out, job.name)
-            if self.resume and (folder / "adapter_config.json").is_file():
+            if self.resume and is_finished(folder):
                 job.step, job.status = job.max_steps, "finished"
                 continue
             ckpt = latest_checkpoint(self.out, job.name, self.n_stages) if self.resume else None
@@ -136,8 +147,33 @@ class Driver:
                 truncate_metrics(folder / "metrics.jsonl", job.step)
             restored[job.name] = str(ckpt) if ckpt is not None else None
             active.append(job.name)
+        # A MeteoRA job that mixes LoRA jobs still training here runs in a second phase,
+        # after they are done on every stage (the pipeline drains between phases).
+        later = [n for n in active if any(d in active for d in run_dependencies(self.jobs[n].spec, self.spec))]
+        phases, plans = [], {}
+        for names in ([n for n in active if n not in later], later):
+            if not names:
+                continue
+            mbs = self._plan_phase(names, first_index=len(plans))
+            schedule = build_schedule(mbs, self.n_stages)
+            validate_schedule(schedule)
+            plans.update({mb.index: self._micro_plan(mb) for mb in mbs})
+            phases.append((tuple(names), schedule))
+        return PipelinePlan(
+            spec=self.spec,
+            bounds=self.bounds,
+            split_text=self.split_text,
+            phases=tuple(phases),
+            plans=plans,
+            job_ids={j.name: i for i, j in enumerate(self.spec.jobs)},
+            total_steps={name: self.jobs[name].max_steps for name in self.jobs},
+            restored=restored,
+            active=tuple(active),
+        )
+
+    def _plan_phase(self, names: list[str], first_index: int) -> list[Any]:
         sizes = []
-        for name in active:
+        for name in names:
             job = self.jobs[name]
             steps = job.steps[job.step :]
             lens = [[[len(job.train[i].input_ids) for i in mb] for mb in st.micro_batches] for st in steps]
@@ -150,34 +186,32 @@ class Driver:
                 )
             )
         groups = self.spec.run.pipeline_groups or self.n_stages
-        mbs = plan_pipeline(sizes, groups, self.spec.run.max_concurrent_jobs, self.spec.run.max_tokens_per_batch)
-        schedule = build_schedule(mbs, self.n_stages)
-        validate_schedule(schedule)
-        plans: dict[int, MicroBatchPlan] = {}
-        for mb in mbs:
-            micros, lengths, seeds, inv, members = [], [], [], [], []
-            for s in mb.slices:
-                job = self.jobs[s.job]
-                examples = job.steps[s.step].micro_batches[s.micro]
-                micro = PendingMicro(s.job, s.step, s.micro, s.last, examples)
-                micros.append(micro)
-                lengths.append([len(job.train[i].input_ids) for i in examples])
-                seeds.append(job.spec.seed)
-                inv.append(1.0 / job.step_targets(s.step))
-                members.append((micro, [job.train[i] for i in examples], job.spec.seed))
-            plans[mb.index] = MicroBatchPlan(mb, make_layout(micros, lengths, seeds), tuple(inv))
-            self.members[mb.index] = members
-        return PipelinePlan(
-            spec=self.spec,
-            bounds=self.bounds,
-            split_text=self.split_text,
-            schedule=schedule,
-            plans=plans,
-            job_ids={j.name: i for i, j in enumerate(self.spec.jobs)},
-            total_steps={name: self.jobs[name].max_steps for name in self.jobs},
-            restored=restored,
-            active=tuple(active),
-        )
+        return plan_pipeline(sizes, groups, self.spec.run.max_concurrent_jobs, self.spec.run.max_tokens_per_batch, first_index)
+
+    def _micro_plan(self, mb: Any) -> MicroBatchPlan:
+        micros, lengths, seeds, inv, members, task_rows, denoms = [], [], [], [], [], [], []
+        for s in mb.slices:
+            job = self.jobs[s.job]
+            examples = job.steps[s.step].micro_batches[s.micro]
+            micro = PendingMicro(s.job, s.step, s.micro, s.last, examples)
+            micros.append(micro)
+            lengths.append([len(job.train[i].input_ids) for i in examples])
+            seeds.append(job.spec.seed)
+            inv.append(1.0 / job.step_targets(s.step))
+            members.append((micro, [job.train[i] for i in examples], job.spec.seed))
+            if job.spec.kind == "meteora":
+                task_rows.append(tuple((job.train[i].task, len(job.train[i].input_ids)) for i in examples))
+                denoms.append(float(self._gate_count(job) * job.step_tokens(s.step)))
+            else:
+                task_rows.append(None)
+                denoms.append(0.0)
+        self.members[mb.index] = members
+        return MicroBatchPlan(mb, make_layout(micros, lengths, seeds), tuple(inv), tuple(task_rows), tuple(denoms))
+
+    def _gate_count(self, job: JobState) -> int:
+        if not job.gate_count:
+            job.gate_count = gated_linears(job.spec, self.spec, stage_shape(self.spec.model.path).n_layers)
+        return job.gate_count
 
     def batch(self, mb: int, device: torch.device) -> Any:
         members = self.members[mb]
@@ -242,12 +276,22 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     stage.routing.backend = spec.run.backend
     optimizers: dict[str, JobOptimizer] = {}
     specs = {j.name: j for j in spec.jobs}
-    for name in plan.active:
-        adapter = make_adapter(specs[name], stage, device)
-        stage.routing.adapters[name] = adapter
-        optimizers[name] = JobOptimizer(specs[name], adapter, plan.total_steps[name])
-        if plan.restored[name] is not None:
-            optimizers[name].load_state_dict(read_stage_slice(Path(plan.restored[name]), rank))
+    shapes = {p: (m.in_features, m.out_features) for p, m in stage.lora_linears.items()}
+
+    def start_jobs(names: Sequence[str]) -> None:
+        """This stage's slice of each job's adapter and optimizer (restored if resuming)."""
+        for name in names:
+            if specs[name].kind == "meteora":
+                trained = {n: a for n, a in stage.routing.adapters.items() if isinstance(a, StageAdapter)}
+                adapter: Any = make_meteora_on_stage(
+                    specs[name], spec, Path(spec.run.output_dir), trained, shapes, device, spec.run.backend
+                )
+            else:
+                adapter = make_adapter(specs[name], stage, device)
+            stage.routing.adapters[name] = adapter
+            optimizers[name] = JobOptimizer(specs[name], adapter, plan.total_steps[name])
+            if plan.restored[name] is not None:
+                optimizers[name].load_state_dict(read_stage_slice(Path(plan.restored[name]), rank))
 
     # every rank creates the groups, in the same order
     channels = {name: dist.new_group(timeout=timedelta(seconds=timeout)) for name in ("act", "grad", "targets")}
@@ -282,27 +326,43 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             if monitor is not None:
                 monitor.checkpoint(job, step + 1, folder)
 
-    worker = StageWorker(
-        rank, n_ranks, stage, optimizers, plan.job_ids, transport, plan.plans,
-        token_ids=token_ids if rank == 0 else None,
-        targets=recv_targets if rank == last else None,
-        send_targets=send_targets if rank == 0 else None,
-        on_loss=monitor.loss if monitor is not None else None,
-        on_step=on_step,
-    )
     if monitor is not None:
         monitor.start()
-    events = worker.run(plan.schedule.stages[rank])
+    events: list[Any] = []
+    t0 = time.perf_counter()
+    for names, schedule in plan.phases:
+        start_jobs(names)
+        worker = StageWorker(
+            rank, n_ranks, stage, optimizers, plan.job_ids, transport, plan.plans,
+            token_ids=token_ids if rank == 0 else None,
+            targets=recv_targets if rank == last else None,
+            send_targets=send_targets if rank == 0 else None,
+            on_loss=monitor.loss if monitor is not None else None,
+            on_step=on_step,
+        )
+        worker.t0 = t0  # one clock for the whole run's trace
+        events += worker.run(schedule.stages[rank])
     transport.flush_sends()
 
-    slices = {name: {p: (a.detach().cpu(), b.detach().cpu()) for p, a, b in stage.routing.adapters[name].named_tensors()}
-              for name in plan.active}
+    slices = {name: stage_slice(stage.routing.adapters[name]) for name in plan.active}
     gathered: list[Any] = [None] * n_ranks if rank == 0 else []
     dist.gather_object((slices, events, peak_memory_bytes(device)), gathered if rank == 0 else None, dst=0)
     if monitor is not None:
         monitor.finish(plan, gathered)
     dist.destroy_process_group()
     return 0
+
+
+def stage_slice(adapter: Any) -> dict[str, Any]:
+    """What this stage holds of a job, on the CPU, for rank 0 to write."""
+    if isinstance(adapter, StageAdapter):
+        return {p: (a.detach().cpu(), b.detach().cpu()) for p, a, b in adapter.named_tensors()}
+    return meteora_slice(adapter)
+
+
+def is_finished(folder: Path) -> bool:
+    """A job folder holding a complete output: a PEFT adapter or a MeteoRA folder."""
+    return (folder / "adapter_config.json").is_file() or (folder / "meteora_config.json").is_file()
 
 
 class PipelineMonitor:
@@ -367,11 +427,14 @@ class PipelineMonitor:
         events = [e for _, evs, _ in gathered for e in evs]
         peaks = [peak for _, _, peak in gathered]
         for name in plan.active:
-            weights: dict[str, Any] = {}
-            for slices, _, _ in gathered:
-                weights.update(slices[name])
             job = self.driver.jobs[name]
-            save_adapter(job_dir(self.out, name), adapter_meta(job.spec, self.spec.model.path), weights)
+            if job.spec.kind == "meteora":
+                write_meteora_slices(job_dir(self.out, name), [slices[name] for slices, _, _ in gathered])
+            else:
+                weights: dict[str, Any] = {}
+                for slices, _, _ in gathered:
+                    weights.update(slices[name])
+                save_adapter(job_dir(self.out, name), adapter_meta(job.spec, self.spec.model.path), weights)
             record = self.summary.jobs[name]  # finished when its last loss arrived; keep that time
             record.peak_memory_bytes = max(peaks)
         trace = to_chrome_trace(events, n_stages=self.n_stages)

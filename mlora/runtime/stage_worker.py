@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mlora.jobs import JobOptimizer
+from mlora.meteora.gate import gate_step_terms, task_labels
 from mlora.model.lora_linear import BatchLayout
 from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
@@ -39,6 +40,10 @@ class MicroBatchPlan:
     batch: MicroBatch
     layout: BatchLayout
     inv_targets: tuple[float, ...]  # per slice: 1 / target tokens of that job step
+    # MeteoRA slices: each row's (task, length), and gated linears × the step's tokens
+    # (the gate loss's denominator); None / 0 for LoRA slices
+    task_rows: tuple[tuple[tuple[int, int], ...] | None, ...] = ()
+    gate_denoms: tuple[float, ...] = ()
 
 
 @dataclass
@@ -48,6 +53,7 @@ class StageState:
     inputs: dict[int, Tensor] = field(default_factory=dict)  # received activations (requires grad)
     outputs: dict[int, Tensor] = field(default_factory=dict)  # stage outputs kept for backward
     losses: dict[int, Tensor] = field(default_factory=dict)  # last stage: weighted per-slice losses
+    gate_losses: dict[int, Tensor] = field(default_factory=dict)  # MeteoRA slices: this stage's gate loss terms
     grads: dict[int, Tensor] = field(default_factory=dict)  # received output gradients
     targets: dict[int, Targets] = field(default_factory=dict)  # last stage: loss positions
     weights: dict[int, Tensor] = field(default_factory=dict)  # last stage: per-slice loss weights
@@ -136,6 +142,9 @@ class StageWorker:
         else:
             inputs = self.state.inputs[action.mb]
         hidden = self.stage(inputs, plan.layout)
+        gate_loss = self._gate_loss(plan)
+        if gate_loss is not None:
+            self.state.gate_losses[action.mb] = gate_loss
         if self.last:
             targets = self.state.targets.pop(action.mb)
             sums = job_loss_sums(self.stage.lm_head, hidden, targets)
@@ -152,13 +161,35 @@ class StageWorker:
         else:
             self.state.outputs[action.mb] = hidden
 
+    def _gate_loss(self, plan: MicroBatchPlan) -> Tensor | None:
+        """Sum over the micro-batch's MeteoRA slices of coef × their gates' share of the step's
+        mean cross-entropy, over the gates of this stage's linears (the stages' terms add up
+        to the single-process gate loss)."""
+        total: Tensor | None = None
+        for s, rows, denom in zip(plan.batch.slices, plan.task_rows, plan.gate_denoms):
+            if rows is None:
+                continue
+            logits = self.stage.routing.adapters[s.job].take_gate_logits()
+            if not logits:
+                continue
+            labels = task_labels([t for t, _ in rows], [n for _, n in rows], plan.layout.seq_len)
+            ce, _ = gate_step_terms(logits, labels)
+            term = self.optimizers[s.job].spec.gate_loss_coef * ce / denom
+            total = term if total is None else total + term
+        return total
+
     def _backward(self, action: Action) -> None:
         mb = action.mb
         assert mb is not None
+        gate_loss = self.state.gate_losses.pop(mb, None)
         if self.last:
-            self.state.losses.pop(mb).sum().backward()
-        else:
+            loss = self.state.losses.pop(mb).sum()
+            (loss if gate_loss is None else loss + gate_loss).backward()
+        elif gate_loss is None:
             self.state.outputs.pop(mb).backward(self.state.grads.pop(mb))
+        else:
+            out, grad = self.state.outputs.pop(mb), self.state.grads.pop(mb)
+            torch.autograd.backward([out, gate_loss], [grad, torch.ones_like(gate_loss)])
         plan = self.plans[mb]
         for s in plan.batch.slices:
             key = (s.job, s.step)

@@ -54,7 +54,9 @@ class JobPlanSizes:
     first_step: int = 0  # the job's step number of steps[0] (after a resume)
 
 
-def plan_pipeline(jobs: Sequence[JobPlanSizes], n_groups: int, max_concurrent: int, max_tokens: int) -> list[MicroBatch]:
+def plan_pipeline(
+    jobs: Sequence[JobPlanSizes], n_groups: int, max_concurrent: int, max_tokens: int, first_index: int = 0
+) -> list[MicroBatch]:
     """The whole run as pipeline micro-batches, each holding the next micro-batch of
     every running job of one group.
 
@@ -63,6 +65,7 @@ def plan_pipeline(jobs: Sequence[JobPlanSizes], n_groups: int, max_concurrent: i
     enter the pipeline before its current step's optimizer update, but another group's
     can. Queued jobs take the slot of a finished one, as in the single-process trainer.
     A group's micro-batch is split when its padded size would pass `max_tokens`.
+    Micro-batches are numbered from `first_index` (a later phase of the same run).
     """
     if n_groups < 1 or max_concurrent < 1:
         raise ValueError("n_groups and max_concurrent must be at least 1")
@@ -90,7 +93,7 @@ def plan_pipeline(jobs: Sequence[JobPlanSizes], n_groups: int, max_concurrent: i
                 last = micro == len(job.steps[step]) - 1
                 piece = JobSlice(job.job, job.first_step + step, micro, last, n_rows, job.tokens[step][micro])
                 if pending and (rows + n_rows) * max(length, max_len) > max_tokens:
-                    out.append(MicroBatch(len(out), tuple(pending)))
+                    out.append(MicroBatch(first_index + len(out), tuple(pending)))
                     pending, rows, length = [], 0, 0
                 pending.append(piece)
                 rows, length = rows + n_rows, max(length, max_len)
@@ -101,6 +104,6 @@ def plan_pipeline(jobs: Sequence[JobPlanSizes], n_groups: int, max_concurrent: i
                 if pos[0] == len(job.steps):
                     slots[s] = None
             if pending:
-                out.append(MicroBatch(len(out), tuple(pending)))
+                out.append(MicroBatch(first_index + len(out), tuple(pending)))
         refill()
     return out
