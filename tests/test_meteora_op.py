@@ -55,13 +55,26 @@ def test_reference_matches_per_token_loop(seed, top_k):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["loop", "dense"])
+@pytest.mark.parametrize("top_k", [1, 3])
 @pytest.mark.parametrize("train_ab", [True, False])
-def test_loop_function_matches_autograd_reference(train_ab):
-    case = make_case(2)
+def test_function_matches_autograd_reference(backend, top_k, train_ab):
+    """Mixed ranks (3, 8, 5, 1, 6), every gradient, fp64."""
+    case = make_case(2, top_k=top_k)
     want = grads_of(reference_delta, *case, train_ab=train_ab)
-    got = grads_of(lambda *args: meteora_delta(*args, backend="loop"), *case, train_ab=train_ab)
+    got = grads_of(lambda *args: meteora_delta(*args, backend=backend), *case, train_ab=train_ab)
+    assert len(got) == (3 + 10 if train_ab else 3)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_picks_dense_for_narrow_adapters_only():
+    from mlora.meteora.op import resolve_backend
+
+    x = torch.zeros(4, 4096)
+    assert resolve_backend(x, "auto", 28 * 8) == "dense"
+    assert resolve_backend(x, "auto", 256 * 16) == "loop"  # CPU: no compiled kernels
+    assert resolve_backend(torch.zeros(4, 64), "auto", 64) == "loop"  # Σr > d_in / 2
 
 
 def test_bmm_baseline_matches_reference():
@@ -72,13 +85,14 @@ def test_bmm_baseline_matches_reference():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_fp32_masters_under_bf16_x():
+@pytest.mark.parametrize("backend", ["loop", "dense"])
+def test_fp32_masters_under_bf16_x(backend):
     x, a, b, scales, gate, dy, k = make_case(4)
     x, dy = x.bfloat16(), dy.bfloat16()
     a = [t.float().requires_grad_() for t in a]
     b = [t.float().requires_grad_() for t in b]
     _, idx, w = route(x, gate.float(), k)
-    y = meteora_delta(x, a, b, scales, idx, w, backend="loop")
+    y = meteora_delta(x, a, b, scales, idx, w, backend=backend)
     assert y.dtype == torch.bfloat16
     (y.float() * dy.float()).sum().backward()
     assert all(t.grad.dtype == torch.float32 and t.grad.abs().sum() > 0 for t in (*a, *b))

@@ -151,10 +151,20 @@ def run_mlora(model: torch.nn.Module, args: argparse.Namespace, device: torch.de
         sync(device)
         total = time.perf_counter() - start
         summary = json.loads((Path(out) / "run_summary.json").read_text())
+        # steady: from the moment every job has logged step `warmup` to the last job's end
+        # (a step is logged when the host issues its update; the host runs at most a few
+        # kernels ahead of the GPU, as nothing in the step waits for it)
+        warm = []
+        for s in specs:
+            rows = [json.loads(line) for line in (Path(out) / s.name / "metrics.jsonl").read_text().splitlines()]
+            warm.append(next(r["time"] for r in rows if r["step"] == args.warmup))
+        end = max(summary["jobs"][s.name]["finished_at"] for s in specs)
     completion = [summary["jobs"][s.name]["finished_at"] - summary["jobs"][s.name]["queued_at"] for s in specs]
     tokens = args.jobs * args.steps * args.micro * args.seq
+    steady = args.jobs * (args.steps - args.warmup) * args.micro * args.seq / (end - max(warm))
     del result
-    return {"tokens_per_s": tokens / total, "completion_s": completion, "total_s": total, "max_tokens_per_batch": budget}
+    return {"tokens_per_s": tokens / total, "steady_tokens_per_s": steady, "completion_s": completion, "total_s": total,
+            "max_tokens_per_batch": budget}
 
 
 def main() -> None:
@@ -186,6 +196,7 @@ def main() -> None:
         peft = run_peft(model, args, device)
         peft["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         peft["mfu"] = 4 * params * peft["tokens_per_s"] / (peak * 1e12)
+        peft["steady_mfu"] = 4 * params * peft["steady_tokens_per_s"] / (peak * 1e12)
         rows.append({"shape": shape, "system": "peft, one job at a time", **peft})
         for backend in args.backends.split(","):
             budget = args.jobs * args.micro * args.seq
@@ -204,18 +215,23 @@ def main() -> None:
             res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             res["mfu"] = 4 * params * res["tokens_per_s"] / (peak * 1e12)
             res["speedup_vs_peft"] = res["tokens_per_s"] / peft["tokens_per_s"]
+            res["steady_mfu"] = 4 * params * res["steady_tokens_per_s"] / (peak * 1e12)
+            res["steady_speedup_vs_peft"] = res["steady_tokens_per_s"] / peft["steady_tokens_per_s"]
             rows.append({"shape": shape, "system": f"mlora, {args.jobs} jobs together ({backend})", **res})
         del model
-    header = f"{'shape':6} {'system':34} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'peak GiB':>9} {'avg JCT s':>9}  completion s"
+    header = (f"{'shape':6} {'system':34} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'steady':>9} {'x PEFT':>7} {'MFU':>6} "
+              f"{'peak GiB':>9} {'avg JCT s':>9}  completion s")
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"matmul peak {peak:.0f} TFLOP/s, {args.jobs} jobs x {args.steps} steps x {args.micro}x{args.seq} tokens, r={args.rank}")
     print(header)
     for r in rows:
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         x = f"{r.get('speedup_vs_peft', 1.0):.2f}"
+        xs = f"{r.get('steady_speedup_vs_peft', 1.0):.2f}"
         jct = statistics.mean(r["completion_s"])
         comp = " ".join(f"{c:.1f}" for c in r["completion_s"])
-        print(f"{r['shape']:6} {r['system']:34} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% {mem:>9} {jct:9.1f}  {comp}")
+        print(f"{r['shape']:6} {r['system']:34} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% "
+              f"{r['steady_tokens_per_s']:9.0f} {xs:>7} {100 * r['steady_mfu']:5.1f}% {mem:>9} {jct:9.1f}  {comp}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))
 

@@ -2,6 +2,7 @@
 
 - loop:  MeteoRA's training path, a Python loop over the K adapters (autograd)
 - bmm:   MeteoRA's bmm-torch path, gather every (token, choice)'s A and B, two bmm
+- dense: mlora's all-adapters GEMMs, masked per token (`backend: auto` while Σr ≪ d)
 - fused: mlora's sorted-pair Triton kernels (mlora.meteora.op.meteora_delta)
 
 Each step routes x through a gate [K, d] (top-k, softmax), applies the delta and
@@ -34,7 +35,11 @@ def fused(x, a, b, scales, idx, weights):
     return meteora_delta(x, a, b, scales, idx, weights, backend="triton")
 
 
-METHODS: dict[str, Callable] = {"loop": reference_delta, "bmm": bmm_delta, "fused": fused}
+def dense(x, a, b, scales, idx, weights):
+    return meteora_delta(x, a, b, scales, idx, weights, backend="dense")
+
+
+METHODS: dict[str, Callable] = {"loop": reference_delta, "bmm": bmm_delta, "dense": dense, "fused": fused}
 
 
 def make_inputs(tokens: int, d: int, n_adapters: int, rank: int, dtype: torch.dtype, device: torch.device, train_loras: bool, seed: int = 0):
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-loras", action="store_true", help="A and B get gradients too")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--methods", default="loop,bmm,fused")
+    ap.add_argument("--methods", default="loop,bmm,dense,fused")
     ap.add_argument("--small", action="store_true", help="CPU smoke-test sizes: T=96, d=80, K=5, 1 iteration")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)

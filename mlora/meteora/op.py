@@ -11,10 +11,16 @@ Three ways to compute it:
 - `bmm_delta`: MeteoRA's "bmm-torch" path: gather every (token, choice)'s A and B, then
   two batched matmuls. Its memory is O(T·k·d·r): kept as the benchmark's baseline.
 - `meteora_delta`: one autograd Function with an explicit backward (gradients for x,
-  the weights, and A/B when they require grad), dispatching to the per-adapter loop
-  ("loop") or to the Triton kernels ("triton"), which sort the T·k (token, choice)
-  pairs by adapter into contiguous segments and run segment shrink/expand kernels with
-  a per-row weight: memory O(T·k·r) beyond the output, whatever K.
+  the weights, and A/B when they require grad), dispatching to
+  - "dense": every adapter's A and B concatenated along the rank (Σr columns): h for
+    all K adapters in one GEMM, masked to each token's chosen adapters and weights,
+    expanded in one GEMM; the backward likewise (6 GEMMs in all, cuBLAS). Extra work
+    O(T·d·Σr), memory O(T·Σr): small while Σr ≪ d (K = 28, r = 8: Σr = 224 against
+    d = 4096), which is MeteoRA's regime;
+  - "triton": kernels that sort the T·k (token, choice) pairs by adapter into
+    contiguous segments and run segment shrink/expand kernels with a per-row weight:
+    work O(T·k·d·r) and memory O(T·k·r) whatever K, for many or wide adapters;
+  - "loop": the per-adapter loop, explicitly differentiated.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "loop", "triton")
+BACKENDS = ("auto", "loop", "dense", "triton")
+DENSE_MAX_COLUMNS = 1024  # Σ ranks up to which the all-adapters GEMMs beat per-pair kernels
 
 
 def _check(x: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], scales: Sequence[float], idx: Tensor, weights: Tensor) -> None:
@@ -124,6 +131,38 @@ def _loop_backward(
     return dx, dw.to(weights.dtype), d_a, d_b
 
 
+def _dense_coef(idx: Tensor, weights: Tensor, scale_t: Tensor, n_adapters: int) -> Tensor:
+    """[T, K] (fp32 at least): w·s of each chosen adapter of each token, 0 for the others."""
+    wdt = _weight_dtype(weights)
+    coef = torch.zeros(idx.shape[0], n_adapters, dtype=wdt, device=idx.device)
+    return coef.scatter_add_(1, idx.long(), weights.to(wdt) * scale_t[idx.long()].to(wdt))
+
+
+def _dense_forward(x: Tensor, a_cat: Tensor, b_cat: Tensor, col: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """delta, h [T, Σr] (every adapter's x·Aᵀ) and the column mask m [T, Σr] (w·s or 0)."""
+    h = x @ a_cat.t()
+    m = coef[:, col].to(x.dtype)
+    return (h * m) @ b_cat.t(), h, m
+
+
+def _dense_backward(
+    dy: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, col: Tensor, h: Tensor, m: Tensor,
+    idx: Tensor, scale_t: Tensor, n_adapters: int, need_dx: bool, need_ab: bool,
+) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
+    """dx, d(weights) [T, k] fp32, dA_cat, dB_cat."""
+    g = dy @ b_cat  # [T, Σr]
+    # d(delta)/d(w_tj) = s_e · Σ_r g_r h_r over the chosen adapter e's columns
+    wdt = torch.promote_types(x.dtype, torch.float32)
+    per_col = g.to(wdt) * h.to(wdt)
+    per_adapter = torch.zeros(x.shape[0], n_adapters, dtype=wdt, device=x.device).index_add_(1, col, per_col)
+    dw = per_adapter.gather(1, idx.long()) * scale_t[idx.long()].to(wdt)
+    gs = g * m
+    dx = gs @ a_cat if need_dx else None
+    d_a = gs.t() @ x if need_ab else None
+    d_b = dy.t() @ (h * m) if need_ab else None
+    return dx, dw, d_a, d_b
+
+
 class _MeteoraFunction(torch.autograd.Function):
     """Adapters may be fp32 masters under a bf16 x: cast here, gradients cast back."""
 
@@ -139,6 +178,15 @@ class _MeteoraFunction(torch.autograd.Function):
 
             y, saved = kernels.forward(x, a, b, scales, idx, weights)
             ctx.save_for_backward(x, idx, weights, *saved)
+        elif backend == "dense":
+            ranks = [t.shape[0] for t in a]
+            col = torch.repeat_interleave(torch.arange(n), torch.tensor(ranks)).to(x.device, non_blocking=True)
+            scale_t = torch.tensor(list(scales), dtype=torch.float64).to(x.device, non_blocking=True)
+            a_cat, b_cat = torch.cat(a, 0), torch.cat(b, 1)
+            coef = _dense_coef(idx, weights, scale_t, n)
+            y, h, m = _dense_forward(x, a_cat, b_cat, col, coef)
+            ctx.ranks = ranks
+            ctx.save_for_backward(x, idx, weights, a_cat, b_cat, col, scale_t, h, m)
         else:
             y = _loop_forward(x, a, b, scales, idx, weights)
             ctx.save_for_backward(x, idx, weights, *ab)
@@ -153,6 +201,14 @@ class _MeteoraFunction(torch.autograd.Function):
             from mlora.meteora import kernels
 
             dx, dw, d_a, d_b = kernels.backward(dy, x, weights, ctx.scales, rest, need_dx, ctx.need_ab)
+        elif ctx.backend == "dense":
+            a_cat, b_cat, col, scale_t, h, m = rest
+            dx, dw, d_a_cat, d_b_cat = _dense_backward(
+                dy, x, a_cat, b_cat, col, h, m, idx, scale_t, len(ctx.scales), need_dx, ctx.need_ab
+            )
+            dw = dw.to(weights.dtype)
+            d_a = list(d_a_cat.split(ctx.ranks, 0)) if d_a_cat is not None else []
+            d_b = list(d_b_cat.split(ctx.ranks, 1)) if d_b_cat is not None else []
         else:
             n = len(ctx.scales)
             a = [t.to(x.dtype) for t in rest[:n]]
@@ -175,11 +231,15 @@ def _triton_available(x: Tensor) -> bool:
     return True
 
 
-def resolve_backend(x: Tensor, backend: str) -> str:
-    """'auto' is Triton on CUDA when it imports, else the loop; 'triton' on CPU needs TRITON_INTERPRET=1."""
+def resolve_backend(x: Tensor, backend: str, columns: int = 0) -> str:
+    """'auto': the dense GEMMs while Σ ranks (`columns`) ≤ DENSE_MAX_COLUMNS and ≤ d_in / 2,
+    else the Triton pair kernels on CUDA (the loop on the CPU). 'triton' on the CPU needs
+    TRITON_INTERPRET=1. Measured on an H200 in bench/README.md (MeteoRA section)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown MeteoRA backend {backend!r}: use {', '.join(BACKENDS)}")
     if backend == "auto":
+        if columns <= DENSE_MAX_COLUMNS and 2 * columns <= x.shape[1]:
+            return "dense"
         return "triton" if _triton_available(x) else "loop"
     return backend
 
@@ -200,5 +260,5 @@ def meteora_delta(
     they require grad (MeteoRA keeps them frozen; the train_loras option does not).
     """
     _check(x, lora_a, lora_b, scales, idx, weights)
-    chosen = resolve_backend(x, backend)
+    chosen = resolve_backend(x, backend, sum(a.shape[0] for a in lora_a))
     return _MeteoraFunction.apply(x, idx, weights, tuple(float(s) for s in scales), chosen, *lora_a, *lora_b)
