@@ -111,6 +111,21 @@ def check_agreement(inputs, top_k: int, names: list[str]) -> dict[str, float]:
     return out
 
 
+def profile(name: str, inputs, top_k: int, rows: int = 8) -> None:
+    """Top CUDA kernels of 3 steps of one method (where its device time goes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    method = METHODS[name]
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step(method, inputs, top_k)
+            clear_grads(inputs)
+        torch.cuda.synchronize()
+    print(f"--- {name}: top kernels over 3 steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192)
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default="loop,bmm,dense,fused")
     ap.add_argument("--small", action="store_true", help="CPU smoke-test sizes: T=96, d=80, K=5, 1 iteration")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", action="store_true", help="CUDA: also print each method's top kernels")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.small:
@@ -150,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
         peak = f"{r['peak_extra_mib']:.0f}" if r["peak_extra_mib"] is not None else "n/a"
         diff = agreement.get(r["method"])
         print(f"{r['method']:8s} {r['median_ms']:10.2f} {speed:>8s} {peak:>15s} {'' if diff is None else f'{diff:.1e}':>13s}")
+    if args.profile and device.type == "cuda":
+        for name in names:
+            profile(name, inputs, args.top_k)
     result = {"config": config, "results": rows, "max_rel_diff_vs_loop": agreement}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
