@@ -22,7 +22,7 @@ from mlora.model.layout import parse_linear_path
 from mlora.runtime.output import job_dir
 
 # run.backend (the multi-LoRA operator's) → the MeteoRA operator's backend
-METEORA_BACKEND = {"auto": "auto", "torch": "loop", "triton": "triton"}
+METEORA_BACKEND = {"auto": "auto", "torch": "dense", "triton": "triton"}
 
 
 def run_dependencies(job: JobSpec, spec: RunSpec) -> list[str]:
