@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--summary", action="store_true", help="only the step time and GPU busy time")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.shape, device, torch.bfloat16, 32000)
@@ -76,8 +77,13 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    averages = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in averages) / 1000
+    print(f"{args.shape} backend={args.backend}: GPU kernels {busy_ms:.1f} ms of the profiled step "
+          f"({100 * busy_ms / ms:.0f}% of the timed median step)")
+    if not args.summary:
+        print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        print(averages.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":

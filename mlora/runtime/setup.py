@@ -73,6 +73,7 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
             job.num_epochs,
             job.max_steps,
             data.epoch_order,
+            [len(e.input_ids) for e in data.train],
         )
         states.append(JobState(spec=job, train=data.train, eval=data.eval, steps=steps))
     return states

@@ -37,7 +37,7 @@ from mlora.runtime.meteora_jobs import (
     with_relative_folders,
 )
 from mlora.runtime.setup import build_job_states, load_tokenizer, resolve_device
-from mlora.schedule.planner import Candidate, plan_fused_batch
+from mlora.schedule.planner import Candidate, plan_fused_batch, split_by_length
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,12 @@ class Trainer:
             Candidate(p.job, len(p.examples), max(len(self.jobs[p.job].train[i].input_ids) for i in p.examples))
             for p in pending
         ]
-        chosen = [pending[i] for i in plan_fused_batch(candidates, self.spec.run.max_tokens_per_batch, turn)]
+        picked = plan_fused_batch(candidates, self.spec.run.max_tokens_per_batch, turn)
+        for one_pass in split_by_length(candidates, picked):
+            self._forward_backward([pending[i] for i in one_pass])
+
+    def _forward_backward(self, chosen: list[PendingMicro]) -> None:
+        """One forward and one backward over these jobs' micro-batches, fused."""
         jobs = [self.jobs[m.job] for m in chosen]
         # Each job's loss is the mean over its whole step's target tokens, so every
         # micro-batch's token-loss sum is divided by that step's count.
