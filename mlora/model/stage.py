@@ -94,7 +94,12 @@ def read_tensors(folder: Path, names: list[str], dtype: torch.dtype, device: tor
 class StageModel(nn.Module):
     """Embedding (first stage), blocks [start, end), norm + head (last stage)."""
 
-    def __init__(self, config: PretrainedConfig, bounds: StageBounds, parts: dict[str, nn.Module], rotary: nn.Module):
+    def __init__(
+        self, config: PretrainedConfig, bounds: StageBounds, parts: dict[str, nn.Module], rotary: nn.Module,
+        fused_ops: bool = True,
+    ):
+        """`fused_ops`: RMSNorm and SwiGLU through one Triton kernel each way on CUDA
+        (mlora.ops.fused_block); off only to measure what they save."""
         super().__init__()
         self.config, self.bounds = config, bounds
         self.embed_tokens = parts.get(EMBED)
@@ -116,6 +121,12 @@ class StageModel(nn.Module):
                 wrapped = MultiLoraLinear(getattr(parent, child), path, global_index, self.routing)
                 setattr(parent, child, wrapped)
                 self.lora_linears[path] = wrapped
+        if fused_ops:
+            from mlora.ops.fused_block import fuse_block_ops
+
+            for part in (*self.layers, self.norm):
+                if part is not None:
+                    fuse_block_ops(part)
 
     def linear_shapes(self, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
         """(d_in, d_out) of every linear of this stage that one of `targets` names."""
@@ -217,16 +228,17 @@ def _stage_parts(model: nn.Module, bounds: StageBounds) -> dict[str, nn.Module]:
 
 
 def _assemble(
-    model: nn.Module, config: PretrainedConfig, bounds: StageBounds, parts: dict[str, nn.Module], device: torch.device
+    model: nn.Module, config: PretrainedConfig, bounds: StageBounds, parts: dict[str, nn.Module], device: torch.device,
+    fused_ops: bool = True,
 ) -> StageModel:
     with torch.device(device):
         rotary = type(model.model.rotary_emb)(config=config)
-    stage = StageModel(config, bounds, parts, rotary)
+    stage = StageModel(config, bounds, parts, rotary, fused_ops)
     stage.eval()  # base dropout off; LoRA dropout follows the batch layout's `training`
     return stage
 
 
-def stage_from_model(model: nn.Module, bounds: StageBounds | None = None) -> StageModel:
+def stage_from_model(model: nn.Module, bounds: StageBounds | None = None, fused_ops: bool = True) -> StageModel:
     """A stage over an already-built Hugging Face model (benchmarks on random weights).
 
     The model's own modules are reused and frozen, not copied; its target linears are
@@ -239,4 +251,4 @@ def stage_from_model(model: nn.Module, bounds: StageBounds | None = None) -> Sta
     for module in parts.values():
         module.requires_grad_(False)
     device = next(model.parameters()).device
-    return _assemble(model, config, bounds, parts, device)
+    return _assemble(model, config, bounds, parts, device, fused_ops)
