@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_run
 from safetensors.torch import load_file
 
 from mlora.config import ConfigError, load_run_file
@@ -19,8 +20,6 @@ from mlora.meteora.train import examples, train_gates
 from mlora.model.peft_io import AdapterMeta, save_adapter
 from mlora.model.stage import base_linear_shapes
 from mlora.runtime.trainer import train
-
-from conftest import write_run
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

@@ -6,14 +6,13 @@ import json
 import random
 
 import torch
+from conftest import write_run
 from safetensors.torch import load_file
 
 from mlora.config import load_run_file
 from mlora.jobs import plan_steps
 from mlora.runtime.trainer import train
 from mlora.schedule.planner import Candidate, plan_fused_batch, split_by_length
-
-from conftest import write_run
 
 
 def test_steps_cover_each_epoch_once_in_order():

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.e2e.bench_e2e import SHAPES, Example, build_model  # noqa: E402
+from mlora.config import JobSpec  # noqa: E402
 from mlora.config.schema import ALL_TARGET_MODULES  # noqa: E402
 from mlora.jobs import JobOptimizer, PendingMicro  # noqa: E402
-from mlora.config import JobSpec  # noqa: E402
 from mlora.model.loss import job_loss_sums  # noqa: E402
 from mlora.model.stage import stage_from_model  # noqa: E402
 from mlora.runtime.batch import collate  # noqa: E402

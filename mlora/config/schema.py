@@ -8,6 +8,7 @@ imports torch: a file is checked before anything heavy is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")

@@ -28,9 +28,12 @@ def build_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.op
             eps=spec.adam_epsilon,
             weight_decay=spec.weight_decay,
             fused=on_gpu or None,  # one kernel for all of a job's tensors on CUDA
+            foreach=None if on_gpu else True,  # CPU: multi-tensor ops, not a Python loop over hundreds of tensors
         )
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.learning_rate, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(
+            params, lr=spec.learning_rate, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True
+        )
     raise ValueError(f"unknown optimizer {spec.optimizer!r}")
 
 

@@ -16,7 +16,14 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from mlora.model.layout import EMBED, HEAD, NORM, SUPPORTED_MODEL_TYPES, TARGET_PATHS, layer_prefix
+from mlora.model.layout import (
+    EMBED,
+    HEAD,
+    NORM,
+    SUPPORTED_MODEL_TYPES,
+    TARGET_PATHS,
+    layer_prefix,
+)
 from mlora.model.lora_linear import BatchLayout, MultiLoraLinear, Routing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

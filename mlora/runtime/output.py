@@ -57,3 +57,9 @@ def job_dir(out_dir: Path, job: str) -> Path:
 
 def checkpoint_root(out_dir: Path, job: str) -> Path:
     return out_dir / job / "checkpoints"
+
+
+def is_finished(folder: Path) -> bool:
+    """A job folder holding a complete output: a PEFT adapter or a MeteoRA folder
+    (each written with its config last, so the config means complete)."""
+    return (folder / "adapter_config.json").is_file() or (folder / "meteora_config.json").is_file()

@@ -30,14 +30,19 @@ import torch.distributed as dist
 
 from mlora.config import ConfigError, RunSpec, load_run_file
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
+from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import Targets
 from mlora.model.peft_io import save_adapter
-from mlora.model.lora_linear import StageAdapter
 from mlora.model.stage import StageBounds, base_linear_shapes, load_stage, read_config
 from mlora.runtime.batch import collate, make_layout
-from mlora.runtime.checkpoint import latest_checkpoint, read_stage_slice, read_state, write_stage_slice
-from mlora.runtime.checkpoint import STATE, step_dir
-from mlora.runtime.output import SUMMARY, job_dir, prepare_output
+from mlora.runtime.checkpoint import (
+    STATE,
+    latest_checkpoint,
+    read_stage_slice,
+    read_state,
+    step_dir,
+    write_stage_slice,
+)
 from mlora.runtime.meteora_jobs import (
     check_meteora_inputs,
     gated_linears,
@@ -46,9 +51,16 @@ from mlora.runtime.meteora_jobs import (
     run_dependencies,
     write_meteora_slices,
 )
+from mlora.runtime.output import SUMMARY, is_finished, job_dir, prepare_output
 from mlora.runtime.setup import build_job_states, load_tokenizer
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
-from mlora.runtime.trainer import adapter_meta, check_init_adapter, make_adapter, peak_memory_bytes, truncate_metrics
+from mlora.runtime.trainer import (
+    adapter_meta,
+    check_init_adapter,
+    make_adapter,
+    peak_memory_bytes,
+    truncate_metrics,
+)
 from mlora.runtime.transport import PipelineError, Transport
 from mlora.schedule.partition import ModelShape, balanced_split, explicit_split
 from mlora.schedule.pipeline import build_schedule
@@ -360,16 +372,17 @@ def stage_slice(adapter: Any) -> dict[str, Any]:
     return meteora_slice(adapter)
 
 
-def is_finished(folder: Path) -> bool:
-    """A job folder holding a complete output: a PEFT adapter or a MeteoRA folder."""
-    return (folder / "adapter_config.json").is_file() or (folder / "meteora_config.json").is_file()
-
-
 class PipelineMonitor:
     """Rank 0's metrics: progress from losses as they arrive, outputs at the end."""
 
     def __init__(self, driver: Driver | None, spec: RunSpec, n_stages: int) -> None:
-        from mlora.monitor import JsonlSink, LiveView, MultiSink, RunSummary, TensorBoardSink
+        from mlora.monitor import (
+            JsonlSink,
+            LiveView,
+            MultiSink,
+            RunSummary,
+            TensorBoardSink,
+        )
 
         assert driver is not None
         self.driver, self.spec, self.n_stages = driver, spec, n_stages

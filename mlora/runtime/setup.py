@@ -55,7 +55,7 @@ def read_job_data(job: JobSpec, tokenizer: Any) -> Any:
 
 def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., Any]) -> list[JobState]:
     """Read, tokenize and split every job's dataset; fix each job's plan of steps."""
-    from mlora.data import DataError, JobData
+    from mlora.data import DataError
 
     states = []
     for job in spec.jobs:

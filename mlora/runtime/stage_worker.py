@@ -27,7 +27,15 @@ from mlora.meteora.gate import gate_step_terms, task_labels
 from mlora.model.lora_linear import BatchLayout
 from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
-from mlora.runtime.transport import NOTE_DONE, NOTE_GRAD_NORM, NOTE_GRAD_SQ, NOTE_LOSS, Note, PipelineError, Transport
+from mlora.runtime.transport import (
+    NOTE_DONE,
+    NOTE_GRAD_NORM,
+    NOTE_GRAD_SQ,
+    NOTE_LOSS,
+    Note,
+    PipelineError,
+    Transport,
+)
 from mlora.schedule.actions import Action, ActionKind
 from mlora.schedule.microbatch import MicroBatch
 from mlora.schedule.trace import TraceEvent, action_event

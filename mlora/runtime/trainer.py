@@ -20,15 +20,25 @@ import torch
 
 from mlora.config import JobSpec, RunSpec
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps, target_count
-from mlora.model.loss import job_loss_sums
-from mlora.model.lora_linear import StageAdapter
-from mlora.model.peft_io import AdapterError, AdapterMeta, load_adapter, read_adapter_meta, save_adapter
 from mlora.meteora.gate import gate_step_terms
+from mlora.model.lora_linear import StageAdapter
+from mlora.model.loss import job_loss_sums
+from mlora.model.peft_io import (
+    AdapterError,
+    AdapterMeta,
+    load_adapter,
+    read_adapter_meta,
+    save_adapter,
+)
 from mlora.model.stage import StageModel, base_linear_shapes, load_stage
 from mlora.runtime.batch import collate
+from mlora.runtime.checkpoint import (
+    latest_checkpoint,
+    read_stage_slice,
+    read_state,
+    write_checkpoint,
+)
 from mlora.runtime.deferred import DeferredScalar
-from mlora.runtime.checkpoint import latest_checkpoint, read_stage_slice, read_state, write_checkpoint
-from mlora.runtime.output import SUMMARY, job_dir, prepare_output
 from mlora.runtime.meteora_jobs import (
     check_meteora_inputs,
     gated_linears,
@@ -36,6 +46,7 @@ from mlora.runtime.meteora_jobs import (
     run_dependencies,
     with_relative_folders,
 )
+from mlora.runtime.output import SUMMARY, is_finished, job_dir, prepare_output
 from mlora.runtime.setup import build_job_states, load_tokenizer, resolve_device
 from mlora.schedule.planner import Candidate, plan_fused_batch, split_by_length
 
@@ -162,7 +173,13 @@ class Trainer:
         console: Any = None,
         stop_after_batches: int | None = None,
     ) -> None:
-        from mlora.monitor import JsonlSink, LiveView, MultiSink, RunSummary, TensorBoardSink
+        from mlora.monitor import (
+            JsonlSink,
+            LiveView,
+            MultiSink,
+            RunSummary,
+            TensorBoardSink,
+        )
 
         spec = self.spec = prepared.spec
         self.device, self.pad_id, self.out = prepared.device, prepared.pad_id, prepared.out
@@ -190,7 +207,7 @@ class Trainer:
     def _restore(self, job: JobState, previous: Any) -> None:
         """Finished jobs stay finished; others continue from their newest checkpoint."""
         folder = job_dir(self.out, job.name)
-        if (folder / "adapter_config.json").is_file() or (folder / "meteora_config.json").is_file():
+        if is_finished(folder):
             job.step, job.status = job.max_steps, "finished"
             self.summary.restore_job(job.name, previous)
             self.result.adapters[job.name] = folder
