@@ -23,7 +23,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -232,30 +232,22 @@ class MeteoraAdapter:
         *,
         names: Sequence[str] | None = None,
         n_layers: int | None = None,
-        base_model: str = "",
-        top_k: int = 2,
-        temperature: float = 1.0,
-        train_loras: bool = False,
-        gate_init: str = "normal",
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        backend: str = "auto",
+        **options: Any,
     ) -> "MeteoraAdapter":
         """A new MeteoRA adapter over K PEFT folders, gates freshly initialised.
 
         `shapes` maps each adapted-linear position of this stage to (d_in, d_out): pass
         every target position the stage holds (`linear_shapes(stage)`), so an adapter
         that needs a linear the base lacks is caught. `n_layers` (the whole model's)
-        catches adapters for a deeper model.
+        catches adapters for a deeper model. `options` are `from_weights`' (top_k,
+        temperature, train_loras, gate_init, seed, device, backend, base_model).
         """
         folders_p = [Path(f) for f in folders]
-        check_hyper(len(folders_p), top_k, temperature, "MeteoRA adapters")
+        check_hyper(len(folders_p), options.get("top_k", 2), options.get("temperature", 1.0), "MeteoRA adapters")
         adapter_names = _unique_names(folders_p, names)
         metas, weights = _read_adapters(folders_p, shapes, n_layers)
         return cls.from_weights(
-            list(zip(adapter_names, (str(f.resolve()) for f in folders_p))), metas, weights, shapes,
-            base_model=base_model, top_k=top_k, temperature=temperature, train_loras=train_loras,
-            gate_init=gate_init, seed=seed, device=device, backend=backend,
+            list(zip(adapter_names, (str(f.resolve()) for f in folders_p))), metas, weights, shapes, **options
         )
 
     @classmethod
