@@ -24,13 +24,7 @@ from mlora.model.layout import (
     TARGET_PATHS,
     layer_prefix,
 )
-from mlora.model.lora_linear import (
-    GROUPS,
-    BatchLayout,
-    LinearGroup,
-    MultiLoraLinear,
-    Routing,
-)
+from mlora.model.lora_linear import GROUPS, BatchLayout, LinearGroup, MultiLoraLinear, Routing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
