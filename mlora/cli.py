@@ -12,12 +12,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: printed as one line, not a traceback."""
     from mlora.config import ConfigError
     from mlora.data import DataError
+    from mlora.meteora.adapter import MeteoraError
     from mlora.model.peft_io import AdapterError
     from mlora.model.stage import ModelFolderError
     from mlora.monitor import NotARunError
     from mlora.runtime.output import OutputError
 
-    return (ConfigError, DataError, AdapterError, ModelFolderError, OutputError, NotARunError)
+    return (ConfigError, DataError, AdapterError, ModelFolderError, OutputError, NotARunError, MeteoraError)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -61,6 +62,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from mlora.meteora.commands import generate_from_cli
+
+    return generate_from_cli(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mlora.meteora.evaluate import format_table, run_eval
+
+    results = run_eval(args.run_dir, args.model, task_adapters=args.tasks_adapters,
+                       mixed=None if args.mixed == "none" else args.mixed, meteora=args.meteora,
+                       out=args.out, limit=args.limit, device=args.device, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(results))
+    print(f"wrote {Path(results['out_dir']) / 'eval.json'}" + (f" and {results['plot']}" if results["plot"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlora", description="Train many LoRA adapters at once over one frozen base model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--out", help="PNG path (default OUTPUT/report.png)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("generate", help="generate with a base model and a LoRA or MeteoRA folder")
+    p.add_argument("model_dir")
+    p.add_argument("--adapter", help="a PEFT LoRA folder or a MeteoRA folder (none: the base model alone)")
+    p.add_argument("--prompt", action="append", default=[], help="an instruction, put through the template; "
+                   "\\n in it is a newline (repeatable)")
+    p.add_argument("--prompts-file", help=".jsonl records (instruction/input or messages), else one instruction a line")
+    p.add_argument("--template", default="plain", choices=["plain", "alpaca", "chatml", "llama3"])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-routing", action="store_true", help="MeteoRA: per generated token, the adapters the "
+                   "gated linears chose first (share of linears)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="score a MeteoRA suite run: per-task accuracy, routing, composite prompts")
+    p.add_argument("run_dir", help="the run's output folder")
+    p.add_argument("--model", required=True, help="the base model folder")
+    p.add_argument("--tasks-adapters", nargs="+", metavar="NAME",
+                   help="the run's LoRA folders for the suite tasks, in task order (default: the task names)")
+    p.add_argument("--mixed", default="mixed", help="the LoRA trained on all tasks mixed ('none': skip)")
+    p.add_argument("--meteora", default="meteora", help="the MeteoRA folder in the run")
+    p.add_argument("--out", help="where eval.json and routing.png go (default RUN/eval)")
+    p.add_argument("--limit", type=int, help="at most N test records per task and N composite records")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
     return parser
 
 
