@@ -38,14 +38,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--summary", action="store_true", help="only the step time and GPU busy time")
     parser.add_argument("--no-fused-ops", action="store_true", help="the base's RMSNorm/SwiGLU as Hugging Face runs them")
-    parser.add_argument("--no-groups", action="store_true", help="q/k/v and gate/up as separate multi-LoRA calls")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.shape, device, torch.bfloat16, 32000)
     stage = stage_from_model(model, fused_ops=not args.no_fused_ops)
-    if args.no_groups:
-        for linear in stage.lora_linears.values():
-            linear.group = None
     stage.routing.backend = args.backend
     opts = []
     micros, examples = [], []
@@ -77,7 +73,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     ms = 1000 * statistics.median(times)
     tokens = args.jobs * args.micro * args.seq
-    print(f"{args.shape} backend={args.backend} fused_ops={not args.no_fused_ops} groups={not args.no_groups}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
+    print(f"{args.shape} backend={args.backend} fused_ops={not args.no_fused_ops}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
