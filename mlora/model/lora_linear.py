@@ -18,9 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from mlora.ops import Segment, multi_lora_linear
-from mlora.ops.grouped_multi_lora import GroupEntry, grouped_multi_lora
-
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears of a block that read one input
 
 
 @dataclass(frozen=True)
@@ -131,18 +128,12 @@ class MultiLoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.path, self.index = path, index
         self.routing = routing
-        self.group: LinearGroup | None = None  # set by LinearGroup
-        self.member = 0
 
     def extra_repr(self) -> str:
         return f"{self.path}: {self.in_features}→{self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x: Tensor) -> Tensor:
         layout = self.routing.layout
-        if self.group is not None and layout is not None:
-            out = self.group.output(self, x, layout)
-            if out is not None:
-                return out
         active: list[JobRows] = []
         mixtures: list[tuple[JobRows, MixtureAdapter]] = []
         for rows in layout.jobs if layout is not None else ():
@@ -196,58 +187,3 @@ class MultiLoraLinear(nn.Module):
             pad = torch.zeros(n_rows, layout.seq_len - rows.seq_len, self.in_features, dtype=torch.bool, device=device)
             keep = torch.cat([keep, pad], dim=1)
         return keep.view(-1, self.in_features)
-
-
-class LinearGroup:
-    """Linears of one block that read the same input (q/k/v; gate/up), run as one operator.
-
-    The first member called computes every member's output in one grouped call
-    (`grouped_multi_lora`) and leaves the others in the batch's op cache; a member
-    called with that same input takes its own. Used when every job of the batch runs
-    the dense PyTorch path without LoRA dropout and no MeteoRA job is in it; otherwise
-    each member runs alone, as without the group.
-    """
-
-    def __init__(self, members: list[MultiLoraLinear]) -> None:
-        self.members = members
-        for i, m in enumerate(members):
-            m.group, m.member = self, i
-
-    def output(self, member: MultiLoraLinear, x: Tensor, layout: BatchLayout) -> Tensor | None:
-        cache = member.routing.op_cache
-        key = ("group", id(self))
-        hit = cache.get(key)
-        if hit is not None and hit[0] is x:
-            return hit[1][member.member]
-        if member.member != 0:
-            return None
-        outs = self._run(x, layout, member.routing)
-        if outs is None:
-            return None
-        cache[key] = (x, outs)
-        return outs[0]
-
-    def _run(self, x: Tensor, layout: BatchLayout, routing: Routing) -> tuple[Tensor, ...] | None:
-        if routing.backend not in ("auto", "torch"):
-            return None
-        entries, a_list, b_list = [], [], []
-        for m, linear in enumerate(self.members):
-            for rows in layout.jobs:
-                adapter = routing.adapters.get(rows.job)
-                if adapter is None:
-                    continue
-                if not isinstance(adapter, StageAdapter) or (layout.training and adapter.dropout > 0):
-                    return None
-                if linear.path in adapter.a:
-                    entries.append(GroupEntry(m, rows.row_start * layout.seq_len, rows.row_end * layout.seq_len, adapter.scale))
-                    a_list.append(adapter.a[linear.path])
-                    b_list.append(adapter.b[linear.path])
-        if not entries:
-            return None
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1])
-        outs = grouped_multi_lora(
-            flat, [m.weight for m in self.members], [m.bias for m in self.members], entries, a_list, b_list,
-            cache=routing.op_cache,
-        )
-        return tuple(y.view(*lead, m.out_features) for y, m in zip(outs, self.members))

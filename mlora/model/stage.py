@@ -24,7 +24,7 @@ from mlora.model.layout import (
     TARGET_PATHS,
     layer_prefix,
 )
-from mlora.model.lora_linear import GROUPS, BatchLayout, LinearGroup, MultiLoraLinear, Routing
+from mlora.model.lora_linear import BatchLayout, MultiLoraLinear, Routing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,11 +128,6 @@ class StageModel(nn.Module):
                 wrapped = MultiLoraLinear(getattr(parent, child), path, global_index, self.routing)
                 setattr(parent, child, wrapped)
                 self.lora_linears[path] = wrapped
-        self.groups = [
-            LinearGroup([self.lora_linears[f"{layer_prefix(i)}.{TARGET_PATHS[t]}"] for t in names])
-            for i in range(bounds.start, bounds.end)
-            for names in GROUPS
-        ]
         if fused_ops:
             from mlora.ops.fused_block import fuse_block_ops
 
