@@ -30,7 +30,7 @@ def bench():
 def test_defaults_and_small(bench):
     a = bench.parse_args([])
     assert (a.gpus, a.shapes, a.jobs, a.rank, a.micro, a.seq, a.dtype) == ([2, 4], ["7b", "13b"], 8, 16, 4, 512, "bfloat16")
-    assert a.two_job_shape == "13b" and a.trace_sync
+    assert a.two_job_shape == "13b" and not a.trace_sync and bench.parse_args(["--trace-sync"]).trace_sync
     s = bench.parse_args(["--small"])
     assert (s.gpus, s.shapes, s.dtype, s.two_job_shape) == ([2], ["small"], "float32", "small")
     assert bench.SHAPES["13b"]["hidden_size"] == 5120 and bench.SHAPES["7b"]["num_hidden_layers"] == 32

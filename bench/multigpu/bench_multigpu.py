@@ -29,10 +29,10 @@ Figures (one run per configuration):
   end: Triton compile and first-step costs left out); scaling = P-GPU tokens/s over
   1-GPU tokens/s (target ≥ 0.9 P);
 - bubble: `run.bubble_fraction` of the pipeline run's run_summary.json, measured from
-  its trace.json (target ≤ 5 % with 8 jobs). On CUDA the stage workers' compute
-  actions are followed by a device synchronize (`--no-trace-sync` turns it off):
-  mlora's trace takes host timestamps and its F/B actions only launch kernels, so
-  without it a stage's own GPU time would show up as idle in the next receive;
+  its trace.json (target ≤ 5 % with 8 jobs). On CUDA mlora's trace times each action
+  with CUDA events on the compute stream, so a stage's GPU time is busy time;
+  `--trace-sync` also synchronises the device after every compute action (a check of
+  that measure, at the cost of host/GPU overlap);
 - average job completion time (JCT; from the run's start after loading to the job's
   end; for FSDP, from the start of the first job) against PEFT+FSDP on P GPUs
   (target ≥ 45 % lower) and against mlora on 1 GPU;
@@ -616,8 +616,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="bfloat16 (default; --small: float32)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="mlora's run.max_tokens_per_batch (halved on OOM)")
     parser.add_argument("--backend", default="auto", help="mlora's run.backend")
-    parser.add_argument("--no-trace-sync", dest="trace_sync", action="store_false",
-                        help="leave mlora's stage workers unsynchronised (the trace then shows host time only)")
+    parser.add_argument("--trace-sync", dest="trace_sync", action="store_true",
+                        help="synchronise mlora's stage workers after every compute action (the trace is device-timed already)")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds per run before it is abandoned")
     parser.add_argument("--workdir", help="where models, data and run folders go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the model folders and run outputs")

@@ -341,7 +341,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     if monitor is not None:
         monitor.start()
     events: list[Any] = []
-    t0 = time.perf_counter()
+    clock = None
     for names, schedule in plan.phases:
         start_jobs(names)
         worker = StageWorker(
@@ -352,7 +352,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             on_loss=monitor.loss if monitor is not None else None,
             on_step=on_step,
         )
-        worker.t0 = t0  # one clock for the whole run's trace
+        clock = worker.clock = clock or worker.clock  # one clock for the whole run's trace
         events += worker.run(schedule.stages[rank])
     transport.flush_sends()
 

@@ -41,6 +41,48 @@ from mlora.schedule.microbatch import MicroBatch
 from mlora.schedule.trace import TraceEvent, action_event
 
 
+class TraceClock:
+    """When each action ran, for the trace: host time on the CPU, device time on CUDA.
+
+    On CUDA a forward or backward only queues kernels, so host timestamps would put a
+    stage's compute into its next receive and count it as idle. There, CUDA events are
+    recorded on the compute stream around each action (a receive's end event follows
+    the stream's wait for the data), and read once at the end of the run.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.t0 = time.perf_counter()
+        self._origin = self._event() if self.cuda else None
+        self._pending: list[tuple[Action, MicroBatch | None, object, object]] = []
+
+    def _event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self) -> object:
+        return self._event() if self.cuda else time.perf_counter() - self.t0
+
+    def add(self, action: Action, mb: MicroBatch | None, start: object, end: object, events: list[TraceEvent]) -> None:
+        if self.cuda:
+            self._pending.append((action, mb, start, end))
+        else:
+            events.append(action_event(action, float(start), float(end), mb))  # type: ignore[arg-type]
+
+    def resolve(self, events: list[TraceEvent]) -> None:
+        """Turn the recorded CUDA events into trace events (one device sync, at the end)."""
+        if not self._pending:
+            return
+        torch.cuda.synchronize()
+        assert self._origin is not None
+        for action, mb, start, end in self._pending:
+            t_start = self._origin.elapsed_time(start) / 1000  # type: ignore[arg-type]
+            t_end = self._origin.elapsed_time(end) / 1000  # type: ignore[arg-type]
+            events.append(action_event(action, t_start, t_end, mb))
+        self._pending = []
+
+
 @dataclass(frozen=True)
 class MicroBatchPlan:
     """What every stage knows of a micro-batch before the run: its rows and loss weights."""
@@ -102,7 +144,7 @@ class StageWorker:
         self.known_norms: dict[tuple[str, int], float] = {}
         self.partials: dict[tuple[str, int], float] = {}  # downstream squared-norm partials
         self.events: list[TraceEvent] = []
-        self.t0 = time.perf_counter()
+        self.clock = TraceClock(next(iter(stage.parameters())).device)
 
     # ------------------------------------------------------------ execution
     def run(self, actions: Sequence[Action]) -> list[TraceEvent]:
@@ -116,12 +158,13 @@ class StageWorker:
             ActionKind.OPTIMIZER_STEP: self._optimizer_step,
         }
         for action in actions:
-            start = time.perf_counter() - self.t0
+            start = self.clock.mark()
             handlers[action.kind](action)
-            end = time.perf_counter() - self.t0
+            end = self.clock.mark()
             mb = self.plans[action.mb].batch if action.mb is not None else None
-            self.events.append(action_event(action, start, end, mb))
+            self.clock.add(action, mb, start, end, self.events)
         self._finish()
+        self.clock.resolve(self.events)
         return self.events
 
     def _finish(self) -> None:
