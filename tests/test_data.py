@@ -187,3 +187,36 @@ def test_chat_render_pieces():
         ("<|im_start|>assistant\n", False), ("a<|im_end|>\n", True),
     ]
     assert [p.text for p in render({"instruction": "i", "output": "o"}, "plain")] == ["i\n", "o"]
+
+
+def test_chained_records_tag_each_token_with_its_parts_task(tmp_path, tokenizer):
+    """Several tasks in a row in one sequence: each token carries its part's task, the
+    answers (and the newline closing each but the last) are trained."""
+    parts = [{"instruction": "reverse", "input": "abc", "output": "cba", "task": "rev"},
+             {"instruction": "upper", "input": "abc", "output": "ABC", "task": 1}]
+    path = tmp_path / "chain.jsonl"
+    path.write_text(json.dumps({"parts": parts}) + "\n" + json.dumps({**parts[1], "task": 0}) + "\n")
+    data = JobData.build(path, "auto", "plain", tokenizer, 256, 0, 0, task_names=["rev", "up"])
+    chain, single = data.train
+    first = tokenize_pieces(tokenizer, [*render(parts[0], "plain")], 256)
+    n_first = len(first.input_ids) - 1 + len(tokenizer("\n", add_special_tokens=False)["input_ids"])  # its EOS is not there
+    assert chain.tasks() == [0] * n_first + [1] * (len(chain.input_ids) - n_first)
+    assert single.token_tasks is None and single.tasks() == [0] * len(single.input_ids)
+    trained = tokenizer.decode([t for t, label in zip(chain.input_ids, chain.labels) if label != -100])
+    assert trained.replace(" ", "").startswith("cba\nABC")
+    with pytest.raises(DataError, match=r"bad.jsonl: record 1: task 'x' is neither an adapter"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"parts": [{**parts[0], "task": "x"}]}) + "\n")
+        JobData.build(bad, "auto", "plain", tokenizer, 256, 0, 0, task_names=["rev", "up"])
+    with pytest.raises(DataError, match=r"line 1: parts\[0\]: lacks `output`"):
+        bad.write_text(json.dumps({"parts": [{"instruction": "a"}]}) + "\n")
+        load_records(bad)
+
+
+def test_token_task_labels_pad_and_untagged():
+    from mlora.meteora.gate import token_task_labels
+
+    got = token_task_labels([[0, 0, 1], [2, -1]], 4).view(2, 4).tolist()
+    assert got == [[0, 0, 1, -100], [2, -100, -100, -100]]
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        token_task_labels([[0] * 5], 4)

@@ -35,10 +35,13 @@ def random_loras(folder: Path, model: Path, n: int, r: int = 4, targets: tuple[s
     return out
 
 
-def task_file(path: Path, tasks: dict[int, int], n: int) -> Path:
-    """n records of suite tasks, relabelled: suite task → adapter index."""
-    records = [r for r in suite.read_jsonl(suite.DATA_DIR / "mixed_train.jsonl") if r["task"] in tasks][:n]
-    path.write_text("".join(json.dumps({**r, "task": tasks[r["task"]]}) + "\n" for r in records))
+def task_file(path: Path, tasks: dict[int, int], n: int, chains: int = 0) -> Path:
+    """n records of suite tasks, relabelled: suite task → adapter index; then `chains`
+    records of two of those tasks in a row (each part tagged)."""
+    records = [{**r, "task": tasks[r["task"]]} for r in suite.read_jsonl(suite.DATA_DIR / "mixed_train.jsonl") if r["task"] in tasks]
+    by_task = [[r for r in records if r["task"] == t] for t in sorted(set(tasks.values()))]
+    chained = [{"parts": [by_task[k % len(by_task)][-1 - k], by_task[(k + 1) % len(by_task)][-1 - k]]} for k in range(chains)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:n] + chained))
     return path
 
 
@@ -86,7 +89,7 @@ def test_gates_match_the_single_job_reference(tmp_path, tiny_models):
 def test_fused_with_lora_jobs_equals_alone(tmp_path, tiny_models, datasets):
     model_dir = tiny_models["llama"]
     folders = random_loras(tmp_path, model_dir, 2)
-    data = task_file(tmp_path / "d.jsonl", {1: 0, 6: 1}, 16)
+    data = task_file(tmp_path / "d.jsonl", {1: 0, 6: 1}, 16, chains=4)
     mix = meteora_job("mix", folders, data, micro_batch_size=3, gradient_accumulation_steps=2, max_steps=3,
                       learning_rate=5e-3, top_k=1, max_grad_norm=0.5)
     lora = {"name": "copy", "dataset": str(datasets["copy"]), "lora_r": 4, "micro_batch_size": 2, "max_steps": 4,
@@ -201,7 +204,7 @@ def test_pipeline_gives_the_single_process_gates(tmp_path, tiny_models, datasets
     model_dir = tiny_models["llama"]
     folders = random_loras(tmp_path, model_dir, 2)
     data = {name: task_file(tmp_path / f"{name}.jsonl", {i: 0}, 12) for i, name in ((0, "reverse"), (1, "upper"))}
-    both = task_file(tmp_path / "both.jsonl", {0: 0, 1: 1}, 12)
+    both = task_file(tmp_path / "both.jsonl", {0: 0, 1: 1}, 12, chains=3)  # per-token task tags cross the pipe
     jobs = [
         *({"name": n, "dataset": str(p), "lora_r": 4, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 2e-3,
            "target_modules": ["q_proj", "down_proj"]} for n, p in data.items()),

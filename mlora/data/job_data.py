@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlora.data.records import DataError, load_records
-from mlora.data.templates import render
+from mlora.data.templates import Piece, render
 from mlora.data.tokenize import Example, tokenize_pieces
 
 
@@ -64,11 +64,14 @@ class JobData:
         evals: list[Example] = []
         dropped = 0
         for i, record in enumerate(records):
-            if task_names is None:
-                task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
+            if "parts" in record:
+                example = chained_example(record, template, tokenizer, cutoff_len, task_names, force_task, path, i)
             else:
-                task = force_task if force_task is not None else record_task(record, task_names, path, i)
-            example = tokenize_pieces(tokenizer, render(record, template), cutoff_len, task=task)
+                if task_names is None:
+                    task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
+                else:
+                    task = force_task if force_task is not None else record_task(record, task_names, path, i)
+                example = tokenize_pieces(tokenizer, render(record, template), cutoff_len, task=task)
             if example is None:
                 dropped += 1
                 continue
@@ -111,3 +114,25 @@ def record_task(record: dict[str, Any], task_names: Sequence[str], path: Path, i
         f"{path}: record {index + 1}: task {value!r} is neither an adapter ({', '.join(task_names)}) "
         f"nor an index 0..{len(task_names) - 1}"
     )
+
+
+def chained_example(
+    record: dict[str, Any], template: str, tokenizer: Any, cutoff_len: int,
+    task_names: Sequence[str] | None, force_task: int | None, path: Path, index: int,
+) -> Example | None:
+    """A record of several parts asked one after another in one sequence, each answer
+    followed by a newline; every token is tagged with its part's task (MeteoRA gates
+    learn to switch adapters where the task changes)."""
+    pieces, tasks = [], []
+    parts = record["parts"]
+    for k, part in enumerate(parts):
+        if task_names is None:
+            task = -1
+        else:
+            task = force_task if force_task is not None else record_task(part, task_names, path, index)
+        part_pieces = render(part, template)
+        if k < len(parts) - 1:
+            part_pieces = [*part_pieces, Piece("\n", True)]
+        pieces += part_pieces
+        tasks += [task] * len(part_pieces)
+    return tokenize_pieces(tokenizer, pieces, cutoff_len, task=tasks[0], piece_tasks=tasks)

@@ -19,9 +19,12 @@ class DataError(ValueError):
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
-    """`messages`, `alpaca` (either of its keys, so a missing one is reported by name), or None."""
+    """`messages`, `parts` (Alpaca records asked one after another in one sequence),
+    `alpaca` (either of its keys, so a missing one is reported by name), or None."""
     if "messages" in record:
         return "messages"
+    if "parts" in record:
+        return "parts"
     if "instruction" in record or "output" in record:
         return "alpaca"
     return None
@@ -66,11 +69,13 @@ def load_records(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
         if detected is None:
             raise DataError(f"{path}: {where} {rows[0][0]}: neither Alpaca (instruction/output) nor chat (messages)")
         fmt = detected
-    check = _check_alpaca if fmt == "alpaca" else _check_messages
     for number, record in rows:
         if not isinstance(record, dict):
             raise DataError(f"{path}: {where} {number}: a record must be a JSON object")
-        check(record, f"{path}: {where} {number}")
+        # Alpaca files may mix single records and chained ones (`parts`)
+        kind = "parts" if fmt in ("alpaca", "parts") and "parts" in record else fmt
+        kind = "alpaca" if kind == "parts" and "parts" not in record else kind
+        CHECKS[kind](record, f"{path}: {where} {number}")
     return [r for _, r in rows]
 
 
@@ -81,6 +86,16 @@ def _check_alpaca(record: dict[str, Any], where: str) -> None:
     for field in ("instruction", "input", "output"):
         if field in record and not isinstance(record[field], str):
             raise DataError(f"{where}: `{field}` must be a string")
+
+
+def _check_parts(record: dict[str, Any], where: str) -> None:
+    parts = record.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise DataError(f"{where}: `parts` must be a non-empty list of Alpaca records")
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise DataError(f"{where}: parts[{i}] must be a JSON object")
+        _check_alpaca(part, f"{where}: parts[{i}]")
 
 
 def _check_messages(record: dict[str, Any], where: str) -> None:
@@ -96,3 +111,6 @@ def _check_messages(record: dict[str, Any], where: str) -> None:
             raise DataError(f"{where}: messages[{i}]: `content` must be a string")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message to learn from")
+
+
+CHECKS = {"alpaca": _check_alpaca, "parts": _check_parts, "messages": _check_messages}

@@ -21,15 +21,29 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken
     task: int = -1  # the record's task index, when its dataset tags one (MeteoRA)
+    token_tasks: tuple[int, ...] | None = None  # per token, for records of several tasks in a row
+
+    def tasks(self) -> list[int]:
+        """Each token's task index (-1: none)."""
+        return list(self.token_tasks) if self.token_tasks is not None else [self.task] * len(self.input_ids)
 
 
-def tokenize_pieces(tokenizer: Any, pieces: Sequence[Piece], cutoff_len: int, add_bos: bool = True, task: int = -1) -> Example | None:
-    """Token ids and labels, cut to `cutoff_len`; None if no trained token survives."""
+def tokenize_pieces(
+    tokenizer: Any, pieces: Sequence[Piece], cutoff_len: int, add_bos: bool = True, task: int = -1,
+    piece_tasks: Sequence[int] | None = None,
+) -> Example | None:
+    """Token ids and labels, cut to `cutoff_len`; None if no trained token survives.
+
+    `piece_tasks` (one per piece) tags every token with its piece's task: a record of
+    several tasks in a row (the BOS takes the first piece's).
+    """
     ids: list[int] = []
     labels: list[int] = []
+    tasks: list[int] = []
     if add_bos and tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE)
+        tasks.append(piece_tasks[0] if piece_tasks else task)
     last_trained = max((i for i, p in enumerate(pieces) if p.train), default=-1)
     for i, piece in enumerate(pieces):
         piece_ids = tokenizer(piece.text, add_special_tokens=False)["input_ids"]
@@ -37,7 +51,8 @@ def tokenize_pieces(tokenizer: Any, pieces: Sequence[Piece], cutoff_len: int, ad
             piece_ids = [*piece_ids, tokenizer.eos_token_id]
         ids.extend(piece_ids)
         labels.extend(piece_ids if piece.train else [IGNORE] * len(piece_ids))
+        tasks.extend([piece_tasks[i] if piece_tasks else task] * len(piece_ids))
     ids, labels = ids[:cutoff_len], labels[:cutoff_len]
     if all(label == IGNORE for label in labels[1:]):
         return None
-    return Example(ids, labels, task)
+    return Example(ids, labels, task, tuple(tasks[:cutoff_len]) if piece_tasks else None)

@@ -78,6 +78,19 @@ def task_labels(tasks: Sequence[int] | Tensor, lengths: Sequence[int] | Tensor, 
     return torch.where(real, tasks_t[:, None], torch.full_like(real, IGNORE, dtype=torch.long)).reshape(-1)
 
 
+def token_task_labels(rows: Sequence[Sequence[int]], seq_len: int) -> Tensor:
+    """Per-token task labels [rows·seq_len] for right-padded rows given each real token's
+    task (a row may hold several tasks in a row); -100 on pads and untagged tokens."""
+    out = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    for r, tasks in enumerate(rows):
+        if len(tasks) > seq_len:
+            raise ValueError(f"a row of {len(tasks)} tokens is longer than seq_len={seq_len}")
+        if tasks:
+            row = torch.tensor(list(tasks), dtype=torch.long)
+            out[r, : len(tasks)] = torch.where(row >= 0, row, torch.full_like(row, IGNORE))
+    return out.reshape(-1)
+
+
 def gate_step_terms(logits: Sequence[Tensor], task: Tensor) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy and summed top-1 hits of every gate over a micro-batch.
 

@@ -13,7 +13,9 @@ Files: <task>_train.jsonl (300) and <task>_test.jsonl (50) per task, mixed_train
 and mixed_test.jsonl (all tasks, shuffled: the MeteoRA gate-training set), and
 composite_test.jsonl: 50 records of three parts from three different tasks, asked in
 one context one after another (see `composite_context`), so the model must switch
-adapters mid-sequence. Single-word tasks (reverse, upper, length, kind, twice) have only as
+adapters mid-sequence. chained_train.jsonl: 600 training records of 2-3 parts in a
+row (each part tagged with its task), and meteora_train.jsonl: mixed_train and
+chained_train shuffled together, the MeteoRA job's training set. Single-word tasks (reverse, upper, length, kind, twice) have only as
 many inputs as words, so their test inputs also occur in training: they measure
 recall through the right adapter. Multi-word tasks draw test inputs unseen in training.
 """
@@ -30,6 +32,7 @@ from mlora.data.templates import prompt_text
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 N_TRAIN, N_TEST, N_COMPOSITE = 300, 50, 50
+N_CHAINED = 600  # training records of 2-3 tasks in a row (the gates learn to switch)
 PARTS_PER_COMPOSITE = 3
 TEMPLATE = "plain"
 MAX_TOKENS = 48
@@ -143,6 +146,16 @@ def composite_records(seed: int = 0) -> list[Record]:
     return out
 
 
+def chained_records(seed: int = 0) -> list[Record]:
+    """Training records of two or three parts from different tasks, asked in a row."""
+    rng = random.Random(seed * 1009 + 555)
+    out = []
+    for _ in range(N_CHAINED):
+        tasks = rng.sample(range(len(TASKS)), rng.randint(2, PARTS_PER_COMPOSITE))
+        out.append({"parts": [make_record(t, rng) for t in tasks], "tasks": tasks})
+    return out
+
+
 def composite_context(parts: Sequence[Record], answers: Sequence[str], template: str = TEMPLATE) -> str:
     """The text given to the model for part len(answers): earlier parts with their answers
     (each answer closed by a newline), then the next part's prompt."""
@@ -201,6 +214,10 @@ def build_files(seed: int = 0) -> dict[str, list[Record]]:
     rng.shuffle(mixed_test)
     files["mixed_train.jsonl"], files["mixed_test.jsonl"] = mixed_train, mixed_test
     files["composite_test.jsonl"] = composite_records(seed)
+    files["chained_train.jsonl"] = chained_records(seed)
+    meteora_train = mixed_train + files["chained_train.jsonl"]
+    random.Random(seed + 1).shuffle(meteora_train)
+    files["meteora_train.jsonl"] = meteora_train  # the MeteoRA job's: single tasks and chains
     return files
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mlora.jobs import PendingMicro
-from mlora.meteora.gate import task_labels
+from mlora.meteora.gate import token_task_labels
 from mlora.model.lora_linear import BatchLayout, JobRows
 from mlora.model.loss import IGNORE, Targets
 
@@ -81,7 +81,7 @@ def collate(
     tasks: list[Tensor | None] = []
     for k, exs in enumerate(examples):
         if with_tasks is not None and with_tasks[k]:
-            tasks.append(task_labels([e.task for e in exs], lengths[k], layout.seq_len))
+            tasks.append(token_task_labels([e.tasks() for e in exs], layout.seq_len))
         else:
             tasks.append(None)
     if device.type == "cuda":

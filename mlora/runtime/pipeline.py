@@ -212,7 +212,7 @@ class Driver:
             inv.append(1.0 / job.step_targets(s.step))
             members.append((micro, [job.train[i] for i in examples], job.spec.seed))
             if job.spec.kind == "meteora":
-                task_rows.append(tuple((job.train[i].task, len(job.train[i].input_ids)) for i in examples))
+                task_rows.append(tuple(tuple(job.train[i].tasks()) for i in examples))
                 denoms.append(float(self._gate_count(job) * job.step_tokens(s.step)))
             else:
                 task_rows.append(None)

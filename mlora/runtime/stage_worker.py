@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mlora.jobs import JobOptimizer
-from mlora.meteora.gate import gate_step_terms, task_labels
+from mlora.meteora.gate import gate_step_terms, token_task_labels
 from mlora.model.lora_linear import BatchLayout
 from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
@@ -90,9 +90,9 @@ class MicroBatchPlan:
     batch: MicroBatch
     layout: BatchLayout
     inv_targets: tuple[float, ...]  # per slice: 1 / target tokens of that job step
-    # MeteoRA slices: each row's (task, length), and gated linears × the step's tokens
+    # MeteoRA slices: each row's per-token task, and gated linears × the step's tokens
     # (the gate loss's denominator); None / 0 for LoRA slices
-    task_rows: tuple[tuple[tuple[int, int], ...] | None, ...] = ()
+    task_rows: tuple[tuple[tuple[int, ...], ...] | None, ...] = ()
     gate_denoms: tuple[float, ...] = ()
 
 
@@ -223,7 +223,7 @@ class StageWorker:
             logits = self.stage.routing.adapters[s.job].take_gate_logits()
             if not logits:
                 continue
-            labels = task_labels([t for t, _ in rows], [n for _, n in rows], plan.layout.seq_len)
+            labels = token_task_labels(rows, plan.layout.seq_len)
             ce, _ = gate_step_terms(logits, labels)
             term = self.optimizers[s.job].spec.gate_loss_coef * ce / denom
             total = term if total is None else total + term
