@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import yaml
 
@@ -243,7 +243,7 @@ def _check_model(model: ModelSpec, source: str, check_paths: bool) -> None:
 METEORA_FIELDS = ("adapters", "datasets", "top_k", "temperature", "gate_loss_coef", "train_loras")
 
 
-def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explicit: set[str] = frozenset()) -> JobSpec:  # type: ignore[assignment]
+def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explicit: Collection[str] = ()) -> JobSpec:
     """Check a job's values; return it with `target_modules: all` spelled out.
 
     `explicit` are the fields the job itself sets (not inherited from defaults): a
