@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,18 +46,25 @@ class Example:
     labels: list[int]
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, vocab: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_llama(config: Any, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A random-weight Llama built straight on `device` in `dtype` (no fp32 copy first)."""
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], vocab_size=vocab, max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, vocab: int) -> torch.nn.Module:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**SHAPES[shape], vocab_size=vocab, max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    model = random_llama(config, device, dtype)
     model.requires_grad_(False)
     return model.eval()
 

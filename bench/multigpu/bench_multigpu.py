@@ -106,8 +106,9 @@ def peak_bytes(device: Any) -> int:
 def worker_write_model(spec: dict[str, Any]) -> None:
     """A random-weight Llama folder of the shape: config, safetensors shards, tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
+    from bench.e2e.bench_e2e import random_llama
     from mlora.model.tiny import build_tokenizer
 
     folder = Path(spec["folder"])
@@ -121,13 +122,7 @@ def worker_write_model(spec: dict[str, Any]) -> None:
     )
     device = torch.device("cuda" if torch.cuda.is_available() and spec["device"] == "cuda" else "cpu")
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = random_llama(config, device, dtype)
     model.save_pretrained(folder, max_shard_size="5GB")
     tokenizer.save_pretrained(folder)
     info = {"torch": torch.__version__, "params": sum(p.numel() for p in model.parameters()),
@@ -194,7 +189,9 @@ def worker_fsdp(spec: dict[str, Any]) -> None:
     from peft import LoraConfig, get_peft_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig
+
+    from bench.e2e.bench_e2e import random_llama
 
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = spec["device"] == "cuda" and torch.cuda.is_available()
@@ -213,13 +210,7 @@ def worker_fsdp(spec: dict[str, Any]) -> None:
     config.use_cache = False
     dtype = getattr(torch, spec["dtype"])
     torch.manual_seed(0)  # every rank builds the same random weights, then keeps its shard
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = random_llama(config, device, dtype)
     model.requires_grad_(False)
     model.eval()
     names = [f"job{j}" for j in range(n_jobs)]
