@@ -73,21 +73,6 @@ def gated_linears(job: JobSpec, spec: RunSpec, n_layers: int) -> int:
     return len({p for p in weights if parse_linear_path(p)[0] < n_layers})
 
 
-def make_meteora_adapter(
-    job: JobSpec, spec: RunSpec, out: Path, shapes: dict[str, tuple[int, int]], n_layers: int,
-    device: torch.device, backend: str,
-) -> MeteoraAdapter:
-    """The job's adapters over this stage's linears, gates freshly initialised (seeded by path)."""
-    try:
-        return MeteoraAdapter.from_adapters(
-            adapter_folders(job, spec, out), shapes, names=[adapter_label(r) for r in job.adapters], n_layers=n_layers,
-            base_model=spec.model.path, top_k=job.top_k, temperature=job.temperature, train_loras=job.train_loras,
-            seed=job.seed, device=device, backend=METEORA_BACKEND[backend],
-        )
-    except MeteoraError as exc:
-        raise ConfigError(f"{spec.source}: job {job.name!r}: adapters: {exc}") from exc
-
-
 def with_relative_folders(adapter: MeteoraAdapter, folder: Path) -> MeteoraAdapter:
     """Point the saved config at adapters inside the run's output by relative paths.
 
@@ -107,10 +92,10 @@ def make_meteora_on_stage(
     job: JobSpec, spec: RunSpec, out: Path, trained: dict[str, Any], shapes: dict[str, tuple[int, int]],
     device: torch.device, backend: str,
 ) -> MeteoraAdapter:
-    """A pipeline stage's MeteoRA adapter: LoRA jobs it has just trained from its own slices
-    (`trained`: job name → StageAdapter), everything else from PEFT folders.
-
-    No stage needs another's files, so this works across machines without a shared disk.
+    """A stage's MeteoRA adapter, gates freshly initialised (seeded by path): LoRA jobs the
+    stage still holds from their own slices (`trained`: job name → StageAdapter; a pipeline
+    stage's, so no stage needs another's files), everything else from PEFT folders (checked
+    against the base by `check_meteora_inputs` before the run).
     """
     from mlora.model.peft_io import load_adapter
     from mlora.runtime.trainer import adapter_meta

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from mlora.config import ConfigError, RunSpec, load_run_file
+from mlora.config import ALL_TARGET_MODULES, ConfigError, RunSpec, load_run_file
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
 from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import Targets
@@ -288,7 +288,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     stage.routing.backend = spec.run.backend
     optimizers: dict[str, JobOptimizer] = {}
     specs = {j.name: j for j in spec.jobs}
-    shapes = {p: (m.in_features, m.out_features) for p, m in stage.lora_linears.items()}
+    shapes = stage.linear_shapes(ALL_TARGET_MODULES)
 
     def start_jobs(names: Sequence[str]) -> None:
         """This stage's slice of each job's adapter and optimizer (restored if resuming)."""

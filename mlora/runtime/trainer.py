@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mlora.config import JobSpec, RunSpec
+from mlora.config import ALL_TARGET_MODULES, JobSpec, RunSpec
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps, target_count
 from mlora.meteora.gate import gate_step_terms
 from mlora.model.lora_linear import StageAdapter
@@ -42,7 +42,7 @@ from mlora.runtime.deferred import DeferredScalar
 from mlora.runtime.meteora_jobs import (
     check_meteora_inputs,
     gated_linears,
-    make_meteora_adapter,
+    make_meteora_on_stage,
     run_dependencies,
     with_relative_folders,
 )
@@ -272,9 +272,10 @@ class Trainer:
     def _make_adapter(self, job: JobState) -> Any:
         if job.spec.kind != "meteora":
             return make_adapter(job.spec, self.stage, self.device)
-        shapes = {p: (m.in_features, m.out_features) for p, m in self.stage.lora_linears.items()}
+        shapes = self.stage.linear_shapes(ALL_TARGET_MODULES)
         n_layers = int(self.stage.config.num_hidden_layers)
-        adapter = make_meteora_adapter(job.spec, self.spec, self.out, shapes, n_layers, self.device, self.spec.run.backend)
+        # the run's LoRA jobs it mixes are finished and written: every adapter comes from its folder
+        adapter = make_meteora_on_stage(job.spec, self.spec, self.out, {}, shapes, self.device, self.spec.run.backend)
         job.gate_count = gated_linears(job.spec, self.spec, n_layers)
         return adapter
 
