@@ -130,7 +130,9 @@ def run_peft(model: torch.nn.Module, args: argparse.Namespace, device: torch.dev
     return {"tokens_per_s": tokens / total, "steady_tokens_per_s": statistics.mean(steady), "completion_s": completion, "total_s": total}
 
 
-def run_mlora(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, backend: str, budget: int) -> dict:
+def run_mlora(
+    model: torch.nn.Module, args: argparse.Namespace, device: torch.device, backend: str, budget: int, graphs: bool
+) -> dict:
     """mlora: all jobs fused into one batch per step, through the real Trainer."""
     stage = stage_from_model(model)
     jobs, specs = [], []
@@ -150,7 +152,10 @@ def run_mlora(model: torch.nn.Module, args: argparse.Namespace, device: torch.de
             source="bench_e2e",
             model=ModelSpec(path="<in memory>", dtype=args.dtype, device=str(device)),
             jobs=tuple(specs),
-            run=RunLimits(output_dir=out, max_concurrent_jobs=args.jobs, max_tokens_per_batch=budget, backend=backend),
+            run=RunLimits(
+                output_dir=out, max_concurrent_jobs=args.jobs, max_tokens_per_batch=budget, backend=backend,
+                cuda_graphs=graphs,
+            ),
         )
         trainer = Trainer(Prepared(run, jobs, stage, 0, Path(out), device), live=False)
         sync(device)
@@ -159,14 +164,16 @@ def run_mlora(model: torch.nn.Module, args: argparse.Namespace, device: torch.de
         sync(device)
         total = time.perf_counter() - start
         summary = json.loads((Path(out) / "run_summary.json").read_text())
-        # steady: from the moment every job has logged step `warmup` to the last job's end
-        # (a step is logged when the host issues its update; the host runs at most a few
-        # kernels ahead of the GPU, as nothing in the step waits for it)
-        warm = []
+        # steady: from the moment every job has logged step `warmup` to the moment every job
+        # has logged its last step. A step is logged when the host issues its update, and
+        # the trainer keeps the host at most two batches ahead of the GPU, so both ends
+        # lead the GPU by about the same time (writing the adapters is left out).
+        warm, last = [], []
         for s in specs:
             rows = [json.loads(line) for line in (Path(out) / s.name / "metrics.jsonl").read_text().splitlines()]
             warm.append(next(r["time"] for r in rows if r["step"] == args.warmup))
-        end = max(summary["jobs"][s.name]["finished_at"] for s in specs)
+            last.append(next(r["time"] for r in rows if r["step"] == args.steps))
+        end = max(last)
     completion = [summary["jobs"][s.name]["finished_at"] - summary["jobs"][s.name]["queued_at"] for s in specs]
     tokens = args.jobs * args.steps * args.micro * args.seq
     steady = args.jobs * (args.steps - args.warmup) * args.micro * args.seq / (end - max(warm))
@@ -187,6 +194,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--backends", default="auto")
+    parser.add_argument("--graphs", default="on", help="CUDA graphs of the fused step: on, off, or on,off (both rows)")
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
     parser.add_argument("--out", default="bench/e2e/results.json")
     args = parser.parse_args()
@@ -206,14 +214,14 @@ def main() -> None:
         peft["mfu"] = 4 * params * peft["tokens_per_s"] / (peak * 1e12)
         peft["steady_mfu"] = 4 * params * peft["steady_tokens_per_s"] / (peak * 1e12)
         rows.append({"shape": shape, "system": "peft, one job at a time", **peft})
-        for backend in args.backends.split(","):
+        for backend, graphs in [(b, g == "on") for b in args.backends.split(",") for g in args.graphs.split(",")]:
             budget = args.jobs * args.micro * args.seq
             while True:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    res = run_mlora(model, args, device, backend, budget)
+                    res = run_mlora(model, args, device, backend, budget, graphs)
                     break
                 except torch.OutOfMemoryError:
                     if budget <= args.micro * args.seq:
@@ -225,9 +233,10 @@ def main() -> None:
             res["speedup_vs_peft"] = res["tokens_per_s"] / peft["tokens_per_s"]
             res["steady_mfu"] = 4 * params * res["steady_tokens_per_s"] / (peak * 1e12)
             res["steady_speedup_vs_peft"] = res["steady_tokens_per_s"] / peft["steady_tokens_per_s"]
-            rows.append({"shape": shape, "system": f"mlora, {args.jobs} jobs together ({backend})", **res})
+            label = f"{backend}, graphs" if graphs else backend
+            rows.append({"shape": shape, "system": f"mlora, {args.jobs} jobs together ({label})", **res})
         del model
-    header = (f"{'shape':6} {'system':34} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'steady':>9} {'x PEFT':>7} {'MFU':>6} "
+    header = (f"{'shape':6} {'system':42} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'steady':>9} {'x PEFT':>7} {'MFU':>6} "
               f"{'peak GiB':>9} {'avg JCT s':>9}  completion s")
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"matmul peak {peak:.0f} TFLOP/s, {args.jobs} jobs x {args.steps} steps x {args.micro}x{args.seq} tokens, r={args.rank}")
@@ -238,7 +247,7 @@ def main() -> None:
         xs = f"{r.get('steady_speedup_vs_peft', 1.0):.2f}"
         jct = statistics.mean(r["completion_s"])
         comp = " ".join(f"{c:.1f}" for c in r["completion_s"])
-        print(f"{r['shape']:6} {r['system']:34} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% "
+        print(f"{r['shape']:6} {r['system']:42} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% "
               f"{r['steady_tokens_per_s']:9.0f} {xs:>7} {100 * r['steady_mfu']:5.1f}% {mem:>9} {jct:9.1f}  {comp}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))

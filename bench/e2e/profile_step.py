@@ -25,6 +25,7 @@ from mlora.jobs import JobOptimizer, PendingMicro  # noqa: E402
 from mlora.model.loss import job_loss_sums  # noqa: E402
 from mlora.model.stage import stage_from_model  # noqa: E402
 from mlora.runtime.batch import collate  # noqa: E402
+from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
 from mlora.runtime.trainer import make_adapter  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--summary", action="store_true", help="only the step time and GPU busy time")
     parser.add_argument("--no-fused-ops", action="store_true", help="the base's RMSNorm/SwiGLU as Hugging Face runs them")
+    parser.add_argument("--graphs", action="store_true", help="replay the step as a CUDA graph, as the trainer does")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.shape, device, torch.bfloat16, 32000)
@@ -53,12 +55,16 @@ def main() -> None:
         ids = torch.randint(3, 32000, (args.micro, args.seq))
         micros.append(PendingMicro(spec.name, 0, 0, True, tuple(range(args.micro))))
         examples.append([Example(r.tolist(), [-100] + r.tolist()[1:]) for r in ids])
-    inv = torch.full((args.jobs,), 1.0 / (args.micro * (args.seq - 1)), device=device)
+    inv = [1.0 / (args.micro * (args.seq - 1))] * args.jobs
+
+    graphs = StepGraphs(stage) if args.graphs else None
+    adapters = [stage.routing.adapters[m.job] for m in micros]
 
     def step() -> None:
-        batch = collate(micros, examples, list(range(args.jobs)), 0, device)
-        hidden = stage(batch.input_ids, batch.layout)
-        (job_loss_sums(stage.lm_head, hidden, batch.targets) * inv).sum().backward()
+        batch = collate(micros, examples, list(range(args.jobs)), 0, device, loss_weights=inv)
+        if graphs is None or graphs.step(batch, adapters) is None:  # graphs: eager, capture, then replays
+            hidden = stage(batch.input_ids, batch.layout)
+            (job_loss_sums(stage.lm_head, hidden, batch.targets) * batch.loss_weights).sum().backward()
         for opt in opts:
             opt.step(opt.grad_sq_norm().sqrt())
 
@@ -73,7 +79,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     ms = 1000 * statistics.median(times)
     tokens = args.jobs * args.micro * args.seq
-    print(f"{args.shape} backend={args.backend} fused_ops={not args.no_fused_ops}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
+    print(f"{args.shape} backend={args.backend} fused_ops={not args.no_fused_ops} graphs={args.graphs}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()

@@ -48,7 +48,11 @@ from mlora.runtime.meteora_jobs import (
 )
 from mlora.runtime.output import SUMMARY, is_finished, job_dir, prepare_output
 from mlora.runtime.setup import build_job_states, load_tokenizer, resolve_device
+from mlora.runtime.step_graphs import StepGraphs
 from mlora.schedule.planner import Candidate, plan_fused_batch, split_by_length
+
+
+MAX_BATCHES_AHEAD = 2  # fused batches the host may queue beyond the one the GPU is on
 
 
 @dataclass(frozen=True)
@@ -187,8 +191,11 @@ class Trainer:
         self.stage = prepared.stage
         self.stage.routing.backend = spec.run.backend
         self.optimizers: dict[str, JobOptimizer] = {}
+        # CUDA graphs replay recurring batch shapes with one launch (mlora/runtime/step_graphs.py)
+        self.graphs = StepGraphs(self.stage) if spec.run.cuda_graphs and self.device.type == "cuda" else None
         self.stop_after_batches = stop_after_batches
         self._logs: deque[StepLog] = deque()
+        self._in_flight: deque[torch.cuda.Event] = deque()
         self.result = RunResult(self.out)
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
@@ -231,6 +238,7 @@ class Trainer:
                 if not running:
                     break
                 self._train_one_batch(running, turn)
+                self._keep_close_to_the_gpu()
                 self._flush_logs(block=False)
                 turn += 1
                 batches += 1
@@ -245,6 +253,21 @@ class Trainer:
         self.sink.close()
         self.live.print_table(self.summary)
         return self.result
+
+    def _keep_close_to_the_gpu(self) -> None:
+        """Let the host run at most MAX_BATCHES_AHEAD batches ahead of the GPU.
+
+        Nothing in a step waits for the GPU, so without a bound a fast host (CUDA
+        graphs) would queue the whole run: step times and ETAs would be issue times,
+        and pinned buffers would pile up. Two batches ahead keeps the GPU fed.
+        """
+        if self.device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self._in_flight.append(event)
+        while len(self._in_flight) > MAX_BATCHES_AHEAD:
+            self._in_flight.popleft().synchronize()
 
     def _admit(self) -> None:
         """Start queued jobs, in file order, while fewer than max_concurrent_jobs run."""
@@ -303,14 +326,19 @@ class Trainer:
             loss_weights=[1.0 / j.step_targets(m.step) for j, m in zip(jobs, chosen)],
             with_tasks=[j.spec.kind == "meteora" for j in jobs],
         )
-        hidden = self.stage(batch.input_ids, batch.layout)
-        per_job = job_loss_sums(self.stage.lm_head, hidden, batch.targets) * batch.loss_weights
-        total = per_job.sum()
-        for k, (job, micro) in enumerate(zip(jobs, chosen)):
-            if job.spec.kind == "meteora":
-                total = total + self._gate_loss(job, micro.step, batch.task_labels[k])
-        total.backward()
-        per_job = per_job.detach()
+        adapters = [self.stage.routing.adapters[j.name] for j in jobs]
+        graphed = self.graphs.step(batch, adapters) if self.graphs is not None else None
+        if graphed is not None:
+            per_job = graphed
+        else:
+            hidden = self.stage(batch.input_ids, batch.layout)
+            per_job = job_loss_sums(self.stage.lm_head, hidden, batch.targets) * batch.loss_weights
+            total = per_job.sum()
+            for k, (job, micro) in enumerate(zip(jobs, chosen)):
+                if job.spec.kind == "meteora":
+                    total = total + self._gate_loss(job, micro.step, batch.task_labels[k])
+            total.backward()
+            per_job = per_job.detach()
         for k, job in enumerate(jobs):
             job.loss_sum = job.loss_sum + per_job[k]
             if job.micro_done(batch.tokens[k]):
@@ -367,6 +395,8 @@ class Trainer:
     def _finish_job(self, job: JobState) -> None:
         """Write the adapter now, free its slot; the other jobs go on."""
         adapter = self.stage.routing.adapters.pop(job.name)
+        if self.graphs is not None:
+            self.graphs.forget(job.name)
         folder = job_dir(self.out, job.name)
         if job.spec.kind == "meteora":
             with_relative_folders(adapter, folder).save(folder)

@@ -1,0 +1,177 @@
+"""CUDA graphs of the fused step: the static-buffer step equals the eager one (CPU), which
+batches qualify, and on CUDA a graphed run trains the same adapters as an eager one."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlora.config import JobSpec, ModelSpec, RunLimits, RunSpec, load_run_file
+from mlora.config.load import ConfigError
+from mlora.data.tokenize import Example
+from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
+from mlora.model.loss import job_loss_sums
+from mlora.model.stage import load_stage
+from mlora.runtime.batch import collate
+from mlora.runtime.step_graphs import TARGET_BUCKET, StaticStep, bucket, capturable, graph_key, static_step
+from mlora.runtime.trainer import Prepared, Trainer, make_adapter
+
+from conftest import write_run
+
+SPECS = [
+    JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj", "down_proj"), seed=1),
+    JobSpec(name="b", dataset="-", lora_r=8, lora_alpha=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "up_proj", "down_proj"), seed=2),
+]
+
+
+def examples(rng: random.Random, lengths: list[int], vocab: int) -> list[Example]:
+    out = []
+    for n in lengths:
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        cut = rng.randrange(1, n - 1)  # a prompt with no loss, then targets
+        out.append(Example(ids, [-100] * cut + ids[cut:]))
+    return out
+
+
+def batch_of(exs: list[list[Example]], weights: list[float]):
+    micros = [PendingMicro(s.name, 0, 0, True, tuple(range(len(e)))) for s, e in zip(SPECS, exs)]
+    return collate(micros, exs, [s.seed for s in SPECS], 0, torch.device("cpu"), loss_weights=weights)
+
+
+def test_static_step_equals_the_eager_step(tiny_models):
+    """Padded targets, static buffers and explicit gradient adds give the eager step's losses and gradients,
+    for two batches of one shape whose target counts differ (the buffers are refilled, not reallocated)."""
+    stage = load_stage(tiny_models["llama"])
+    adapters = [make_adapter(s, stage, torch.device("cpu")) for s in SPECS]
+    with torch.no_grad():
+        for ad in adapters:  # B starts at zero: make it count, so dA is not zero
+            for p in ad.b.values():
+                p.normal_(0, 0.05)
+    for s, ad in zip(SPECS, adapters):
+        stage.routing.adapters[s.name] = ad
+    params = [p for ad in adapters for p in ad.parameters()]
+    rng = random.Random(0)
+    vocab = int(stage.config.vocab_size)
+    c = None
+    for _ in range(2):
+        batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [0.5, 0.25])
+        n_targets = batch.targets.index.shape[0]
+        assert n_targets % TARGET_BUCKET != 0  # padding is exercised
+        eager = job_loss_sums(stage.lm_head, stage(batch.input_ids, batch.layout), batch.targets) * batch.loss_weights
+        want = torch.autograd.grad(eager.sum(), params)
+        if c is None:
+            c = StaticStep.allocate(batch, params)
+        assert graph_key(c.layout, bucket(n_targets)) == graph_key(batch.layout, n_targets)
+        for g in c.grads:
+            g.zero_()
+        c.fill(batch)
+        static_step(stage, c)
+        torch.testing.assert_close(c.out, eager.detach(), rtol=1e-5, atol=1e-6)
+        for p, g, w in zip(params, c.grads, want):
+            assert p.grad is g  # added in place: the address a graph captured stays valid
+            # the LM head sees more rows (the padding), so fp32 sums may round differently
+            assert (g - w).norm() <= 1e-5 * w.norm()
+        assert all(w.abs().max() > 0 for w in want)
+
+
+def test_which_batches_are_captured(tiny_models):
+    stage = load_stage(tiny_models["llama"])
+    adapters = [make_adapter(s, stage, torch.device("cpu")) for s in SPECS]
+    rng = random.Random(1)
+    vocab = int(stage.config.vocab_size)
+    batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [1.0, 1.0])
+    layout = batch.layout
+    assert capturable(layout, adapters, "auto") and capturable(layout, adapters, "torch")
+    assert not capturable(layout, adapters, "triton")  # its pointer tables are built on the host
+    assert not capturable(replace(layout, training=False), adapters, "auto")
+    dropped = make_adapter(replace(SPECS[0], lora_dropout=0.1), stage, torch.device("cpu"))
+    assert not capturable(layout, [dropped, adapters[1]], "auto")  # host-seeded masks
+    assert not capturable(layout, [object(), adapters[1]], "auto")  # a MeteoRA adapter
+    # same shapes, other tokens and another step: one graph; another row split: another
+    again = batch_of([examples(rng, [12, 3], vocab), examples(rng, [12, 5, 4], vocab)], [1.0, 1.0])
+    assert graph_key(again.layout, 5) == graph_key(layout, 200)
+    other = batch_of([examples(rng, [12], vocab), examples(rng, [12, 5, 4, 3], vocab)], [1.0, 1.0])
+    assert graph_key(other.layout, 5) != graph_key(layout, 5)
+    assert [bucket(n) for n in (1, 256, 257)] == [256, 256, 512]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_flat_optimizer_steps_like_per_tensor_torch(tiny_models, optimizer):
+    """One flat buffer per job steps exactly as torch's optimizer over the separate tensors,
+    clipping by the whole norm; the gradients stay the same tensors, zeroed in place."""
+    stage = load_stage(tiny_models["llama"])
+    spec = replace(SPECS[1], optimizer=optimizer, learning_rate=0.01, weight_decay=0.1, max_grad_norm=0.5, momentum=0.9)
+    adapter = make_adapter(spec, stage, torch.device("cpu"))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in adapter.parameters()]
+    ref_opt = (torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1) if optimizer == "adamw"
+               else torch.optim.SGD(ref, lr=0.01, momentum=0.9, weight_decay=0.1))
+    opt = JobOptimizer(spec, adapter, 100)
+    grads = [p.grad for p in opt.params]
+    assert all(p.data_ptr() == opt.flat[0].data_ptr() + 4 * sum(q.numel() for q in opt.params[:i])
+               for i, p in enumerate(opt.params))  # views of one buffer, in order
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        new = [torch.randn(p.shape, generator=gen) for p in ref]
+        for p, r, g in zip(opt.params, ref, new):
+            p.grad.add_(g)
+            r.grad = g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        ref_opt.step()
+        got_norm = opt.grad_sq_norm().sqrt()
+        torch.testing.assert_close(got_norm, norm, rtol=1e-5, atol=0)
+        opt.step(got_norm)
+        for p, r in zip(opt.params, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is g and not g.any() for p, g in zip(opt.params, grads))
+
+
+def test_cuda_graphs_must_be_a_boolean(tmp_path, tiny_models):
+    raw = {"model": {"path": str(tiny_models["llama"])}, "jobs": [{"name": "j", "dataset": "d.jsonl"}],
+           "run": {"cuda_graphs": "sometimes"}}
+    with pytest.raises(ConfigError, match=r"run.*cuda_graphs"):
+        load_run_file(write_run(tmp_path / "bad.yaml", raw), check_paths=False)
+
+
+def _fixed_length_run(model: Path, out: Path, graphs: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Three jobs on fixed-length rows (so batch shapes recur); one ends early, so its graphs go."""
+    device = torch.device("cuda")
+    stage = load_stage(model, dtype="float32", device=device)
+    vocab = int(stage.config.vocab_size)
+    specs = [
+        JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj"), micro_batch_size=2,
+                gradient_accumulation_steps=2, max_steps=6, learning_rate=1e-2, seed=1),
+        JobSpec(name="b", dataset="-", lora_r=8, target_modules=SPECS[1].target_modules, micro_batch_size=3,
+                max_steps=3, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1, seed=2),
+        JobSpec(name="c", dataset="-", lora_r=2, target_modules=("down_proj", "o_proj"), micro_batch_size=1,
+                max_steps=6, optimizer="sgd", momentum=0.9, learning_rate=0.05, max_grad_norm=0.05, seed=3),
+    ]
+    jobs = []
+    for s in specs:
+        rng = random.Random(s.seed)
+        train = examples(rng, [24] * 24, vocab)
+        steps = plan_steps(len(train), s.micro_batch_size, s.gradient_accumulation_steps, 1, s.max_steps,
+                           lambda e, n=len(train): range(n))
+        jobs.append(JobState(spec=s, train=train, eval=[], steps=steps))
+    run = RunSpec(source="test", model=ModelSpec(path=str(model), dtype="float32", device="cuda"), jobs=tuple(specs),
+                  run=RunLimits(output_dir=str(out), cuda_graphs=graphs))
+    trainer = Trainer(Prepared(run, jobs, stage, 0, out, device), live=False)
+    trainer.run()
+    if graphs:
+        assert trainer.graphs is not None and trainer.graphs.captures >= 2 and trainer.graphs.replays >= 3
+        assert not trainer.graphs.graphs  # every job finished: no graph holds their tensors
+    return {s.name: load_file(str(out / s.name / "adapter_model.safetensors")) for s in specs}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models):
+    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False)
+    graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True)
+    for job, tensors in eager.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
