@@ -131,10 +131,11 @@ def test_flat_optimizer_steps_like_per_tensor_torch(tiny_models, optimizer):
     assert all(p.grad is g and not g.any() for p, g in zip(opt.params, grads))
 
 
-def test_cuda_graphs_must_be_a_boolean(tmp_path, tiny_models):
+@pytest.mark.parametrize(("field", "value"), [("cuda_graphs", "sometimes"), ("pad_to_multiple_of", 0)])
+def test_graph_run_fields_are_checked(tmp_path, tiny_models, field, value):
     raw = {"model": {"path": str(tiny_models["llama"])}, "jobs": [{"name": "j", "dataset": "d.jsonl"}],
-           "run": {"cuda_graphs": "sometimes"}}
-    with pytest.raises(ConfigError, match=r"run.*cuda_graphs"):
+           "run": {field: value}}
+    with pytest.raises(ConfigError, match=rf"bad.yaml.*run.*{field}"):
         load_run_file(write_run(tmp_path / "bad.yaml", raw), check_paths=False)
 
 

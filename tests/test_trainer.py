@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlora.config import load_run_file
+from mlora.model.stage import StageModel
 from mlora.runtime.trainer import train
 
 from conftest import write_run
@@ -66,6 +67,30 @@ def test_token_budget_and_queue_do_not_change_adapters(tmp_path, tiny_models, da
         assert summary[second]["wait_s"] > 0
     for job in JOBS:
         a, b = adapter(base.output_dir, job["name"]), adapter(queued.output_dir, job["name"])
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_batches_to_a_multiple_changes_no_adapter(tmp_path, tiny_models, datasets):
+    """run.pad_to_multiple_of (recurring shapes for CUDA graphs) only adds right padding:
+    same adapters, dropout masks included, and the batches really are padded."""
+    base = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "unpadded")), live=False)
+    spec = load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "padded", pad_to_multiple_of=24))
+    lengths = []
+    original = StageModel.forward
+
+    def spy(self, inputs, layout, op_cache=None):
+        lengths.append(layout.seq_len)
+        return original(self, inputs, layout, op_cache)
+
+    StageModel.forward = spy
+    try:
+        padded = train(spec, live=False)
+    finally:
+        StageModel.forward = original
+    assert lengths and all(n % 24 == 0 for n in lengths)
+    for job in JOBS:
+        a, b = adapter(base.output_dir, job["name"]), adapter(padded.output_dir, job["name"])
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
 

@@ -94,9 +94,25 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> floa
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def random_batches(n_batches: int, micro: int, seq: int, vocab: int, seed: int) -> list[torch.Tensor]:
+def random_batches(n_batches: int, micro: int, seq: int, vocab: int, seed: int, vary: bool = False) -> list[list[list[int]]]:
+    """Each micro-batch's rows of token ids: all `seq` long, or (vary) of lengths uniform in [seq/4, seq]."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (micro, seq), generator=gen) for _ in range(n_batches)]
+    out = []
+    for _ in range(n_batches):
+        lengths = torch.randint(seq // 4, seq + 1, (micro,), generator=gen).tolist() if vary else [seq] * micro
+        out.append([torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths])
+    return out
+
+
+def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, attention mask and labels of a micro-batch padded to its longest row (HF's collators)."""
+    longest = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
 def run_peft(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
@@ -110,19 +126,23 @@ def run_peft(model: torch.nn.Module, args: argparse.Namespace, device: torch.dev
         peft_model = get_peft_model(model, config)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        batches = random_batches(args.steps, args.micro, args.seq, args.vocab, seed=j)
-        for i, ids in enumerate(batches):
+        batches = random_batches(args.steps, args.micro, args.seq, args.vocab, seed=j, vary=args.vary)
+        for i, rows in enumerate(batches):
             if i == args.warmup:
                 sync(device)
                 t_steady = time.perf_counter()
-            ids = ids.to(device)
-            loss = peft_model(input_ids=ids, labels=ids).loss
+            ids, mask, labels = (t.to(device) for t in padded(rows))
+            if args.vary:
+                loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            else:  # no pads: no mask, so SDPA takes its causal path
+                loss = peft_model(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync(device)
-        steady.append((args.steps - args.warmup) * args.micro * args.seq / (time.perf_counter() - t_steady))
-        tokens += args.steps * args.micro * args.seq
+        counts = [sum(len(r) for r in rows) for rows in batches]
+        steady.append(sum(counts[args.warmup :]) / (time.perf_counter() - t_steady))
+        tokens += sum(counts)
         completion.append(time.perf_counter() - start)
         model = peft_model.unload()
         del peft_model, opt, params
@@ -135,15 +155,16 @@ def run_mlora(
 ) -> dict:
     """mlora: all jobs fused into one batch per step, through the real Trainer."""
     stage = stage_from_model(model)
-    jobs, specs = [], []
+    jobs, specs, step_tokens = [], [], []
     for j in range(args.jobs):
         spec = JobSpec(
             name=f"job{j}", dataset="synthetic", lora_r=args.rank, lora_alpha=2 * args.rank,
             target_modules=ALL_TARGET_MODULES, micro_batch_size=args.micro, max_steps=args.steps,
             learning_rate=1e-4, cutoff_len=args.seq, seed=j,
         )
-        ids = random_batches(args.steps, args.micro, args.seq, args.vocab, seed=j)
-        examples = [Example(row.tolist(), [-100] + row.tolist()[1:]) for batch in ids for row in batch]
+        rows = [r for batch in random_batches(args.steps, args.micro, args.seq, args.vocab, seed=j, vary=args.vary) for r in batch]
+        examples = [Example(r, [-100] + r[1:]) for r in rows]
+        step_tokens.append([sum(len(r) for r in rows[i : i + args.micro]) for i in range(0, len(rows), args.micro)])
         steps = plan_steps(len(examples), args.micro, 1, 1, args.steps, lambda e, n=len(examples): range(n))
         jobs.append(JobState(spec=spec, train=examples, eval=[], steps=steps))
         specs.append(spec)
@@ -154,7 +175,7 @@ def run_mlora(
             jobs=tuple(specs),
             run=RunLimits(
                 output_dir=out, max_concurrent_jobs=args.jobs, max_tokens_per_batch=budget, backend=backend,
-                cuda_graphs=graphs,
+                cuda_graphs=graphs, pad_to_multiple_of=args.pad if graphs else 1,
             ),
         )
         trainer = Trainer(Prepared(run, jobs, stage, 0, Path(out), device), live=False)
@@ -175,8 +196,8 @@ def run_mlora(
             last.append(next(r["time"] for r in rows if r["step"] == args.steps))
         end = max(last)
     completion = [summary["jobs"][s.name]["finished_at"] - summary["jobs"][s.name]["queued_at"] for s in specs]
-    tokens = args.jobs * args.steps * args.micro * args.seq
-    steady = args.jobs * (args.steps - args.warmup) * args.micro * args.seq / (end - max(warm))
+    tokens = sum(sum(t) for t in step_tokens)
+    steady = sum(sum(t[args.warmup :]) for t in step_tokens) / (end - max(warm))
     del result
     return {"tokens_per_s": tokens / total, "steady_tokens_per_s": steady, "completion_s": completion, "total_s": total,
             "max_tokens_per_batch": budget}
@@ -195,6 +216,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--backends", default="auto")
     parser.add_argument("--graphs", default="on", help="CUDA graphs of the fused step: on, off, or on,off (both rows)")
+    parser.add_argument("--vary", action="store_true", help="rows of random lengths in [seq/4, seq] instead of all seq long")
+    parser.add_argument("--pad", type=int, default=64, help="run.pad_to_multiple_of of the graph rows (recurring shapes)")
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
     parser.add_argument("--out", default="bench/e2e/results.json")
     args = parser.parse_args()
@@ -233,10 +256,10 @@ def main() -> None:
             res["speedup_vs_peft"] = res["tokens_per_s"] / peft["tokens_per_s"]
             res["steady_mfu"] = 4 * params * res["steady_tokens_per_s"] / (peak * 1e12)
             res["steady_speedup_vs_peft"] = res["steady_tokens_per_s"] / peft["steady_tokens_per_s"]
-            label = f"{backend}, graphs" if graphs else backend
+            label = (f"{backend}, graphs, pad {args.pad}" if args.vary else f"{backend}, graphs") if graphs else backend
             rows.append({"shape": shape, "system": f"mlora, {args.jobs} jobs together ({label})", **res})
         del model
-    header = (f"{'shape':6} {'system':42} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'steady':>9} {'x PEFT':>7} {'MFU':>6} "
+    header = (f"{'shape':6} {'system':46} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'steady':>9} {'x PEFT':>7} {'MFU':>6} "
               f"{'peak GiB':>9} {'avg JCT s':>9}  completion s")
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"matmul peak {peak:.0f} TFLOP/s, {args.jobs} jobs x {args.steps} steps x {args.micro}x{args.seq} tokens, r={args.rank}")
@@ -247,7 +270,7 @@ def main() -> None:
         xs = f"{r.get('steady_speedup_vs_peft', 1.0):.2f}"
         jct = statistics.mean(r["completion_s"])
         comp = " ".join(f"{c:.1f}" for c in r["completion_s"])
-        print(f"{r['shape']:6} {r['system']:42} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% "
+        print(f"{r['shape']:6} {r['system']:46} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% "
               f"{r['steady_tokens_per_s']:9.0f} {xs:>7} {100 * r['steady_mfu']:5.1f}% {mem:>9} {jct:9.1f}  {comp}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))

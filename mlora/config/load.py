@@ -396,6 +396,8 @@ def _check_run(run: RunLimits, source: str) -> None:
         raise ConfigError(f"{source}: run: max_tokens_per_batch: must be at least 1, got {run.max_tokens_per_batch}")
     if run.backend not in ("auto", "torch", "triton"):
         raise ConfigError(f"{source}: run: backend: {run.backend!r} is not auto, torch or triton")
+    if run.pad_to_multiple_of < 1:
+        raise ConfigError(f"{source}: run: pad_to_multiple_of: must be at least 1, got {run.pad_to_multiple_of}")
     if run.log_every_s <= 0:
         raise ConfigError(f"{source}: run: log_every_s: must be positive, got {run.log_every_s}")
     if run.pipeline_timeout_s <= 0:

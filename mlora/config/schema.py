@@ -85,6 +85,7 @@ class RunLimits:
     max_concurrent_jobs: int = 8
     max_tokens_per_batch: int = 8192  # tokens (rows × padded length) per fused batch
     backend: str = "auto"  # multi-LoRA operator backend: auto | torch | triton
+    pad_to_multiple_of: int = 1  # round each fused batch's padded length up (recurring shapes for CUDA graphs)
     cuda_graphs: bool = True  # replay each recurring fused-batch shape as one CUDA graph (CUDA only)
     log_every_s: float = 5.0  # plain-log cadence when stdout is not a terminal
     name: str | None = None

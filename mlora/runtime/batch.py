@@ -33,11 +33,25 @@ def dropout_seed(seed: int, step: int, micro: int) -> int:
     return zlib.crc32(f"{seed}:{step}:{micro}".encode())
 
 
+def padded_length(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (run.pad_to_multiple_of)."""
+    return -(-length // multiple) * multiple
+
+
 def make_layout(
-    micros: Sequence[PendingMicro], lengths: Sequence[Sequence[int]], seeds: Sequence[int], training: bool = True
+    micros: Sequence[PendingMicro],
+    lengths: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    training: bool = True,
+    pad_to_multiple_of: int = 1,
 ) -> BatchLayout:
-    """The row layout of a fused batch from row lengths alone (no tensors needed)."""
-    seq_len = max(max(ls) for ls in lengths)
+    """The row layout of a fused batch from row lengths alone (no tensors needed).
+
+    Rounding the padded length up to a multiple makes batch shapes recur, so CUDA
+    graphs (mlora/runtime/step_graphs.py) can replay them; right padding changes no
+    real token's result.
+    """
+    seq_len = padded_length(max(max(ls) for ls in lengths), pad_to_multiple_of)
     jobs: list[JobRows] = []
     row = 0
     for m, ls, seed in zip(micros, lengths, seeds):
@@ -55,6 +69,7 @@ def collate(
     training: bool = True,
     loss_weights: Sequence[float] | None = None,
     with_tasks: Sequence[bool] | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> FusedBatch:
     """examples[k] are micro-batch k's Example objects (input_ids, labels).
 
@@ -65,7 +80,7 @@ def collate(
     memory without blocking: a copy from pageable memory would wait for the GPU.
     """
     lengths = [[len(e.input_ids) for e in exs] for exs in examples]
-    layout = make_layout(micros, lengths, seeds, training)
+    layout = make_layout(micros, lengths, seeds, training, pad_to_multiple_of)
     ids = torch.full((layout.rows, layout.seq_len), pad_id, dtype=torch.long)
     labels = torch.full((layout.rows, layout.seq_len), IGNORE, dtype=torch.long)
     row_slot = torch.empty(layout.rows, dtype=torch.long)

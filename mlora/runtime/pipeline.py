@@ -34,7 +34,7 @@ from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import Targets
 from mlora.model.peft_io import save_adapter
 from mlora.model.stage import StageBounds, base_linear_shapes, load_stage, read_config
-from mlora.runtime.batch import collate, make_layout
+from mlora.runtime.batch import collate, make_layout, padded_length
 from mlora.runtime.checkpoint import (
     STATE,
     latest_checkpoint,
@@ -185,6 +185,7 @@ class Driver:
 
     def _plan_phase(self, names: list[str], first_index: int) -> list[Any]:
         sizes = []
+        multiple = self.spec.run.pad_to_multiple_of
         for name in names:
             job = self.jobs[name]
             steps = job.steps[job.step :]
@@ -192,7 +193,7 @@ class Driver:
             sizes.append(
                 JobPlanSizes(
                     job=name,
-                    steps=tuple(tuple((len(mb), max(mb)) for mb in st) for st in lens),
+                    steps=tuple(tuple((len(mb), padded_length(max(mb), multiple)) for mb in st) for st in lens),
                     tokens=tuple(tuple(sum(mb) for mb in st) for st in lens),
                     first_step=job.step,
                 )
@@ -218,7 +219,8 @@ class Driver:
                 task_rows.append(None)
                 denoms.append(0.0)
         self.members[mb.index] = members
-        return MicroBatchPlan(mb, make_layout(micros, lengths, seeds), tuple(inv), tuple(task_rows), tuple(denoms))
+        layout = make_layout(micros, lengths, seeds, pad_to_multiple_of=self.spec.run.pad_to_multiple_of)
+        return MicroBatchPlan(mb, layout, tuple(inv), tuple(task_rows), tuple(denoms))
 
     def _gate_count(self, job: JobState) -> int:
         if not job.gate_count:
@@ -227,7 +229,10 @@ class Driver:
 
     def batch(self, mb: int, device: torch.device) -> Any:
         members = self.members[mb]
-        return collate([m for m, _, _ in members], [e for _, e, _ in members], [s for _, _, s in members], self.pad_id, device)
+        return collate(
+            [m for m, _, _ in members], [e for _, e, _ in members], [s for _, _, s in members], self.pad_id, device,
+            pad_to_multiple_of=self.spec.run.pad_to_multiple_of,
+        )
 
 
 # ------------------------------------------------------------------ all ranks

@@ -31,7 +31,7 @@ from mlora.model.peft_io import (
     save_adapter,
 )
 from mlora.model.stage import StageModel, base_linear_shapes, load_stage
-from mlora.runtime.batch import collate
+from mlora.runtime.batch import collate, padded_length
 from mlora.runtime.checkpoint import (
     latest_checkpoint,
     read_stage_slice,
@@ -304,8 +304,9 @@ class Trainer:
 
     def _train_one_batch(self, running: list[JobState], turn: int) -> None:
         pending = [j.pending() for j in running]
+        multiple = self.spec.run.pad_to_multiple_of
         candidates = [
-            Candidate(p.job, len(p.examples), max(len(self.jobs[p.job].train[i].input_ids) for i in p.examples))
+            Candidate(p.job, len(p.examples), padded_length(max(len(self.jobs[p.job].train[i].input_ids) for i in p.examples), multiple))
             for p in pending
         ]
         picked = plan_fused_batch(candidates, self.spec.run.max_tokens_per_batch, turn)
@@ -325,6 +326,7 @@ class Trainer:
             self.device,
             loss_weights=[1.0 / j.step_targets(m.step) for j, m in zip(jobs, chosen)],
             with_tasks=[j.spec.kind == "meteora" for j in jobs],
+            pad_to_multiple_of=self.spec.run.pad_to_multiple_of,
         )
         adapters = [self.stage.routing.adapters[j.name] for j in jobs]
         graphed = self.graphs.step(batch, adapters) if self.graphs is not None else None
