@@ -32,7 +32,7 @@ from mlora.model.stage import StageModel
 from mlora.runtime.batch import FusedBatch
 
 TARGET_BUCKET = 256  # target counts are rounded up to this, so batches of one shape share a graph
-MAX_GRAPHS = 8  # captured shapes kept at once (they share one memory pool)
+MAX_GRAPHS = 32  # captured shapes kept at once (one shared memory pool: about the largest one's need, not the sum)
 MAX_SEEN = 4096  # shapes remembered while waiting for a second sighting
 
 
