@@ -4,6 +4,7 @@ batches qualify, and on CUDA a graphed run trains the same adapters as an eager 
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from mlora.runtime.trainer import Prepared, Trainer, make_adapter
 from conftest import write_run
 
 SPECS = [
-    JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj", "down_proj"), seed=1),
+    JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj", "down_proj"), lora_dropout=0.2, seed=1),
     JobSpec(name="b", dataset="-", lora_r=8, lora_alpha=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
                                                                             "gate_proj", "up_proj", "down_proj"), seed=2),
 ]
@@ -39,14 +40,15 @@ def examples(rng: random.Random, lengths: list[int], vocab: int) -> list[Example
     return out
 
 
-def batch_of(exs: list[list[Example]], weights: list[float]):
-    micros = [PendingMicro(s.name, 0, 0, True, tuple(range(len(e)))) for s, e in zip(SPECS, exs)]
+def batch_of(exs: list[list[Example]], weights: list[float], step: int = 0):
+    micros = [PendingMicro(s.name, step, 0, True, tuple(range(len(e)))) for s, e in zip(SPECS, exs)]
     return collate(micros, exs, [s.seed for s in SPECS], 0, torch.device("cpu"), loss_weights=weights)
 
 
 def test_static_step_equals_the_eager_step(tiny_models):
-    """Padded targets, static buffers and explicit gradient adds give the eager step's losses and gradients,
-    for two batches of one shape whose target counts differ (the buffers are refilled, not reallocated)."""
+    """Padded targets, static buffers, kept dropout generators and explicit gradient adds give the
+    eager step's losses and gradients, for two batches of one shape whose target counts and
+    dropout seeds differ (the buffers are refilled and the generators reseeded, not remade)."""
     stage = load_stage(tiny_models["llama"])
     adapters = [make_adapter(s, stage, torch.device("cpu")) for s in SPECS]
     with torch.no_grad():
@@ -59,8 +61,8 @@ def test_static_step_equals_the_eager_step(tiny_models):
     rng = random.Random(0)
     vocab = int(stage.config.vocab_size)
     c = None
-    for _ in range(2):
-        batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [0.5, 0.25])
+    for step in range(2):  # the second batch has other dropout seeds: the kept generators are reseeded
+        batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [0.5, 0.25], step)
         n_targets = batch.targets.index.shape[0]
         assert n_targets % TARGET_BUCKET != 0  # padding is exercised
         eager = job_loss_sums(stage.lm_head, stage(batch.input_ids, batch.layout), batch.targets) * batch.loss_weights
@@ -70,8 +72,10 @@ def test_static_step_equals_the_eager_step(tiny_models):
         assert graph_key(c.layout, bucket(n_targets)) == graph_key(batch.layout, n_targets)
         for g in c.grads:
             g.zero_()
+        kept = dict(c.generators)
         c.fill(batch)
         static_step(stage, c)
+        assert len(c.generators) == 3 * stage.config.num_hidden_layers and (not kept or all(c.generators[k] is g for k, g in kept.items()))
         torch.testing.assert_close(c.out, eager.detach(), rtol=1e-5, atol=1e-6)
         for p, g, w in zip(params, c.grads, want):
             assert p.grad is g  # added in place: the address a graph captured stays valid
@@ -90,8 +94,7 @@ def test_which_batches_are_captured(tiny_models):
     assert capturable(layout, adapters, "auto") and capturable(layout, adapters, "torch")
     assert not capturable(layout, adapters, "triton")  # its pointer tables are built on the host
     assert not capturable(replace(layout, training=False), adapters, "auto")
-    dropped = make_adapter(replace(SPECS[0], lora_dropout=0.1), stage, torch.device("cpu"))
-    assert not capturable(layout, [dropped, adapters[1]], "auto")  # host-seeded masks
+    assert adapters[0].dropout > 0  # dropout is captured: its generators are reseeded per replay
     assert not capturable(layout, [object(), adapters[1]], "auto")  # a MeteoRA adapter
     # same shapes, other tokens and another step: one graph; another row split: another
     again = batch_of([examples(rng, [12, 3], vocab), examples(rng, [12, 5, 4], vocab)], [1.0, 1.0])
@@ -139,14 +142,14 @@ def test_graph_run_fields_are_checked(tmp_path, tiny_models, field, value):
         load_run_file(write_run(tmp_path / "bad.yaml", raw), check_paths=False)
 
 
-def _fixed_length_run(model: Path, out: Path, graphs: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Three jobs on fixed-length rows (so batch shapes recur); one ends early, so its graphs go."""
+def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Three jobs on fixed-length rows (so batch shapes recur), one with dropout; one ends early, so its graphs go."""
     device = torch.device("cuda")
     stage = load_stage(model, dtype="float32", device=device)
     vocab = int(stage.config.vocab_size)
     specs = [
         JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj"), micro_batch_size=2,
-                gradient_accumulation_steps=2, max_steps=6, learning_rate=1e-2, seed=1),
+                gradient_accumulation_steps=2, max_steps=6, learning_rate=1e-2, lora_dropout=0.1, seed=1),
         JobSpec(name="b", dataset="-", lora_r=8, target_modules=SPECS[1].target_modules, micro_batch_size=3,
                 max_steps=3, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1, seed=2),
         JobSpec(name="c", dataset="-", lora_r=2, target_modules=("down_proj", "o_proj"), micro_batch_size=1,
@@ -163,7 +166,7 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool) -> dict[str, dict[st
                   run=RunLimits(output_dir=str(out), cuda_graphs=graphs))
     trainer = Trainer(Prepared(run, jobs, stage, 0, out, device), live=False)
     trainer.run()
-    if graphs:
+    if graphs and expect_graphs:
         assert trainer.graphs is not None and trainer.graphs.captures >= 2 and trainer.graphs.replays >= 3
         assert not trainer.graphs.graphs  # every job finished: no graph holds their tensors
     return {s.name: load_file(str(out / s.name / "adapter_model.safetensors")) for s in specs}
@@ -173,6 +176,31 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool) -> dict[str, dict[st
 def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models):
     eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False)
     graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True)
+    for job, tensors in eager.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_step_that_cannot_be_recorded_turns_graphs_off_and_trains_on(tmp_path, tiny_models, monkeypatch):
+    """A model that syncs with the host inside its forward cannot be recorded: the run warns,
+    goes on eagerly, and ends with the eager adapters."""
+    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False)
+
+    def host_sync(module, args, output):
+        if torch.cuda.is_current_stream_capturing():
+            output[0].sum().item()  # not allowed while recording
+
+    original = load_stage
+
+    def syncing_stage(*a, **k):
+        stage = original(*a, **k)
+        stage.layers[0].register_forward_hook(host_sync)
+        return stage
+
+    monkeypatch.setattr(sys.modules[__name__], "load_stage", syncing_stage)  # what _fixed_length_run calls
+    with pytest.warns(UserWarning, match="CUDA graphs are off for the rest of this run"):
+        graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "synced", graphs=True, expect_graphs=False)
     for job, tensors in eager.items():
         for key, value in tensors.items():
             torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)

@@ -58,6 +58,14 @@ class Routing:
     layout: BatchLayout | None = None
     backend: str = "auto"
     op_cache: dict = field(default_factory=dict)  # per-batch tensors the operator shares across layers
+    # (job, linear index) -> dropout generator kept across steps (CUDA graphs: the graph
+    # runner reseeds them before each replay); None: a fresh generator per call
+    generators: dict[tuple[str, int], torch.Generator] | None = None
+
+
+def dropout_seed_of(rows: JobRows, index: int) -> int:
+    """The dropout seed of a job's rows at the linear with global index `index`."""
+    return rows.dropout_seed + 7919 * index
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
@@ -174,13 +182,28 @@ class MultiLoraLinear(nn.Module):
             dropout=drops, dropout_masks=masks, backend=self.routing.backend, cache=self.routing.op_cache,
         )
 
+    def _generator(self, rows: JobRows, device: torch.device) -> torch.Generator:
+        """Seeded by (job, step, micro-batch) and this linear: the same masks alone or fused.
+
+        Kept generators (CUDA graphs) are seeded when made and by the graph runner
+        before every replay (`dropout_seed`); a graph cannot reseed while recording.
+        """
+        seed = dropout_seed_of(rows, self.index)
+        kept = self.routing.generators
+        if kept is None:
+            return torch.Generator(device=device).manual_seed(seed)
+        key = (rows.job, self.index)
+        if key not in kept:
+            kept[key] = torch.Generator(device=device).manual_seed(seed)
+        return kept[key]
+
     def _dropout_mask(self, rows: JobRows, layout: BatchLayout, p: float, device: torch.device) -> Tensor:
         """Keep-mask drawn at the job's own [rows, seq_len, d_in] size, then padded.
 
         Drawing at the job's own padded length (not the fused batch's) gives the job the
         same masks whether it trains alone or beside longer sequences of other jobs.
         """
-        gen = torch.Generator(device=device).manual_seed(rows.dropout_seed + 7919 * self.index)
+        gen = self._generator(rows, device)
         n_rows = rows.row_end - rows.row_start
         keep = torch.rand(n_rows, rows.seq_len, self.in_features, generator=gen, device=device) >= p
         if rows.seq_len < layout.seq_len:

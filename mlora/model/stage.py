@@ -143,14 +143,16 @@ class StageModel(nn.Module):
             if path.rsplit(".", 1)[1] in targets
         }
 
-    def forward(self, inputs: Tensor, layout: BatchLayout, op_cache: dict | None = None) -> Tensor:
+    def forward(
+        self, inputs: Tensor, layout: BatchLayout, op_cache: dict | None = None, generators: dict | None = None
+    ) -> Tensor:
         """Token ids (first stage) or hidden states in; hidden states out (normed if last).
 
         Rows are right-padded, so plain causal attention never lets a real token see a
         pad: no padding mask is needed and SDPA can take its fused causal path.
         `op_cache`: per-layout tensors the operators share across layers; a fresh one
         per call unless the caller keeps it (a CUDA graph must reuse the tensors it
-        was captured with).
+        was captured with). `generators`: dropout generators kept across calls (Routing).
         """
         hidden = self.embed_tokens(inputs) if self.bounds.first else inputs
         seq_len = hidden.shape[1]
@@ -159,12 +161,14 @@ class StageModel(nn.Module):
         mask = self._eager_causal_mask(seq_len, hidden) if self.eager else None
         self.routing.layout = layout
         self.routing.op_cache = {} if op_cache is None else op_cache
+        self.routing.generators = generators
         try:
             for layer in self.layers:
                 hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         finally:
             self.routing.layout = None
             self.routing.op_cache = {}
+            self.routing.generators = None
         if self.bounds.last:
             hidden = self.norm(hidden)
         return hidden

@@ -12,21 +12,25 @@ A graph fixes shapes, addresses and every host-side decision, so:
 - inputs are copied into static buffers; gradients are added into each parameter's
   `.grad`, which the job's optimizer zeroes in place and never drops; the tables the
   operator caches per layout are kept with the graph, as are the tensors it reads;
-- only what a replay can reproduce is captured: no LoRA dropout (its masks come from
-  host-seeded generators), no MeteoRA job (its gate logits leave through the adapter),
-  the dense operator path (the Triton path builds pointer tables on the host).
+- LoRA dropout draws from one generator per (job, linear), registered with the graph
+  and reseeded from the batch's (job, step, micro-batch) seeds before every replay, so
+  the masks are the eager ones;
+- only what a replay can reproduce is captured: no MeteoRA job (its gate logits leave
+  through the adapter), the dense operator path (the Triton path builds pointer tables
+  on the host).
 Everything else, shapes seen once, and CPU runs go the eager way; the math is the same.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from mlora.model.lora_linear import BatchLayout, StageAdapter
+from mlora.model.lora_linear import BatchLayout, StageAdapter, dropout_seed_of
 from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
 from mlora.runtime.batch import FusedBatch
@@ -59,7 +63,7 @@ def capturable(layout: BatchLayout, adapters: Sequence[Any], backend: str) -> bo
     """Whether a replay would do exactly what an eager step does for this batch."""
     if not layout.training or backend not in ("auto", "torch"):
         return False
-    return all(isinstance(a, StageAdapter) and a.dropout == 0.0 for a in adapters)
+    return all(isinstance(a, StageAdapter) for a in adapters)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class StaticStep:
     params: list[Tensor]
     grads: list[Tensor]
     op_cache: dict = field(default_factory=dict)
+    generators: dict = field(default_factory=dict)  # (job, linear index) -> dropout generator
     graph: Any = None
 
     @classmethod
@@ -98,7 +103,8 @@ class StaticStep:
         )
 
     def fill(self, batch: FusedBatch) -> None:
-        """Copy the batch into the static inputs; padding targets point at slot n (dropped)."""
+        """Copy the batch into the static inputs (padding targets point at slot n, dropped)
+        and seed the dropout generators for its (job, step, micro-batch)."""
         n_t = batch.targets.index.shape[0]
         self.ids.copy_(batch.input_ids)
         self.index[:n_t].copy_(batch.targets.index)
@@ -108,6 +114,9 @@ class StaticStep:
         self.slot[:n_t].copy_(batch.targets.slot)
         self.slot[n_t:].fill_(len(self.weights))
         self.weights.copy_(batch.loss_weights)
+        rows = {j.job: j for j in batch.layout.jobs}
+        for (job, index), gen in self.generators.items():
+            gen.manual_seed(dropout_seed_of(rows[job], index))
 
 
 def static_step(stage: StageModel, c: StaticStep) -> None:
@@ -117,7 +126,7 @@ def static_step(stage: StageModel, c: StaticStep) -> None:
     (autograd's own accumulation may swap in a new tensor, which a graph cannot follow).
     """
     n = len(c.weights)
-    hidden = stage(c.ids, c.layout, op_cache=c.op_cache)
+    hidden = stage(c.ids, c.layout, op_cache=c.op_cache, generators=c.generators)
     sums = job_loss_sums(stage.lm_head, hidden, Targets(c.index, c.token, c.slot, n + 1))
     per_job = sums[:n] * c.weights
     grads = torch.autograd.grad(per_job.sum(), c.params)
@@ -136,6 +145,7 @@ class StepGraphs:
         self.stream = torch.cuda.Stream()
         self.replays = 0
         self.captures = 0
+        self.off: str | None = None  # why graphs were turned off for the run, if they were
 
     def step(self, batch: FusedBatch, adapters: Sequence[StageAdapter]) -> Tensor | None:
         """Forward + backward of `batch` with every job's gradient added into its `.grad`.
@@ -143,7 +153,7 @@ class StepGraphs:
         Returns each micro-batch's weighted loss sum, or None when this batch should run
         eagerly (not capturable, or a shape seen for the first time).
         """
-        if not capturable(batch.layout, adapters, self.stage.routing.backend):
+        if self.off is not None or not capturable(batch.layout, adapters, self.stage.routing.backend):
             return None
         key = graph_key(batch.layout, batch.targets.index.shape[0])
         captured = self.graphs.get(key)
@@ -176,9 +186,18 @@ class StepGraphs:
         main.wait_stream(self.stream)
         result = c.out.clone()
         graph = torch.cuda.CUDAGraph()
-        # Recording runs nothing: the kernels only execute on replay.
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            static_step(self.stage, c)
+        try:
+            for gen in c.generators.values():  # made by the warm-up; replays read their seeds
+                graph.register_generator_state(gen)
+            # Recording runs nothing: the kernels only execute on replay.
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                static_step(self.stage, c)
+        except RuntimeError as exc:  # the model runs something a graph cannot hold (a host sync)
+            self.off = f"{exc}".splitlines()[0]
+            self.graphs.clear()
+            warnings.warn(f"CUDA graphs are off for the rest of this run: recording a step failed ({self.off}); "
+                          "training goes on without them (run.cuda_graphs: false silences this)", stacklevel=2)
+            return result
         c.graph = graph
         self.graphs[key] = c
         self.captures += 1
