@@ -75,17 +75,6 @@ def test_eval_split_and_order_are_deterministic(tmp_path, tokenizer):
     assert not train_ids & {tuple(e.input_ids) for e in a.eval} and len(train_ids) == 40
 
 
-def test_micro_batches_follow_the_epoch_order(tmp_path, tokenizer):
-    rows = [{"instruction": "n", "input": str(i), "output": str(i)} for i in range(23)]
-    data = JobData.build(write(tmp_path / "d.jsonl", rows), "auto", "plain", tokenizer, 64, 0, 3)
-    batches = data.micro_batches(2, 5)
-    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]  # the short last batch is kept
-    assert [i for b in batches for i in b] == data.epoch_order(2)
-    assert data.micro_batches(2, 5) == batches != data.micro_batches(3, 5)
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        data.micro_batches(0, 0)
-
-
 def test_json_list_format_and_byte_order_mark(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}]))

@@ -93,13 +93,6 @@ class JobData:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def micro_batches(self, epoch: int, micro_batch_size: int) -> list[list[int]]:
-        """The epoch's order cut into micro-batches of train indices; the last may be short."""
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be at least 1, not {micro_batch_size}")
-        order = self.epoch_order(epoch)
-        return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-
 
 def record_task(record: dict[str, Any], task_names: Sequence[str], path: Path, index: int) -> int:
     """A record's task index from its `task` field: an adapter's name or its index."""
