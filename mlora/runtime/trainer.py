@@ -305,10 +305,8 @@ class Trainer:
     def _train_one_batch(self, running: list[JobState], turn: int) -> None:
         pending = [j.pending() for j in running]
         multiple = self.spec.run.pad_to_multiple_of
-        candidates = [
-            Candidate(p.job, len(p.examples), padded_length(max(len(self.jobs[p.job].train[i].input_ids) for i in p.examples), multiple))
-            for p in pending
-        ]
+        longest = [max(len(self.jobs[p.job].train[i].input_ids) for i in p.examples) for p in pending]
+        candidates = [Candidate(p.job, len(p.examples), padded_length(n, multiple)) for p, n in zip(pending, longest)]
         picked = plan_fused_batch(candidates, self.spec.run.max_tokens_per_batch, turn)
         for one_pass in split_by_length(candidates, picked):
             self._forward_backward([pending[i] for i in one_pass])
