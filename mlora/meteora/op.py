@@ -25,6 +25,7 @@ Three ways to compute it:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -163,6 +164,17 @@ def _dense_backward(
     return dx, dw, d_a, d_b
 
 
+@functools.lru_cache(maxsize=64)
+def _dense_tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each concatenated rank column's adapter, and each adapter's scale, on the device.
+
+    Built once per (ranks, scales, device): every gated linear of every step shares
+    them, instead of copying two small host tensors per call.
+    """
+    col = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)).to(device)
+    return col, torch.tensor(list(scales), dtype=torch.float64).to(device)
+
+
 class _MeteoraFunction(torch.autograd.Function):
     """Adapters may be fp32 masters under a bf16 x: cast here, gradients cast back."""
 
@@ -180,8 +192,7 @@ class _MeteoraFunction(torch.autograd.Function):
             ctx.save_for_backward(x, idx, weights, *saved)
         elif backend == "dense":
             ranks = [t.shape[0] for t in a]
-            col = torch.repeat_interleave(torch.arange(n), torch.tensor(ranks)).to(x.device, non_blocking=True)
-            scale_t = torch.tensor(list(scales), dtype=torch.float64).to(x.device, non_blocking=True)
+            col, scale_t = _dense_tables(tuple(ranks), tuple(scales), x.device)
             a_cat, b_cat = torch.cat(a, 0), torch.cat(b, 1)
             coef = _dense_coef(idx, weights, scale_t, n)
             y, h, m = _dense_forward(x, a_cat, b_cat, col, coef)
