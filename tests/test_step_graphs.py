@@ -16,6 +16,7 @@ from mlora.config import JobSpec, ModelSpec, RunLimits, RunSpec, load_run_file
 from mlora.config.load import ConfigError
 from mlora.data.tokenize import Example
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
+from mlora.jobs.optim import build_optimizer
 from mlora.model.loss import job_loss_sums
 from mlora.model.stage import load_stage
 from mlora.runtime.batch import collate
@@ -132,6 +133,32 @@ def test_flat_optimizer_steps_like_per_tensor_torch(tiny_models, optimizer):
         for p, r in zip(opt.params, ref):
             torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
     assert all(p.grad is g and not g.any() for p, g in zip(opt.params, grads))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_per_tensor_checkpoint_resumes_into_the_flat_optimizer(tiny_models, optimizer):
+    """Checkpoints written before adapters were flat buffers hold one optimizer state per
+    tensor: resuming from one continues exactly as the per-tensor optimizer would."""
+    stage = load_stage(tiny_models["llama"])
+    spec = replace(SPECS[1], optimizer=optimizer, learning_rate=0.01, momentum=0.9, max_grad_norm=None)
+    old = [torch.nn.Parameter(p.detach().clone()) for p in make_adapter(spec, stage, torch.device("cpu")).parameters()]
+    old_opt = build_optimizer(spec, old)  # what JobOptimizer built before the flat buffers
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for p in old:
+            p.grad = torch.randn(p.shape, generator=gen)
+        old_opt.step()
+    saved = {"steps_done": 2, "optimizer": old_opt.state_dict(), "params": [p.detach().clone() for p in old]}
+    opt = JobOptimizer(spec, make_adapter(spec, stage, torch.device("cpu")), 100)
+    opt.load_state_dict(saved)
+    for p, q in zip(opt.params, old):
+        g = torch.randn(p.shape, generator=gen)
+        p.grad.copy_(g)
+        q.grad = g.clone()
+    old_opt.step()
+    opt.step(None)
+    for p, q in zip(opt.params, old):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(("field", "value"), [("cuda_graphs", "sometimes"), ("pad_to_multiple_of", 0)])

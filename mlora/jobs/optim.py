@@ -117,14 +117,33 @@ class JobOptimizer:
             "params": [p.detach().clone() for p in self.params],  # the trained tensors, in the optimizer's order
         }
 
+    def _flat_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """An optimizer state saved tensor by tensor (checkpoints from before the flat
+        buffers) as the state of the one flat buffer: moments concatenated in the same
+        order, step counts kept. Anything else is returned as it is."""
+        groups = saved["param_groups"]
+        per_tensor = len(groups) == 1 and len(groups[0]["params"]) == len(self.params) > 1
+        if len(self.flat) != 1 or not per_tensor:
+            return saved
+        per = [saved["state"].get(i, {}) for i in groups[0]["params"]]
+        if not all(per):
+            return saved
+        merged = {}
+        for name, value in per[0].items():
+            if torch.is_tensor(value) and value.dim() > 0:  # moments, momentum buffers
+                merged[name] = torch.cat([t[name].reshape(-1) for t in per])
+            else:  # step counts: the same for every tensor
+                merged[name] = value.clone() if torch.is_tensor(value) else value
+        return {"state": {0: merged}, "param_groups": [{**groups[0], "params": [0]}]}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["params"]
         if len(saved) != len(self.params) or any(s.shape != p.shape for s, p in zip(saved, self.params)):
             raise ValueError("checkpoint does not match this job's adapter slice (other ranks, targets or stage split)")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self._flat_state(state["optimizer"]))
         except ValueError as exc:
-            raise ValueError(f"checkpoint's optimizer state does not fit this version's optimizer ({exc})") from exc
+            raise ValueError(f"checkpoint's optimizer state does not fit this job's optimizer ({exc})") from exc
         with torch.no_grad():
             for param, value in zip(self.params, saved):
                 param.copy_(value)
