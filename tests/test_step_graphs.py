@@ -62,15 +62,18 @@ def test_static_step_equals_the_eager_step(tiny_models):
     rng = random.Random(0)
     vocab = int(stage.config.vocab_size)
     c = None
-    for step in range(2):  # the second batch has other dropout seeds: the kept generators are reseeded
-        batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [0.5, 0.25], step)
+    # the second batch has other dropout seeds (the kept generators are reseeded) and job b,
+    # which has no dropout, has shorter rows of its own: the same graph serves it
+    for step, b_lengths in enumerate(([7, 12, 10], [7, 10, 9])):
+        batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, b_lengths, vocab)], [0.5, 0.25], step)
         n_targets = batch.targets.index.shape[0]
         assert n_targets % TARGET_BUCKET != 0  # padding is exercised
         eager = job_loss_sums(stage.lm_head, stage(batch.input_ids, batch.layout), batch.targets) * batch.loss_weights
         want = torch.autograd.grad(eager.sum(), params)
         if c is None:
             c = StaticStep.allocate(batch, params)
-        assert graph_key(c.layout, bucket(n_targets)) == graph_key(batch.layout, n_targets)
+        dropping = frozenset({"a"})
+        assert graph_key(c.layout, bucket(n_targets), dropping) == graph_key(batch.layout, n_targets, dropping)
         for g in c.grads:
             g.zero_()
         kept = dict(c.generators)
@@ -102,6 +105,10 @@ def test_which_batches_are_captured(tiny_models):
     assert graph_key(again.layout, 5) == graph_key(layout, 200)
     other = batch_of([examples(rng, [12], vocab), examples(rng, [12, 5, 4, 3], vocab)], [1.0, 1.0])
     assert graph_key(other.layout, 5) != graph_key(layout, 5)
+    # a job's own padded length matters only when it has dropout (its masks are drawn at that size)
+    shorter_a = batch_of([examples(rng, [9, 10], vocab), examples(rng, [12, 5, 4], vocab)], [1.0, 1.0])
+    assert graph_key(shorter_a.layout, 5) == graph_key(layout, 5)
+    assert graph_key(shorter_a.layout, 5, frozenset({"a"})) != graph_key(layout, 5, frozenset({"a"}))
     assert [bucket(n) for n in (1, 256, 257)] == [256, 256, 512]
 
 

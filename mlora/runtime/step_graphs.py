@@ -7,7 +7,8 @@ it (bench/README.md). A CUDA graph records the kernels of one step once and repl
 them with one launch, so the step costs what the GPU needs.
 
 A graph fixes shapes, addresses and every host-side decision, so:
-- the key is the batch's shape: rows, padded length, each job's rows, and the target
+- the key is the batch's shape: rows, padded length, each job's rows (and its own
+  padded length if it has dropout: its masks are drawn at that size), and the target
   count rounded up to a bucket (padding targets go to a slot nobody reads);
 - inputs are copied into static buffers; gradients are added into each parameter's
   `.grad`, which the job's optimizer zeroes in place and never drops; the tables the
@@ -46,7 +47,7 @@ class GraphKey:
 
     rows: int
     seq_len: int
-    jobs: tuple[tuple[str, int, int, int], ...]  # (job, first row, end row, the job's own length)
+    jobs: tuple[tuple[str, int, int, int], ...]  # (job, first row, end row, own length if it has dropout else 0)
     n_targets: int  # bucketed
 
 
@@ -54,8 +55,10 @@ def bucket(n_targets: int) -> int:
     return max(TARGET_BUCKET, -(-n_targets // TARGET_BUCKET) * TARGET_BUCKET)
 
 
-def graph_key(layout: BatchLayout, n_targets: int) -> GraphKey:
-    jobs = tuple((j.job, j.row_start, j.row_end, j.seq_len) for j in layout.jobs)
+def graph_key(layout: BatchLayout, n_targets: int, dropout_jobs: frozenset[str] = frozenset()) -> GraphKey:
+    """A job's own padded length shapes only its dropout masks: it is part of the key for
+    jobs with dropout alone, so other jobs' batches of varying lengths still share graphs."""
+    jobs = tuple((j.job, j.row_start, j.row_end, j.seq_len if j.job in dropout_jobs else 0) for j in layout.jobs)
     return GraphKey(layout.rows, layout.seq_len, jobs, bucket(n_targets))
 
 
@@ -155,7 +158,8 @@ class StepGraphs:
         """
         if self.off is not None or not capturable(batch.layout, adapters, self.stage.routing.backend):
             return None
-        key = graph_key(batch.layout, batch.targets.index.shape[0])
+        dropout_jobs = frozenset(a.job for a in adapters if a.dropout > 0)
+        key = graph_key(batch.layout, batch.targets.index.shape[0], dropout_jobs)
         captured = self.graphs.get(key)
         if captured is not None:
             captured.fill(batch)
