@@ -191,8 +191,8 @@ class Trainer:
         self.stage = prepared.stage
         self.stage.routing.backend = spec.run.backend
         self.optimizers: dict[str, JobOptimizer] = {}
-        if self.device.type == "cuda":  # streams, events and graphs belong to the current device: make it the run's
-            torch.cuda.set_device(self.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # streams, events and graphs belong to the current device
         # CUDA graphs replay recurring batch shapes with one launch (mlora/runtime/step_graphs.py)
         self.graphs = StepGraphs(self.stage) if spec.run.cuda_graphs and self.device.type == "cuda" else None
         self.stop_after_batches = stop_after_batches
