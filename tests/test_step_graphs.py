@@ -95,8 +95,7 @@ def test_which_batches_are_captured(tiny_models):
     vocab = int(stage.config.vocab_size)
     batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [1.0, 1.0])
     layout = batch.layout
-    assert capturable(layout, adapters, "auto") and capturable(layout, adapters, "torch")
-    assert not capturable(layout, adapters, "triton")  # its pointer tables are built on the host
+    assert all(capturable(layout, adapters, b) for b in ("auto", "torch", "triton"))
     assert not capturable(replace(layout, training=False), adapters, "auto")
     assert adapters[0].dropout > 0  # dropout is captured: its generators are reseeded per replay
     assert not capturable(layout, [object(), adapters[1]], "auto")  # a MeteoRA adapter
@@ -176,7 +175,8 @@ def test_graph_run_fields_are_checked(tmp_path, tiny_models, field, value):
         load_run_file(write_run(tmp_path / "bad.yaml", raw), check_paths=False)
 
 
-def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool = True,
+                      backend: str = "auto") -> dict[str, dict[str, torch.Tensor]]:
     """Three jobs on fixed-length rows (so batch shapes recur), one with dropout; one ends early, so its graphs go."""
     device = torch.device("cuda")
     stage = load_stage(model, dtype="float32", device=device)
@@ -197,7 +197,7 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool 
                            lambda e, n=len(train): range(n))
         jobs.append(JobState(spec=s, train=train, eval=[], steps=steps))
     run = RunSpec(source="test", model=ModelSpec(path=str(model), dtype="float32", device="cuda"), jobs=tuple(specs),
-                  run=RunLimits(output_dir=str(out), cuda_graphs=graphs))
+                  run=RunLimits(output_dir=str(out), cuda_graphs=graphs, backend=backend))
     trainer = Trainer(Prepared(run, jobs, stage, 0, out, device), live=False)
     trainer.run()
     if graphs and expect_graphs:
@@ -207,12 +207,18 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models):
-    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False)
-    graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models, backend):
+    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend=backend)
+    graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend=backend)
     for job, tensors in eager.items():
         for key, value in tensors.items():
             torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
+    if backend == "triton":  # and the fused kernels train what the dense PyTorch path trains
+        dense = _fixed_length_run(tiny_models["llama"], tmp_path / "dense", graphs=False, backend="torch")
+        for job, tensors in dense.items():
+            for key, value in tensors.items():
+                torch.testing.assert_close(graphed[job][key], value, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

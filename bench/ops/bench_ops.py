@@ -110,18 +110,19 @@ def device_variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> di
 
     a_d, b_d = [t.detach() for t in a], [t.detach() for t in b]
     jobs = len(a)
+    ranks = tuple(t.shape[0] for t in a_d)
+    a_cat, b_cat = tm.concat(a_d, b_d, x.dtype)  # as the autograd path hands them over, once per call
 
     def fused(segs: list[Segment], overlap: bool | None = None, block_d: int | None = None) -> Callable[[], Outputs]:
         call = LoraCall(tuple(segs), (scale,) * jobs, (0.0,) * jobs, (False,) * len(segs))
-        masks = [None] * len(segs)
 
         def run() -> Outputs:
             saved = tm.OVERLAP_GRAD_A, seg_grads.BLOCK_D
             tm.OVERLAP_GRAD_A = saved[0] if overlap is None else overlap
             seg_grads.BLOCK_D = block_d or saved[1]
             try:
-                y, h = tm.forward_keep_shrink(x, w, None, a_d, b_d, masks, call)
-                dx, d_a, d_b = tm.backward(dy, x, w, a_d, b_d, masks, call, True, h=h)
+                y, h = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, None, call)
+                dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, None, call, True, h=h)
             finally:
                 tm.OVERLAP_GRAD_A, seg_grads.BLOCK_D = saved
             return [y, dx, *d_a, *d_b]

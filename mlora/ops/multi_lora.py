@@ -11,6 +11,8 @@ against) or the Triton kernels on CUDA. The frozen weight gets no gradient.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -110,19 +112,23 @@ BACKENDS = ("auto", "torch", "loop", "triton")
 
 
 def resolve_backend(x: Tensor, backend: str) -> str:
-    """'auto' is the dense PyTorch path on every device, for now.
+    """'auto' is the fused Triton kernels on CUDA (when Triton is installed), else the
+    dense PyTorch path. 'loop' is the plain per-segment reference above: the oracle in tests.
 
-    The Triton kernels are correct and near the base GEMM in device time, but in a
-    training step on an H100 (bench/README.md, 2026-11-24) their per-call host cost and
-    compile/autotune time made whole runs slower than the dense path, so they are
-    opt-in (`backend: triton`) until that is fixed. 'loop' is the plain per-segment
-    reference above: the oracle in tests.
+    bench/README.md ("Triton operator in training", 2026-12-02) has the step times
+    behind this choice: with the step recorded as a CUDA graph the kernels' host cost
+    is gone and their lower device time shows.
     """
     if backend == "auto":
-        return "torch"
+        return "triton" if x.is_cuda and _has_triton() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown multi-LoRA backend {backend!r}: use {', '.join(BACKENDS)}")
     return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class _MultiLoraFunction(torch.autograd.Function):
@@ -146,14 +152,18 @@ class _MultiLoraFunction(torch.autograd.Function):
             ctx.has_mult = mult is not None
             ctx.save_for_backward(x, weight, a_cat, b_cat, scale, hs, *([mult] if mult is not None else []))
             return y
-        lora_a, lora_b = _cast(param_a, x.dtype), _cast(param_b, x.dtype)
         if backend == "triton":
-            from mlora.ops import triton_multi_lora
+            from mlora.ops import triton_multi_lora as tm
 
+            ranks = tuple(ctx.ranks)
+            a_cat, b_cat = tm.concat(param_a, param_b, x.dtype)
+            mask_rows = tm.stack_masks(masks, x, ranks, call)
             # h = drop(x)·Aᵀ (T × padded rank) is kept: cheaper than another pass over x
-            y, h = triton_multi_lora.forward_keep_shrink(x, weight, bias, lora_a, lora_b, masks, call)
-            ctx.save_for_backward(x, weight, h, *tensors)
+            y, h = tm.forward_cat(x, weight, bias, a_cat, b_cat, ranks, mask_rows, call, keep=cache)
+            ctx.cache = cache
+            ctx.save_for_backward(x, weight, h, a_cat, b_cat, *([mask_rows] if mask_rows is not None else []))
             return y
+        lora_a, lora_b = _cast(param_a, x.dtype), _cast(param_b, x.dtype)
         y = reference_forward(x, weight, bias, lora_a, lora_b, masks, call)
         ctx.save_for_backward(x, weight, *tensors)
         return y
@@ -173,15 +183,17 @@ class _MultiLoraFunction(torch.autograd.Function):
                 dy, x, weight, a_cat, b_cat, ctx.ranks, scale, hs, mult[0] if mult else None, need_dx, ctx.param_dtypes[0]
             )
             return (dx, None, None, None, None, None, *d_a, *d_b, *([None] * n_masks))
-        x, weight, *tensors = ctx.saved_tensors
-        h = tensors.pop(0) if ctx.backend == "triton" else None
-        lora_a, lora_b = _cast(tensors[:n], x.dtype), _cast(tensors[n : 2 * n], x.dtype)
-        masks = _unpack_masks(call, tensors[2 * n :])
         if ctx.backend == "triton":
-            from mlora.ops import triton_multi_lora
+            from mlora.ops import triton_multi_lora as tm
 
-            dx, d_a, d_b = triton_multi_lora.backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx, h=h)
+            x, weight, h, a_cat, b_cat, *mask_rows = ctx.saved_tensors
+            dx, d_a, d_b = tm.backward_cat(dy, x, weight, a_cat, b_cat, tuple(ctx.ranks),
+                                           mask_rows[0] if mask_rows else None, call, need_dx, h=h,
+                                           grad_dtype=ctx.param_dtypes[0], keep=ctx.cache)
         else:
+            x, weight, *tensors = ctx.saved_tensors
+            lora_a, lora_b = _cast(tensors[:n], x.dtype), _cast(tensors[n : 2 * n], x.dtype)
+            masks = _unpack_masks(call, tensors[2 * n :])
             dx, d_a, d_b = reference_backward(dy, x, weight, lora_a, lora_b, masks, call, need_dx)
         grads = [g if g.dtype == dt else g.to(dt) for g, dt in zip((*d_a, *d_b), ctx.param_dtypes)]
         return (dx, None, None, None, None, None, *grads, *([None] * n_masks))

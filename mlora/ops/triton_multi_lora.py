@@ -7,9 +7,10 @@ backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B; the
            dA = s·gᵀ·drop(x) (optionally beside the GEMM on a side stream).
 
 h (T × padded rank) is kept from forward for backward; g is T × padded rank in fp32.
-The host work per call is kept flat in the number of jobs where it can be: plans are
-found by the identity of the call, adapter address tables by the adapters' addresses,
-and tensors are validated only when a table is built. See docs/kernels.md.
+The adapters arrive concatenated (A_cat [Σr, d_in], B_cat [d_out, Σr]) and the dropout
+masks stacked, so every table the kernels read depends on the layout alone: plans are
+found by the identity of the call (then by the layout), and no host work depends on a
+tensor's address, which lets a CUDA graph record the operator. See docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -26,13 +27,7 @@ from mlora.ops.kernels import fused_gemm as gemm
 from mlora.ops.kernels import seg_grads as grads
 from mlora.ops.kernels import shrink as shrink_mod
 from mlora.ops.kernels.interpret import INTERPRET
-from mlora.ops.kernels.plan import (
-    ItemPlan,
-    SegmentPlan,
-    item_plan,
-    pointer_table,
-    segment_plan,
-)
+from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, segment_plan
 from mlora.ops.multi_lora import LoraCall
 
 PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pass
@@ -46,7 +41,10 @@ _BY_CALL_MAX = 2048  # a forward of every adapted linear of a model, then their 
 
 @dataclass
 class _CallState:
-    """What one LoraCall needs on one device; forward and backward share the object."""
+    """What one LoraCall needs on one device; forward and backward share the object.
+
+    It holds every device table the kernels read, so whoever keeps it (a CUDA graph's
+    cache) keeps those tables alive."""
 
     call: LoraCall
     tokens: int
@@ -54,19 +52,22 @@ class _CallState:
     ranks: tuple[int, ...]
     plan: SegmentPlan
     items: dict[int, ItemPlan] = field(default_factory=dict)
+    offsets: dict[int, tuple[Tensor, tuple[int, ...]]] = field(default_factory=dict)
 
 
-def _state(x: Tensor, lora_a: Sequence[Tensor], call: LoraCall) -> _CallState:
+def _state(x: Tensor, ranks: tuple[int, ...], call: LoraCall, keep: dict | None) -> _CallState:
     """Per-call state, found by identity (cheap) before the per-layout cache (hashes segments)."""
     st = _BY_CALL.get(id(call))
-    if st is not None and st.call is call and st.tokens == x.shape[0] and st.device == x.device:
-        return st
-    ranks = tuple(a.shape[0] for a in lora_a)
-    plan = segment_plan(call.segments, call.scales, call.dropout, ranks, x.shape[0], x.device, shrink_mod.BLOCK_M)
-    st = _CallState(call, x.shape[0], x.device, ranks, plan)
-    _BY_CALL[id(call)] = st
-    if len(_BY_CALL) > _BY_CALL_MAX:
-        _BY_CALL.popitem(last=False)
+    if not (st is not None and st.call is call and st.tokens == x.shape[0] and st.device == x.device
+            and st.ranks == ranks):
+        plan = segment_plan(call.segments, call.scales, call.dropout, call.has_masks, ranks, x.shape[0], x.device,
+                            shrink_mod.BLOCK_M)
+        st = _CallState(call, x.shape[0], x.device, ranks, plan)
+        _BY_CALL[id(call)] = st
+        if len(_BY_CALL) > _BY_CALL_MAX:
+            _BY_CALL.popitem(last=False)
+    if keep is not None:
+        keep.setdefault(("triton-plan", id(st)), st)
     return st
 
 
@@ -75,6 +76,23 @@ def _items(st: _CallState, width: int) -> ItemPlan:
         st.items[width] = item_plan(st.call.segments, width, st.plan.rank_pad, st.device, grads.BLOCK_M,
                                     grads.BLOCK_D, _target_programs(st.device), PARTIAL_BUDGET_BYTES)
     return st.items[width]
+
+
+def _offsets(st: _CallState, width: int) -> tuple[Tensor, tuple[int, ...]]:
+    """Each slot's element offset into a flat buffer of [rank, width] blocks (device, host)."""
+    if width not in st.offsets:  # held by the state too: a graph keeping the state keeps it
+        st.offsets[width] = _offset_table(st.ranks, width, st.device)
+    return st.offsets[width]
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_table(ranks: tuple[int, ...], width: int, device: torch.device) -> tuple[Tensor, tuple[int, ...]]:
+    offs = [0]
+    for r in ranks:
+        offs.append(offs[-1] + r * width)
+    host = torch.tensor(offs[:-1] or [0], dtype=torch.int64)
+    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    return dev, tuple(offs)
 
 
 def _precision(x: Tensor) -> str:
@@ -92,151 +110,118 @@ def _target_programs(device: torch.device) -> int:
     return 8
 
 
-def _adapter_tables(x: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
-                    d_out: int) -> tuple[Tensor, Tensor, bool]:
-    """Address tables of A and B, and whether every A is 16-byte aligned; layouts are
-    checked in full when a table is built."""
-    dtype = x.dtype
-    if not all(t.dtype == dtype and t.is_contiguous() for t in (*lora_a, *lora_b)):
-        raise ValueError(f"triton multi-LoRA needs contiguous adapters in {dtype}")
-
-    def check() -> None:
-        for a, b in zip(lora_a, lora_b):
-            r = a.shape[0]
-            if a.device != x.device or b.device != x.device or a.shape != (r, x.shape[1]) or b.shape != (d_out, r):
-                raise ValueError(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} on {a.device} do not fit "
-                                 f"x {tuple(x.shape)} on {x.device} and d_out {d_out}")
-
-    a_tab, a_aligned = pointer_table(lora_a, x.device, check)
-    b_tab, _ = pointer_table(lora_b, x.device, check)
-    return a_tab, b_tab, a_aligned
-
-
-def _mask_table(masks: Sequence[Tensor | None], st: _CallState, width: int) -> tuple[Tensor, bool, list[Tensor]]:
-    """Addresses of the sorted segments' keep-masks (0: no dropout), and the tensors to keep alive."""
-    call, plan = st.call, st.plan
-    if not any(call.has_masks):
-        return pointer_table([None] * plan.n_segments, st.device)[0], False, []
-    kept: list[Tensor | None] = []
-    for k in plan.order:
-        seg, mask = call.segments[k], masks[k]
-        if mask is None or call.dropout[seg.slot] == 0.0:
-            kept.append(None)
-            continue
-        if mask.shape != (seg.end - seg.start, width) or mask.device != st.device:
-            raise ValueError(f"dropout mask of {seg} must be [{seg.end - seg.start}, {width}] on {st.device}")
-        kept.append(mask.contiguous())
-    alive = [m for m in kept if m is not None]
-    return pointer_table(kept, st.device)[0], bool(alive), alive
-
-
-def _check_base(x: Tensor, weight: Tensor) -> None:
+def _check(x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, d_out: int, ranks: tuple[int, ...]) -> None:
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"triton multi-LoRA needs W in {x.dtype} on {x.device}, got {weight.dtype} on {weight.device}")
+    total = sum(ranks)
+    for name, t, shape in (("A_cat", a_cat, (total, x.shape[1])), ("B_cat", b_cat, (d_out, total))):
+        if t.dtype != x.dtype or t.device != x.device or tuple(t.shape) != shape:
+            raise ValueError(f"triton multi-LoRA: {name} must be {list(shape)} in {x.dtype} on {x.device} "
+                             f"(ranks {list(ranks)}), got {list(t.shape)} in {t.dtype} on {t.device}")
 
 
-def forward_keep_shrink(
+def concat(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A_cat [Σr, d_in] and B_cat [d_out, Σr], contiguous, in the compute dtype: two
+    copies and two casts, whatever the number of slots."""
+    a_cat = torch.cat(list(lora_a), dim=0) if len(lora_a) != 1 else lora_a[0]
+    b_cat = torch.cat(list(lora_b), dim=1) if len(lora_b) != 1 else lora_b[0]
+    return a_cat.to(dtype).contiguous(), b_cat.to(dtype).contiguous()
+
+
+def stack_masks(masks: Sequence[Tensor | None], x: Tensor, ranks: tuple[int, ...], call: LoraCall) -> Tensor | None:
+    """The keep-masks of the segments whose slot has dropout, stacked in the plan's order
+    as int8 [rows, d_in] (no copy for a single mask); None when there are none."""
+    order = _state(x, ranks, call, None).plan.mask_order
+    if not order:
+        return None
+    picked = []
+    for k in order:
+        seg, mask = call.segments[k], masks[k]
+        if mask is None or tuple(mask.shape) != (seg.end - seg.start, x.shape[1]) or mask.device != x.device:
+            got = None if mask is None else f"{list(mask.shape)} on {mask.device}"
+            raise ValueError(f"dropout mask of {seg} must be [{seg.end - seg.start}, {x.shape[1]}] on {x.device}, "
+                             f"got {got}")
+        picked.append(mask.view(torch.int8) if mask.dtype in (torch.bool, torch.uint8) else (mask != 0).view(torch.int8))
+    return (picked[0] if len(picked) == 1 else torch.cat(picked)).contiguous()
+
+
+def forward_cat(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Sequence[Tensor],
-    lora_b: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    ranks: tuple[int, ...],
+    mask_rows: Tensor | None,
     call: LoraCall,
     use_tma: bool | None = None,
+    keep: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(y, h): the reference forward's y, and h = drop(x)·Aᵀ [T, R] for backward."""
-    _check_base(x, weight)
+    """(y, h) from concatenated adapters and stacked masks (`stack_masks`); h = drop(x)·Aᵀ
+    [T, R] is what backward reads. `keep` (a dict the caller holds) keeps the plan alive."""
     x, weight = x.contiguous(), weight.contiguous()
-    st = _state(x, lora_a, call)
-    a_tab, b_tab, aligned = _adapter_tables(x, lora_a, lora_b, weight.shape[0])
+    _check(x, weight, a_cat, b_cat, weight.shape[0], ranks)
+    st = _state(x, ranks, call, keep)
     precision = _precision(x)
-    mask_tab, dropout, _alive = _mask_table(masks, st, x.shape[1])
-    h = shrink_mod.shrink(x, a_tab, mask_tab, st.plan, dropout, precision, aligned)
-    y = gemm.fused_gemm(x, weight, bias, h, b_tab, mask_tab, st.plan,
+    dropout = mask_rows is not None
+    masks = mask_rows if dropout else x
+    h = shrink_mod.shrink(x, a_cat, masks, st.plan, dropout, precision)
+    y = gemm.fused_gemm(x, weight, bias, h, b_cat, masks, st.plan,
                         w_kn=False, dropout=False, precision=precision, use_tma=use_tma)
     return y, h
 
 
-def forward(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_a: Sequence[Tensor],
-    lora_b: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
-    call: LoraCall,
-    use_tma: bool | None = None,
-) -> Tensor:
-    """Same as reference_forward."""
-    return forward_keep_shrink(x, weight, bias, lora_a, lora_b, masks, call, use_tma)[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _offsets(ranks: tuple[int, ...], width: int, device: torch.device) -> tuple[Tensor, tuple[int, ...]]:
-    """Each slot's element offset into a flat buffer of [rank, width] blocks."""
-    offs = [0]
-    for r in ranks:
-        offs.append(offs[-1] + r * width)
-    host = torch.tensor(offs[:-1] or [0], dtype=torch.int64)
-    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
-    return dev, tuple(offs)
-
-
-def _split(flat: Tensor, ranks: tuple[int, ...], ends: tuple[int, ...], rows_first: bool, width: int) -> list[Tensor]:
-    """Per-slot views of a flat gradient buffer: [rank, width] (dA) or [width, rank] (dB)."""
-    if len(set(ranks)) == 1:  # one view call for all slots
-        r = ranks[0]
-        return list(flat.view(len(ranks), r, width).unbind(0) if rows_first else flat.view(len(ranks), width, r).unbind(0))
-    return [flat[ends[i] : ends[i + 1]].view((r, width) if rows_first else (width, r)) for i, r in enumerate(ranks)]
-
-
-def backward(
+def backward_cat(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
-    lora_a: Sequence[Tensor],
-    lora_b: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    ranks: tuple[int, ...],
+    mask_rows: Tensor | None,
     call: LoraCall,
     need_dx: bool,
     h: Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
     use_tma: bool | None = None,
+    keep: dict | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
-    """Same as reference_backward; pass forward's h to skip recomputing it."""
-    _check_base(x, weight)
+    """dx and every slot's dA, dB (views of two flat buffers in grad_dtype, default x's);
+    pass forward's h to skip recomputing it."""
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
     tokens, d_in = x.shape
     d_out = dy.shape[1]
-    st = _state(x, lora_a, call)
-    plan, ranks = st.plan, st.ranks
-    a_tab, b_tab, aligned = _adapter_tables(x, lora_a, lora_b, d_out)
+    _check(x, weight, a_cat, b_cat, d_out, ranks)
+    st = _state(x, ranks, call, keep)
+    plan = st.plan
     precision = _precision(x)
-    mask_tab, dropout, _alive = _mask_table(masks, st, d_in)
+    dropout = mask_rows is not None
+    masks = mask_rows if dropout else x
     if h is None:
-        h = shrink_mod.shrink(x, a_tab, mask_tab, plan, dropout, precision, aligned)
+        h = shrink_mod.shrink(x, a_cat, masks, plan, dropout, precision)
 
-    off_a, ends_a = _offsets(ranks, d_in, x.device)
-    off_b, ends_b = _offsets(ranks, d_out, x.device)
+    off_a, ends_a = _offsets(st, d_in)
+    off_b, ends_b = _offsets(st, d_out)
     alloc = torch.empty if all(plan.slot_used) else torch.zeros  # a slot without tokens gets zeros
-    flat_a = alloc(ends_a[-1], dtype=x.dtype, device=x.device)
-    flat_b = alloc(ends_b[-1], dtype=x.dtype, device=x.device)
+    out_dtype = grad_dtype or x.dtype
+    flat_a = alloc(ends_a[-1], dtype=out_dtype, device=x.device)
+    flat_b = alloc(ends_b[-1], dtype=out_dtype, device=x.device)
     d_a = _split(flat_a, ranks, ends_a, True, d_in)
     d_b = _split(flat_b, ranks, ends_b, False, d_out)
 
     g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
     if plan.n_segments:
         grads.seg_grads(h, dy, flat_b, off_b, plan, _items(st, d_out), transposed=True,
-                        mask_tab=mask_tab, dropout=False, precision=precision, g=g, b_tab=b_tab)
+                        masks=masks, dropout=False, precision=precision, g=g, b_cat=b_cat)
 
     def grad_a() -> None:
         if plan.n_segments:
             grads.seg_grads(g, x, flat_a, off_a, plan, _items(st, d_in), transposed=False,
-                            mask_tab=mask_tab, dropout=dropout, precision=precision)
+                            masks=masks, dropout=dropout, precision=precision)
 
     def grad_x() -> Tensor:
-        return gemm.fused_gemm(dy, weight, None, g, a_tab, mask_tab, plan, w_kn=True, dropout=dropout,
-                               precision=precision, use_tma=use_tma, v_aligned=aligned)
+        return gemm.fused_gemm(dy, weight, None, g, a_cat, masks, plan, w_kn=True, dropout=dropout,
+                               precision=precision, use_tma=use_tma)
 
     if not need_dx:
         grad_a()
@@ -256,6 +241,63 @@ def backward(
     dx = grad_x()
     main.wait_stream(side)
     return dx, d_a, d_b
+
+
+def forward_keep_shrink(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    call: LoraCall,
+    use_tma: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(y, h): the reference forward's y, and h = drop(x)·Aᵀ [T, R] for backward."""
+    ranks = tuple(a.shape[0] for a in lora_a)
+    a_cat, b_cat = concat(lora_a, lora_b, x.dtype)
+    return forward_cat(x, weight, bias, a_cat, b_cat, ranks, stack_masks(masks, x, ranks, call), call, use_tma)
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    call: LoraCall,
+    use_tma: bool | None = None,
+) -> Tensor:
+    """Same as reference_forward."""
+    return forward_keep_shrink(x, weight, bias, lora_a, lora_b, masks, call, use_tma)[0]
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    call: LoraCall,
+    need_dx: bool,
+    h: Tensor | None = None,
+    use_tma: bool | None = None,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+    """Same as reference_backward (gradients in x's dtype); pass forward's h to skip recomputing it."""
+    ranks = tuple(a.shape[0] for a in lora_a)
+    a_cat, b_cat = concat(lora_a, lora_b, x.dtype)
+    return backward_cat(dy, x, weight, a_cat, b_cat, ranks, stack_masks(masks, x, ranks, call), call, need_dx,
+                        h=h, use_tma=use_tma)
+
+
+def _split(flat: Tensor, ranks: tuple[int, ...], ends: tuple[int, ...], rows_first: bool, width: int) -> list[Tensor]:
+    """Per-slot views of a flat gradient buffer: [rank, width] (dA) or [width, rank] (dB)."""
+    if len(set(ranks)) == 1:  # one view call for all slots
+        r = ranks[0]
+        return list(flat.view(len(ranks), r, width).unbind(0) if rows_first else flat.view(len(ranks), width, r).unbind(0))
+    return [flat[ends[i] : ends[i + 1]].view((r, width) if rows_first else (width, r)) for i, r in enumerate(ranks)]
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:

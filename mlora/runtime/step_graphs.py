@@ -17,8 +17,8 @@ A graph fixes shapes, addresses and every host-side decision, so:
   and reseeded from the batch's (job, step, micro-batch) seeds before every replay, so
   the masks are the eager ones;
 - only what a replay can reproduce is captured: no MeteoRA job (its gate logits leave
-  through the adapter), the dense operator path (the Triton path builds pointer tables
-  on the host).
+  through the adapter). Both multi-LoRA paths are: their device tables depend on the
+  layout alone, and the operator keeps them in the step's cache while the graph lives.
 Everything else, shapes seen once, and CPU runs go the eager way; the math is the same.
 """
 
@@ -64,7 +64,7 @@ def graph_key(layout: BatchLayout, n_targets: int, dropout_jobs: frozenset[str] 
 
 def capturable(layout: BatchLayout, adapters: Sequence[Any], backend: str) -> bool:
     """Whether a replay would do exactly what an eager step does for this batch."""
-    if not layout.training or backend not in ("auto", "torch"):
+    if not layout.training or backend not in ("auto", "torch", "triton"):
         return False
     return all(isinstance(a, StageAdapter) for a in adapters)
 

@@ -2,9 +2,11 @@
 
     out[tile] = a[rows]·Wᵀ (or a[rows]·W)  +  Σ_{segments j meeting the rows} s_j·u[rows ∈ j]·V_j
 
-Forward: a = x, W is [N, K] (nn.Linear), u = h = drop(x)·Aᵀ, V_j = B_jᵀ.
-Backward: a = dy, W is [K, N] (dx = dy·W), u = g = dy·B (fp32), V_j = A_j, and the
-LoRA part of a segment with a dropout mask is multiplied by it (and 1/(1-p)).
+Forward: a = x, W is [N, K] (nn.Linear), u = h = drop(x)·Aᵀ, V_j = B_jᵀ (columns
+[off_j, off_j + r_j) of B_cat [N, Σr]).
+Backward: a = dy, W is [K, N] (dx = dy·W), u = g = dy·B (fp32), V_j = A_j (rows
+[off_j, off_j + r_j) of A_cat [Σr, N]), and the LoRA part of a segment with a dropout
+mask is multiplied by it (and 1/(1-p)).
 
 After the K loop over the frozen weight, each [BLOCK_M, BLOCK_N] tile loops over the
 segments its rows meet (usually one, two where a segment boundary crosses the tile)
@@ -53,10 +55,10 @@ def _configs() -> list[triton.Config]:
 
 @triton.jit
 def fused_gemm_kernel(
-    a_src, w_src, out_ptr, bias_ptr, u_ptr,
-    seg_slot, seg_start, seg_end, tok_lo, tok_hi,
-    v_tab, mask_tab, slot_rank, slot_scale, slot_keep,
-    M, N, K, M_BUCKET,
+    a_src, w_src, out_ptr, bias_ptr, u_ptr, v_cat, mask_ptr,
+    seg_slot, seg_start, seg_end, tok_lo, tok_hi, seg_mask_row,
+    slot_rank, slot_off, slot_scale, slot_keep,
+    M, N, K, M_BUCKET, RT,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -112,21 +114,21 @@ def fused_gemm_kernel(
         in_seg = (rows >= s0) & (rows < s1)
         u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
         u = (u.to(tl.float32) * scale).to(dtype)
-        v_ptr = tl.load(v_tab + slot).to(tl.pointer_type(dtype))
-        if V_ALIGNED:
-            v_ptr = tl.multiple_of(v_ptr, 16)
+        off = tl.load(slot_off + slot).to(tl.int64)
         v_ok = (rr < rank)[:, None] & col_ok[None, :]
-        if W_KN:  # V = A_j [rank, N]
+        if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
+            v_ptr = v_cat + off * N
+            if V_ALIGNED:
+                v_ptr = tl.multiple_of(v_ptr, 16)
             v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=v_ok, other=0.0)
-        else:  # V = B_jᵀ, B_j [N, rank]
-            v = tl.load(v_ptr + cols64[None, :] * rank + rr[:, None], mask=v_ok, other=0.0)
+        else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
+            v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=v_ok, other=0.0)
         if DROPOUT:
-            mask_addr = tl.load(mask_tab + j)
-            if mask_addr != 0:
+            mask_row = tl.load(seg_mask_row + j)
+            if mask_row >= 0:
                 keep = tl.load(slot_keep + slot)
                 part = tl.dot(u, v, input_precision=PRECISION)
-                m_ptr = mask_addr.to(tl.pointer_type(tl.int8))
-                kept = tl.load(m_ptr + (rows64 - s0)[:, None] * N + cols64[None, :],
+                kept = tl.load(mask_ptr + (rows64 - s0 + mask_row)[:, None] * N + cols64[None, :],
                                mask=in_seg[:, None] & col_ok[None, :], other=0)
                 acc += tl.where(kept != 0, part * keep, 0.0)
             else:
@@ -155,19 +157,19 @@ def fused_gemm(
     weight: Tensor,
     bias: Tensor | None,
     u: Tensor,
-    v_tab: Tensor,
-    mask_tab: Tensor,
+    v_cat: Tensor,
+    masks: Tensor,
     plan: SegmentPlan,
     w_kn: bool,
     dropout: bool,
     precision: str,
     use_tma: bool | None = None,
-    v_aligned: bool = False,
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
-    use_tma None picks descriptors when the device and the shapes allow them (and
-    MLORA_TRITON_TMA is not 0). v_aligned: every V_j address is 16-byte aligned.
+    v_cat is B_cat [N, Σr] (w_kn False) or A_cat [Σr, N] (w_kn True); masks the stacked
+    int8 keep-masks [rows, N] (read only when dropout). use_tma None picks descriptors
+    when the device and the shapes allow them (and MLORA_TRITON_TMA is not 0).
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -184,11 +186,12 @@ def fused_gemm(
     else:
         a_src, w_src = a, weight
     args = (
-        a_src, w_src, out, bias if bias is not None else out, u,
-        plan.seg_slot, plan.seg_start, plan.seg_end, plan.tok_lo, plan.tok_hi,
-        v_tab, mask_tab, plan.slot_rank, plan.slot_scale, plan.slot_keep,
-        m, n, k, triton.next_power_of_2(m),
+        a_src, w_src, out, bias if bias is not None else out, u, v_cat, masks,
+        plan.seg_slot, plan.seg_start, plan.seg_end, plan.tok_lo, plan.tok_hi, plan.seg_mask_row,
+        plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
+        m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1),
     )
+    v_aligned = (n * v_cat.element_size()) % 16 == 0 and v_cat.data_ptr() % 16 == 0
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
                  PRECISION=precision, V_ALIGNED=v_aligned)
     if meta is not None:

@@ -3,26 +3,23 @@
 The layout (which slot owns which token range) is host metadata in `LoraCall`, so the
 tables are built with NumPy, sent to the device in one copy, and cached per layout:
 every adapted linear of a batch shares them, and kernels never sync with the host.
-Adapter and dropout-mask tensors are reached through int64 address tables instead of
-being copied into one padded buffer per call.
+The adapters arrive concatenated along the rank (A_cat [Σr, d_in], B_cat [d_out, Σr])
+and the dropout masks stacked in segment order, so kernels find a slot's adapter and a
+segment's mask by offsets that depend on the layout alone: no table holds a tensor's
+address, and a captured CUDA graph stays valid whatever those tensors' addresses are.
 """
 
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from mlora.ops.multi_lora import Segment
-
-_POINTER_TABLES: OrderedDict[tuple, tuple[Tensor, bool]] = OrderedDict()
-_POINTER_TABLES_MAX = 512
-
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -57,11 +54,15 @@ class SegmentPlan:
     tok_lo[t] / tok_hi[t]: the segments meeting rows [m0, m1) of a GEMM tile are the
     sorted indices [tok_lo[m0], tok_hi[m1]), whatever BLOCK_M the autotuner picks.
     shrink_seg / shrink_row: the shrink kernel's tiles, each inside one segment.
+    slot_off: each slot's first row in A_cat (first column in B_cat).
+    seg_mask_row: each segment's first row in the stacked dropout masks, or -1.
     """
 
     rank_pad: int
     order: tuple[int, ...]  # index into call.segments of each sorted non-empty segment
     slot_used: tuple[bool, ...]
+    rank_total: int  # Σr: A_cat's rows, B_cat's row stride
+    mask_order: tuple[int, ...]  # index into call.segments of each mask, in stacking order
     seg_slot: Tensor
     seg_start: Tensor
     seg_end: Tensor
@@ -69,7 +70,9 @@ class SegmentPlan:
     tok_hi: Tensor
     shrink_seg: Tensor
     shrink_row: Tensor
+    seg_mask_row: Tensor
     slot_rank: Tensor
+    slot_off: Tensor
     slot_scale: Tensor  # fp32
     slot_keep: Tensor  # fp32: 1 / (1 - p)
 
@@ -91,13 +94,26 @@ def segment_plan(
     segments: tuple[Segment, ...],
     scales: tuple[float, ...],
     dropout: tuple[float, ...],
+    has_masks: tuple[bool, ...],
     ranks: tuple[int, ...],
     tokens: int,
     device: torch.device,
     shrink_block_m: int,
 ) -> SegmentPlan:
-    """Build (or fetch) the device tables of one layout; see SegmentPlan."""
+    """Build (or fetch) the device tables of one layout; see SegmentPlan.
+
+    A segment's mask counts only when its slot has dropout; masks are stacked in the
+    sorted segments' order.
+    """
     live = _sorted_nonempty(segments)
+    mask_rows, mask_order, at = [], [], 0
+    for k, s in live:
+        if has_masks[k] and dropout[s.slot] > 0.0:
+            mask_rows.append(at)
+            mask_order.append(k)
+            at += s.end - s.start
+        else:
+            mask_rows.append(-1)
     starts = np.array([s.start for _, s in live], dtype=np.int64)
     ends = np.array([s.end for _, s in live], dtype=np.int64)
     positions = np.arange(tokens + 1)
@@ -111,7 +127,9 @@ def segment_plan(
             "tok_hi": np.searchsorted(starts, positions, side="left"),  # segments with start < t
             "shrink_seg": np.array([j for j, _ in tiles], dtype=np.int64),
             "shrink_row": np.array([r for _, r in tiles], dtype=np.int64),
+            "seg_mask_row": np.array(mask_rows, dtype=np.int64),
             "slot_rank": np.array(ranks, dtype=np.int64),
+            "slot_off": np.cumsum([0, *ranks[:-1]], dtype=np.int64) if ranks else np.zeros(0, dtype=np.int64),
         },
         torch.int32,
         device,
@@ -129,6 +147,8 @@ def segment_plan(
         rank_pad=rank_block(ranks),
         order=tuple(k for k, _ in live),
         slot_used=tuple(i in used for i in range(len(ranks))),
+        rank_total=sum(ranks),
+        mask_order=tuple(mask_order),
         **ints,
         **floats,
     )
@@ -236,28 +256,3 @@ def item_plan(
         device,
     )
     return ItemPlan(n_items=len(items), n_partials=n_partials, **t)
-
-
-def pointer_table(tensors: Sequence[Tensor | None], device: torch.device,
-                  check: Callable[[], None] | None = None) -> tuple[Tensor, bool]:
-    """int64 device table of data addresses (0 for None), cached by the addresses, and
-    whether every address is 16-byte aligned (lets kernels load 16 bytes at a time).
-
-    A table only holds addresses, so one built for the same addresses is the same
-    table whatever those tensors now hold; the caller keeps the tensors alive. `check`
-    (validation of the tensors' layout) runs only when a table is built.
-    """
-    key = (device, tuple(0 if t is None else t.data_ptr() for t in tensors))
-    hit = _POINTER_TABLES.get(key)
-    if hit is not None:
-        _POINTER_TABLES.move_to_end(key)
-        return hit
-    if check is not None:
-        check()
-    host = torch.tensor(key[1] if key[1] else [0], dtype=torch.int64)
-    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
-    hit = (table, all(addr % 16 == 0 for addr in key[1]))
-    _POINTER_TABLES[key] = hit
-    if len(_POINTER_TABLES) > _POINTER_TABLES_MAX:
-        _POINTER_TABLES.popitem(last=False)
-    return hit

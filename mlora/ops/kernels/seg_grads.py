@@ -31,10 +31,10 @@ REDUCE_BLOCK = 64 if INTERPRET else 1024
 
 @triton.jit
 def seg_grad_kernel(
-    left_ptr, right_ptr, out_ptr, part_ptr, g_ptr,
+    left_ptr, right_ptr, out_ptr, part_ptr, g_ptr, b_cat, mask_ptr,
     item_slot, item_lo, item_hi, item_part, piece_start, piece_end, piece_seg,
-    seg_start, mask_tab, v_tab, out_off, slot_rank, slot_scale, slot_keep,
-    D,
+    seg_start, seg_mask_row, out_off, slot_rank, slot_off, slot_scale, slot_keep,
+    D, RT,
     R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -50,8 +50,8 @@ def seg_grad_kernel(
     if DROPOUT:
         keep = tl.load(slot_keep + slot)
     if SHRINK_G:  # B_i rows d0.. as a [BLOCK_D, R] tile: g[rows] += dy[rows, d-tile]·B_i[d-tile]
-        b_ptr = tl.load(v_tab + slot).to(tl.pointer_type(dtype))
-        b_tile = tl.load(b_ptr + dd[:, None].to(tl.int64) * rank + rr[None, :],
+        b_ptr = b_cat + tl.load(slot_off + slot)  # B_i: columns off.. of B_cat [D, RT]
+        b_tile = tl.load(b_ptr + dd[:, None].to(tl.int64) * RT + rr[None, :],
                          mask=d_ok[:, None] & r_ok[None, :], other=0.0)
     acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
     for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
@@ -59,7 +59,7 @@ def seg_grad_kernel(
         p1 = tl.load(piece_end + p)
         if DROPOUT:
             j = tl.load(piece_seg + p)
-            mask_addr = tl.load(mask_tab + j)
+            mask_row = tl.load(seg_mask_row + j)
             seg0 = tl.load(seg_start + j)
         for m0 in range(p0, p1, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
@@ -68,9 +68,9 @@ def seg_grad_kernel(
             tile_ok = row_ok[:, None] & d_ok[None, :]
             right = tl.load(right_ptr + rows64[:, None] * D + dd[None, :], mask=tile_ok, other=0.0)
             if DROPOUT:
-                if mask_addr != 0:
-                    m_ptr = mask_addr.to(tl.pointer_type(tl.int8))
-                    kept = tl.load(m_ptr + (rows64 - seg0)[:, None] * D + dd[None, :], mask=tile_ok, other=0)
+                if mask_row >= 0:
+                    kept = tl.load(mask_ptr + (rows64 - seg0 + mask_row)[:, None] * D + dd[None, :],
+                                   mask=tile_ok, other=0)
                     right = tl.where(kept != 0, right.to(tl.float32) * keep, 0.0).to(dtype)
             left = tl.load(left_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
             acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
@@ -129,15 +129,16 @@ def seg_grads(
     plan: SegmentPlan,
     items: ItemPlan,
     transposed: bool,
-    mask_tab: Tensor,
+    masks: Tensor,
     dropout: bool,
     precision: str,
     g: Tensor | None = None,
-    b_tab: Tensor | None = None,
+    b_cat: Tensor | None = None,
 ) -> None:
-    """Write every used slot's gradient into its part of the flat buffer `out`.
+    """Write every used slot's gradient into its part of the flat buffer `out` (in its dtype).
 
-    `g` and `b_tab` given: also accumulate g = right·B_slot (right is dy) into g.
+    `g` and `b_cat` ([D, Σr]) given: also accumulate g = right·B_slot (right is dy) into g.
+    `masks`: the stacked int8 keep-masks, read only when dropout.
     """
     if items.n_items == 0:
         return
@@ -147,12 +148,12 @@ def seg_grads(
     shrink_g = g is not None
     grid = (items.n_items, triton.cdiv(width, BLOCK_D))
     seg_grad_kernel[grid](
-        left, right, out, parts, g if shrink_g else parts,
+        left, right, out, parts, g if shrink_g else parts, b_cat if shrink_g else right, masks,
         items.item_slot, items.item_lo, items.item_hi, items.item_part,
         items.piece_start, items.piece_end, items.piece_seg,
-        plan.seg_start, mask_tab, b_tab if shrink_g else mask_tab, out_off,
-        plan.slot_rank, plan.slot_scale, plan.slot_keep,
-        width,
+        plan.seg_start, plan.seg_mask_row, out_off,
+        plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
+        width, max(plan.rank_total, 1),
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, PRECISION=precision,
         BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

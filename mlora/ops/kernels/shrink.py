@@ -1,6 +1,7 @@
 """Segment-grouped shrink: h[t] = drop(x[t])·A_slot(t)ᵀ for every covered token t.
 
-h is [T, R] (R = the padded rank), in x's dtype like the reference's x_seg @ Aᵀ. Each
+h is [T, R] (R = the padded rank), in x's dtype like the reference's x_seg @ Aᵀ; A_slot
+is rows [off, off + r) of the concatenated A_cat, the mask rows of the stacked masks. Each
 program owns BLOCK_M rows of one segment (tiles never straddle segments here, so x is
 read exactly once) and loops over d_in. Rows outside every segment are never
 written: nothing reads them. Reading x dominates: this is a memory-bound pass.
@@ -24,8 +25,8 @@ NUM_STAGES = 1 if INTERPRET else 4
 
 @triton.jit
 def shrink_kernel(
-    x_ptr, h_ptr, a_tab, mask_tab,
-    seg_slot, seg_start, seg_end, tile_seg, tile_row, slot_rank, slot_keep,
+    x_ptr, h_ptr, a_cat, mask_ptr,
+    seg_slot, seg_start, seg_end, tile_seg, tile_row, seg_mask_row, slot_rank, slot_off, slot_keep,
     K,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
@@ -38,8 +39,8 @@ def shrink_kernel(
     s1 = tl.load(seg_end + j)
     rank = tl.load(slot_rank + slot)
     dtype = x_ptr.dtype.element_ty
-    a_ptr = tl.load(a_tab + slot).to(tl.pointer_type(dtype))
-    if ALIGNED:  # 16-byte aligned adapters: A rows load 16 bytes at a time
+    a_ptr = a_cat + tl.load(slot_off + slot).to(tl.int64) * K
+    if ALIGNED:  # rows of 16-byte multiples: A rows load 16 bytes at a time
         a_ptr = tl.multiple_of(a_ptr, 16)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < s1
@@ -47,7 +48,7 @@ def shrink_kernel(
     rr = tl.arange(0, R)
     r_ok = rr < rank
     if DROPOUT:
-        mask_addr = tl.load(mask_tab + j)
+        mask_row = tl.load(seg_mask_row + j)
         keep = tl.load(slot_keep + slot)
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -56,26 +57,29 @@ def shrink_kernel(
         tile_ok = row_ok[:, None] & k_ok[None, :]
         xt = tl.load(x_ptr + rows64[:, None] * K + kk[None, :], mask=tile_ok, other=0.0)
         if DROPOUT:
-            if mask_addr != 0:
-                m_ptr = mask_addr.to(tl.pointer_type(tl.int8))
-                kept = tl.load(m_ptr + (rows64 - s0)[:, None] * K + kk[None, :], mask=tile_ok, other=0)
+            if mask_row >= 0:
+                kept = tl.load(mask_ptr + (rows64 - s0 + mask_row)[:, None] * K + kk[None, :], mask=tile_ok, other=0)
                 xt = tl.where(kept != 0, xt.to(tl.float32) * keep, 0.0).to(dtype)
         at = tl.load(a_ptr + rr[None, :] * K + kk[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(xt, at, acc, input_precision=PRECISION)
     tl.store(h_ptr + rows64[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def shrink(x: Tensor, a_tab: Tensor, mask_tab: Tensor, plan: SegmentPlan, dropout: bool, precision: str,
-           aligned: bool = False) -> Tensor:
-    """h [T, R] in x's dtype; rows of uncovered tokens are left unwritten."""
+def shrink(x: Tensor, a_cat: Tensor, masks: Tensor, plan: SegmentPlan, dropout: bool, precision: str) -> Tensor:
+    """h [T, R] in x's dtype; rows of uncovered tokens are left unwritten.
+
+    a_cat: [Σr, d_in]; masks: the stacked int8 keep-masks [rows, d_in] (any tensor when
+    dropout is False)."""
     h = torch.empty(x.shape[0], plan.rank_pad, dtype=x.dtype, device=x.device)
     if plan.n_shrink_tiles == 0:
         return h
     shrink_kernel[(plan.n_shrink_tiles,)](
-        x, h, a_tab, mask_tab,
-        plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg, plan.shrink_row, plan.slot_rank, plan.slot_keep,
+        x, h, a_cat, masks,
+        plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg, plan.shrink_row, plan.seg_mask_row,
+        plan.slot_rank, plan.slot_off, plan.slot_keep,
         x.shape[1],
-        R=plan.rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, DROPOUT=dropout, PRECISION=precision, ALIGNED=aligned,
+        R=plan.rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, DROPOUT=dropout, PRECISION=precision,
+        ALIGNED=(x.shape[1] * x.element_size()) % 16 == 0 and a_cat.data_ptr() % 16 == 0,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return h
