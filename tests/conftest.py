@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,21 @@ def datasets(tmp_path: Path) -> dict[str, Path]:
 def write_run(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def rerun_compiled(request: pytest.FixtureRequest) -> bool:
+    """Run this test again in a fresh pytest process without TRITON_INTERPRET; True if it did (and passed).
+
+    Collecting the kernel test modules switches Triton's interpreter on for the whole
+    process (it must be set before triton is imported), and interpreted kernels copy
+    tensors through the host, which a CUDA graph cannot record. A GPU test that needs
+    compiled kernels calls this first and returns when it answers True.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, f"{request.node.nodeid} without the interpreter:\n{proc.stdout[-6000:]}{proc.stderr[-4000:]}"
+    return True

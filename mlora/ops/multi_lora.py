@@ -11,8 +11,6 @@ against) or the Triton kernels on CUDA. The frozen weight gets no gradient.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -112,23 +110,20 @@ BACKENDS = ("auto", "torch", "loop", "triton")
 
 
 def resolve_backend(x: Tensor, backend: str) -> str:
-    """'auto' is the fused Triton kernels on CUDA (when Triton is installed), else the
-    dense PyTorch path. 'loop' is the plain per-segment reference above: the oracle in tests.
+    """'auto' is the dense PyTorch path on every device, for now.
 
-    bench/README.md ("Triton operator in training", 2026-12-02) has the step times
-    behind this choice: with the step recorded as a CUDA graph the kernels' host cost
-    is gone and their lower device time shows.
+    The Triton kernels are correct and near the base GEMM in device time, but in
+    training steps on an H200 (bench/README.md, "Triton operator in training",
+    2026-12-02) they were no faster than the dense path, eager or as CUDA graphs, and
+    their compile and autotune time make short runs slower, so they are opt-in
+    (`backend: triton`). 'loop' is the plain per-segment reference above: the oracle
+    in tests.
     """
     if backend == "auto":
-        return "triton" if x.is_cuda and _has_triton() else "torch"
+        return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown multi-LoRA backend {backend!r}: use {', '.join(BACKENDS)}")
     return backend
-
-
-@functools.lru_cache(maxsize=1)
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 class _MultiLoraFunction(torch.autograd.Function):

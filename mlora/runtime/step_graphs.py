@@ -16,9 +16,11 @@ A graph fixes shapes, addresses and every host-side decision, so:
 - LoRA dropout draws from one generator per (job, linear), registered with the graph
   and reseeded from the batch's (job, step, micro-batch) seeds before every replay, so
   the masks are the eager ones;
-- only what a replay can reproduce is captured: no MeteoRA job (its gate logits leave
-  through the adapter). Both multi-LoRA paths are: their device tables depend on the
-  layout alone, and the operator keeps them in the step's cache while the graph lives.
+- only what a replay is known to reproduce is captured: no MeteoRA job (its gate logits
+  leave through the adapter), the dense operator path only. The Triton path's tables
+  now depend on the layout alone and it keeps them in the step's cache, but a graphed
+  Triton run has not yet been checked against the eager one on a GPU, and in graphs it
+  measured no faster (bench/README.md, 2026-12-02), so `backend: triton` runs eagerly.
 Everything else, shapes seen once, and CPU runs go the eager way; the math is the same.
 """
 
@@ -64,7 +66,7 @@ def graph_key(layout: BatchLayout, n_targets: int, dropout_jobs: frozenset[str] 
 
 def capturable(layout: BatchLayout, adapters: Sequence[Any], backend: str) -> bool:
     """Whether a replay would do exactly what an eager step does for this batch."""
-    if not layout.training or backend not in ("auto", "torch", "triton"):
+    if not layout.training or backend not in ("auto", "torch"):
         return False
     return all(isinstance(a, StageAdapter) for a in adapters)
 

@@ -41,16 +41,29 @@ def _set_block_shapes(nargs: dict) -> None:
         nargs["w_src"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
 
 
+SHAPES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]  # BM, BN, BK, stages, warps
+SMEM_BYTES = 220 * 1024  # below Hopper's 227 KiB per block, room for the epilogue
+
+
+def _autotune() -> bool:
+    return os.environ.get("MLORA_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _configs() -> list[triton.Config]:
-    """A few H100 bf16 shapes; MLORA_TRITON_AUTOTUNE=0 keeps the first (no tuning runs)."""
-    shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]
-    if os.environ.get("MLORA_TRITON_AUTOTUNE", "1") == "0":
-        shapes = shapes[:1]
+    """A few H100 bf16 shapes, tried by the autotuner (fp32 ones that overflow shared memory fail and are skipped)."""
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=nw,
                       pre_hook=_set_block_shapes)
-        for bm, bn, bk, st, nw in shapes
+        for bm, bn, bk, st, nw in SHAPES
     ]
+
+
+def fixed_config(element_size: int) -> tuple[dict, int, int]:
+    """MLORA_TRITON_AUTOTUNE=0: the first shape, with as many pipeline stages as fit in
+    shared memory for this element size (fp32 tiles are twice bf16's). (meta, stages, warps)"""
+    bm, bn, bk, stages, warps = SHAPES[0]
+    per_stage = (bm * bk + bk * bn) * element_size
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, SMEM_BYTES // per_stage)), warps
 
 
 @triton.jit
@@ -178,7 +191,9 @@ def fused_gemm(
         return out
     if use_tma is None:
         use_tma = os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight)
-    meta = INTERPRET_META if INTERPRET else None
+    meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
+    if meta is None and not _autotune():
+        meta, stages, warps = fixed_config(a.element_size())
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
         a_src = TensorDescriptor.from_tensor(a, block)
@@ -197,7 +212,7 @@ def fused_gemm(
     if meta is not None:
         _set_block_shapes({"a_src": a_src, "w_src": w_src, "W_KN": w_kn, **meta})
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=4, num_stages=1)
+        fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
         def grid(cfg: dict) -> tuple[int]:
             return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
