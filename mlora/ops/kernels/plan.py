@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mlora.ops.multi_lora import Segment
 
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
