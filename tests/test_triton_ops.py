@@ -2,7 +2,8 @@
 
 On CPU every kernel path runs through Triton's interpreter at small odd shapes:
 empty segments, tiles straddling segment boundaries, tokens outside every segment,
-mixed ranks (up to 128), a slot with several segments, bias or none, dropout masks,
+mixed ranks (up to 128), a slot with several segments, 256 segments over 64 slots,
+bias or none, dropout masks,
 slots split over several reduction items, and both GEMM main loops (pointers, and
 TMA descriptors where the shapes are aligned). Forward, dx, dA and dB are checked
 directly and through `multi_lora_linear(..., backend="triton")` and autograd.
@@ -70,6 +71,10 @@ CPU_CASES = [
          (-4, 5, 0, 3, 1, 4, 2, 5, 5, 3, 0, 1, 4, 2, 5, 3, 1, 4, 5, 2, 3, 4, 5, 1, 3, 4, 2, -1),
          (0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1), True,
          (0.5, 0.0, 0.1, 0.0, 0.2, 0.0)),
+    # the upper end: 256 segments (lengths 0..4, some uncovered gaps) over 64 slots of ranks 4, 8, 16
+    Case("256-segments", 560, 24, 20, tuple((4, 8, 16)[i % 3] for i in range(64)),
+         tuple(n for i in range(256) for n in ((-2,) if i % 40 == 7 else ()) + ((i * 7) % 5,)),
+         tuple((i * 13) % 64 for i in range(256)), False, tuple(0.1 if i % 16 == 3 else 0.0 for i in range(64))),
 ]
 
 
@@ -174,6 +179,9 @@ CUDA_CASES = [
     Case("cuda-one-job", 4099, 1024, 1024, (16,), (4099,), (0,), True, (0.0,)),
     Case("cuda-64-jobs", 2048, 512, 768, (16,) * 64, tuple(32 for _ in range(64)), tuple(range(64)), False,
          (0.0,) * 64),
+    Case("cuda-256-segments", 4100, 256, 384, tuple((4, 8, 16, 64)[i % 4] for i in range(128)),
+         tuple(n for i in range(256) for n in ((-9,) if i % 50 == 3 else ()) + ((i * 37) % 31,)),
+         tuple((i * 11) % 128 for i in range(256)), True, tuple(0.2 if i % 32 == 1 else 0.0 for i in range(128))),
 ]
 
 
