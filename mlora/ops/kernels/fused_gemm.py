@@ -42,15 +42,36 @@ def _set_block_shapes(nargs: dict) -> None:
 
 
 SHAPES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]  # BM, BN, BK, stages, warps
-SMEM_BYTES = 220 * 1024  # below Hopper's 227 KiB per block, room for the epilogue
+# Shared memory a block may take: Hopper allows 227 KiB; the pipeline buffers are
+# stages × (BM·BK + BK·BN) elements, the rest (barriers, epilogue) is tens of bytes.
+# Compiled for sm_90, the configs below ask for at most 196,632 bytes in fp32 and
+# 147,480 in bf16 (tests/kernel_smem.py); fp32 at the bf16 stage counts asked for up
+# to 294,960 and failed to launch.
+SMEM_BYTES = 220 * 1024
 
 
 def _autotune() -> bool:
     return os.environ.get("MLORA_TRITON_AUTOTUNE", "1") != "0"
 
 
+def fitted(element_size: int) -> list[tuple[dict, int, int]]:
+    """SHAPES as (meta, stages, warps), each with as many pipeline stages as fit in
+    shared memory for this element size (fp32 tiles are twice bf16's)."""
+    out = []
+    for bm, bn, bk, stages, warps in SHAPES:
+        per_stage = (bm * bk + bk * bn) * element_size
+        out.append((dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, SMEM_BYTES // per_stage)),
+                    warps))
+    return out
+
+
+def fixed_config(element_size: int) -> tuple[dict, int, int]:
+    """MLORA_TRITON_AUTOTUNE=0: the first shape, fitted. (meta, stages, warps)"""
+    return fitted(element_size)[0]
+
+
 def _configs() -> list[triton.Config]:
-    """A few H100 bf16 shapes, tried by the autotuner (fp32 ones that overflow shared memory fail and are skipped)."""
+    """A few H100 bf16 shapes for the autotuner; `_fit_stages` trims them per dtype."""
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=nw,
                       pre_hook=_set_block_shapes)
@@ -58,12 +79,12 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-def fixed_config(element_size: int) -> tuple[dict, int, int]:
-    """MLORA_TRITON_AUTOTUNE=0: the first shape, with as many pipeline stages as fit in
-    shared memory for this element size (fp32 tiles are twice bf16's). (meta, stages, warps)"""
-    bm, bn, bk, stages, warps = SHAPES[0]
-    per_stage = (bm * bk + bk * bn) * element_size
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, SMEM_BYTES // per_stage)), warps
+def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """The autotuner's early prune: the configs fitted to the output's element size, so
+    fp32 tunes over configs that can launch (the dtype is part of the tuning key)."""
+    size = named_args["out_ptr"].element_size()
+    return [triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes)
+            for meta, stages, warps in fitted(size)]
 
 
 @triton.jit
@@ -154,9 +175,9 @@ def fused_gemm_kernel(
     tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-_tuned = None if INTERPRET else triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "W_KN", "DROPOUT"])(
-    fused_gemm_kernel
-)
+_tuned = None if INTERPRET else triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "K", "W_KN", "DROPOUT"], prune_configs_by={"early_config_prune": _fit_stages}
+)(fused_gemm_kernel)
 
 
 def _tma_ok(t: Tensor) -> bool:

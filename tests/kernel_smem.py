@@ -1,0 +1,95 @@
+"""Shared memory the compiled multi-LoRA kernels ask for on Hopper (sm_90), with no GPU.
+
+`triton.compile` targets sm_90 on any machine (the wheel bundles ptxas), and the
+compiled kernel's metadata says how much shared memory a block needs. A kernel config
+above the device's limit fails at launch with OutOfResources, which on an H200 is how a
+fixed fp32 GEMM config was found to overflow (262,160 bytes, the figure this prints).
+Run in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit):
+
+    python tests/kernel_smem.py      # JSON: one record per kernel, dtype and config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "needs compiled kernels: unset TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from mlora.ops.kernels import fused_gemm, seg_grads, shrink  # noqa: E402
+
+HOPPER_SMEM = 232_448  # bytes a block may use on H100 / H200 (227 KiB)
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int) -> int:
+    names = fn.arg_names
+    sig = {n: types.get(n, "constexpr") for n in names}
+    consts = {(names.index(k),): v for k, v in constexprs.items()}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET,
+                            options={"num_warps": warps, "num_stages": stages})
+    return int(kernel.metadata.shared)
+
+
+def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool) -> int:
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    types = {n: "*i32" for n in ("seg_slot", "seg_start", "seg_end", "tok_lo", "tok_hi", "seg_mask_row",
+                                 "slot_rank", "slot_off")}
+    types.update({n: "*fp32" for n in ("slot_scale", "slot_keep")})
+    types.update({n: "i32" for n in ("M", "N", "K", "M_BUCKET", "RT")})
+    types.update(out_ptr=f"*{dt}", bias_ptr=f"*{dt}", v_cat=f"*{dt}", mask_ptr="*i8",
+                 u_ptr="*fp32" if w_kn else f"*{dt}",
+                 a_src=f"tensordesc<{dt}[{bm}, {bk}]>",
+                 w_src=f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>")
+    consts = dict(R=16, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn, USE_TMA=True, PRECISION=precision,
+                  V_ALIGNED=True, **meta)
+    return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
+
+
+def shrink_shared(dt: str, precision: str) -> int:
+    types = {n: "*i32" for n in ("seg_slot", "seg_start", "seg_end", "tile_seg", "tile_row", "seg_mask_row",
+                                 "slot_rank", "slot_off")}
+    types.update(x_ptr=f"*{dt}", h_ptr=f"*{dt}", a_cat=f"*{dt}", mask_ptr="*i8", slot_keep="*fp32", K="i32")
+    consts = dict(R=16, BLOCK_M=shrink.BLOCK_M, BLOCK_K=shrink.BLOCK_K, DROPOUT=True, PRECISION=precision, ALIGNED=True)
+    return _shared(shrink.shrink_kernel, types, consts, shrink.NUM_WARPS, shrink.NUM_STAGES)
+
+
+def seg_grads_shared(dt: str, precision: str, shrink_g: bool) -> int:
+    types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
+                                 "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
+    types.update(left_ptr="*fp32" if not shrink_g else f"*{dt}", right_ptr=f"*{dt}", out_ptr="*fp32",
+                 part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
+                 slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32")
+    consts = dict(R=16, OUT_T=shrink_g, DROPOUT=not shrink_g, SHRINK_G=shrink_g, PRECISION=precision,
+                  BLOCK_M=seg_grads.BLOCK_M, BLOCK_D=seg_grads.BLOCK_D)
+    return _shared(seg_grads.seg_grad_kernel, types, consts, seg_grads.NUM_WARPS, seg_grads.NUM_STAGES)
+
+
+PRECISIONS = [("bf16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")]  # fp16 compiles as bf16 does
+
+
+def main() -> None:
+    """Every config the GEMM can launch (the autotuner's, fitted to the element size, whose
+    first is also the untuned one) and the fixed shrink / reduction kernels."""
+    rows = []
+    for dt, precision in PRECISIONS:
+        size = 4 if dt == "fp32" else 2
+        for meta, stages, warps in fused_gemm.fitted(size):
+            for w_kn in (False, True):
+                config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
+                rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
+                                 shared=gemm_shared(dt, precision, meta, warps, stages, w_kn)))
+        rows.append(dict(kernel="shrink", config="fixed", dtype=dt, precision=precision,
+                         shared=shrink_shared(dt, precision)))
+        for shrink_g in (True, False):
+            rows.append(dict(kernel="seg_grads", config="dB+g" if shrink_g else "dA", dtype=dt, precision=precision,
+                             shared=seg_grads_shared(dt, precision, shrink_g)))
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Every Triton kernel config the multi-LoRA operator can launch fits in a Hopper block's
+shared memory, in bf16 and fp32 (true fp32 and TF32 products).
+
+Compiled for sm_90 on the CPU (tests/kernel_smem.py), in a fresh process: no GPU needed,
+so CI catches what on an H200 was an OutOfResources at the first fp32 launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+HOPPER_SMEM = 232_448
+
+
+def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "kernel_smem.py")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    kinds = {(r["kernel"], r["dtype"], r["precision"]) for r in rows}
+    assert len(kinds) == 9 and len(rows) == 27  # 3 precisions × (6 GEMM configs + shrink + 2 reductions)
+    too_big = [r for r in rows if not 0 < r["shared"] <= HOPPER_SMEM]
+    assert not too_big, too_big
+    # fp32 needed fewer stages: the bf16 counts would not fit (the H200's OutOfResources)
+    fp32_first = next(r for r in rows if r["kernel"] == "fused_gemm" and r["dtype"] == "fp32")
+    assert fp32_first["config"].endswith("/2")
+
+
+def test_the_autotuner_tries_configs_fitted_to_the_dtype() -> None:
+    import torch
+
+    from mlora.ops.kernels import fused_gemm
+
+    for dtype, stages in ((torch.bfloat16, [3, 4, 3]), (torch.float32, [2, 3, 2])):
+        configs = fused_gemm._fit_stages(fused_gemm._configs(), {"out_ptr": torch.empty(1, dtype=dtype)})
+        assert [c.num_stages for c in configs] == stages
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs] == [(s[0], s[1]) for s in fused_gemm.SHAPES]
+        assert all(c.pre_hook is fused_gemm._set_block_shapes for c in configs)  # TMA block shapes still set
