@@ -115,8 +115,8 @@ def _check(x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, d_out: int, 
         raise ValueError(f"triton multi-LoRA needs W in {x.dtype} on {x.device}, got {weight.dtype} on {weight.device}")
     total = sum(ranks)
     for name, t, shape in (("A_cat", a_cat, (total, x.shape[1])), ("B_cat", b_cat, (d_out, total))):
-        if t.dtype != x.dtype or t.device != x.device or tuple(t.shape) != shape:
-            raise ValueError(f"triton multi-LoRA: {name} must be {list(shape)} in {x.dtype} on {x.device} "
+        if t.dtype != x.dtype or t.device != x.device or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"triton multi-LoRA: {name} must be a contiguous {list(shape)} in {x.dtype} on {x.device} "
                              f"(ranks {list(ranks)}), got {list(t.shape)} in {t.dtype} on {t.device}")
 
 
