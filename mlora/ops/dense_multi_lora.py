@@ -51,8 +51,12 @@ def dropout_multiplier(call: LoraCall, masks: Sequence[Tensor | None], x: Tensor
 
 
 def concat(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A_cat [Σr, d_in] and B_cat [d_out, Σr] in the compute dtype: two copies, any number of slots."""
-    return torch.cat(list(lora_a), dim=0).to(dtype), torch.cat(list(lora_b), dim=1).to(dtype)
+    """A_cat [Σr, d_in] and B_cat [d_out, Σr], contiguous, in the compute dtype: two copies
+    and two casts whatever the number of slots (none for one slot already in dtype).
+    Both operator paths take the adapters this way."""
+    a_cat = torch.cat(list(lora_a), dim=0) if len(lora_a) != 1 else lora_a[0]
+    b_cat = torch.cat(list(lora_b), dim=1) if len(lora_b) != 1 else lora_b[0]
+    return a_cat.to(dtype).contiguous(), b_cat.to(dtype).contiguous()
 
 
 def forward(

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mlora.ops.dense_multi_lora import concat
 from mlora.ops.kernels import fused_gemm as gemm
 from mlora.ops.kernels import seg_grads as grads
 from mlora.ops.kernels import shrink as shrink_mod
@@ -118,14 +119,6 @@ def _check(x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, d_out: int, 
         if t.dtype != x.dtype or t.device != x.device or tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"triton multi-LoRA: {name} must be a contiguous {list(shape)} in {x.dtype} on {x.device} "
                              f"(ranks {list(ranks)}), got {list(t.shape)} in {t.dtype} on {t.device}")
-
-
-def concat(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A_cat [Σr, d_in] and B_cat [d_out, Σr], contiguous, in the compute dtype: two
-    copies and two casts, whatever the number of slots."""
-    a_cat = torch.cat(list(lora_a), dim=0) if len(lora_a) != 1 else lora_a[0]
-    b_cat = torch.cat(list(lora_b), dim=1) if len(lora_b) != 1 else lora_b[0]
-    return a_cat.to(dtype).contiguous(), b_cat.to(dtype).contiguous()
 
 
 def stack_masks(masks: Sequence[Tensor | None], x: Tensor, ranks: tuple[int, ...], call: LoraCall) -> Tensor | None:
