@@ -54,8 +54,10 @@ def rerun_compiled(request: pytest.FixtureRequest) -> bool:
     """
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return False
+    assert "MLORA_COMPILED_RERUN" not in os.environ, "the re-run still has Triton's interpreter on"
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MLORA_COMPILED_RERUN"] = "1"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
                           cwd=root, env=env, capture_output=True, text=True, timeout=1800, check=False)
     assert proc.returncode == 0, f"{request.node.nodeid} without the interpreter:\n{proc.stdout[-6000:]}{proc.stderr[-4000:]}"

@@ -173,7 +173,6 @@ def test_compiled_rerun_drops_the_interpreter(request):
     """The helper GPU tests use: in a process where the interpreter is on (any run that
     collects the kernel tests), the test runs again in a child where it is off."""
     if rerun_compiled(request):
-        assert os.environ.get("TRITON_INTERPRET") not in ("", "0", None)
         return
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
