@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rerun_compiled, write_run
 from safetensors.torch import load_file
 
 from mlora.config import JobSpec, ModelSpec, RunLimits, RunSpec, load_run_file
@@ -18,13 +19,20 @@ from mlora.config.load import ConfigError
 from mlora.data.tokenize import Example
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
 from mlora.jobs.optim import build_optimizer
+from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import job_loss_sums
 from mlora.model.stage import load_stage
+from mlora.runtime import step_graphs
 from mlora.runtime.batch import collate
-from mlora.runtime.step_graphs import TARGET_BUCKET, StaticStep, bucket, capturable, graph_key, static_step
+from mlora.runtime.step_graphs import (
+    TARGET_BUCKET,
+    StaticStep,
+    bucket,
+    capturable,
+    graph_key,
+    static_step,
+)
 from mlora.runtime.trainer import Prepared, Trainer, make_adapter
-
-from conftest import rerun_compiled, write_run
 
 SPECS = [
     JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj", "down_proj"), lora_dropout=0.2, seed=1),
@@ -222,6 +230,21 @@ def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models, request):
         return
     eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False)
     graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True)
+    for job, tensors in eager.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_triton_path_replays_exactly_when_recorded(tmp_path, tiny_models, request, monkeypatch):
+    """`backend: triton` is not recorded in training yet; this is the check that would let
+    it be: its device tables depend on the layout alone, so a replay equals the eager run."""
+    if rerun_compiled(request):
+        return
+    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="triton")
+    monkeypatch.setattr(step_graphs, "capturable", lambda layout, adapters, backend: layout.training and all(
+        isinstance(a, StageAdapter) for a in adapters))
+    graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend="triton")
     for job, tensors in eager.items():
         for key, value in tensors.items():
             torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
