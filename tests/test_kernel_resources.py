@@ -47,3 +47,18 @@ def test_the_autotuner_tries_configs_fitted_to_the_dtype() -> None:
         assert [c.num_stages for c in configs] == stages
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs] == [(s[0], s[1]) for s in fused_gemm.SHAPES]
         assert all(c.pre_hook is fused_gemm._set_block_shapes for c in configs)  # TMA block shapes still set
+
+
+def test_a_smaller_shared_memory_gets_fewer_stages() -> None:
+    """An A100 allows 163 KiB a block: fp32 then runs one stage of the widest tiles, bf16 is unchanged."""
+    import torch
+
+    from mlora.ops.kernels import fused_gemm
+
+    a100 = 166_912 - fused_gemm.SMEM_HEADROOM
+    assert [stages for _, stages, _ in fused_gemm.fitted(4, a100)] == [1, 2, 1]
+    assert [stages for _, stages, _ in fused_gemm.fitted(2, a100)] == [3, 4, 3]
+    for size in (2, 4):
+        for meta, stages, _ in fused_gemm.fitted(size, a100):
+            assert stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * size <= a100
+    assert fused_gemm.smem_budget(torch.device("cpu")) == fused_gemm.SMEM_BYTES  # Hopper's budget off CUDA

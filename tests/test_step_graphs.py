@@ -19,9 +19,9 @@ from mlora.config.load import ConfigError
 from mlora.data.tokenize import Example
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
 from mlora.jobs.optim import build_optimizer
-from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import job_loss_sums
 from mlora.model.stage import load_stage
+from mlora.ops.multi_lora import graphed_backend, resolve_backend
 from mlora.runtime import step_graphs
 from mlora.runtime.batch import collate
 from mlora.runtime.step_graphs import (
@@ -71,6 +71,9 @@ def test_static_step_equals_the_eager_step(tiny_models):
     rng = random.Random(0)
     vocab = int(stage.config.vocab_size)
     c = None
+    seen = []  # the backend each forward's linears were told to use
+    hook = next(iter(stage.lora_linears.values())).register_forward_pre_hook(
+        lambda module, args: seen.append(stage.routing.backend))
     # the second batch has other dropout seeds (the kept generators are reseeded) and job b,
     # which has no dropout, has shorter rows of its own: the same graph serves it
     for step, b_lengths in enumerate(([7, 12, 10], [7, 10, 9])):
@@ -87,6 +90,7 @@ def test_static_step_equals_the_eager_step(tiny_models):
             g.zero_()
         kept = dict(c.generators)
         c.fill(batch)
+        c.backend = ("torch", "loop")[step]  # a recording's own backend (graphed_backend), not the routing's
         static_step(stage, c)
         assert len(c.generators) == 3 * stage.config.num_hidden_layers and (not kept or all(c.generators[k] is g for k, g in kept.items()))
         torch.testing.assert_close(c.out, eager.detach(), rtol=1e-5, atol=1e-6)
@@ -95,6 +99,22 @@ def test_static_step_equals_the_eager_step(tiny_models):
             # the LM head sees more rows (the padding), so fp32 sums may round differently
             assert (g - w).norm() <= 1e-5 * w.norm()
         assert all(w.abs().max() > 0 for w in want)
+    hook.remove()
+    assert seen == ["auto", "torch", "auto", "loop"] and stage.routing.backend == "auto"
+
+
+def test_graphed_backend_picks_triton_for_recorded_half_precision_steps_on_hopper():
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    assert graphed_backend("auto", cpu, bf16) == "torch" and resolve_backend("auto") == "torch"
+    assert graphed_backend("triton", cpu, fp32) == "triton" and graphed_backend("torch", cpu, bf16) == "torch"
+    with pytest.raises(ValueError, match="unknown multi-LoRA backend 'fast'"):
+        graphed_backend("fast", cpu, bf16)
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert graphed_backend("auto", cuda, bf16) == ("triton" if hopper else "torch")
+        assert graphed_backend("auto", cuda, torch.float16) == ("triton" if hopper else "torch")
+        assert graphed_backend("auto", cuda, fp32) == "torch"  # not measured: no tensor-core fp32 path
 
 
 def test_which_batches_are_captured(tiny_models):
@@ -105,7 +125,8 @@ def test_which_batches_are_captured(tiny_models):
     batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [1.0, 1.0])
     layout = batch.layout
     assert capturable(layout, adapters, "auto") and capturable(layout, adapters, "torch")
-    assert not capturable(layout, adapters, "triton")  # not yet checked graphed on a GPU
+    assert capturable(layout, adapters, "triton")  # its tables depend on the layout alone
+    assert not capturable(layout, adapters, "loop")  # the per-segment oracle: never recorded
     assert not capturable(replace(layout, training=False), adapters, "auto")
     assert adapters[0].dropout > 0  # dropout is captured: its generators are reseeded per replay
     assert not capturable(layout, [object(), adapters[1]], "auto")  # a MeteoRA adapter
@@ -194,10 +215,10 @@ def test_graph_run_fields_are_checked(tmp_path, tiny_models, field, value):
 
 
 def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool = True,
-                      backend: str = "auto") -> dict[str, dict[str, torch.Tensor]]:
+                      backend: str = "auto", dtype: str = "float32") -> dict[str, dict[str, torch.Tensor]]:
     """Three jobs on fixed-length rows (so batch shapes recur), one with dropout; one ends early, so its graphs go."""
     device = torch.device("cuda")
-    stage = load_stage(model, dtype="float32", device=device)
+    stage = load_stage(model, dtype=dtype, device=device)
     vocab = int(stage.config.vocab_size)
     specs = [
         JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj"), micro_batch_size=2,
@@ -214,7 +235,7 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool 
         steps = plan_steps(len(train), s.micro_batch_size, s.gradient_accumulation_steps, 1, s.max_steps,
                            lambda e, n=len(train): range(n))
         jobs.append(JobState(spec=s, train=train, eval=[], steps=steps))
-    run = RunSpec(source="test", model=ModelSpec(path=str(model), dtype="float32", device="cuda"), jobs=tuple(specs),
+    run = RunSpec(source="test", model=ModelSpec(path=str(model), dtype=dtype, device="cuda"), jobs=tuple(specs),
                   run=RunLimits(output_dir=str(out), cuda_graphs=graphs, backend=backend))
     trainer = Trainer(Prepared(run, jobs, stage, 0, out, device), live=False)
     trainer.run()
@@ -228,26 +249,46 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool 
 def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models, request):
     if rerun_compiled(request):
         return
-    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False)
-    graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True)
+    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="torch")
+    graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend="torch")
     for job, tensors in eager.items():
         for key, value in tensors.items():
             torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_the_triton_path_replays_exactly_when_recorded(tmp_path, tiny_models, request, monkeypatch):
-    """`backend: triton` is not recorded in training yet; this is the check that would let
-    it be: its device tables depend on the layout alone, so a replay equals the eager run."""
+def test_the_triton_path_replays_exactly_when_recorded(tmp_path, tiny_models, request):
+    """Its device tables depend on the layout alone, so a replay equals the eager run."""
     if rerun_compiled(request):
         return
     eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="triton")
-    monkeypatch.setattr(step_graphs, "capturable", lambda layout, adapters, backend: layout.training and all(
-        isinstance(a, StageAdapter) for a in adapters))
     graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend="triton")
     for job, tensors in eager.items():
         for key, value in tensors.items():
             torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="auto picks the Triton path on Hopper GPUs")
+def test_auto_records_the_triton_path_in_bf16(tmp_path, tiny_models, request, monkeypatch):
+    """`auto` on an H100/H200 in bf16: eager steps take the dense path, recorded steps the
+    Triton kernels; the run ends near the dense run's adapters (bf16 rounding apart)."""
+    if rerun_compiled(request):
+        return
+    dense = _fixed_length_run(tiny_models["llama"], tmp_path / "dense", graphs=False, backend="torch", dtype="bfloat16")
+    picked = []
+
+    def spy(backend, device, dtype):
+        picked.append(graphed_backend(backend, device, dtype))
+        return picked[-1]
+
+    monkeypatch.setattr(step_graphs, "graphed_backend", spy)
+    auto = _fixed_length_run(tiny_models["llama"], tmp_path / "auto", graphs=True, backend="auto", dtype="bfloat16")
+    assert picked and set(picked) == {"triton"}
+    for job, tensors in dense.items():
+        for key, value in tensors.items():
+            assert value.abs().max() > 0, (job, key)  # trained: B starts at zero
+            assert (auto[job][key].float() - value.float()).norm() <= 5e-2 * value.float().norm(), (job, key)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -268,7 +309,7 @@ def test_a_step_that_cannot_be_recorded_turns_graphs_off_and_trains_on(tmp_path,
     goes on eagerly, and ends with the eager adapters."""
     if rerun_compiled(request):
         return
-    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False)
+    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="torch")
 
     def host_sync(module, args, output):
         if torch.cuda.is_current_stream_capturing():
@@ -283,7 +324,8 @@ def test_a_step_that_cannot_be_recorded_turns_graphs_off_and_trains_on(tmp_path,
 
     monkeypatch.setattr(sys.modules[__name__], "load_stage", syncing_stage)  # what _fixed_length_run calls
     with pytest.warns(UserWarning, match="CUDA graphs are off for the rest of this run"):
-        graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "synced", graphs=True, expect_graphs=False)
+        graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "synced", graphs=True, expect_graphs=False,
+                                    backend="torch")
     for job, tensors in eager.items():
         for key, value in tensors.items():
             torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)

@@ -273,7 +273,7 @@ def main() -> None:
         print(f"{r['shape']:6} {r['system']:46} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% "
               f"{r['steady_tokens_per_s']:9.0f} {xs:>7} {100 * r['steady_mfu']:5.1f}% {mem:>9} {jct:9.1f}  {comp}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

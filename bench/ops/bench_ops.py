@@ -26,6 +26,7 @@ inputs; relative error is against the loop, the largest over y, dx, all dA, all 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import random
 import statistics
@@ -203,7 +204,7 @@ def main() -> None:
     dev_rows = [r for r in DEVICE_ROWS if r in args.device_rows.split(",")] if device == "cuda" else []
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                tokens=args.tokens, rank=RANK, dtype=str(dtype).removeprefix("torch."), date="2026-11-24")
+                tokens=args.tokens, rank=RANK, dtype=str(dtype).removeprefix("torch."), date=datetime.date.today().isoformat())
     if device == "cuda":
         import triton
 

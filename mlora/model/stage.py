@@ -143,8 +143,18 @@ class StageModel(nn.Module):
             if path.rsplit(".", 1)[1] in targets
         }
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the adapted linears compute in (their frozen weights')."""
+        return next(iter(self.lora_linears.values())).weight.dtype
+
     def forward(
-        self, inputs: Tensor, layout: BatchLayout, op_cache: dict | None = None, generators: dict | None = None
+        self,
+        inputs: Tensor,
+        layout: BatchLayout,
+        op_cache: dict | None = None,
+        generators: dict | None = None,
+        backend: str | None = None,
     ) -> Tensor:
         """Token ids (first stage) or hidden states in; hidden states out (normed if last).
 
@@ -153,6 +163,8 @@ class StageModel(nn.Module):
         `op_cache`: per-layout tensors the operators share across layers; a fresh one
         per call unless the caller keeps it (a CUDA graph must reuse the tensors it
         was captured with). `generators`: dropout generators kept across calls (Routing).
+        `backend`: the multi-LoRA backend for this call instead of the routing's (a
+        recorded step picks its own, `graphed_backend`).
         """
         hidden = self.embed_tokens(inputs) if self.bounds.first else inputs
         seq_len = hidden.shape[1]
@@ -162,6 +174,9 @@ class StageModel(nn.Module):
         self.routing.layout = layout
         self.routing.op_cache = {} if op_cache is None else op_cache
         self.routing.generators = generators
+        run_backend = self.routing.backend
+        if backend is not None:
+            self.routing.backend = backend
         try:
             for layer in self.layers:
                 hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
@@ -169,6 +184,7 @@ class StageModel(nn.Module):
             self.routing.layout = None
             self.routing.op_cache = {}
             self.routing.generators = None
+            self.routing.backend = run_backend
         if self.bounds.last:
             hidden = self.norm(hidden)
         return hidden

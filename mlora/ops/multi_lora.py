@@ -109,21 +109,43 @@ def reference_backward(
 BACKENDS = ("auto", "torch", "loop", "triton")
 
 
-def resolve_backend(x: Tensor, backend: str) -> str:
-    """'auto' is the dense PyTorch path on every device, for now.
+def resolve_backend(backend: str) -> str:
+    """The path one eager call takes: 'auto' is the dense PyTorch path.
 
-    The Triton kernels are correct and near the base GEMM in device time, but in
-    training steps on an H200 (bench/README.md, "Triton operator in training",
-    2026-12-02) they were no faster than the dense path, eager or as CUDA graphs, and
-    their compile and autotune time make short runs slower, so they are opt-in
-    (`backend: triton`). 'loop' is the plain per-segment reference above: the oracle
-    in tests.
+    Eagerly the Triton path is host-bound (about seven launches per linear, each with
+    the launcher's Python: a 1.1B step took 323 ms against the dense path's 172-235 ms
+    on an H200, bench/README.md), so eager steps stay dense. Steps recorded as CUDA
+    graphs pick their own backend (`graphed_backend`). 'loop' is the plain per-segment
+    reference above: the oracle in tests.
     """
     if backend == "auto":
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown multi-LoRA backend {backend!r}: use {', '.join(BACKENDS)}")
     return backend
+
+
+def graphed_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The path a step recorded as a CUDA graph takes: 'auto' is Triton where it was
+    measured faster, bf16 / fp16 on Hopper (sm_90) and later, else `resolve_backend`.
+
+    Replayed, the host's launch cost is gone and the fused kernels' fewer memory passes
+    show: graphed steps of 4 jobs × 8,192 tokens ran 5.2-6.3 % (1.1B) and 1.2-2.7 % (7B)
+    faster than the dense path's on H200s, alternating on one machine (bench/README.md,
+    "Triton in recorded steps"). fp32 (no tensor-core path without TF32) and older
+    GPUs were not measured, so they keep the dense path.
+    """
+    if backend == "auto" and dtype in (torch.bfloat16, torch.float16) and _triton_runs_on(device):
+        return "triton"
+    return resolve_backend(backend)
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """A Hopper or later CUDA device (where the kernels were tuned and measured), with Triton installed."""
+    import importlib.util
+
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+            and importlib.util.find_spec("triton") is not None)
 
 
 class _MultiLoraFunction(torch.autograd.Function):
@@ -254,6 +276,6 @@ def multi_lora_linear(
         has_masks=tuple(m is not None for m in masks),
     )
     call.validate(x.shape[0])
-    chosen = resolve_backend(x, backend)
+    chosen = resolve_backend(backend)
     mask_tensors = [m for m in masks if m is not None]
     return _MultiLoraFunction.apply(x, weight, bias, call, chosen, cache, *lora_a, *lora_b, *mask_tensors)

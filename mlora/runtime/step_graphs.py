@@ -17,10 +17,12 @@ A graph fixes shapes, addresses and every host-side decision, so:
   and reseeded from the batch's (job, step, micro-batch) seeds before every replay, so
   the masks are the eager ones;
 - only what a replay is known to reproduce is captured: no MeteoRA job (its gate logits
-  leave through the adapter), the dense operator path only. The Triton path's tables
-  now depend on the layout alone and it keeps them in the step's cache, but a graphed
-  Triton run has not yet been checked against the eager one on a GPU, and in graphs it
-  measured no faster (bench/README.md, 2026-12-02), so `backend: triton` runs eagerly.
+  leave through the adapter), no `loop` oracle. The Triton path's tables depend on the
+  layout alone and it keeps them in the step's cache, so it is recorded too (a graphed
+  Triton run equals the eager one: tested on the GPU);
+- the recorded step picks its own operator path (`graphed_backend`): under `auto` the
+  Triton kernels on Hopper in bf16/fp16, which replayed beat the dense path (eagerly
+  they are host-bound, so eager steps stay dense; bench/README.md, 2026-12-02).
 Everything else, shapes seen once, and CPU runs go the eager way; the math is the same.
 """
 
@@ -36,6 +38,7 @@ from torch import Tensor
 from mlora.model.lora_linear import BatchLayout, StageAdapter, dropout_seed_of
 from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
+from mlora.ops.multi_lora import graphed_backend
 from mlora.runtime.batch import FusedBatch
 
 TARGET_BUCKET = 256  # target counts are rounded up to this, so batches of one shape share a graph
@@ -65,8 +68,9 @@ def graph_key(layout: BatchLayout, n_targets: int, dropout_jobs: frozenset[str] 
 
 
 def capturable(layout: BatchLayout, adapters: Sequence[Any], backend: str) -> bool:
-    """Whether a replay would do exactly what an eager step does for this batch."""
-    if not layout.training or backend not in ("auto", "torch"):
+    """Whether this batch's step may be recorded: a replay must do exactly what the step's
+    eager warm-up did (same kernels, tables and dropout masks), with no host decision inside."""
+    if not layout.training or backend not in ("auto", "torch", "triton"):
         return False
     return all(isinstance(a, StageAdapter) for a in adapters)
 
@@ -86,6 +90,7 @@ class StaticStep:
     grads: list[Tensor]
     op_cache: dict = field(default_factory=dict)
     generators: dict = field(default_factory=dict)  # (job, linear index) -> dropout generator
+    backend: str = "torch"  # the multi-LoRA path the warm-up and the recording take
     graph: Any = None
 
     @classmethod
@@ -131,7 +136,7 @@ def static_step(stage: StageModel, c: StaticStep) -> None:
     (autograd's own accumulation may swap in a new tensor, which a graph cannot follow).
     """
     n = len(c.weights)
-    hidden = stage(c.ids, c.layout, op_cache=c.op_cache, generators=c.generators)
+    hidden = stage(c.ids, c.layout, op_cache=c.op_cache, generators=c.generators, backend=c.backend)
     sums = job_loss_sums(stage.lm_head, hidden, Targets(c.index, c.token, c.slot, n + 1))
     per_job = sums[:n] * c.weights
     grads = torch.autograd.grad(per_job.sum(), c.params)
@@ -184,6 +189,7 @@ class StepGraphs:
     def _capture(self, key: GraphKey, batch: FusedBatch, params: list[Tensor]) -> Tensor:
         """Run this batch eagerly on the side stream (the warm-up the capture needs), then record it."""
         c = StaticStep.allocate(batch, params)
+        c.backend = graphed_backend(self.stage.routing.backend, batch.input_ids.device, self.stage.compute_dtype)
         c.fill(batch)
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)

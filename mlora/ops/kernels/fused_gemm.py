@@ -18,6 +18,7 @@ descriptors; otherwise (odd shapes, the interpreter when asked) through pointers
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -46,28 +47,42 @@ SHAPES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]  # B
 # stages × (BM·BK + BK·BN) elements, the rest (barriers, epilogue) is tens of bytes.
 # Compiled for sm_90, the configs below ask for at most 196,632 bytes in fp32 and
 # 147,480 in bf16 (tests/kernel_smem.py); fp32 at the bf16 stage counts asked for up
-# to 294,960 and failed to launch.
+# to 294,960 and failed to launch. Other GPUs allow less (an A100 163 KiB): the budget
+# is the device's opt-in limit less the same 7 KiB of headroom, at most SMEM_BYTES.
 SMEM_BYTES = 220 * 1024
+SMEM_HEADROOM = 7 * 1024
 
 
 def _autotune() -> bool:
-    return os.environ.get("MLORA_TRITON_AUTOTUNE", "1") != "0"
+    """Off unless MLORA_TRITON_AUTOTUNE=1: the tuner picked the first shape at every
+    benchmarked shape, and tuning cannot be cached on disk (the TMA pre-hook), so every
+    run would pay it again (a few seconds at the start of a 1.1B run)."""
+    return os.environ.get("MLORA_TRITON_AUTOTUNE", "0") == "1"
 
 
-def fitted(element_size: int) -> list[tuple[dict, int, int]]:
+@functools.lru_cache(maxsize=16)
+def smem_budget(device: torch.device) -> int:
+    """Pipeline-buffer bytes a block may take on this device (SMEM_BYTES off CUDA)."""
+    if device.type != "cuda":
+        return SMEM_BYTES
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return min(SMEM_BYTES, limit - SMEM_HEADROOM) if limit else SMEM_BYTES
+
+
+def fitted(element_size: int, budget: int = SMEM_BYTES) -> list[tuple[dict, int, int]]:
     """SHAPES as (meta, stages, warps), each with as many pipeline stages as fit in
-    shared memory for this element size (fp32 tiles are twice bf16's)."""
+    `budget` bytes of shared memory for this element size (fp32 tiles are twice bf16's)."""
     out = []
     for bm, bn, bk, stages, warps in SHAPES:
         per_stage = (bm * bk + bk * bn) * element_size
-        out.append((dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, SMEM_BYTES // per_stage)),
+        out.append((dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, budget // per_stage)),
                     warps))
     return out
 
 
-def fixed_config(element_size: int) -> tuple[dict, int, int]:
-    """MLORA_TRITON_AUTOTUNE=0: the first shape, fitted. (meta, stages, warps)"""
-    return fitted(element_size)[0]
+def fixed_config(element_size: int, budget: int = SMEM_BYTES) -> tuple[dict, int, int]:
+    """The config launched without tuning: the first shape, fitted. (meta, stages, warps)"""
+    return fitted(element_size, budget)[0]
 
 
 def _configs() -> list[triton.Config]:
@@ -82,9 +97,9 @@ def _configs() -> list[triton.Config]:
 def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     """The autotuner's early prune: the configs fitted to the output's element size, so
     fp32 tunes over configs that can launch (the dtype is part of the tuning key)."""
-    size = named_args["out_ptr"].element_size()
+    out = named_args["out_ptr"]
     return [triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes)
-            for meta, stages, warps in fitted(size)]
+            for meta, stages, warps in fitted(out.element_size(), smem_budget(out.device))]
 
 
 @triton.jit
@@ -214,7 +229,7 @@ def fused_gemm(
         use_tma = os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight)
     meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
     if meta is None and not _autotune():
-        meta, stages, warps = fixed_config(a.element_size())
+        meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device))
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
         a_src = TensorDescriptor.from_tensor(a, block)

@@ -1,0 +1,109 @@
+"""Graphed fused steps, dense against Triton, on one machine in alternating rounds.
+
+    PYTHONPATH=. python3 bench/e2e/ab_backends.py --shapes 1.1b,7b --rounds 4 --steps 8
+
+Whole-run benchmarks compare arms run one after the other, and their steady-state
+figures moved by ±3 % between runs on the same machine; that hides a 2-6 % difference.
+Here one model and one set of 4 jobs (4 × 512 tokens each, r = 16 on all 7
+projections, bf16) keep one CUDA graph per arm, and the arms take turns, so drift of
+clocks or host affects them alike. Each round times `--steps` replays (collate and the
+four optimizer steps included, synchronised each step) and reports the median.
+Arms: the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1) and untuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.e2e.bench_e2e import SHAPES, Example, build_model  # noqa: E402
+from mlora.config import JobSpec  # noqa: E402
+from mlora.config.schema import ALL_TARGET_MODULES  # noqa: E402
+from mlora.jobs import JobOptimizer, PendingMicro  # noqa: E402
+from mlora.model.loss import job_loss_sums  # noqa: E402
+from mlora.model.stage import StageModel, stage_from_model  # noqa: E402
+from mlora.runtime.batch import collate  # noqa: E402
+from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
+from mlora.runtime.trainer import make_adapter  # noqa: E402
+
+ARMS = {"dense": ("torch", "0"), "triton-tuned": ("triton", "1"), "triton": ("triton", "0")}  # backend, autotune
+
+
+def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Median graphed step ms of each arm, per round."""
+    device = torch.device("cuda")
+    opts, micros, examples = [], [], []
+    for j in range(jobs):
+        spec = JobSpec(name=f"job{j}", dataset="-", lora_r=16, lora_alpha=32, target_modules=ALL_TARGET_MODULES, seed=j)
+        adapter = make_adapter(spec, stage, device)
+        stage.routing.adapters[spec.name] = adapter
+        opts.append(JobOptimizer(spec, adapter, 10_000))
+        ids = torch.randint(3, 32000, (micro, seq))
+        micros.append(PendingMicro(spec.name, 0, 0, True, tuple(range(micro))))
+        examples.append([Example(r.tolist(), [-100] + r.tolist()[1:]) for r in ids])
+    weights = [1.0 / (micro * (seq - 1))] * jobs
+    adapters = [stage.routing.adapters[m.job] for m in micros]
+    graphs = {arm: StepGraphs(stage) for arm in ARMS}
+
+    def step(arm: str) -> None:
+        stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"] = ARMS[arm]
+        batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
+        if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture
+            hidden = stage(batch.input_ids, batch.layout)
+            (job_loss_sums(stage.lm_head, hidden, batch.targets) * batch.loss_weights).sum().backward()
+        for opt in opts:
+            opt.step(opt.grad_sq_norm().sqrt())
+
+    for arm in ARMS:
+        start = time.perf_counter()
+        for _ in range(3):
+            step(arm)
+        torch.cuda.synchronize()
+        print(f"  {arm}: first step, warm-up and capture {time.perf_counter() - start:.1f} s", flush=True)
+        assert graphs[arm].captures == 1, f"{arm} was not recorded"
+    out: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for r in range(rounds):
+        for arm in list(ARMS) if r % 2 == 0 else list(ARMS)[::-1]:
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step(arm)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            out[arm].append(1000 * statistics.median(times))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="1.1b,7b")
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            raise SystemExit(f"unknown shape {shape!r}: use {', '.join(sorted(SHAPES))}")
+        stage = stage_from_model(build_model(shape, torch.device("cuda"), torch.bfloat16, 32000), fused_ops=True)
+        print(shape)
+        rows = measure(stage, args.jobs, args.micro, args.seq, args.rounds, args.steps)
+        for arm, ms in rows.items():
+            print(f"{shape} {arm:13s} graphed step ms per round: {' '.join(f'{m:.1f}' for m in ms)}  "
+                  f"median {statistics.median(ms):.1f}", flush=True)
+        del stage
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
