@@ -31,6 +31,7 @@ from mlora.runtime.step_graphs import (
     capturable,
     graph_key,
     static_step,
+    warm_up,
 )
 from mlora.runtime.trainer import Prepared, Trainer, make_adapter
 
@@ -103,6 +104,47 @@ def test_static_step_equals_the_eager_step(tiny_models):
     assert seen == ["auto", "torch", "auto", "loop"] and stage.routing.backend == "auto"
 
 
+def test_a_warm_up_whose_picked_kernels_fail_redoes_the_step_on_the_dense_path(tiny_models, monkeypatch):
+    """`auto`'s Triton pick failing (no compiler, no launch) costs a warning, not the run:
+    the step is redone densely with the same gradients and masks; a named backend raises."""
+    import mlora.ops.triton_multi_lora as tm
+
+    stage = load_stage(tiny_models["llama"])
+    adapters = [make_adapter(s, stage, torch.device("cpu")) for s in SPECS]
+    for s, ad in zip(SPECS, adapters):
+        stage.routing.adapters[s.name] = ad
+    params = [p for ad in adapters for p in ad.parameters()]
+    rng = random.Random(3)
+    vocab = int(stage.config.vocab_size)
+    batch = batch_of([examples(rng, [9, 12], vocab), examples(rng, [7, 12, 10], vocab)], [0.5, 0.25])
+
+    def run(backend: str, eager: str) -> tuple[StaticStep, str | None]:
+        c = StaticStep.allocate(batch, params)
+        for g in c.grads:
+            g.zero_()
+        c.backend = backend
+        c.fill(batch)
+        return c, warm_up(stage, c, batch, eager)
+
+    want, failed = run("torch", "torch")
+    assert failed is None
+    want_out, want_grads = want.out.clone(), [g.clone() for g in want.grads]
+
+    def no_kernels(*args, **kwargs):
+        raise RuntimeError("PTX compile failed\nlong details")
+
+    monkeypatch.setattr(tm, "forward_cat", no_kernels)
+    with pytest.warns(UserWarning, match=r"fused Triton kernels failed in a recorded step \(RuntimeError: PTX compile "
+                                         r"failed\); recorded steps take the dense path"):
+        c, failed = run("triton", "torch")  # auto picked Triton; eager steps are dense
+    assert failed == "RuntimeError: PTX compile failed" and c.backend == "torch"
+    torch.testing.assert_close(c.out, want_out, rtol=0, atol=0)
+    for g, w in zip(c.grads, want_grads):  # the failed try added nothing
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="PTX compile failed"):
+        run("triton", "triton")  # the user's own choice fails as it would eagerly
+
+
 def test_graphed_backend_picks_triton_for_recorded_half_precision_steps_on_hopper():
     cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
     assert graphed_backend("auto", cpu, bf16) == "torch" and resolve_backend("auto") == "torch"
@@ -111,7 +153,7 @@ def test_graphed_backend_picks_triton_for_recorded_half_precision_steps_on_hoppe
         graphed_backend("fast", cpu, bf16)
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
-        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        hopper = torch.cuda.get_device_capability()[0] == 9
         assert graphed_backend("auto", cuda, bf16) == ("triton" if hopper else "torch")
         assert graphed_backend("auto", cuda, torch.float16) == ("triton" if hopper else "torch")
         assert graphed_backend("auto", cuda, fp32) == "torch"  # not measured: no tensor-core fp32 path
@@ -268,7 +310,7 @@ def test_the_triton_path_replays_exactly_when_recorded(tmp_path, tiny_models, re
             torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="auto picks the Triton path on Hopper GPUs")
 def test_auto_records_the_triton_path_in_bf16(tmp_path, tiny_models, request, monkeypatch):
     """`auto` on an H100/H200 in bf16: eager steps take the dense path, recorded steps the

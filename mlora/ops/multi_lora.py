@@ -127,13 +127,14 @@ def resolve_backend(backend: str) -> str:
 
 def graphed_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The path a step recorded as a CUDA graph takes: 'auto' is Triton where it was
-    measured faster, bf16 / fp16 on Hopper (sm_90) and later, else `resolve_backend`.
+    measured faster, bf16 / fp16 on Hopper (sm_90), else `resolve_backend`.
 
     Replayed, the host's launch cost is gone and the fused kernels' fewer memory passes
     show: graphed steps of 4 jobs × 8,192 tokens ran 5.2-6.3 % (1.1B) and 1.2-2.7 % (7B)
     faster than the dense path's on H200s, alternating on one machine (bench/README.md,
-    "Triton in recorded steps"). fp32 (no tensor-core path without TF32) and older
-    GPUs were not measured, so they keep the dense path.
+    "Triton in recorded steps"). fp32 (no tensor-core path without TF32) and other
+    GPUs were not measured (Blackwell's shared memory and instructions differ), so they
+    keep the dense path. If the kernels fail there anyway, the graph runner falls back.
     """
     if backend == "auto" and dtype in (torch.bfloat16, torch.float16) and _triton_runs_on(device):
         return "triton"
@@ -141,10 +142,10 @@ def graphed_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def _triton_runs_on(device: torch.device) -> bool:
-    """A Hopper or later CUDA device (where the kernels were tuned and measured), with Triton installed."""
+    """A Hopper CUDA device (where the kernels were tuned and measured), with Triton installed."""
     import importlib.util
 
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
             and importlib.util.find_spec("triton") is not None)
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from mlora.model.lora_linear import BatchLayout, StageAdapter, dropout_seed_of
 from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
-from mlora.ops.multi_lora import graphed_backend
+from mlora.ops.multi_lora import graphed_backend, resolve_backend
 from mlora.runtime.batch import FusedBatch
 
 TARGET_BUCKET = 256  # target counts are rounded up to this, so batches of one shape share a graph
@@ -144,6 +144,31 @@ def static_step(stage: StageModel, c: StaticStep) -> None:
     c.out.copy_(per_job.detach())
 
 
+def warm_up(stage: StageModel, c: StaticStep, batch: FusedBatch, eager_backend: str) -> str | None:
+    """The eager run a recording needs (its gradients count). If the step's own backend,
+    picked for it by `auto`, fails (Triton cannot compile or launch on this machine), warn,
+    redo the step on the eager path and keep that backend; returns the failure then.
+
+    A failed step has added nothing: gradients are added only after all are computed,
+    and `fill` reseeds the dropout generators before the second try. A backend the user
+    named fails as it would eagerly."""
+    try:
+        static_step(stage, c)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure of the picked kernels: the dense path still works
+        if c.backend == eager_backend:
+            raise
+        lines = str(exc).strip().splitlines()
+        failure = type(exc).__name__ + (f": {lines[0]}" if lines else "")
+        warnings.warn(f"the fused Triton kernels failed in a recorded step ({failure}); recorded steps take the "
+                      f"dense path for the rest of this run (run.backend: torch silences this)", stacklevel=3)
+        c.backend = eager_backend
+        c.op_cache.clear()
+        c.fill(batch)
+        static_step(stage, c)
+        return failure
+
+
 class StepGraphs:
     """Runs fused forward + backward passes through CUDA graphs where it can (see module doc)."""
 
@@ -156,6 +181,7 @@ class StepGraphs:
         self.replays = 0
         self.captures = 0
         self.off: str | None = None  # why graphs were turned off for the run, if they were
+        self.kernels_failed: str | None = None  # why recorded steps fell back to the dense path, if they did
 
     def step(self, batch: FusedBatch, adapters: Sequence[StageAdapter]) -> Tensor | None:
         """Forward + backward of `batch` with every job's gradient added into its `.grad`.
@@ -189,12 +215,14 @@ class StepGraphs:
     def _capture(self, key: GraphKey, batch: FusedBatch, params: list[Tensor]) -> Tensor:
         """Run this batch eagerly on the side stream (the warm-up the capture needs), then record it."""
         c = StaticStep.allocate(batch, params)
-        c.backend = graphed_backend(self.stage.routing.backend, batch.input_ids.device, self.stage.compute_dtype)
+        eager = resolve_backend(self.stage.routing.backend)
+        c.backend = eager if self.kernels_failed else graphed_backend(
+            self.stage.routing.backend, batch.input_ids.device, self.stage.compute_dtype)
         c.fill(batch)
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            static_step(self.stage, c)  # the real step for this batch: its gradients count
+            self.kernels_failed = warm_up(self.stage, c, batch, eager) or self.kernels_failed
         main.wait_stream(self.stream)
         result = c.out.clone()
         graph = torch.cuda.CUDAGraph()
