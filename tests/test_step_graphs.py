@@ -287,15 +287,22 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool 
     return {s.name: load_file(str(out / s.name / "adapter_model.safetensors")) for s in specs}
 
 
+def _assert_same_adapters(got: dict, want: dict, rtol: float, atol: float) -> None:
+    """Every job's every adapter tensor of two runs (job -> name -> tensor) agrees."""
+    assert got.keys() == want.keys()
+    for job, tensors in want.items():
+        assert got[job].keys() == tensors.keys(), job
+        for key, value in tensors.items():
+            torch.testing.assert_close(got[job][key], value, rtol=rtol, atol=atol)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models, request):
     if rerun_compiled(request):
         return
     eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="torch")
     graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend="torch")
-    for job, tensors in eager.items():
-        for key, value in tensors.items():
-            torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
+    _assert_same_adapters(graphed, eager, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -305,9 +312,7 @@ def test_the_triton_path_replays_exactly_when_recorded(tmp_path, tiny_models, re
         return
     eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="triton")
     graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend="triton")
-    for job, tensors in eager.items():
-        for key, value in tensors.items():
-            torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
+    _assert_same_adapters(graphed, eager, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
@@ -340,9 +345,7 @@ def test_triton_backend_trains_the_dense_adapters(tmp_path, tiny_models, request
         return
     dense = _fixed_length_run(tiny_models["llama"], tmp_path / "dense", graphs=False, backend="torch")
     fused = _fixed_length_run(tiny_models["llama"], tmp_path / "fused", graphs=False, backend="triton")
-    for job, tensors in dense.items():
-        for key, value in tensors.items():
-            torch.testing.assert_close(fused[job][key], value, rtol=1e-3, atol=1e-4)
+    _assert_same_adapters(fused, dense, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -368,6 +371,4 @@ def test_a_step_that_cannot_be_recorded_turns_graphs_off_and_trains_on(tmp_path,
     with pytest.warns(UserWarning, match="CUDA graphs are off for the rest of this run"):
         graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "synced", graphs=True, expect_graphs=False,
                                     backend="torch")
-    for job, tensors in eager.items():
-        for key, value in tensors.items():
-            torch.testing.assert_close(graphed[job][key], value, rtol=1e-4, atol=1e-5)
+    _assert_same_adapters(graphed, eager, rtol=1e-4, atol=1e-5)
