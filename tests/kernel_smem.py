@@ -58,17 +58,22 @@ def shrink_shared(dt: str, precision: str) -> int:
     return _shared(shrink.shrink_kernel, types, consts, shrink.NUM_WARPS, shrink.NUM_STAGES)
 
 
-def seg_grads_shared(dt: str, precision: str, shrink_g: bool) -> int:
+def seg_grads_shared(dt: str, precision: str, shrink_g: bool, rank_pad: int) -> int:
+    """The reduction pass as the operator launches it: its config, stages fitted to Hopper."""
+    size = 4 if dt == "fp32" else 2
+    cfg = (seg_grads.dy_pass if shrink_g else seg_grads.x_pass)(size, rank_pad)
+    left = "fp32" if not shrink_g else dt
     types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
                                  "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
-    types.update(left_ptr="*fp32" if not shrink_g else f"*{dt}", right_ptr=f"*{dt}", out_ptr="*fp32",
+    types.update(left_ptr=f"*{left}", right_ptr=f"*{dt}", out_ptr="*fp32",
                  part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
                  slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32")
-    consts = dict(R=16, OUT_T=shrink_g, DROPOUT=not shrink_g, SHRINK_G=shrink_g, PRECISION=precision,
-                  BLOCK_M=seg_grads.BLOCK_M, BLOCK_D=seg_grads.BLOCK_D)
-    return _shared(seg_grads.seg_grad_kernel, types, consts, seg_grads.NUM_WARPS, seg_grads.NUM_STAGES)
+    consts = dict(R=rank_pad, OUT_T=shrink_g, DROPOUT=not shrink_g, SHRINK_G=shrink_g, PRECISION=precision,
+                  BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+    return _shared(seg_grads.seg_grad_kernel, types, consts, cfg.warps, cfg.stages)
 
 
+RANKS = (16, 32, 64, 128)  # padded ranks: the reductions' configs change with rank × element size
 PRECISIONS = [("bf16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")]  # fp16 compiles as bf16 does
 
 
@@ -86,8 +91,9 @@ def main() -> None:
         rows.append(dict(kernel="shrink", config="fixed", dtype=dt, precision=precision,
                          shared=shrink_shared(dt, precision)))
         for shrink_g in (True, False):
-            rows.append(dict(kernel="seg_grads", config="dB+g" if shrink_g else "dA", dtype=dt, precision=precision,
-                             shared=seg_grads_shared(dt, precision, shrink_g)))
+            for rank_pad in RANKS:
+                rows.append(dict(kernel="seg_grads", config=f"{'dB+g' if shrink_g else 'dA'}/R{rank_pad}", dtype=dt,
+                                 precision=precision, shared=seg_grads_shared(dt, precision, shrink_g, rank_pad)))
     print(json.dumps(rows))
 
 

@@ -156,6 +156,31 @@ def check_autograd(case: Case, dtype: torch.dtype, device: str, seed: int, tol: 
             assert rel(o, r) < tol, (case.name, k, rel(o, r))
 
 
+def test_cpu_cases_reach_every_reduction_path() -> None:
+    """The cases above drive each branch of the reductions: an item of several pieces,
+    slots split into items whose fp32 partials are summed, and, with dropout on, pieces
+    with a mask and pieces without one in the same launch."""
+    from mlora.ops.kernels import seg_grads
+    from mlora.ops.kernels.plan import item_plan, rank_block
+
+    seen = set()
+    for case in CPU_CASES:
+        for width in (case.d_in, case.d_out):
+            cfg = seg_grads.x_pass(4, rank_block(case.ranks))
+            items = item_plan(layout(case), width, rank_block(case.ranks), torch.device("cpu"), cfg.block_m,
+                              cfg.block_d, 8, 16 << 20)
+            pieces = (items.item_hi - items.item_lo).tolist()
+            parts = items.item_part.tolist()
+            if any(n > 1 and part < 0 for n, part in zip(pieces, parts)):
+                seen.add("pieces")
+            if any(part >= 0 for part in parts):
+                seen.add("partials")
+        masked = {case.dropout[s.slot] > 0 for s in layout(case) if s.end > s.start}
+        if masked == {True, False}:
+            seen.add("masked and unmasked")
+    assert seen == {"pieces", "partials", "masked and unmasked"}
+
+
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.name)
 def test_kernels_match_reference(case: Case) -> None:
     check_direct(case, torch.float32, "cpu", seed=1, tol=1e-5)

@@ -16,7 +16,7 @@ Eager rows go through multi_lora_linear and autograd, so they include the host's
 launch and autograd costs (2K + 1 gradients); median ms from triton.testing.do_bench.
 Device rows replay a CUDA graph of the operator's own forward + backward calls (no
 autograd), i.e. device time alone: base, fused, fused-overlap (dA pass on a side
-stream beside the dx GEMM), fused-bd64 (reduction column tiles of 64), fused-0. Peak memory is over the
+stream beside the dx GEMM), fused-0. Peak memory is over the
 inputs; relative error is against the loop, the largest over y, dx, all dA, all dB.
 
     PYTHONPATH=. python3 bench/ops/bench_ops.py --out bench/ops/results.json
@@ -46,7 +46,7 @@ RANK = 16
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 JOBS = [1, 4, 16, 64]
 ROWS = ["base", "peft", "loop", "bmm", "dense", "fused", "fused-0"]
-DEVICE_ROWS = ["base", "fused", "fused-overlap", "fused-bd64", "fused-0"]
+DEVICE_ROWS = ["base", "fused", "fused-overlap", "fused-0"]
 CHECKED = ("bmm", "dense", "fused")  # eager rows compared with the loop (device rows: all fused ones)
 Outputs = list[torch.Tensor]
 
@@ -106,7 +106,6 @@ def variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> dict[str,
 def device_variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> dict[str, Callable[[], Outputs]]:
     """The fused operator's own forward + backward calls, without autograd, for graph capture."""
     from mlora.ops import triton_multi_lora as tm
-    from mlora.ops.kernels import seg_grads
     from mlora.ops.multi_lora import LoraCall
 
     a_d, b_d = [t.detach() for t in a], [t.detach() for t in b]
@@ -114,24 +113,23 @@ def device_variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> di
     ranks = tuple(t.shape[0] for t in a_d)
     a_cat, b_cat = tm.concat(a_d, b_d, x.dtype)  # as the autograd path hands them over, once per call
 
-    def fused(segs: list[Segment], overlap: bool | None = None, block_d: int | None = None) -> Callable[[], Outputs]:
+    def fused(segs: list[Segment], overlap: bool | None = None) -> Callable[[], Outputs]:
         call = LoraCall(tuple(segs), (scale,) * jobs, (0.0,) * jobs, (False,) * len(segs))
 
         def run() -> Outputs:
-            saved = tm.OVERLAP_GRAD_A, seg_grads.BLOCK_D
-            tm.OVERLAP_GRAD_A = saved[0] if overlap is None else overlap
-            seg_grads.BLOCK_D = block_d or saved[1]
+            saved = tm.OVERLAP_GRAD_A
+            tm.OVERLAP_GRAD_A = saved if overlap is None else overlap
             try:
                 y, h = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, None, call)
                 dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, None, call, True, h=h)
             finally:
-                tm.OVERLAP_GRAD_A, seg_grads.BLOCK_D = saved
+                tm.OVERLAP_GRAD_A = saved
             return [y, dx, *d_a, *d_b]
 
         return run
 
     return {"base": lambda: [x @ w.t(), dy @ w], "fused": fused(segments), "fused-overlap": fused(segments, True),
-            "fused-bd64": fused(segments, block_d=64), "fused-0": fused([])}
+            "fused-0": fused([])}
 
 
 def rel_err(out: Outputs, ref: Outputs) -> float:

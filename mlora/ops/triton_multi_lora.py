@@ -52,7 +52,7 @@ class _CallState:
     device: torch.device
     ranks: tuple[int, ...]
     plan: SegmentPlan
-    items: dict[int, ItemPlan] = field(default_factory=dict)
+    items: dict[tuple[int, grads.PassConfig], ItemPlan] = field(default_factory=dict)
     offsets: dict[int, tuple[Tensor, tuple[int, ...]]] = field(default_factory=dict)
 
 
@@ -72,11 +72,12 @@ def _state(x: Tensor, ranks: tuple[int, ...], call: LoraCall, keep: dict | None)
     return st
 
 
-def _items(st: _CallState, width: int) -> ItemPlan:
-    if width not in st.items:
-        st.items[width] = item_plan(st.call.segments, width, st.plan.rank_pad, st.device, grads.BLOCK_M,
-                                    grads.BLOCK_D, _target_programs(st.device), PARTIAL_BUDGET_BYTES)
-    return st.items[width]
+def _items(st: _CallState, width: int, cfg: grads.PassConfig) -> ItemPlan:
+    key = (width, cfg)
+    if key not in st.items:
+        st.items[key] = item_plan(st.call.segments, width, st.plan.rank_pad, st.device, cfg.block_m, cfg.block_d,
+                                  _target_programs(st.device, cfg.per_sm), PARTIAL_BUDGET_BYTES)
+    return st.items[key]
 
 
 def _offsets(st: _CallState, width: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -104,10 +105,10 @@ def _precision(x: Tensor) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _target_programs(device: torch.device) -> int:
-    """Reduction programs wanted: several per SM, so waves are short and bytes in flight many."""
+def _target_programs(device: torch.device, per_sm: int) -> int:
+    """Reduction programs wanted: a few per SM (8 when interpreting: several items, small shapes)."""
     if device.type == "cuda" and not INTERPRET:
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 8
 
 
@@ -204,12 +205,14 @@ def backward_cat(
 
     g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
     if plan.n_segments:
-        grads.seg_grads(h, dy, flat_b, off_b, plan, _items(st, d_out), transposed=True,
+        cfg = grads.dy_pass(x.element_size(), plan.rank_pad)
+        grads.seg_grads(h, dy, flat_b, off_b, plan, _items(st, d_out, cfg), cfg, transposed=True,
                         masks=masks, dropout=False, precision=precision, g=g, b_cat=b_cat)
 
     def grad_a() -> None:
         if plan.n_segments:
-            grads.seg_grads(g, x, flat_a, off_a, plan, _items(st, d_in), transposed=False,
+            cfg = grads.x_pass(x.element_size(), plan.rank_pad)
+            grads.seg_grads(g, x, flat_a, off_a, plan, _items(st, d_in, cfg), cfg, transposed=False,
                             masks=masks, dropout=dropout, precision=precision)
 
     def grad_x() -> Tensor:

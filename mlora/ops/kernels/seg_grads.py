@@ -9,10 +9,13 @@ needed for the gradients and their result does not depend on scheduling. The dB
 pass reads dy anyway, so it also computes g = dy·B_i on the way: each column tile
 adds its [BLOCK_M, R] share of the reduction over d_out into an fp32 g with relaxed
 atomics (the only atomics in the operator; g's summation order over d_out tiles may
-vary between runs at fp32 rounding level). That saves a separate pass over dy.
+vary between runs at fp32 rounding level). That saves a separate pass over dy; wider
+column tiles there mean fewer atomics.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,10 +25,40 @@ from torch import Tensor
 from mlora.ops.kernels.interpret import INTERPRET
 from mlora.ops.kernels.plan import ItemPlan, SegmentPlan
 
-BLOCK_M = 16 if INTERPRET else 64
-BLOCK_D = 16 if INTERPRET else 128
-NUM_WARPS = 4
-NUM_STAGES = 1 if INTERPRET else 3
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Launch shape of one reduction pass. per_sm: programs the item plan aims at, per SM."""
+
+    block_m: int
+    block_d: int
+    warps: int
+    stages: int
+    per_sm: int
+
+
+INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
+
+
+def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
+    """The dB + g pass. Wide column tiles mean fewer g atomics (H200 sweep,
+    bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's shared memory,
+    so wide ranks and fp32 take narrower tiles (all fit Hopper: tests/kernel_smem.py)."""
+    if INTERPRET:
+        return INTERPRET_PASS
+    row_bytes = rank_pad * element_size
+    if row_bytes <= 128:
+        return PassConfig(block_m=64, block_d=256, warps=8, stages=2, per_sm=2)
+    if row_bytes <= 256:
+        return PassConfig(block_m=64, block_d=128, warps=4, stages=2, per_sm=2)
+    return PassConfig(block_m=32, block_d=64, warps=4, stages=2, per_sm=2)
+
+
+def x_pass(element_size: int, rank_pad: int) -> PassConfig:
+    """The dA pass (one shape fits every rank and dtype)."""
+    return INTERPRET_PASS if INTERPRET else PassConfig(block_m=32, block_d=128, warps=4, stages=4, per_sm=2)
+
+
 REDUCE_BLOCK = 64 if INTERPRET else 1024
 
 
@@ -40,44 +73,34 @@ def seg_grad_kernel(
 ):
     item = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
-    dtype = right_ptr.dtype.element_ty
     slot = tl.load(item_slot + item)
     rank = tl.load(slot_rank + slot)
     dd = d0 + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     rr = tl.arange(0, R)
     r_ok = rr < rank
-    if DROPOUT:
-        keep = tl.load(slot_keep + slot)
+    keep = tl.load(slot_keep + slot) if DROPOUT else 1.0
     if SHRINK_G:  # B_i rows d0.. as a [BLOCK_D, R] tile: g[rows] += dy[rows, d-tile]·B_i[d-tile]
         b_ptr = b_cat + tl.load(slot_off + slot)  # B_i: columns off.. of B_cat [D, RT]
         b_tile = tl.load(b_ptr + dd[:, None].to(tl.int64) * RT + rr[None, :],
                          mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+    else:
+        b_tile = tl.zeros((BLOCK_D, R), dtype=right_ptr.dtype.element_ty)
     acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
     for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
         p0 = tl.load(piece_start + p)
         p1 = tl.load(piece_end + p)
-        if DROPOUT:
-            j = tl.load(piece_seg + p)
-            mask_row = tl.load(seg_mask_row + j)
-            seg0 = tl.load(seg_start + j)
-        for m0 in range(p0, p1, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < p1
-            rows64 = rows.to(tl.int64)
-            tile_ok = row_ok[:, None] & d_ok[None, :]
-            right = tl.load(right_ptr + rows64[:, None] * D + dd[None, :], mask=tile_ok, other=0.0)
-            if DROPOUT:
-                if mask_row >= 0:
-                    kept = tl.load(mask_ptr + (rows64 - seg0 + mask_row)[:, None] * D + dd[None, :],
-                                   mask=tile_ok, other=0)
-                    right = tl.where(kept != 0, right.to(tl.float32) * keep, 0.0).to(dtype)
-            left = tl.load(left_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
-            acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
-            if SHRINK_G:
-                g_part = tl.dot(right, b_tile, input_precision=PRECISION)
-                tl.atomic_add(g_ptr + rows64[:, None] * R + rr[None, :], g_part,
-                              mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
+        mask_row = tl.load(seg_mask_row + tl.load(piece_seg + p)) if DROPOUT else -1
+        # A piece with a mask runs its own copy of the loop, so the mask's load is
+        # unconditional there and pipelined with the others (under a branch it was not:
+        # the x pass took 3-6x as long with dropout).
+        if mask_row >= 0:
+            mask_base = mask_row - tl.load(seg_start + tl.load(piece_seg + p))  # mask row of token t: t + base
+            acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok,
+                         rr, r_ok, D, R, SHRINK_G, True, PRECISION, BLOCK_M)
+        else:
+            acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, 0, keep, p0, p1, dd, d_ok,
+                         rr, r_ok, D, R, SHRINK_G, False, PRECISION, BLOCK_M)
     acc = acc * tl.load(slot_scale + slot)
     part = tl.load(item_part + item)
     if part < 0:
@@ -90,6 +113,33 @@ def seg_grad_kernel(
     else:
         part_ptrs = part_ptr + part.to(tl.int64) * R * D + rr[:, None] * D + dd[None, :]
         tl.store(part_ptrs, acc, mask=d_ok[None, :])
+
+
+@triton.jit
+def _piece(
+    acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok, rr, r_ok, D,
+    R: tl.constexpr, SHRINK_G: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """acc + leftᵀ·drop(right) over the rows [p0, p1) of one piece; with SHRINK_G also
+    g[rows] += right·B_i (atomics)."""
+    dtype = right_ptr.dtype.element_ty
+    for m0 in range(p0, p1, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < p1
+        rows64 = rows.to(tl.int64)
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        right = tl.load(right_ptr + rows64[:, None] * D + dd[None, :], mask=tile_ok, other=0.0)
+        if MASKED:
+            kept = tl.load(mask_ptr + (rows64 + mask_base)[:, None] * D + dd[None, :], mask=tile_ok, other=0)
+            right = tl.where(kept != 0, right.to(tl.float32) * keep, 0.0).to(dtype)
+        left = tl.load(left_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
+        acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
+        if SHRINK_G:
+            g_part = tl.dot(right, b_tile, input_precision=PRECISION)
+            tl.atomic_add(g_ptr + rows64[:, None] * R + rr[None, :], g_part,
+                          mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
+    return acc
 
 
 @triton.jit
@@ -128,6 +178,7 @@ def seg_grads(
     out_off: Tensor,
     plan: SegmentPlan,
     items: ItemPlan,
+    cfg: PassConfig,
     transposed: bool,
     masks: Tensor,
     dropout: bool,
@@ -137,8 +188,9 @@ def seg_grads(
 ) -> None:
     """Write every used slot's gradient into its part of the flat buffer `out` (in its dtype).
 
-    `g` and `b_cat` ([D, Σr]) given: also accumulate g = right·B_slot (right is dy) into g.
-    `masks`: the stacked int8 keep-masks, read only when dropout.
+    `items` must have been planned with cfg's block sizes. `g` and `b_cat` ([D, Σr])
+    given: also accumulate g = right·B_slot (right is dy) into g. `masks`: the stacked
+    int8 keep-masks, read only when dropout.
     """
     if items.n_items == 0:
         return
@@ -146,8 +198,7 @@ def seg_grads(
     r = plan.rank_pad
     parts = torch.empty(max(items.n_partials * r * width, 1), dtype=torch.float32, device=right.device)
     shrink_g = g is not None
-    grid = (items.n_items, triton.cdiv(width, BLOCK_D))
-    seg_grad_kernel[grid](
+    seg_grad_kernel[(items.n_items, triton.cdiv(width, cfg.block_d))](
         left, right, out, parts, g if shrink_g else parts, b_cat if shrink_g else right, masks,
         items.item_slot, items.item_lo, items.item_hi, items.item_part,
         items.piece_start, items.piece_end, items.piece_seg,
@@ -155,10 +206,10 @@ def seg_grads(
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
         width, max(plan.rank_total, 1),
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if items.n_reduce:
         reduce_partials_kernel[(items.n_reduce, triton.cdiv(r * width, REDUCE_BLOCK))](
             parts, out, items.red_slot, items.red_lo, items.red_hi, out_off, plan.slot_rank,
-            width, R=r, OUT_T=transposed, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            width, R=r, OUT_T=transposed, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1 if INTERPRET else 3,
         )

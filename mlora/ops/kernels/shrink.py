@@ -38,7 +38,6 @@ def shrink_kernel(
     s0 = tl.load(seg_start + j)
     s1 = tl.load(seg_end + j)
     rank = tl.load(slot_rank + slot)
-    dtype = x_ptr.dtype.element_ty
     a_ptr = a_cat + tl.load(slot_off + slot).to(tl.int64) * K
     if ALIGNED:  # rows of 16-byte multiples: A rows load 16 bytes at a time
         a_ptr = tl.multiple_of(a_ptr, 16)
@@ -47,22 +46,35 @@ def shrink_kernel(
     rows64 = rows.to(tl.int64)
     rr = tl.arange(0, R)
     r_ok = rr < rank
-    if DROPOUT:
-        mask_row = tl.load(seg_mask_row + j)
-        keep = tl.load(slot_keep + slot)
+    mask_row = tl.load(seg_mask_row + j) if DROPOUT else -1
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    if mask_row >= 0:  # its own copy of the loop: the mask's load pipelined, not under a branch
+        keep = tl.load(slot_keep + slot)
+        acc = _rows(acc, x_ptr, a_ptr, mask_ptr, mask_row - s0, keep, rows64, row_ok, rr, r_ok, K,
+                    True, PRECISION, BLOCK_K)
+    else:
+        acc = _rows(acc, x_ptr, a_ptr, mask_ptr, 0, 1.0, rows64, row_ok, rr, r_ok, K, False, PRECISION, BLOCK_K)
+    tl.store(h_ptr + rows64[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _rows(
+    acc, x_ptr, a_ptr, mask_ptr, mask_base, keep, rows64, row_ok, rr, r_ok, K,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc + drop(x[rows])·Aᵀ over d_in; the mask row of token t is t + mask_base."""
+    dtype = x_ptr.dtype.element_ty
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
         tile_ok = row_ok[:, None] & k_ok[None, :]
         xt = tl.load(x_ptr + rows64[:, None] * K + kk[None, :], mask=tile_ok, other=0.0)
-        if DROPOUT:
-            if mask_row >= 0:
-                kept = tl.load(mask_ptr + (rows64 - s0 + mask_row)[:, None] * K + kk[None, :], mask=tile_ok, other=0)
-                xt = tl.where(kept != 0, xt.to(tl.float32) * keep, 0.0).to(dtype)
+        if MASKED:
+            kept = tl.load(mask_ptr + (rows64 + mask_base)[:, None] * K + kk[None, :], mask=tile_ok, other=0)
+            xt = tl.where(kept != 0, xt.to(tl.float32) * keep, 0.0).to(dtype)
         at = tl.load(a_ptr + rr[None, :] * K + kk[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(xt, at, acc, input_precision=PRECISION)
-    tl.store(h_ptr + rows64[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+    return acc
 
 
 def shrink(x: Tensor, a_cat: Tensor, masks: Tensor, plan: SegmentPlan, dropout: bool, precision: str) -> Tensor:

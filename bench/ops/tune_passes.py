@@ -1,0 +1,186 @@
+"""Launch-config sweep of the fused operator's memory-bound passes, one GPU.
+
+At T = 8192, 4096→4096, r = 16, bf16, K jobs with uneven segments, each pass that
+streams a whole T × 4096 tensor is timed alone from a CUDA graph (device time):
+
+  shrink   h = x·Aᵀ per segment          (reads x)
+  dy pass  dB = s·dyᵀ·h and g = dy·B      (reads dy; g by atomics; with its g memset)
+  x pass   dA = s·gᵀ·x                    (reads x)
+
+for every (BLOCK_M, BLOCK_D or BLOCK_K, warps, stages) and, for the two reductions,
+the number of programs the item plan aims at (a multiple of the SM count). Rates are
+the streamed tensor's bytes over the time, next to the copy rate of the same tensor
+(a column sum, which only reads it, and a clone). Every config's outputs are checked
+against the shipped config's. Prints the sweep sorted by time and the best per pass.
+
+    PYTHONPATH=. python3 bench/ops/tune_passes.py --jobs 1,16,64 --out tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.ops.bench_ops import uneven_segments  # noqa: E402
+from mlora.ops.kernels import seg_grads as sg  # noqa: E402
+from mlora.ops.kernels import shrink as sh  # noqa: E402
+from mlora.ops.kernels.plan import item_plan, segment_plan  # noqa: E402
+from mlora.ops.triton_multi_lora import PARTIAL_BUDGET_BYTES, _offset_table  # noqa: E402
+
+# Sweeps the x and dy passes' PassConfig (seg_grads.x_pass / dy_pass hold the shipped ones).
+
+T, D, RANK = 8192, 4096, 16
+
+
+def graph_us(fn) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    return 1000 * do_bench_cudagraph(fn, rep=10, return_mode="median")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def ints(csv: str) -> list[int]:
+    return [int(v) for v in csv.split(",")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", default="1,64")
+    p.add_argument("--out", default="")
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop sweeping after this long")
+    p.add_argument("--passes", default="shrink,x,dy")
+    p.add_argument("--bm", default="32,64,128", help="reduction BLOCK_M values")
+    p.add_argument("--bd", default="128,256", help="reduction BLOCK_D values")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--stages", default="2,3,4", help="reduction stage counts")
+    p.add_argument("--mult", default="2,4,8,16", help="reduction programs aimed at, per SM")
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    bf = torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(T, D, device=dev, dtype=bf, generator=gen)
+    dy = torch.randn(T, D, device=dev, dtype=bf, generator=gen)
+    mib = T * D * 2
+    copy = {"sum": graph_us(lambda: x.sum(0)), "clone": graph_us(lambda: x.clone())}
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs. column sum of x {copy['sum']:.1f} us "
+          f"({mib / copy['sum'] / 1e3:.0f} GB/s read); clone {copy['clone']:.1f} us "
+          f"({2 * mib / copy['clone'] / 1e3:.0f} GB/s read+write)", flush=True)
+    rows: list[dict] = []
+    for jobs in ints(args.jobs):
+        segs = tuple(uneven_segments(T, jobs, seed=jobs))
+        ranks = (RANK,) * jobs
+        a_cat = torch.randn(RANK * jobs, D, device=dev, dtype=bf, generator=gen) * D**-0.5
+        b_cat = torch.randn(D, RANK * jobs, device=dev, dtype=bf, generator=gen) * RANK**-0.5
+        scales, drop, has = (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs
+        off, ends = _offset_table(ranks, D, dev)
+        h_ref = g_ref = da_ref = db_ref = None
+
+        def shrink_fn(bm, bk, warps, stages, dropout=False):
+            plan = segment_plan(segs, scales, (0.1,) * jobs if dropout else drop, (dropout,) * jobs, ranks, T, dev, bm)
+            h = torch.empty(T, 16, device=dev, dtype=bf)
+
+            def run():
+                sh.shrink_kernel[(plan.n_shrink_tiles,)](
+                    x, h, a_cat, keep_masks, plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg, plan.shrink_row,
+                    plan.seg_mask_row, plan.slot_rank, plan.slot_off, plan.slot_keep, D,
+                    R=16, BLOCK_M=bm, BLOCK_K=bk, DROPOUT=dropout, PRECISION="tf32", ALIGNED=True,
+                    num_warps=warps, num_stages=stages)
+                return h
+            return run
+
+        def seg_fn(kind, bm, bd, warps, stages, mult, dropout=False):
+            cfg = sg.PassConfig(block_m=bm, block_d=bd, warps=warps, stages=stages, per_sm=mult)
+            drop_p = (0.1,) * jobs if dropout else drop
+            plan = segment_plan(segs, scales, drop_p, (dropout,) * jobs, ranks, T, dev, sh.BLOCK_M)
+            items = item_plan(segs, D, 16, dev, bm, bd, mult * sms, PARTIAL_BUDGET_BYTES)
+            out = torch.empty(ends[-1], dtype=torch.float32, device=dev)
+            g = torch.zeros(T, 16, dtype=torch.float32, device=dev)
+            dy_pass = kind == "dy"
+
+            def run():
+                if dy_pass:
+                    g.zero_()
+                    sg.seg_grads(h_ref, dy, out, off, plan, items, cfg, transposed=True, masks=x, dropout=False,
+                                 precision="tf32", g=g, b_cat=b_cat)
+                    return out, g
+                sg.seg_grads(g_ref, x, out, off, plan, items, cfg, transposed=False, masks=keep_masks,
+                             dropout=dropout, precision="tf32")
+                return (out,)
+            return run, items.n_items * triton.cdiv(D, bd)
+
+        keep_masks = (torch.rand(T, D, device=dev, generator=gen) >= 0.1).view(torch.int8)
+        # shipped configs first: their outputs are the reference of the sweep
+        h_ref = shrink_fn(sh.BLOCK_M, sh.BLOCK_K, sh.NUM_WARPS, sh.NUM_STAGES)().clone()
+        g_ref = torch.randn(T, 16, device=dev, dtype=torch.float32, generator=gen)
+        shipped = {kind: dict(bm=c.block_m, bd=c.block_d, warps=c.warps, stages=c.stages, mult=c.per_sm)
+                   for kind, c in (("x", sg.x_pass(2, 16)), ("dy", sg.dy_pass(2, 16)))}
+        da_ref = seg_fn("x", **shipped["x"])[0]()[0].clone()
+        db_ref, gg_ref = (t.clone() for t in seg_fn("dy", **shipped["dy"])[0]())
+        x_drop = seg_fn("x", **shipped["x"], dropout=True)[0]
+        shrink_drop = shrink_fn(sh.BLOCK_M, sh.BLOCK_K, sh.NUM_WARPS, sh.NUM_STAGES, dropout=True)
+        print(f"K={jobs} with dropout (shipped configs): x pass {graph_us(x_drop):.1f} us, "
+              f"shrink {graph_us(shrink_drop):.1f} us", flush=True)
+
+        sweeps = []
+        if "shrink" in args.passes:
+            for bm, bk, warps, stages in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4, 5)):
+                sweeps.append(("shrink", dict(bm=bm, bk=bk, warps=warps, stages=stages)))
+        for kind in ("x", "dy"):
+            if kind not in args.passes.split(","):
+                continue
+            for bm, bd, warps, stages in itertools.product(*(ints(v) for v in (args.bm, args.bd, args.warps,
+                                                                                 args.stages))):
+                for mult in ints(args.mult):
+                    sweeps.append((kind, dict(bm=bm, bd=bd, warps=warps, stages=stages, mult=mult)))
+        for kind, cfg in sweeps:
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"budget reached: stopped before {kind} {cfg}", flush=True)
+                break
+            try:
+                if kind == "shrink":
+                    fn, progs = shrink_fn(**cfg), None
+                    err = rel(fn(), h_ref)
+                else:
+                    fn, progs = seg_fn(kind, **cfg)
+                    outs = fn()
+                    err = rel(outs[0], da_ref if kind == "x" else db_ref)
+                    if kind == "dy":
+                        err = max(err, rel(outs[1], gg_ref))
+                us = graph_us(fn)
+            except Exception as exc:  # a config over the shared-memory limit: skip it
+                print(f"K={jobs} {kind} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                continue
+            row = dict(jobs=jobs, kind=kind, **cfg, programs=progs, us=us, gbs=mib / us / 1e3, err=err)
+            rows.append(row)
+        for kind in ("shrink", "x", "dy"):
+            got = sorted((r for r in rows if r["jobs"] == jobs and r["kind"] == kind), key=lambda r: r["us"])
+            if not got:
+                continue
+            ship = (dict(bm=sh.BLOCK_M, bk=sh.BLOCK_K, warps=sh.NUM_WARPS, stages=sh.NUM_STAGES) if kind == "shrink"
+                    else shipped[kind])
+            mine = [r for r in got if all(r.get(k) == v for k, v in ship.items())]
+            print(f"K={jobs} {kind}: shipped {mine[0]['us'] if mine else float('nan'):.1f} us; best:", flush=True)
+            for r in got[:6]:
+                print("   ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+            print(f"   max err over the sweep {max(r['err'] for r in got):.1e}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_us=copy, rows=rows),
+                                             indent=1))
+
+
+if __name__ == "__main__":
+    main()
