@@ -10,8 +10,10 @@ streams a whole T × 4096 tensor is timed alone from a CUDA graph (device time):
 for every (BLOCK_M, BLOCK_D or BLOCK_K, warps, stages) and, for the two reductions,
 the number of programs the item plan aims at (a multiple of the SM count). Rates are
 the streamed tensor's bytes over the time, next to the copy rate of the same tensor
-(a column sum, which only reads it, and a clone). Every config's outputs are checked
-against the shipped config's. Prints the sweep sorted by time and the best per pass.
+(a column sum, which only reads it, and a clone). The shipped shapes (`seg_grads.x_pass`
+/ `dy_pass`, the shrink's module constants) run first: every swept config's outputs are
+checked against theirs, and the x pass and the shrink are also timed with dropout
+masks. Prints, per K and pass, the shipped shape's time and the six fastest.
 
     PYTHONPATH=. python3 bench/ops/tune_passes.py --jobs 1,16,64 --out tune.json
 """
@@ -35,8 +37,6 @@ from mlora.ops.kernels import seg_grads as sg  # noqa: E402
 from mlora.ops.kernels import shrink as sh  # noqa: E402
 from mlora.ops.kernels.plan import item_plan, segment_plan  # noqa: E402
 from mlora.ops.triton_multi_lora import PARTIAL_BUDGET_BYTES, _offset_table  # noqa: E402
-
-# Sweeps the x and dy passes' PassConfig (seg_grads.x_pass / dy_pass hold the shipped ones).
 
 T, D, RANK = 8192, 4096, 16
 
@@ -95,7 +95,8 @@ def main() -> None:
 
             def run():
                 sh.shrink_kernel[(plan.n_shrink_tiles,)](
-                    x, h, a_cat, keep_masks, plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg, plan.shrink_row,
+                    x, h, a_cat, keep_masks, plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg,
+                    plan.shrink_row,
                     plan.seg_mask_row, plan.slot_rank, plan.slot_off, plan.slot_keep, D,
                     R=16, BLOCK_M=bm, BLOCK_K=bk, DROPOUT=dropout, PRECISION="tf32", ALIGNED=True,
                     num_warps=warps, num_stages=stages)
