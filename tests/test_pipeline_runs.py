@@ -54,6 +54,10 @@ def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, m
     return write_run(tmp_path / f"{out}.yaml", raw)
 
 
+def train_losses(metrics: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+
+
 def kill_everything_running(arg: str) -> None:
     """SIGKILL every process whose command line holds `arg` (torchrun puts workers in their own sessions)."""
     for entry in Path("/proc").iterdir():
@@ -90,6 +94,9 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+        # every step's loss, summed over its micro-batches on the last stage and relayed to rank 0
+        losses = [train_losses(d / job["name"] / "metrics.jsonl") for d in (single.output_dir, out)]
+        assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5), job["name"]
     trace = json.loads((out / "trace.json").read_text())
     assert {e["tid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == set(range(stages))
     summary = json.loads((out / "run_summary.json").read_text())

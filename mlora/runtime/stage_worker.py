@@ -9,7 +9,8 @@ know beyond its own tensors arrives as notes riding on activations and gradients
   the total, steps, and sends the total downstream with its next activations; stage
   k > 0 applies its pending step when the total arrives. The job's next step cannot
   reach stage k before that (it travels behind the total), so no step is stale.
-- the last stage reports each (job, step) loss upstream the same way, to rank 0.
+- the last stage reports each (job, step) loss upstream the same way, to rank 0, reading
+  a micro-batch's losses on the host only after its backward is queued.
 """
 
 from __future__ import annotations
@@ -199,18 +200,22 @@ class StageWorker:
         if self.last:
             targets = self.state.targets.pop(action.mb)
             sums = job_loss_sums(self.stage.lm_head, hidden, targets)
-            weighted = sums * self.state.weights.pop(action.mb)
-            self.state.losses[action.mb] = weighted
-            values = weighted.detach().tolist()
-            notes = []
-            for s, value in zip(plan.batch.slices, values):
-                key = (s.job, s.step)
-                self.step_loss[key] = self.step_loss.get(key, 0.0) + value
-                if s.last:
-                    notes.append(Note(NOTE_LOSS, self.job_ids[s.job], s.step, self.step_loss.pop(key)))
-            self.state.up_notes.setdefault(action.mb, []).extend(notes)
+            self.state.losses[action.mb] = sums * self.state.weights.pop(action.mb)
         else:
             self.state.outputs[action.mb] = hidden
+
+    def _report_losses(self, mb: int, weighted: Tensor) -> None:
+        """Last stage: add the micro-batch's per-slice losses to their steps' totals and
+        note each finished step's loss for rank 0. Called once the backward is queued, so
+        reading the values waits for the forward only, with the backward's work behind it
+        on the device (read right after the forward, the device would idle meanwhile)."""
+        notes = []
+        for s, value in zip(self.plans[mb].batch.slices, weighted.tolist()):
+            key = (s.job, s.step)
+            self.step_loss[key] = self.step_loss.get(key, 0.0) + value
+            if s.last:
+                notes.append(Note(NOTE_LOSS, self.job_ids[s.job], s.step, self.step_loss.pop(key)))
+        self.state.up_notes.setdefault(mb, []).extend(notes)
 
     def _gate_loss(self, plan: MicroBatchPlan) -> Tensor | None:
         """Sum over the micro-batch's MeteoRA slices of coef × their gates' share of the step's
@@ -234,8 +239,10 @@ class StageWorker:
         assert mb is not None
         gate_loss = self.state.gate_losses.pop(mb, None)
         if self.last:
-            loss = self.state.losses.pop(mb).sum()
+            weighted = self.state.losses.pop(mb)
+            loss = weighted.sum()
             (loss if gate_loss is None else loss + gate_loss).backward()
+            self._report_losses(mb, weighted.detach())
         elif gate_loss is None:
             self.state.outputs.pop(mb).backward(self.state.grads.pop(mb))
         else:
