@@ -59,7 +59,7 @@ def shrink_shared(dt: str, precision: str) -> int:
 
 
 def seg_grads_shared(dt: str, precision: str, shrink_g: bool, rank_pad: int) -> int:
-    """The reduction pass as the operator launches it: its config, stages fitted to Hopper."""
+    """The reduction pass with the launch shape the operator picks for this dtype and rank."""
     size = 4 if dt == "fp32" else 2
     cfg = (seg_grads.dy_pass if shrink_g else seg_grads.x_pass)(size, rank_pad)
     left = "fp32" if not shrink_g else dt
