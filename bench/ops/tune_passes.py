@@ -87,7 +87,6 @@ def main() -> None:
         b_cat = torch.randn(D, RANK * jobs, device=dev, dtype=bf, generator=gen) * RANK**-0.5
         scales, drop, has = (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs
         off, ends = _offset_table(ranks, D, dev)
-        h_ref = g_ref = da_ref = db_ref = None
 
         def shrink_fn(bm, bk, warps, stages, dropout=False):
             plan = segment_plan(segs, scales, (0.1,) * jobs if dropout else drop, (dropout,) * jobs, ranks, T, dev, bm)
