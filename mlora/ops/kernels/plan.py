@@ -76,14 +76,32 @@ class SegmentPlan:
     slot_off: Tensor
     slot_scale: Tensor  # fp32
     slot_keep: Tensor  # fp32: 1 / (1 - p)
+    bounds: tuple[tuple[int, int], ...] = ()  # (start, end) of each sorted segment, on the host
 
     @property
     def n_segments(self) -> int:
         return len(self.order)
 
+    def max_per_tile(self, block_m: int) -> int:
+        """The most segments that meet any one tile of block_m rows (tiles start at 0)."""
+        return segments_per_tile(self.bounds, block_m)
+
     @property
     def n_shrink_tiles(self) -> int:
         return self.shrink_seg.shape[0]
+
+
+@functools.lru_cache(maxsize=256)
+def segments_per_tile(bounds: tuple[tuple[int, int], ...], block_m: int) -> int:
+    """Max over row tiles [i·block_m, (i+1)·block_m) of the sorted, disjoint segments
+    meeting it: what a GEMM tile's epilogue must loop over at most."""
+    if not bounds:
+        return 0
+    per_tile: dict[int, int] = {}
+    for start, end in bounds:
+        for tile in range(start // block_m, (end - 1) // block_m + 1):
+            per_tile[tile] = per_tile.get(tile, 0) + 1
+    return max(per_tile.values())
 
 
 def _sorted_nonempty(segments: Sequence[Segment]) -> list[tuple[int, Segment]]:
@@ -150,6 +168,7 @@ def segment_plan(
         slot_used=tuple(i in used for i in range(len(ranks))),
         rank_total=sum(ranks),
         mask_order=tuple(mask_order),
+        bounds=tuple((s.start, s.end) for _, s in live),
         **ints,
         **floats,
     )
