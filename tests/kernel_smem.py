@@ -35,17 +35,16 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
     return int(kernel.metadata.shared)
 
 
-def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool) -> int:
+def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16) -> int:
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    types = {n: "*i32" for n in ("seg_slot", "seg_start", "seg_end", "tok_lo", "tok_hi", "seg_mask_row",
-                                 "slot_rank", "slot_off")}
-    types.update({n: "*fp32" for n in ("slot_scale", "slot_keep")})
+    types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
+    types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
     types.update({n: "i32" for n in ("M", "N", "K", "M_BUCKET", "RT")})
     types.update(out_ptr=f"*{dt}", bias_ptr=f"*{dt}", v_cat=f"*{dt}", mask_ptr="*i8",
                  u_ptr="*fp32" if w_kn else f"*{dt}",
                  a_src=f"tensordesc<{dt}[{bm}, {bk}]>",
                  w_src=f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>")
-    consts = dict(R=16, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn, USE_TMA=True, PRECISION=precision,
+    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn, USE_TMA=True, PRECISION=precision,
                   V_ALIGNED=True, **meta)
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
@@ -79,7 +78,8 @@ PRECISIONS = [("bf16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")]  # fp16 comp
 
 def main() -> None:
     """Every config the GEMM can launch (the autotuner's, fitted to the element size, whose
-    first is also the untuned one) and the fixed shrink / reduction kernels."""
+    first is also the untuned one; that one also at R = 128) and the fixed shrink /
+    reduction kernels."""
     rows = []
     for dt, precision in PRECISIONS:
         size = 4 if dt == "fp32" else 2
@@ -88,6 +88,13 @@ def main() -> None:
                 config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
                 rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
                                  shared=gemm_shared(dt, precision, meta, warps, stages, w_kn)))
+        # the untuned config at the largest rank: the epilogue's u and V tiles grow with R
+        # (a software-pipelined segment loop once asked for 278 KiB there)
+        meta, stages, warps = fused_gemm.fixed_config(size)
+        for w_kn in (False, True):
+            config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R128"
+            rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
+                             shared=gemm_shared(dt, precision, meta, warps, stages, w_kn, rank_pad=128)))
         rows.append(dict(kernel="shrink", config="fixed", dtype=dt, precision=precision,
                          shared=shrink_shared(dt, precision)))
         for shrink_g in (True, False):

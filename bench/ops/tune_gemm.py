@@ -1,31 +1,28 @@
-"""The fused GEMM alone, tiled against persistent launches, and the whole operator, one GPU.
+"""The fused GEMM alone and the whole operator, against cuBLAS and another version, one GPU.
 
 At T = 8192, 4096→4096, r = 16, bf16, K jobs with uneven segments, each GEMM of the
 fused operator (forward y = x·Wᵀ + expand, backward dx = dy·W + expand) is timed alone
-from a CUDA graph (device time) next to cuBLAS's product without the LoRA part:
+from a CUDA graph (device time) next to cuBLAS's product without the LoRA part; then
+the whole operator's forward + backward (`forward_cat` + `backward_cat`, no autograd)
+next to the two base GEMMs. `--against FILE` also times another version of
+`mlora/ops/kernels/fused_gemm.py` (for example `git show REV:mlora/ops/kernels/fused_gemm.py
+> /tmp/old_gemm.py`), in the same rounds, and checks both agree. Each round times every
+variant once, in a rotated order, and the table gives medians over rounds, so the
+GPU's clock drift under a long GEMM load falls on all variants alike.
 
-  tiled     one program per output tile (`persistent=False`)
-  p-flat    one program per SM walking tiles; segment steps unrolled, so the tile and
-            K loops flatten into one pipelined loop (the default `Persistent()`)
-  p-tma     the same with a TMA store of each output tile
-  p-loop    persistent, the segment loop kept (not flattened)
-
-Every launch's output is checked against the tiled kernel's. Then the whole operator's
-forward + backward (`forward_cat` + `backward_cat`, no autograd) is timed with the
-persistent kernel on and off (MLORA_TRITON_PERSISTENT), against the base GEMMs (cuBLAS
-x·Wᵀ and dy·W) and the operator without segments.
-
-    PYTHONPATH=. python3 bench/ops/tune_gemm.py --jobs 1,4,16,64 --out bench/ops/tune_gemm.json
+    PYTHONPATH=. python3 bench/ops/tune_gemm.py --jobs 1,4,16,64 --against /tmp/old_gemm.py --out tune.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -33,19 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.ops.bench_ops import uneven_segments  # noqa: E402
 from bench.ops.tune_passes import graph_us, ints, rel  # noqa: E402
+from mlora.ops import triton_multi_lora as tm  # noqa: E402
 from mlora.ops.kernels import fused_gemm as fg  # noqa: E402
 from mlora.ops.kernels import shrink as sh  # noqa: E402
 from mlora.ops.kernels.plan import segment_plan  # noqa: E402
+from mlora.ops.multi_lora import LoraCall  # noqa: E402
 
 T, D, RANK = 8192, 4096, 16
-ROUNDS = 5
-LAUNCHES = {"tiled": False, "p-loop": fg.Persistent(max_segs=0), "p-flat": fg.Persistent(max_segs=8),
-            "p-tma": fg.Persistent(out_tma=True, max_segs=0)}
+
+
+def load_module(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fused_gemm_against", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rounds_us(fns: dict, rounds: int) -> dict[str, float]:
-    """Median over rounds of each function's graph time; the order rotates each round,
-    so clock drift (the GPU's boost under a long GEMM load) falls on all alike."""
+    """Median over rounds of each function's graph time, the order rotated each round."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -54,8 +56,9 @@ def rounds_us(fns: dict, rounds: int) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def gemm_rows(jobs: int, x, w, dy, dev) -> list[dict]:
-    """Forward and dx GEMMs alone, every launch, for one K."""
+def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int) -> list[dict]:
+    """Forward and dx GEMMs alone, each version, for one K."""
+    dev = x.device
     segs = uneven_segments(T, jobs, seed=jobs)
     ranks = (RANK,) * jobs
     plan = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, ranks, T, dev, sh.BLOCK_M)
@@ -67,31 +70,53 @@ def gemm_rows(jobs: int, x, w, dy, dev) -> list[dict]:
     rows = []
     for name, a, u, v, w_kn, cublas in (("forward", x, h, b_cat, False, lambda: x @ w.t()),
                                         ("dx", dy, g, a_cat, True, lambda: dy @ w)):
-        row = dict(jobs=jobs, gemm=name, segs_per_tile=plan.max_per_tile(fg.fixed_config(2)[0]["BLOCK_M"]))
         fns = {"cublas": cublas}
-        for launch, persistent in LAUNCHES.items():
-            def run(persistent=persistent, a=a, u=u, v=v, w_kn=w_kn):
-                return fg.fused_gemm(a, w, None, u, v, a, plan, w_kn=w_kn, dropout=False, precision="tf32",
-                                     persistent=persistent)
-            fns[launch] = run
-        ref = fns["tiled"]()
-        for launch in LAUNCHES:
-            row[f"{launch} err"] = rel(fns[launch](), ref)
-        row.update(rounds_us(fns, ROUNDS))
+        for label, module in versions.items():
+            def run(module=module, a=a, u=u, v=v, w_kn=w_kn):
+                return module.fused_gemm(a, w, None, u, v, a, plan, w_kn=w_kn, dropout=False, precision="tf32")
+            fns[label] = run
+        ref = fns["this"]()
+        row = dict(jobs=jobs, gemm=name, **{f"{k} err": rel(fns[k](), ref) for k in versions if k != "this"})
+        row.update(rounds_us(fns, rounds))
         rows.append(row)
-        print(f"K={jobs:3d} {name:8s} segs/tile {row['segs_per_tile']}  cuBLAS {row['cublas']:7.1f}  "
-              + "  ".join(f"{k} {row[k]:7.1f} ({row[k + ' err']:.0e})" for k in LAUNCHES), flush=True)
+        print(f"K={jobs:3d} {name:8s} cuBLAS {row['cublas']:7.1f} us  "
+              + "  ".join(f"{k} {row[k]:7.1f}" for k in versions)
+              + "".join(f"  ({k} {row[k]:.0e})" for k in row if k.endswith(" err")), flush=True)
     return rows
 
 
-def operator_rows(jobs_list: list[int], x, w, dy, dev) -> list[dict]:
-    """forward_cat + backward_cat with the persistent kernel off and on, against the base."""
-    from mlora.ops import triton_multi_lora as tm
-    from mlora.ops.multi_lora import LoraCall
+def shaped(cfg: str) -> ModuleType:
+    """This version's fused GEMM launched with another (BLOCK_M, BLOCK_N, BLOCK_K, stages,
+    warps): a stand-in module whose fused_gemm sets the shape list around each call."""
+    shape = tuple(int(v) for v in cfg.split("x"))
+    module = ModuleType(f"fused_gemm_{cfg}")
 
-    def base_fn():
-        return [x @ w.t(), dy @ w]
+    def fused_gemm(*args, **kwargs):
+        saved = fg.SHAPES
+        fg.SHAPES = [shape]
+        try:
+            return fg.fused_gemm(*args, **kwargs)
+        finally:
+            fg.SHAPES = saved
 
+    module.fused_gemm = fused_gemm
+    return module
+
+
+@contextlib.contextmanager
+def gemm_module(module: ModuleType):
+    """The operator calling another version's fused GEMM (tm looks it up as `tm.gemm`)."""
+    saved = tm.gemm
+    tm.gemm = module
+    try:
+        yield
+    finally:
+        tm.gemm = saved
+
+
+def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType], rounds: int) -> list[dict]:
+    """forward_cat + backward_cat with each version's GEMM, against the base GEMMs."""
+    dev = x.device
     rows = []
     for jobs in [0, *jobs_list]:
         segs = uneven_segments(T, jobs, seed=jobs) if jobs else []
@@ -103,33 +128,32 @@ def operator_rows(jobs_list: list[int], x, w, dy, dev) -> list[dict]:
         a_cat, b_cat = tm.concat(a, b, x.dtype)
         call = LoraCall(tuple(segs), (2.0,) * n, (0.0,) * n, (False,) * len(segs))
 
-        def run():
-            y, hh = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, None, call)
-            dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, None, call, True, h=hh)
-            return [y, dx, *d_a, *d_b]
+        def operator(module: ModuleType):
+            def run():
+                with gemm_module(module):
+                    y, hh = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, None, call)
+                    dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, None, call, True, h=hh)
+                return [y, dx, *d_a, *d_b]
+            return run
 
-        def flagged(flag: str):
-            def go():
-                os.environ["MLORA_TRITON_PERSISTENT"] = flag
-                return run()
-            return go
-
-        fns = {"base": base_fn, "tiled": flagged("0"), "persistent": flagged("1")}
-        outs = {label: fns[label]() for label in ("tiled", "persistent")}
-        row = dict(jobs=jobs, **rounds_us(fns, ROUNDS))
-        os.environ.pop("MLORA_TRITON_PERSISTENT")
-        base = row["base"]
-        row["err"] = max(rel(p, q) for p, q in zip(outs["persistent"], outs["tiled"]))
+        fns = {"base": lambda: [x @ w.t(), dy @ w], **{k: operator(m) for k, m in versions.items()}}
+        ref = fns["this"]()
+        errs = {f"{k} err": max(rel(p, q) for p, q in zip(fns[k](), ref)) for k in versions if k != "this"}
+        row = dict(jobs=jobs, **errs, **rounds_us(fns, rounds))
         rows.append(row)
-        print(f"operator K={jobs:3d}: base {base:7.1f} us  tiled {row['tiled']:7.1f} ({row['tiled'] / base:.3f}x)  "
-              f"persistent {row['persistent']:7.1f} ({row['persistent'] / base:.3f}x)  err {row['err']:.1e}",
-              flush=True)
+        base = row["base"]
+        print(f"operator K={jobs:3d}: base {base:7.1f} us  "
+              + "  ".join(f"{k} {row[k]:7.1f} ({row[k] / base:.3f}x)" for k in versions)
+              + "".join(f"  ({k} {v:.0e})" for k, v in errs.items()), flush=True)
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", default="1,4,16,64")
+    p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
+    p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS,...")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")
     args = p.parse_args()
@@ -139,13 +163,18 @@ def main() -> None:
     x = torch.randn(T, D, device=dev, dtype=bf, generator=gen)
     dy = torch.randn(T, D, device=dev, dtype=bf, generator=gen)
     w = torch.randn(D, D, device=dev, dtype=bf, generator=gen) * D**-0.5
+    versions = {"this": fg}
+    for path in filter(None, args.against.split(",")):
+        versions[Path(path).stem] = load_module(path)
+    for cfg in filter(None, args.configs.split(",")):
+        versions[cfg] = shaped(cfg)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     jobs = ints(args.jobs)
-    gemms = [] if args.skip_gemm else [r for k in jobs for r in gemm_rows(k, x, w, dy, dev)]
-    ops = operator_rows(jobs, x, w, dy, dev)
+    gemms = [] if args.skip_gemm else [r for k in jobs for r in gemm_rows(k, x, w, dy, versions, args.rounds)]
+    ops = operator_rows(jobs, x, w, dy, versions, args.rounds)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                                  gemm=gemms, operator=ops), indent=1))
+                                                  against=args.against, gemm=gemms, operator=ops), indent=1))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -106,8 +105,7 @@ def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object
 @triton.jit
 def fused_gemm_kernel(
     a_src, w_src, out_ptr, bias_ptr, u_ptr, v_cat, mask_ptr,
-    seg_slot, seg_start, seg_end, tok_lo, tok_hi, seg_mask_row,
-    slot_rank, slot_off, slot_scale, slot_keep,
+    tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
     M, N, K, M_BUCKET, RT,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
@@ -148,62 +146,11 @@ def fused_gemm_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     acc = _lora_expand(acc, rows, rows64, cols64, col_ok, m0, M, N, u_ptr, v_cat, mask_ptr,
-                       seg_slot, seg_start, seg_end, tok_lo, tok_hi, seg_mask_row,
-                       slot_rank, slot_off, slot_scale, slot_keep, RT, dtype,
-                       R, W_KN, DROPOUT, PRECISION, V_ALIGNED, BLOCK_M, 0)
+                       tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
+                       RT, dtype, R, W_KN, DROPOUT, PRECISION, V_ALIGNED, BLOCK_M)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def fused_gemm_persistent_kernel(
-    a_src, w_src, out_dst, out_ptr, bias_ptr, u_ptr, v_cat, mask_ptr,
-    seg_slot, seg_start, seg_end, tok_lo, tok_hi, seg_mask_row,
-    slot_rank, slot_off, slot_scale, slot_keep,
-    M, N, K, M_BUCKET, RT, PROGRAMS,
-    R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, FLATTEN: tl.constexpr, SEGS: tl.constexpr, OUT_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """The same tiles, one program per SM walking them (TMA only): the next tile's first
-    loads are issued while this one finishes, and its output leaves through a TMA store
-    that does not hold the program up. `out_dst` is out's descriptor, `out_ptr` out."""
-    dtype = out_ptr.dtype.element_ty
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    tiles = grid_m * grid_n
-    tile_c = tl.program_id(0) - PROGRAMS  # the epilogue's own counter, as the pipeliner needs
-    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN):
-        pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_src.load([pid_m * BLOCK_M, k0])
-            if W_KN:
-                w = w_src.load([k0, pid_n * BLOCK_N])
-            else:
-                w = w_src.load([pid_n * BLOCK_N, k0]).T
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-
-        tile_c += PROGRAMS
-        pid_m, pid_n = _tile_coords(tile_c, grid_m, grid_n, GROUP_M)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        rows = m0 + tl.arange(0, BLOCK_M)
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        acc = _lora_expand(acc, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, m0, M, N, u_ptr, v_cat,
-                           mask_ptr, seg_slot, seg_start, seg_end, tok_lo, tok_hi, seg_mask_row,
-                           slot_rank, slot_off, slot_scale, slot_keep, RT, dtype,
-                           R, W_KN, DROPOUT, PRECISION, V_ALIGNED, BLOCK_M, SEGS)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if OUT_TMA:
-            out_dst.store([m0, n0], acc.to(dtype))
-        else:
-            rows64 = rows.to(tl.int64)
-            tl.store(out_ptr + rows64[:, None] * N + cols[None, :], acc.to(dtype),
-                     mask=(rows < M)[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -215,47 +162,62 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % in_group) % group_rows, (tile % in_group) // group_rows
 
 
+PAIRED_RANK: tl.constexpr = tl.constexpr(32)
+
+
 @triton.jit
 def _lora_expand(acc, rows, rows64, cols64, col_ok, m0, M, N, u_ptr, v_cat, mask_ptr,
-                 seg_slot, seg_start, seg_end, tok_lo, tok_hi, seg_mask_row,
-                 slot_rank, slot_off, slot_scale, slot_keep, RT, dtype,
-                 R: tl.constexpr, W_KN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                 V_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, SEGS: tl.constexpr):
-    """acc + one [BLOCK_M, R]·[R, BLOCK_N] step per segment the tile's rows meet: a loop
-    (SEGS 0), or SEGS guarded steps unrolled (no inner loop, so the persistent kernel's
-    tile and K loops can be flattened into one)."""
+                 tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
+                 RT, dtype, R: tl.constexpr, W_KN: tl.constexpr, DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc + one [BLOCK_M, R]·[R, BLOCK_N] step per segment the tile's rows meet.
+
+    Up to rank PAIRED_RANK the first two segments' operands are fetched side by side
+    (their table entries, then u, V and masks), so a tile waits on three dependent
+    round trips to memory whether it meets one segment or two (a segment that is not
+    there has its loads masked off and its product skipped). Further segments
+    (tiles holding a whole short segment), and every segment at larger ranks, loop:
+    two [BLOCK_M, R] and [R, BLOCK_N] pairs at R = 128 need more shared memory and
+    registers than a Hopper block has."""
     lo = tl.load(tok_lo + m0)
     hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
-    if SEGS == 0:
-        for j in range(lo, hi):
-            acc = _segment_step(acc, j, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr,
-                                seg_slot, seg_start, seg_end, seg_mask_row, slot_rank, slot_off, slot_scale,
-                                slot_keep, RT, dtype, R, W_KN, DROPOUT, PRECISION, V_ALIGNED)
-    else:
-        for i in tl.static_range(SEGS):
-            if lo + i < hi:
-                acc = _segment_step(acc, lo + i, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr,
-                                    seg_slot, seg_start, seg_end, seg_mask_row, slot_rank, slot_off, slot_scale,
-                                    slot_keep, RT, dtype, R, W_KN, DROPOUT, PRECISION, V_ALIGNED)
+    first = lo
+    if R <= PAIRED_RANK:
+        u0, v0, kept0, mul0 = _segment_operands(lo, lo < hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
+                                                mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
+                                                seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
+        u1, v1, kept1, mul1 = _segment_operands(lo + 1, lo + 1 < hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
+                                                mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
+                                                seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
+        if lo < hi:
+            acc = _segment_add(acc, u0, v0, kept0, mul0, DROPOUT, PRECISION)
+        if lo + 1 < hi:
+            acc = _segment_add(acc, u1, v1, kept1, mul1, DROPOUT, PRECISION)
+        first = lo + 2
+    for j in tl.range(first, hi, num_stages=1):  # not software-pipelined: the buffers would not fit
+        u, v, kept, mul = _segment_operands(j, j < hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr,
+                                            seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
+                                            seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
+        acc = _segment_add(acc, u, v, kept, mul, DROPOUT, PRECISION)
     return acc
 
 
 @triton.jit
-def _segment_step(acc, j, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr,
-                  seg_slot, seg_start, seg_end, seg_mask_row, slot_rank, slot_off, slot_scale, slot_keep, RT, dtype,
-                  R: tl.constexpr, W_KN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                  V_ALIGNED: tl.constexpr):
-    """acc + segment j's [BLOCK_M, R]·[R, BLOCK_N] product, its rows only."""
+def _segment_operands(j, live, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr,
+                      seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype,
+                      R: tl.constexpr, W_KN: tl.constexpr, DROPOUT: tl.constexpr, V_ALIGNED: tl.constexpr):
+    """Segment j's scaled u rows (other rows zero), its V tile, and with dropout its keep
+    mask and multiplier (1/(1-p), or 1 where the segment has no mask). Not `live`:
+    zeros, every load masked off."""
     rr = tl.arange(0, R)
-    slot = tl.load(seg_slot + j)
-    s0 = tl.load(seg_start + j)
-    s1 = tl.load(seg_end + j)
-    rank = tl.load(slot_rank + slot)
-    scale = tl.load(slot_scale + slot)
+    s0 = tl.load(seg_start + j, mask=live, other=0)
+    s1 = tl.load(seg_end + j, mask=live, other=0)
+    rank = tl.load(seg_rank + j, mask=live, other=0)
+    off = tl.load(seg_off + j, mask=live, other=0).to(tl.int64)
+    scale = tl.load(seg_scale + j, mask=live, other=0.0)
     in_seg = (rows >= s0) & (rows < s1)
     u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
     u = (u.to(tl.float32) * scale).to(dtype)
-    off = tl.load(slot_off + slot).to(tl.int64)
     v_ok = (rr < rank)[:, None] & col_ok[None, :]
     if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
         v_ptr = v_cat + off * N
@@ -265,18 +227,25 @@ def _segment_step(acc, j, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_pt
     else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
         v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=v_ok, other=0.0)
     if DROPOUT:
-        mask_row = tl.load(seg_mask_row + j)
-        if mask_row >= 0:
-            keep = tl.load(slot_keep + slot)
-            part = tl.dot(u, v, input_precision=PRECISION)
-            kept = tl.load(mask_ptr + (rows64 - s0 + mask_row)[:, None] * N + cols64[None, :],
-                           mask=in_seg[:, None] & col_ok[None, :], other=0)
-            acc += tl.where(kept != 0, part * keep, 0.0)
-        else:
-            acc = tl.dot(u, v, acc, input_precision=PRECISION)
+        mask_row = tl.load(seg_mask_row + j, mask=live, other=-1)
+        mul = tl.where(mask_row >= 0, tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
+        masked_end = tl.where(mask_row >= 0, s1, s0)  # no rows when the segment has no mask
+        masked_rows = (rows >= s0) & (rows < masked_end)
+        kept = tl.load(mask_ptr + (rows64 - s0 + mask_row)[:, None] * N + cols64[None, :],
+                       mask=masked_rows[:, None] & col_ok[None, :], other=1)
     else:
-        acc = tl.dot(u, v, acc, input_precision=PRECISION)
-    return acc
+        mul = 1.0
+        kept = 1
+    return u, v, kept, mul
+
+
+@triton.jit
+def _segment_add(acc, u, v, kept, mul, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + u·V, dropped where the mask says (rows of other segments have u = 0)."""
+    if DROPOUT:
+        part = tl.dot(u, v, input_precision=PRECISION)
+        return acc + tl.where(kept != 0, part * mul, 0.0)
+    return tl.dot(u, v, acc, input_precision=PRECISION)
 
 
 _tuned = None if INTERPRET else triton.autotune(
@@ -288,47 +257,6 @@ def _tma_ok(t: Tensor) -> bool:
     """TMA needs 16-byte aligned base and row stride, and a contiguous last dim."""
     size = t.element_size()
     return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[1] * size) % 16 == 0
-
-
-@dataclass(frozen=True)
-class Persistent:
-    """How the persistent kernel is launched (bf16/fp16 with TMA on Hopper).
-
-    out_tma: write the output tile through a TMA store (an extra BLOCK_M × BLOCK_N
-    buffer in shared memory) rather than plain stores. max_segs: tiles meeting up to
-    this many segments run their expand as unrolled guarded steps, which lets the tile
-    and K loops flatten into one pipelined loop; more, and the tile loop keeps its
-    inner segment loop (not flattened)."""
-
-    out_tma: bool = False
-    max_segs: int = 0
-    per_sm: int = 1
-
-
-# The flattened loop keeps more in shared memory than the tiled kernel (180-193 KiB
-# against 144 KiB for the bf16 config, compiled for sm_90; 225 KiB with a TMA store):
-# below this budget (an A100, consumer GPUs) the tiled kernel runs.
-PERSISTENT_MIN_SMEM = 200 * 1024
-
-
-def _persistent_default(a: Tensor, use_tma: bool) -> Persistent | None:
-    """On unless MLORA_TRITON_PERSISTENT=0, for 2-byte inputs read through TMA (fp32's
-    pipeline leaves no room for the flattened loop's buffers) and untuned configs."""
-    if not use_tma or a.element_size() != 2 or _autotune() or smem_budget(a.device) < PERSISTENT_MIN_SMEM:
-        return None
-    return Persistent() if os.environ.get("MLORA_TRITON_PERSISTENT", "1") != "0" else None
-
-
-def _unrolled_segments(most: int, cap: int) -> int:
-    """SEGS for the kernel: the per-tile maximum rounded up to a power of two (few
-    compiled variants), or 0 (the inner loop) above the cap."""
-    if most > cap:
-        return 0
-    return 1 if most <= 1 else 1 << (most - 1).bit_length()
-
-
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def fused_gemm(
@@ -343,15 +271,12 @@ def fused_gemm(
     dropout: bool,
     precision: str,
     use_tma: bool | None = None,
-    persistent: Persistent | bool | None = None,
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
     v_cat is B_cat [N, Σr] (w_kn False) or A_cat [Σr, N] (w_kn True); masks the stacked
     int8 keep-masks [rows, N] (read only when dropout). use_tma None picks descriptors
     when the device and the shapes allow them (and MLORA_TRITON_TMA is not 0).
-    persistent None picks the persistent kernel where `_persistent_default` allows it;
-    True launches it with the default `Persistent()`, False the one-tile-per-program one.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -371,28 +296,11 @@ def fused_gemm(
         a_src, w_src = a, weight
     args = (
         a_src, w_src, out, bias if bias is not None else out, u, v_cat, masks,
-        plan.seg_slot, plan.seg_start, plan.seg_end, plan.tok_lo, plan.tok_hi, plan.seg_mask_row,
-        plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
+        plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
+        plan.seg_keep, plan.seg_mask_row,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1),
     )
     v_aligned = (n * v_cat.element_size()) % 16 == 0 and v_cat.data_ptr() % 16 == 0
-    if persistent is None:
-        persistent = _persistent_default(a, use_tma) if meta is not None else None
-    elif persistent is True:
-        persistent = Persistent()
-    if persistent and use_tma:
-        _set_block_shapes({"a_src": a_src, "w_src": w_src, "W_KN": w_kn, **meta})
-        segs = _unrolled_segments(plan.max_per_tile(meta["BLOCK_M"]), persistent.max_segs)
-        out_tma = persistent.out_tma and _tma_ok(out)
-        out_dst = TensorDescriptor.from_tensor(out, [meta["BLOCK_M"], meta["BLOCK_N"]]) if out_tma else out
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        programs = min(tiles, _sms(a.device) * persistent.per_sm)
-        fused_gemm_persistent_kernel[(programs,)](
-            a_src, w_src, out_dst, *args[2:], programs,
-            R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, PRECISION=precision,
-            V_ALIGNED=v_aligned, FLATTEN=segs > 0, SEGS=segs, OUT_TMA=out_tma, **meta,
-            num_warps=warps, num_stages=stages)
-        return out
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
                  PRECISION=precision, V_ALIGNED=v_aligned)
     if meta is not None:

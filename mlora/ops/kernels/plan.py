@@ -76,32 +76,18 @@ class SegmentPlan:
     slot_off: Tensor
     slot_scale: Tensor  # fp32
     slot_keep: Tensor  # fp32: 1 / (1 - p)
-    bounds: tuple[tuple[int, int], ...] = ()  # (start, end) of each sorted segment, on the host
+    seg_off: Tensor  # the slot tables again, per sorted segment: the GEMM epilogue's
+    seg_rank: Tensor  # operands are then one table read away from the tile, not two
+    seg_scale: Tensor  # fp32
+    seg_keep: Tensor  # fp32
 
     @property
     def n_segments(self) -> int:
         return len(self.order)
 
-    def max_per_tile(self, block_m: int) -> int:
-        """The most segments that meet any one tile of block_m rows (tiles start at 0)."""
-        return segments_per_tile(self.bounds, block_m)
-
     @property
     def n_shrink_tiles(self) -> int:
         return self.shrink_seg.shape[0]
-
-
-@functools.lru_cache(maxsize=256)
-def segments_per_tile(bounds: tuple[tuple[int, int], ...], block_m: int) -> int:
-    """Max over row tiles [i·block_m, (i+1)·block_m) of the sorted, disjoint segments
-    meeting it: what a GEMM tile's epilogue must loop over at most."""
-    if not bounds:
-        return 0
-    per_tile: dict[int, int] = {}
-    for start, end in bounds:
-        for tile in range(start // block_m, (end - 1) // block_m + 1):
-            per_tile[tile] = per_tile.get(tile, 0) + 1
-    return max(per_tile.values())
 
 
 def _sorted_nonempty(segments: Sequence[Segment]) -> list[tuple[int, Segment]]:
@@ -137,9 +123,13 @@ def segment_plan(
     ends = np.array([s.end for _, s in live], dtype=np.int64)
     positions = np.arange(tokens + 1)
     tiles = [(j, row) for j, (_, s) in enumerate(live) for row in range(s.start, s.end, shrink_block_m)]
+    seg_slots = np.array([s.slot for _, s in live], dtype=np.int64)
+    slot_off = np.cumsum([0, *ranks[:-1]], dtype=np.int64) if ranks else np.zeros(0, dtype=np.int64)
+    slot_scale = np.array(scales, dtype=np.float64)
+    slot_keep = np.array([1.0 / (1.0 - p) if p < 1.0 else 0.0 for p in dropout], dtype=np.float64)
     ints = _to_device(
         {
-            "seg_slot": np.array([s.slot for _, s in live], dtype=np.int64),
+            "seg_slot": seg_slots,
             "seg_start": starts,
             "seg_end": ends,
             "tok_lo": np.searchsorted(ends, positions, side="right"),  # segments with end ≤ t
@@ -148,15 +138,19 @@ def segment_plan(
             "shrink_row": np.array([r for _, r in tiles], dtype=np.int64),
             "seg_mask_row": np.array(mask_rows, dtype=np.int64),
             "slot_rank": np.array(ranks, dtype=np.int64),
-            "slot_off": np.cumsum([0, *ranks[:-1]], dtype=np.int64) if ranks else np.zeros(0, dtype=np.int64),
+            "slot_off": slot_off,
+            "seg_off": slot_off[seg_slots],
+            "seg_rank": np.array(ranks, dtype=np.int64)[seg_slots],
         },
         torch.int32,
         device,
     )
     floats = _to_device(
         {
-            "slot_scale": np.array(scales, dtype=np.float64),
-            "slot_keep": np.array([1.0 / (1.0 - p) if p < 1.0 else 0.0 for p in dropout], dtype=np.float64),
+            "slot_scale": slot_scale,
+            "slot_keep": slot_keep,
+            "seg_scale": slot_scale[seg_slots],
+            "seg_keep": slot_keep[seg_slots],
         },
         torch.float32,
         device,
@@ -168,7 +162,6 @@ def segment_plan(
         slot_used=tuple(i in used for i in range(len(ranks))),
         rank_total=sum(ranks),
         mask_order=tuple(mask_order),
-        bounds=tuple((s.start, s.end) for _, s in live),
         **ints,
         **floats,
     )
