@@ -225,8 +225,8 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool) -> None:
     from mlora.ops.kernels.plan import segment_plan
 
     gen = torch.Generator().manual_seed(11)
-    tokens, k, n, ranks = 75, 40, 48, (4, 16, 8)
-    lengths = (3, 12, 2, 5, 3, 0, 30, 9, 4)  # with 16-row tiles, rows 16-31 meet five of these
+    tokens, k, n, ranks = 90, 40, 48, (4, 16, 8)
+    lengths = (3, 12, 2, 5, 3, 0, 30, 9, 4)  # 16-row tiles: rows 16-31 meet five, rows 80-89 none
     segs, at = [], 2
     for i, length in enumerate(lengths):
         segs.append(Segment(i % 3, at, at + length))
