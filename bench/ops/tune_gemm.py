@@ -56,24 +56,31 @@ def rounds_us(fns: dict, rounds: int) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int) -> list[dict]:
-    """Forward and dx GEMMs alone, each version, for one K."""
+def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int, dropout: bool) -> list[dict]:
+    """Forward and dx GEMMs alone, each version, for one K; with `dropout` also the dx
+    GEMM of jobs that all have LoRA dropout (p = 0.1: its expand masked element-wise)."""
     dev = x.device
     segs = uneven_segments(T, jobs, seed=jobs)
     ranks = (RANK,) * jobs
     plan = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, ranks, T, dev, sh.BLOCK_M)
+    masked = segment_plan(tuple(segs), (2.0,) * jobs, (0.1,) * jobs, (True,) * len(segs), ranks, T, dev, sh.BLOCK_M)
+    keep = (torch.rand(T, D, device=dev) > 0.1).to(torch.int8)
     gen = torch.Generator(device=dev).manual_seed(jobs)
     h = torch.randn(T, plan.rank_pad, device=dev, dtype=x.dtype, generator=gen)
     g = torch.randn(T, plan.rank_pad, device=dev, dtype=torch.float32, generator=gen)
     b_cat = torch.randn(D, RANK * jobs, device=dev, dtype=x.dtype, generator=gen) * 0.05
     a_cat = torch.randn(RANK * jobs, D, device=dev, dtype=x.dtype, generator=gen) * 0.05
     rows = []
-    for name, a, u, v, w_kn, cublas in (("forward", x, h, b_cat, False, lambda: x @ w.t()),
-                                        ("dx", dy, g, a_cat, True, lambda: dy @ w)):
+    gemms = [("forward", x, h, b_cat, False, lambda: x @ w.t(), plan, None),
+             ("dx", dy, g, a_cat, True, lambda: dy @ w, plan, None)]
+    if dropout:
+        gemms.append(("dx+mask", dy, g, a_cat, True, lambda: dy @ w, masked, keep))
+    for name, a, u, v, w_kn, cublas, p, masks in gemms:
         fns = {"cublas": cublas}
         for label, module in versions.items():
-            def run(module=module, a=a, u=u, v=v, w_kn=w_kn):
-                return module.fused_gemm(a, w, None, u, v, a, plan, w_kn=w_kn, dropout=False, precision="tf32")
+            def run(module=module, a=a, u=u, v=v, w_kn=w_kn, p=p, masks=masks):
+                return module.fused_gemm(a, w, None, u, v, a if masks is None else masks, p, w_kn=w_kn,
+                                         dropout=masks is not None, precision="tf32")
             fns[label] = run
         ref = fns["this"]()
         row = dict(jobs=jobs, gemm=name, **{f"{k} err": rel(fns[k](), ref) for k in versions if k != "this"})
@@ -103,6 +110,20 @@ def shaped(cfg: str) -> ModuleType:
     return module
 
 
+def variant(spec: str) -> ModuleType:
+    """This version's fused GEMM with other launch options, `tma=0`: whether the main loop
+    reads (and the tile is written) through TMA descriptors."""
+    names = dict(tma="use_tma")
+    options = {names[k]: bool(int(v)) for k, v in (item.split("=") for item in spec.split("+"))}
+    module = ModuleType(f"fused_gemm_{spec}")
+
+    def fused_gemm(*args, **kwargs):
+        return fg.fused_gemm(*args, **kwargs, **options)
+
+    module.fused_gemm = fused_gemm
+    return module
+
+
 @contextlib.contextmanager
 def gemm_module(module: ModuleType):
     """The operator calling another version's fused GEMM (tm looks it up as `tm.gemm`)."""
@@ -114,8 +135,10 @@ def gemm_module(module: ModuleType):
         tm.gemm = saved
 
 
-def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType], rounds: int) -> list[dict]:
-    """forward_cat + backward_cat with each version's GEMM, against the base GEMMs."""
+def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType], rounds: int,
+                  dropout: bool = False) -> list[dict]:
+    """forward_cat + backward_cat with each version's GEMM, against the base GEMMs; with
+    `dropout` every job has LoRA dropout p = 0.1 (keep-masks on all its tokens)."""
     dev = x.device
     rows = []
     for jobs in [0, *jobs_list]:
@@ -126,13 +149,16 @@ def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType
         b = [torch.randn(D, RANK, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
         ranks = (RANK,) * n
         a_cat, b_cat = tm.concat(a, b, x.dtype)
-        call = LoraCall(tuple(segs), (2.0,) * n, (0.0,) * n, (False,) * len(segs))
+        p = 0.1 if dropout else 0.0
+        call = LoraCall(tuple(segs), (2.0,) * n, (p,) * n, (dropout,) * len(segs))
+        keep = [(torch.rand(s.end - s.start, D, device=dev, generator=gen) > p) for s in segs] if dropout else []
+        masks = tm.stack_masks(keep, x, ranks, call) if dropout and segs else None
 
         def operator(module: ModuleType):
             def run():
                 with gemm_module(module):
-                    y, hh = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, None, call)
-                    dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, None, call, True, h=hh)
+                    y, hh = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, masks, call)
+                    dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, masks, call, True, h=hh)
                 return [y, dx, *d_a, *d_b]
             return run
 
@@ -153,9 +179,12 @@ def main() -> None:
     p.add_argument("--jobs", default="1,4,16,64")
     p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
     p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS,...")
+    p.add_argument("--variants", default="", help="this version with other launch options: tma=0")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")
+    p.add_argument("--dropout", action="store_true",
+                   help="dx GEMM with every job's dropout mask too; operator with dropout")
     args = p.parse_args()
     dev = torch.device("cuda")
     bf = torch.bfloat16
@@ -168,13 +197,17 @@ def main() -> None:
         versions[Path(path).stem] = load_module(path)
     for cfg in filter(None, args.configs.split(",")):
         versions[cfg] = shaped(cfg)
+    for spec in filter(None, args.variants.split(",")):
+        versions[spec] = variant(spec)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     jobs = ints(args.jobs)
-    gemms = [] if args.skip_gemm else [r for k in jobs for r in gemm_rows(k, x, w, dy, versions, args.rounds)]
-    ops = operator_rows(jobs, x, w, dy, versions, args.rounds)
+    gemms = [] if args.skip_gemm else [r for k in jobs
+                                       for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout)]
+    ops = operator_rows(jobs, x, w, dy, versions, args.rounds, args.dropout)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                                  against=args.against, gemm=gemms, operator=ops), indent=1))
+                                                  against=args.against, variants=args.variants, gemm=gemms,
+                                                  operator=ops), indent=1))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ Backward: a = dy, W is [K, N] (dx = dy·W), u = g = dy·B (fp32), V_j = A_j (row
 [off_j, off_j + r_j) of A_cat [Σr, N]), and the LoRA part of a segment with a dropout
 mask is multiplied by it (and 1/(1-p)).
 
-After the K loop over the frozen weight, each [BLOCK_M, BLOCK_N] tile loops over the
-segments its rows meet (usually one, two where a segment boundary crosses the tile)
-and adds one [BLOCK_M, R]·[R, BLOCK_N] product with the rows of other segments
-masked to zero: R/K extra reduction steps, and the LoRA output never goes through
-memory. On CUDA with aligned shapes the main loop reads a and W through TMA tensor
+Each [BLOCK_M, BLOCK_N] tile adds, besides its K loop over the frozen weight, the
+products of the segments its rows meet (usually one, two where a segment boundary
+crosses the tile) with the rows of other segments masked to zero: up to rank 32 the
+first two as one [BLOCK_M, 2R]·[2R, BLOCK_N] product, others [BLOCK_M, R]·[R, BLOCK_N]
+in turn. That is R/K extra reduction steps per segment, and the LoRA output never
+goes through memory. Without dropout the products follow the K loop; with dropout they
+come first, so the element-wise mask needs no second accumulator. On CUDA with aligned
+shapes the main loop reads a and W, and a 16-bit tile is written, through TMA tensor
 descriptors; otherwise (odd shapes, the interpreter when asked) through pointers.
 """
 
@@ -40,6 +43,8 @@ def _set_block_shapes(nargs: dict) -> None:
         nargs["a_src"].block_shape = [bm, bk]
     if isinstance(nargs["w_src"], TensorDescriptor):
         nargs["w_src"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
+    if isinstance(nargs["out_src"], TensorDescriptor):
+        nargs["out_src"].block_shape = [bm, bn]
 
 
 SHAPES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]  # BM, BN, BK, stages, warps
@@ -104,11 +109,11 @@ def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object
 
 @triton.jit
 def fused_gemm_kernel(
-    a_src, w_src, out_ptr, bias_ptr, u_ptr, v_cat, mask_ptr,
+    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, mask_ptr,
     tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
     M, N, K, M_BUCKET, RT,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
+    USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
@@ -125,7 +130,20 @@ def fused_gemm_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
+    lo = tl.load(tok_lo + m0)  # the segments lo..hi-1 meet the tile's rows
+    hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DROPOUT:
+        # The masked expand goes first, into the empty accumulator, masked once at the
+        # end (segments own disjoint rows; 1/(1-p) rides in u). After the main loop a
+        # masked product needs a second accumulator, and beside the first one ptxas
+        # spilled: that dx GEMM took 2.7 ms instead of 0.44 at 4096² on an H200.
+        acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
+                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, True, PRECISION, V_ALIGNED)
+        mask_rows = _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row)
+        kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
+                       mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
+        acc = tl.where(kept != 0, acc, 0.0)
     for k0 in range(0, K, BLOCK_K):
         if USE_TMA:
             a = a_src.load([m0, k0])
@@ -145,12 +163,15 @@ def fused_gemm_kernel(
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
-    acc = _lora_expand(acc, rows, rows64, cols64, col_ok, m0, M, N, u_ptr, v_cat, mask_ptr,
-                       tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-                       RT, dtype, R, W_KN, DROPOUT, PRECISION, V_ALIGNED, BLOCK_M)
+    if not DROPOUT:
+        acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
+                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, False, PRECISION, V_ALIGNED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+    if TMA_STORE:  # staged in the main loop's (then free) shared memory, edges clipped
+        out_src.store([m0, n0], acc.to(dtype))
+    else:
+        tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -166,86 +187,105 @@ PAIRED_RANK: tl.constexpr = tl.constexpr(32)
 
 
 @triton.jit
-def _lora_expand(acc, rows, rows64, cols64, col_ok, m0, M, N, u_ptr, v_cat, mask_ptr,
-                 tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-                 RT, dtype, R: tl.constexpr, W_KN: tl.constexpr, DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc + one [BLOCK_M, R]·[R, BLOCK_N] step per segment the tile's rows meet.
-
-    Up to rank PAIRED_RANK the first two segments' operands are fetched side by side
-    (their table entries, then u, V and masks), so a tile waits on three dependent
-    round trips to memory whether it meets one segment or two (a segment that is not
-    there has its loads masked off and its product skipped). Further segments
-    (tiles holding a whole short segment), and every segment at larger ranks, loop:
-    two [BLOCK_M, R] and [R, BLOCK_N] pairs at R = 128 need more shared memory and
-    registers than a Hopper block has."""
-    lo = tl.load(tok_lo + m0)
-    hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
+def _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
+            seg_scale, seg_keep, seg_mask_row, RT, dtype, R: tl.constexpr, W_KN: tl.constexpr,
+            DROPOUT: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
+    """acc + Σ_{segments lo..hi-1} (s_j·u[rows ∈ j])·V_j: up to PAIRED_RANK the first two
+    as one product, the rest in turn."""
     first = lo
     if R <= PAIRED_RANK:
-        u0, v0, kept0, mul0 = _segment_operands(lo, lo < hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
-                                                mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
-                                                seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
-        u1, v1, kept1, mul1 = _segment_operands(lo + 1, lo + 1 < hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
-                                                mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
-                                                seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
+        u2, v2 = _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
+                                seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
         if lo < hi:
-            acc = _segment_add(acc, u0, v0, kept0, mul0, DROPOUT, PRECISION)
-        if lo + 1 < hi:
-            acc = _segment_add(acc, u1, v1, kept1, mul1, DROPOUT, PRECISION)
+            acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
         first = lo + 2
+    return _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
+                         seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, DROPOUT, PRECISION,
+                         V_ALIGNED)
+
+
+@triton.jit
+def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
+                   seg_scale, seg_keep, seg_mask_row, RT, dtype, R: tl.constexpr, W_KN: tl.constexpr,
+                   DROPOUT: tl.constexpr, V_ALIGNED: tl.constexpr):
+    """The tile's first two segments as the operands of one product of depth 2R: u's
+    columns [0, R) hold segment lo's scaled rows and [R, 2R) segment lo+1's (zero
+    elsewhere), V the two adapters' rows stacked. Their table entries are fetched side
+    by side, so a tile waits on three dependent round trips to memory whether it meets
+    one segment or two (a segment that is not there has its loads masked off), and
+    one wgmma chain serves both."""
+    cc = tl.arange(0, 2 * R)
+    second = cc >= R  # this column of u (row of V) belongs to segment lo + 1
+    j = lo + second.to(tl.int32)
+    live = j < hi
+    start = tl.load(seg_start + j, mask=live, other=0)
+    end = tl.load(seg_end + j, mask=live, other=0)
+    rank = tl.load(seg_rank + j, mask=live, other=0)
+    off = tl.load(seg_off + j, mask=live, other=0).to(tl.int64)
+    scale = tl.load(seg_scale + j, mask=live, other=0.0)
+    if DROPOUT:
+        scale *= tl.where(tl.load(seg_mask_row + j, mask=live, other=-1) >= 0,
+                          tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
+    rr = cc % R
+    in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
+    u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg, other=0.0)
+    u = (u.to(tl.float32) * scale[None, :]).to(dtype)
+    v_ok = (rr < rank)[:, None] & col_ok[None, :]
+    if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
+        v_row = v_cat + (off + rr) * N
+        if V_ALIGNED:
+            v_row = tl.multiple_of(v_row, 16)
+        v = tl.load(v_row[:, None] + cols64[None, :], mask=v_ok, other=0.0)
+    else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
+        v = tl.load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, mask=v_ok, other=0.0)
+    return u, v
+
+
+@triton.jit
+def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
+                  seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R: tl.constexpr, W_KN: tl.constexpr,
+                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
+    """acc + one [BLOCK_M, R]·[R, BLOCK_N] product per segment first..hi-1, in turn: tiles
+    holding a whole short segment meet more than two, and above PAIRED_RANK every
+    segment comes here (two [BLOCK_M, R] and [R, BLOCK_N] pairs at R = 128 need more
+    shared memory and registers than a Hopper block has)."""
+    rr = tl.arange(0, R)
     for j in tl.range(first, hi, num_stages=1):  # not software-pipelined: the buffers would not fit
-        u, v, kept, mul = _segment_operands(j, j < hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr,
-                                            seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
-                                            seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
-        acc = _segment_add(acc, u, v, kept, mul, DROPOUT, PRECISION)
+        s0 = tl.load(seg_start + j)
+        s1 = tl.load(seg_end + j)
+        rank = tl.load(seg_rank + j)
+        off = tl.load(seg_off + j).to(tl.int64)
+        scale = tl.load(seg_scale + j)
+        if DROPOUT:
+            scale *= tl.where(tl.load(seg_mask_row + j) >= 0, tl.load(seg_keep + j), 1.0)
+        in_seg = (rows >= s0) & (rows < s1)
+        u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
+        u = (u.to(tl.float32) * scale).to(dtype)
+        v_ok = (rr < rank)[:, None] & col_ok[None, :]
+        if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
+            v_ptr = v_cat + off * N
+            if V_ALIGNED:
+                v_ptr = tl.multiple_of(v_ptr, 16)
+            v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=v_ok, other=0.0)
+        else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
+            v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=v_ok, other=0.0)
+        acc = tl.dot(u, v, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _segment_operands(j, live, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr,
-                      seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype,
-                      R: tl.constexpr, W_KN: tl.constexpr, DROPOUT: tl.constexpr, V_ALIGNED: tl.constexpr):
-    """Segment j's scaled u rows (other rows zero), its V tile, and with dropout its keep
-    mask and multiplier (1/(1-p), or 1 where the segment has no mask). Not `live`:
-    zeros, every load masked off."""
-    rr = tl.arange(0, R)
-    s0 = tl.load(seg_start + j, mask=live, other=0)
-    s1 = tl.load(seg_end + j, mask=live, other=0)
-    rank = tl.load(seg_rank + j, mask=live, other=0)
-    off = tl.load(seg_off + j, mask=live, other=0).to(tl.int64)
-    scale = tl.load(seg_scale + j, mask=live, other=0.0)
-    in_seg = (rows >= s0) & (rows < s1)
-    u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
-    u = (u.to(tl.float32) * scale).to(dtype)
-    v_ok = (rr < rank)[:, None] & col_ok[None, :]
-    if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
-        v_ptr = v_cat + off * N
-        if V_ALIGNED:
-            v_ptr = tl.multiple_of(v_ptr, 16)
-        v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=v_ok, other=0.0)
-    else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
-        v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=v_ok, other=0.0)
-    if DROPOUT:
-        mask_row = tl.load(seg_mask_row + j, mask=live, other=-1)
-        mul = tl.where(mask_row >= 0, tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
-        masked_end = tl.where(mask_row >= 0, s1, s0)  # no rows when the segment has no mask
-        masked_rows = (rows >= s0) & (rows < masked_end)
-        kept = tl.load(mask_ptr + (rows64 - s0 + mask_row)[:, None] * N + cols64[None, :],
-                       mask=masked_rows[:, None] & col_ok[None, :], other=1)
-    else:
-        mul = 1.0
-        kept = 1
-    return u, v, kept, mul
-
-
-@triton.jit
-def _segment_add(acc, u, v, kept, mul, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + u·V, dropped where the mask says (rows of other segments have u = 0)."""
-    if DROPOUT:
-        part = tl.dot(u, v, input_precision=PRECISION)
-        return acc + tl.where(kept != 0, part * mul, 0.0)
-    return tl.dot(u, v, acc, input_precision=PRECISION)
+def _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row):
+    """Each row's row in the stacked keep-masks: that of the segment it is in, or -1
+    where that segment has no mask (or the row is in none)."""
+    out = tl.full(rows64.shape, -1, tl.int64)
+    for j in range(lo, hi):
+        s0 = tl.load(seg_start + j)
+        first = tl.load(seg_mask_row + j)
+        # a segment without a mask (first -1) is spelled as an empty row range: the
+        # interpreter rejects a scalar condition inside a vector mask
+        s1 = tl.where(first >= 0, tl.load(seg_end + j), s0)
+        out = tl.where((rows64 >= s0) & (rows64 < s1), rows64 - s0 + first, out)
+    return out
 
 
 _tuned = None if INTERPRET else triton.autotune(
@@ -276,7 +316,8 @@ def fused_gemm(
 
     v_cat is B_cat [N, Σr] (w_kn False) or A_cat [Σr, N] (w_kn True); masks the stacked
     int8 keep-masks [rows, N] (read only when dropout). use_tma None picks descriptors
-    when the device and the shapes allow them (and MLORA_TRITON_TMA is not 0).
+    when the device and the shapes allow them (and MLORA_TRITON_TMA is not 0); a bf16 or
+    fp16 output is then written through a descriptor too where its rows are aligned.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -284,7 +325,8 @@ def fused_gemm(
     if m == 0 or n == 0:
         return out
     if use_tma is None:
-        use_tma = os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight)
+        use_tma = (os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda
+                   and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight))
     meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
     if meta is None and not _autotune():
         meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device))
@@ -292,19 +334,22 @@ def fused_gemm(
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
         a_src = TensorDescriptor.from_tensor(a, block)
         w_src = TensorDescriptor.from_tensor(weight, block)
+        # fp32 tiles keep plain stores: with dropout their staging buffer no longer shared
+        # the pipeline's memory and the block asked for 256 KiB (tests/kernel_smem.py)
+        out_src = TensorDescriptor.from_tensor(out, block) if _tma_ok(out) and out.element_size() <= 2 else out
     else:
-        a_src, w_src = a, weight
+        a_src, w_src, out_src = a, weight, out
     args = (
-        a_src, w_src, out, bias if bias is not None else out, u, v_cat, masks,
+        a_src, w_src, out, out_src, bias if bias is not None else out, u, v_cat, masks,
         plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
         plan.seg_keep, plan.seg_mask_row,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1),
     )
     v_aligned = (n * v_cat.element_size()) % 16 == 0 and v_cat.data_ptr() % 16 == 0
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
-                 PRECISION=precision, V_ALIGNED=v_aligned)
+                 PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor))
     if meta is not None:
-        _set_block_shapes({"a_src": a_src, "w_src": w_src, "W_KN": w_kn, **meta})
+        _set_block_shapes({"a_src": a_src, "w_src": w_src, "out_src": out_src, "W_KN": w_kn, **meta})
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
