@@ -1,9 +1,12 @@
-"""Shared memory the compiled multi-LoRA kernels ask for on Hopper (sm_90), with no GPU.
+"""Shared memory and spill stack the compiled multi-LoRA kernels take on Hopper (sm_90),
+with no GPU.
 
 `triton.compile` targets sm_90 on any machine (the wheel bundles ptxas), and the
 compiled kernel's metadata says how much shared memory a block needs. A kernel config
 above the device's limit fails at launch with OutOfResources, which on an H200 is how a
 fixed fp32 GEMM config was found to overflow (262,160 bytes, the figure this prints).
+The cubin's stack frame (the bundled cuobjdump) is where ptxas spills registers: the
+dx GEMM with dropout once spilled 1.6-2.4 KB there and ran 6x slower on an H200.
 Run in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit):
 
     python tests/kernel_smem.py      # JSON: one record per kernel, dtype and config
@@ -13,10 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "needs compiled kernels: unset TRITON_INTERPRET"
 
 import triton  # noqa: E402
+import triton.backends.nvidia  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -26,16 +33,29 @@ HOPPER_SMEM = 232_448  # bytes a block may use on H100 / H200 (227 KiB)
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int) -> int:
+CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+
+
+def _stack(cubin: bytes) -> int:
+    """Bytes of per-thread stack frame in the compiled kernel (register spills land there)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int) -> dict:
+    """{"shared": bytes of shared memory a block takes, "stack": spill stack per thread}."""
     names = fn.arg_names
     sig = {n: types.get(n, "constexpr") for n in names}
     consts = {(names.index(k),): v for k, v in constexprs.items()}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET,
                             options={"num_warps": warps, "num_stages": stages})
-    return int(kernel.metadata.shared)
+    return dict(shared=int(kernel.metadata.shared), stack=_stack(kernel.asm["cubin"]))
 
 
-def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16) -> int:
+def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16) -> dict:
     """The GEMM's shared memory as `fused_gemm` launches it (TMA store of bf16 tiles)."""
     size = 4 if dt == "fp32" else 2
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
@@ -51,7 +71,7 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
 
-def shrink_shared(dt: str, precision: str) -> int:
+def shrink_shared(dt: str, precision: str) -> dict:
     types = {n: "*i32" for n in ("seg_slot", "seg_start", "seg_end", "tile_seg", "tile_row", "seg_mask_row",
                                  "slot_rank", "slot_off")}
     types.update(x_ptr=f"*{dt}", h_ptr=f"*{dt}", a_cat=f"*{dt}", mask_ptr="*i8", slot_keep="*fp32", K="i32")
@@ -59,7 +79,7 @@ def shrink_shared(dt: str, precision: str) -> int:
     return _shared(shrink.shrink_kernel, types, consts, shrink.NUM_WARPS, shrink.NUM_STAGES)
 
 
-def seg_grads_shared(dt: str, precision: str, shrink_g: bool, rank_pad: int) -> int:
+def seg_grads_shared(dt: str, precision: str, shrink_g: bool, rank_pad: int) -> dict:
     """The reduction pass with the launch shape the operator picks for this dtype and rank."""
     size = 4 if dt == "fp32" else 2
     cfg = (seg_grads.dy_pass if shrink_g else seg_grads.x_pass)(size, rank_pad)
@@ -89,20 +109,20 @@ def main() -> None:
             for w_kn in (False, True):
                 config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
                 rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
-                                 shared=gemm_shared(dt, precision, meta, warps, stages, w_kn)))
+                                 **gemm_shared(dt, precision, meta, warps, stages, w_kn)))
         # the untuned config at the largest rank: the epilogue's u and V tiles grow with R
         # (a software-pipelined segment loop once asked for 278 KiB there)
         meta, stages, warps = fused_gemm.fixed_config(size)
         for w_kn in (False, True):
             config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R128"
             rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
-                             shared=gemm_shared(dt, precision, meta, warps, stages, w_kn, rank_pad=128)))
+                             **gemm_shared(dt, precision, meta, warps, stages, w_kn, rank_pad=128)))
         rows.append(dict(kernel="shrink", config="fixed", dtype=dt, precision=precision,
-                         shared=shrink_shared(dt, precision)))
+                         **shrink_shared(dt, precision)))
         for shrink_g in (True, False):
             for rank_pad in RANKS:
                 rows.append(dict(kernel="seg_grads", config=f"{'dB+g' if shrink_g else 'dA'}/R{rank_pad}", dtype=dt,
-                                 precision=precision, shared=seg_grads_shared(dt, precision, shrink_g, rank_pad)))
+                                 precision=precision, **seg_grads_shared(dt, precision, shrink_g, rank_pad)))
     print(json.dumps(rows))
 
 

@@ -1,5 +1,6 @@
 """Every Triton kernel config the multi-LoRA operator can launch fits in a Hopper block's
-shared memory, in bf16 and fp32 (true fp32 and TF32 products).
+shared memory, in bf16 and fp32 (true fp32 and TF32 products), and the bf16 GEMMs do
+not spill registers.
 
 Compiled for sm_90 on the CPU (tests/kernel_smem.py), in a fresh process: no GPU needed,
 so CI catches what on an H200 was an OutOfResources at the first fp32 launch.
@@ -33,6 +34,12 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     assert len(kinds) == 9 and len(rows) == 51
     too_big = [r for r in rows if not 0 < r["shared"] <= HOPPER_SMEM]
     assert not too_big, too_big
+    # The bf16 GEMMs at R = 16 keep their registers: the dx GEMM with dropout once had its
+    # masked expand in a second accumulator after the K loop, ptxas spilled (880-3,600
+    # bytes of stack per thread) and on an H200 it ran 6x slower (bench/README.md).
+    spilling = [r for r in rows if r["kernel"] == "fused_gemm" and r["dtype"] == "bf16"
+                and not r["config"].endswith("/R128") and r["stack"] > 256]
+    assert not spilling, spilling
     # fp32 needed fewer stages: the bf16 counts would not fit (the H200's OutOfResources)
     fp32_first = next(r for r in rows if r["kernel"] == "fused_gemm" and r["dtype"] == "fp32")
     assert fp32_first["config"].endswith("/2")
