@@ -9,6 +9,7 @@ projections, bf16) keep one CUDA graph per arm, and the arms take turns, so drif
 clocks or host affects them alike. Each round times `--steps` replays (collate and the
 four optimizer steps included, synchronised each step) and reports the median.
 Arms: the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1) and untuned.
+`--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step).
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from mlora.runtime.trainer import make_adapter  # noqa: E402
 ARMS = {"dense": ("torch", "0"), "triton-tuned": ("triton", "1"), "triton": ("triton", "0")}  # backend, autotune
 
 
-def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int) -> dict[str, list[float]]:
-    """Median graphed step ms of each arm, per round."""
+def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int,
+            dropout: float = 0.0) -> dict[str, list[float]]:
+    """Median graphed step ms of each arm, per round (every job with LoRA dropout `dropout`)."""
     device = torch.device("cuda")
     opts, micros, examples = [], [], []
     for j in range(jobs):
-        spec = JobSpec(name=f"job{j}", dataset="-", lora_r=16, lora_alpha=32, target_modules=ALL_TARGET_MODULES, seed=j)
+        spec = JobSpec(name=f"job{j}", dataset="-", lora_r=16, lora_alpha=32, lora_dropout=dropout,
+                       target_modules=ALL_TARGET_MODULES, seed=j)
         adapter = make_adapter(spec, stage, device)
         stage.routing.adapters[spec.name] = adapter
         opts.append(JobOptimizer(spec, adapter, 10_000))
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.0, help="every job's lora_dropout")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for shape in args.shapes.split(","):
@@ -97,7 +101,7 @@ def main() -> None:
             raise SystemExit(f"unknown shape {shape!r}: use {', '.join(sorted(SHAPES))}")
         stage = stage_from_model(build_model(shape, torch.device("cuda"), torch.bfloat16, 32000), fused_ops=True)
         print(shape)
-        rows = measure(stage, args.jobs, args.micro, args.seq, args.rounds, args.steps)
+        rows = measure(stage, args.jobs, args.micro, args.seq, args.rounds, args.steps, args.dropout)
         for arm, ms in rows.items():
             print(f"{shape} {arm:13s} graphed step ms per round: {' '.join(f'{m:.1f}' for m in ms)}  "
                   f"median {statistics.median(ms):.1f}", flush=True)
