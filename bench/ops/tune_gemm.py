@@ -1,6 +1,6 @@
 """The fused GEMM alone and the whole operator, against cuBLAS and another version, one GPU.
 
-At T = 8192, 4096→4096, r = 16, bf16, K jobs with uneven segments, each GEMM of the
+At T = 8192, 4096→4096, r = 16 (`--rank`), bf16, K jobs with uneven segments, each GEMM of the
 fused operator (forward y = x·Wᵀ + expand, backward dx = dy·W + expand) is timed alone
 from a CUDA graph (device time) next to cuBLAS's product without the LoRA part; then
 the whole operator's forward + backward (`forward_cat` + `backward_cat`, no autograd)
@@ -36,7 +36,7 @@ from mlora.ops.kernels import shrink as sh  # noqa: E402
 from mlora.ops.kernels.plan import segment_plan  # noqa: E402
 from mlora.ops.multi_lora import LoraCall  # noqa: E402
 
-T, D, RANK = 8192, 4096, 16
+T, D = 8192, 4096
 
 
 def load_module(path: str) -> ModuleType:
@@ -56,20 +56,21 @@ def rounds_us(fns: dict, rounds: int) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int, dropout: bool) -> list[dict]:
+def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int, dropout: bool,
+              rank: int = 16) -> list[dict]:
     """Forward and dx GEMMs alone, each version, for one K; with `dropout` also the dx
     GEMM of jobs that all have LoRA dropout (p = 0.1: its expand masked element-wise)."""
     dev = x.device
     segs = uneven_segments(T, jobs, seed=jobs)
-    ranks = (RANK,) * jobs
+    ranks = (rank,) * jobs
     plan = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, ranks, T, dev, sh.BLOCK_M)
     masked = segment_plan(tuple(segs), (2.0,) * jobs, (0.1,) * jobs, (True,) * len(segs), ranks, T, dev, sh.BLOCK_M)
     keep = (torch.rand(T, D, device=dev) > 0.1).to(torch.int8)
     gen = torch.Generator(device=dev).manual_seed(jobs)
     h = torch.randn(T, plan.rank_pad, device=dev, dtype=x.dtype, generator=gen)
     g = torch.randn(T, plan.rank_pad, device=dev, dtype=torch.float32, generator=gen)
-    b_cat = torch.randn(D, RANK * jobs, device=dev, dtype=x.dtype, generator=gen) * 0.05
-    a_cat = torch.randn(RANK * jobs, D, device=dev, dtype=x.dtype, generator=gen) * 0.05
+    b_cat = torch.randn(D, rank * jobs, device=dev, dtype=x.dtype, generator=gen) * 0.05
+    a_cat = torch.randn(rank * jobs, D, device=dev, dtype=x.dtype, generator=gen) * 0.05
     rows = []
     gemms = [("forward", x, h, b_cat, False, lambda: x @ w.t(), plan, None),
              ("dx", dy, g, a_cat, True, lambda: dy @ w, plan, None)]
@@ -136,7 +137,7 @@ def gemm_module(module: ModuleType):
 
 
 def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType], rounds: int,
-                  dropout: bool = False) -> list[dict]:
+                  dropout: bool = False, rank: int = 16) -> list[dict]:
     """forward_cat + backward_cat with each version's GEMM, against the base GEMMs; with
     `dropout` every job has LoRA dropout p = 0.1 (keep-masks on all its tokens)."""
     dev = x.device
@@ -145,9 +146,9 @@ def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType
         segs = uneven_segments(T, jobs, seed=jobs) if jobs else []
         n = max(jobs, 1)
         gen = torch.Generator(device=dev).manual_seed(100 + jobs)
-        a = [torch.randn(RANK, D, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
-        b = [torch.randn(D, RANK, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
-        ranks = (RANK,) * n
+        a = [torch.randn(rank, D, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
+        b = [torch.randn(D, rank, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
+        ranks = (rank,) * n
         a_cat, b_cat = tm.concat(a, b, x.dtype)
         p = 0.1 if dropout else 0.0
         call = LoraCall(tuple(segs), (2.0,) * n, (p,) * n, (dropout,) * len(segs))
@@ -183,6 +184,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")
+    p.add_argument("--rank", type=int, default=16, help="every job's LoRA rank")
     p.add_argument("--dropout", action="store_true",
                    help="dx GEMM with every job's dropout mask too; operator with dropout")
     args = p.parse_args()
@@ -201,13 +203,13 @@ def main() -> None:
         versions[spec] = variant(spec)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     jobs = ints(args.jobs)
-    gemms = [] if args.skip_gemm else [r for k in jobs
-                                       for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout)]
-    ops = operator_rows(jobs, x, w, dy, versions, args.rounds, args.dropout)
+    gemms = [] if args.skip_gemm else [
+        r for k in jobs for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout, args.rank)]
+    ops = operator_rows(jobs, x, w, dy, versions, args.rounds, args.dropout, args.rank)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                                  against=args.against, variants=args.variants, gemm=gemms,
-                                                  operator=ops), indent=1))
+                                                  against=args.against, variants=args.variants, rank=args.rank,
+                                                  gemm=gemms, operator=ops), indent=1))
 
 
 if __name__ == "__main__":
