@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Triton reads TRITON_INTERPRET when it is first imported, and the CPU kernel tests need
+# its interpreter: switch it on before any test module imports triton (the kernel test
+# modules also do, but a module collected before them may import triton first). Compiled
+# GPU checks run in fresh processes that set one of these markers.
+if "MLORA_COMPILED_RERUN" not in os.environ and os.environ.get("MLORA_TRITON_COMPILED") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
