@@ -6,7 +6,7 @@ compiled kernel's metadata says how much shared memory a block needs. A kernel c
 above the device's limit fails at launch with OutOfResources, which on an H200 is how a
 fixed fp32 GEMM config was found to overflow (262,160 bytes, the figure this prints).
 The cubin's stack frame (the bundled cuobjdump) is where ptxas spills registers: the
-dx GEMM with dropout once spilled 1.6-2.4 KB there and ran 6x slower on an H200.
+dx GEMM with dropout once spilled 0.9-3.6 KB there and ran 6x slower on an H200.
 Run in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit):
 
     python tests/kernel_smem.py      # JSON: one record per kernel, dtype and config
@@ -56,7 +56,8 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
 
 
 def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16) -> dict:
-    """The GEMM's shared memory as `fused_gemm` launches it (TMA store of bf16 tiles)."""
+    """The GEMM's shared memory and spill stack as `fused_gemm` launches it (TMA store of
+    bf16 tiles; the dx GEMM compiled with dropout)."""
     size = 4 if dt == "fp32" else 2
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
