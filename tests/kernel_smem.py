@@ -50,7 +50,10 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
     names = fn.arg_names
     sig = {n: types.get(n, "constexpr") for n in names}
     consts = {(names.index(k),): v for k, v in constexprs.items()}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET,
+    # as a launch at the benchmarked shapes specializes them: 16-byte aligned pointers,
+    # sizes and strides multiples of 16 (what lets loads be vectorized)
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if t[0] == "*" or t == "i32"}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=aligned), target=TARGET,
                             options={"num_warps": warps, "num_stages": stages})
     return dict(shared=int(kernel.metadata.shared), stack=_stack(kernel.asm["cubin"]))
 
@@ -72,25 +75,32 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
 
-def shrink_shared(dt: str, precision: str) -> dict:
+def shrink_shared(dt: str, precision: str, rank_pad: int, of_b: bool) -> dict:
+    """The shrink as the operator launches it at this rank: h = x·Aᵀ (with dropout), or
+    g = dy·B (of_b: B's columns read, fp32 out)."""
+    cfg = shrink.config(rank_pad, 4 if dt == "fp32" else 2)
     types = {n: "*i32" for n in ("seg_slot", "seg_start", "seg_end", "tile_seg", "tile_row", "seg_mask_row",
                                  "slot_rank", "slot_off")}
-    types.update(x_ptr=f"*{dt}", h_ptr=f"*{dt}", a_cat=f"*{dt}", mask_ptr="*i8", slot_keep="*fp32", K="i32")
-    consts = dict(R=16, BLOCK_M=shrink.BLOCK_M, BLOCK_K=shrink.BLOCK_K, DROPOUT=True, PRECISION=precision, ALIGNED=True)
-    return _shared(shrink.shrink_kernel, types, consts, shrink.NUM_WARPS, shrink.NUM_STAGES)
+    types.update(x_ptr=f"*{dt}", h_ptr="*fp32" if of_b else f"*{dt}", a_cat=f"*{dt}", mask_ptr="*i8",
+                 slot_keep="*fp32", K="i32", A_STRIDE="i32")
+    consts = dict(R=rank_pad, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DROPOUT=not of_b, PRECISION=precision,
+                  ALIGNED=True, A_T=of_b)
+    return _shared(shrink.shrink_kernel, types, consts, cfg.warps, cfg.stages)
 
 
-def seg_grads_shared(dt: str, precision: str, shrink_g: bool, rank_pad: int) -> dict:
-    """The reduction pass with the launch shape the operator picks for this dtype and rank."""
+def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int) -> dict:
+    """The reduction pass with the launch shape the operator picks for this dtype and rank
+    (the dy pass with g by atomics where `g_by_atomics`, else dB alone)."""
     size = 4 if dt == "fp32" else 2
-    cfg = (seg_grads.dy_pass if shrink_g else seg_grads.x_pass)(size, rank_pad)
-    left = "fp32" if not shrink_g else dt
+    cfg = (seg_grads.dy_pass if dy_pass else seg_grads.x_pass)(size, rank_pad)
+    shrink_g = dy_pass and seg_grads.g_by_atomics(rank_pad)
+    left = "fp32" if not dy_pass else dt
     types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
                                  "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
     types.update(left_ptr=f"*{left}", right_ptr=f"*{dt}", out_ptr="*fp32",
                  part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
                  slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32")
-    consts = dict(R=rank_pad, OUT_T=shrink_g, DROPOUT=not shrink_g, SHRINK_G=shrink_g, PRECISION=precision,
+    consts = dict(R=rank_pad, OUT_T=dy_pass, DROPOUT=not dy_pass, SHRINK_G=shrink_g, PRECISION=precision,
                   BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
     return _shared(seg_grads.seg_grad_kernel, types, consts, cfg.warps, cfg.stages)
 
@@ -101,8 +111,8 @@ PRECISIONS = [("bf16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")]  # fp16 comp
 
 def main() -> None:
     """Every config the GEMM can launch (the autotuner's, fitted to the element size, whose
-    first is also the untuned one; that one also at R = 128) and the fixed shrink /
-    reduction kernels."""
+    first is also the untuned one; that one also at R = 128), and the shrinks and
+    reductions at every padded rank."""
     rows = []
     for dt, precision in PRECISIONS:
         size = 4 if dt == "fp32" else 2
@@ -118,12 +128,15 @@ def main() -> None:
             config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R128"
             rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
                              **gemm_shared(dt, precision, meta, warps, stages, w_kn, rank_pad=128)))
-        rows.append(dict(kernel="shrink", config="fixed", dtype=dt, precision=precision,
-                         **shrink_shared(dt, precision)))
-        for shrink_g in (True, False):
+        for rank_pad in RANKS:
+            for of_b in (False, True):
+                rows.append(dict(kernel="shrink", config=f"{'g' if of_b else 'h'}/R{rank_pad}", dtype=dt,
+                                 precision=precision, **shrink_shared(dt, precision, rank_pad, of_b)))
+        for dy_pass in (True, False):
             for rank_pad in RANKS:
-                rows.append(dict(kernel="seg_grads", config=f"{'dB+g' if shrink_g else 'dA'}/R{rank_pad}", dtype=dt,
-                                 precision=precision, **seg_grads_shared(dt, precision, shrink_g, rank_pad)))
+                kind = ("dB+g" if seg_grads.g_by_atomics(rank_pad) else "dB") if dy_pass else "dA"
+                rows.append(dict(kernel="seg_grads", config=f"{kind}/R{rank_pad}", dtype=dt,
+                                 precision=precision, **seg_grads_shared(dt, precision, dy_pass, rank_pad)))
     print(json.dumps(rows))
 
 

@@ -1,5 +1,5 @@
 """Every Triton kernel config the multi-LoRA operator can launch fits in a Hopper block's
-shared memory, in bf16 and fp32 (true fp32 and TF32 products), and the bf16 GEMMs do
+shared memory, in bf16 and fp32 (true fp32 and TF32 products), and the bf16 kernels do
 not spill registers.
 
 Compiled for sm_90 on the CPU (tests/kernel_smem.py), in a fresh process: no GPU needed,
@@ -30,16 +30,16 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kinds = {(r["kernel"], r["dtype"], r["precision"]) for r in rows}
-    # 3 precisions × (6 GEMM configs + 2 at R = 128 + shrink + 2 reductions × 4 ranks)
-    assert len(kinds) == 9 and len(rows) == 51
+    # 3 precisions × (6 GEMM configs + 2 at R = 128 + 2 shrinks (h, g) × 4 ranks + 2 reductions × 4 ranks)
+    assert len(kinds) == 9 and len(rows) == 72
     too_big = [r for r in rows if not 0 < r["shared"] <= HOPPER_SMEM]
     assert not too_big, too_big
-    # The bf16 GEMMs at R = 16 keep (nearly) all their registers: the dx GEMM with dropout
-    # once had its masked expand in a second accumulator after the K loop, ptxas spilled
-    # and on an H200 it ran 6x slower (bench/README.md). Its stack: 880-3,600 bytes per
-    # thread under Triton 3.9, 2,416 under 3.6 (the GPU image's); now 0-24 and 0-824.
-    spilling = [r for r in rows if r["kernel"] == "fused_gemm" and r["dtype"] == "bf16"
-                and not r["config"].endswith("/R128") and r["stack"] > 1024]
+    # Every bf16 kernel keeps (nearly) all its registers. The dx GEMM with dropout once
+    # had its masked expand in a second accumulator after the K loop, ptxas spilled and on
+    # an H200 it ran 6x slower (bench/README.md): 880-3,600 bytes of stack per thread.
+    # The forward GEMM at R = 128 gathered B 2 bytes at a time (1.2-2 KB; 1.8x slower),
+    # the shrink at R = 64 masked a [64, 128] x tile in registers (0.4-1.6 KB). Now 0-16.
+    spilling = [r for r in rows if r["dtype"] == "bf16" and r["stack"] > 1024]
     assert not spilling, spilling
     # fp32 needed fewer stages: the bf16 counts would not fit (the H200's OutOfResources)
     fp32_first = next(r for r in rows if r["kernel"] == "fused_gemm" and r["dtype"] == "fp32")
@@ -71,3 +71,18 @@ def test_a_smaller_shared_memory_gets_fewer_stages() -> None:
         for meta, stages, _ in fused_gemm.fitted(size, a100):
             assert stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * size <= a100
     assert fused_gemm.smem_budget(torch.device("cpu")) == fused_gemm.SMEM_BYTES  # Hopper's budget off CUDA
+
+
+def test_the_shrink_fits_its_stages_to_the_budget() -> None:
+    """Its shape grows with the rank; fp32 at R = 128 once asked 4 stages of 80 KiB."""
+    from mlora.ops.kernels import fused_gemm, shrink
+
+    a100 = 166_912 - fused_gemm.SMEM_HEADROOM
+    for budget in (fused_gemm.SMEM_BYTES, a100):
+        for size in (2, 4):
+            for rank_pad in (16, 32, 64, 128):
+                cfg = shrink.config(rank_pad, size, budget)
+                assert cfg.block_m == shrink.config(rank_pad, 2).block_m  # the plan's tiles: by rank alone
+                assert cfg.stages * (cfg.block_m + rank_pad) * cfg.block_k * size <= budget
+    assert [shrink.config(r, 2).stages for r in (16, 64, 128)] == [4, 4, 4]
+    assert shrink.config(128, 4, a100).stages == 3

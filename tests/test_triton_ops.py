@@ -64,6 +64,9 @@ CPU_CASES = [
     Case("mixed", 61, 45, 29, (4, 1, 8, 20), (7, 0, -2, 21, 3, -7, 18), (0, 2, 1, 3, 0), True, (0.1, 0.0, 0.3, 0.2)),
     # aligned widths: the TMA-descriptor main loop; rank 128 pads R to 128; slot 0 twice
     Case("tma", 50, 48, 32, (16, 5, 128), (9, 14, 0, 11, -3, 13), (0, 1, 2, 0, 2), False, (0.0, 0.25, 0.0), True),
+    # wide ranks, all multiples of 8: g as a shrink of dy by B, read 16 bytes at a time (as is
+    # B in the forward GEMM); the GEMM's segment loop at R = 64
+    Case("wide-by-8", 75, 40, 48, (64, 8, 24), (20, 0, 17, -5, 30), (0, 1, 2, 0), False, (0.0, 0.2, 0.0)),
     # one job over every token: its reductions are split into items and summed in order
     Case("one-job", 70, 33, 40, (16,), (70,), (0,), True, (0.0,)),
     # many short segments (lengths 0..5), six slots interleaved, first tokens uncovered
@@ -278,6 +281,8 @@ def run_cuda_checks() -> None:
         print("ok bf16", case.name, flush=True)
     check_direct(CUDA_CASES[0], torch.float16, "cuda", seed=6, tol=1e-2)
     check_direct(CUDA_CASES[1], torch.float32, "cuda", seed=6, tol=1e-4)
+    # fp32 at rank 128: the shrink's stages fitted to shared memory (4 of them asked 320 KiB)
+    check_direct(CUDA_CASES[2], torch.float32, "cuda", seed=6, tol=1e-4)
     check_autograd(CUDA_CASES[0], torch.bfloat16, "cuda", seed=7, tol=1e-2)
     print("ok fp16, fp32 and autograd", flush=True)
 

@@ -8,7 +8,7 @@ Here one model and one set of 4 jobs (4 × 512 tokens each, r = 16 on all 7
 projections, bf16) keep one CUDA graph per arm, and the arms take turns, so drift of
 clocks or host affects them alike. Each round times `--steps` replays (collate and the
 four optimizer steps included, synchronised each step) and reports the median.
-Arms: the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1) and untuned.
+Arms (`--arms`): the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1) and untuned.
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step).
 """
 
@@ -39,8 +39,8 @@ ARMS = {"dense": ("torch", "0"), "triton-tuned": ("triton", "1"), "triton": ("tr
 
 
 def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int,
-            dropout: float = 0.0) -> dict[str, list[float]]:
-    """Median graphed step ms of each arm, per round (every job with LoRA dropout `dropout`)."""
+            dropout: float = 0.0, arms: tuple[str, ...] = tuple(ARMS)) -> dict[str, list[float]]:
+    """Median graphed step ms of each of `arms`, per round (every job with LoRA dropout `dropout`)."""
     device = torch.device("cuda")
     opts, micros, examples = [], [], []
     for j in range(jobs):
@@ -54,7 +54,7 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
         examples.append([Example(r.tolist(), [-100] + r.tolist()[1:]) for r in ids])
     weights = [1.0 / (micro * (seq - 1))] * jobs
     adapters = [stage.routing.adapters[m.job] for m in micros]
-    graphs = {arm: StepGraphs(stage) for arm in ARMS}
+    graphs = {arm: StepGraphs(stage) for arm in arms}
 
     def step(arm: str) -> None:
         stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"] = ARMS[arm]
@@ -65,16 +65,16 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
         for opt in opts:
             opt.step(opt.grad_sq_norm().sqrt())
 
-    for arm in ARMS:
+    for arm in arms:
         start = time.perf_counter()
         for _ in range(3):
             step(arm)
         torch.cuda.synchronize()
         print(f"  {arm}: first step, warm-up and capture {time.perf_counter() - start:.1f} s", flush=True)
         assert graphs[arm].captures == 1, f"{arm} was not recorded"
-    out: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    out: dict[str, list[float]] = {arm: [] for arm in arms}
     for r in range(rounds):
-        for arm in list(ARMS) if r % 2 == 0 else list(ARMS)[::-1]:
+        for arm in arms if r % 2 == 0 else arms[::-1]:
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
@@ -94,14 +94,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--dropout", type=float, default=0.0, help="every job's lora_dropout")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)}")
     args = parser.parse_args()
+    arms = tuple(args.arms.split(","))
+    if unknown := [a for a in arms if a not in ARMS]:
+        raise SystemExit(f"unknown arm(s) {unknown}: use {', '.join(ARMS)}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             raise SystemExit(f"unknown shape {shape!r}: use {', '.join(sorted(SHAPES))}")
         stage = stage_from_model(build_model(shape, torch.device("cuda"), torch.bfloat16, 32000), fused_ops=True)
         print(shape)
-        rows = measure(stage, args.jobs, args.micro, args.seq, args.rounds, args.steps, args.dropout)
+        rows = measure(stage, args.jobs, args.micro, args.seq, args.rounds, args.steps, args.dropout, arms)
         for arm, ms in rows.items():
             print(f"{shape} {arm:13s} graphed step ms per round: {' '.join(f'{m:.1f}' for m in ms)}  "
                   f"median {statistics.median(ms):.1f}", flush=True)

@@ -63,8 +63,10 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
     dev = x.device
     segs = uneven_segments(T, jobs, seed=jobs)
     ranks = (rank,) * jobs
-    plan = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, ranks, T, dev, sh.BLOCK_M)
-    masked = segment_plan(tuple(segs), (2.0,) * jobs, (0.1,) * jobs, (True,) * len(segs), ranks, T, dev, sh.BLOCK_M)
+    rows_per_tile = sh.block_m(rank)
+    plan = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, ranks, T, dev, rows_per_tile)
+    masked = segment_plan(tuple(segs), (2.0,) * jobs, (0.1,) * jobs, (True,) * len(segs), ranks, T, dev,
+                          rows_per_tile)
     keep = (torch.rand(T, D, device=dev) > 0.1).to(torch.int8)
     gen = torch.Generator(device=dev).manual_seed(jobs)
     h = torch.randn(T, plan.rank_pad, device=dev, dtype=x.dtype, generator=gen)

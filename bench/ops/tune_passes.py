@@ -1,11 +1,13 @@
 """Launch-config sweep of the fused operator's memory-bound passes, one GPU.
 
-At T = 8192, 4096→4096, r = 16, bf16, K jobs with uneven segments, each pass that
+At T = 8192, 4096→4096, r = 16 (`--rank`), bf16, K jobs with uneven segments, each pass that
 streams a whole T × 4096 tensor is timed alone from a CUDA graph (device time):
 
   shrink   h = x·Aᵀ per segment          (reads x)
   dy pass  dB = s·dyᵀ·h and g = dy·B      (reads dy; g by atomics; with its g memset)
   x pass   dA = s·gᵀ·x                    (reads x)
+  g        g = dy·B per segment, the shrink kernel on B (reads dy; `--passes g`)
+  db       the dy pass without g (dB alone; `--passes db`): db + g against dy
 
 for every (BLOCK_M, BLOCK_D or BLOCK_K, warps, stages) and, for the two reductions,
 the number of programs the item plan aims at (a multiple of the SM count). Rates are
@@ -25,6 +27,7 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ from mlora.ops.kernels import shrink as sh  # noqa: E402
 from mlora.ops.kernels.plan import item_plan, segment_plan  # noqa: E402
 from mlora.ops.triton_multi_lora import PARTIAL_BUDGET_BYTES, _offset_table  # noqa: E402
 
-T, D, RANK = 8192, 4096, 16
+T, D = 8192, 4096
 
 
 def graph_us(fn) -> float:
@@ -66,6 +69,10 @@ def main() -> None:
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="2,3,4", help="reduction stage counts")
     p.add_argument("--mult", default="2,4,8,16", help="reduction programs aimed at, per SM")
+    p.add_argument("--rank", type=int, default=16, help="every job's LoRA rank")
+    p.add_argument("--shrink-bm", default="16,32,64", help="shrink BLOCK_M values")
+    p.add_argument("--shrink-bk", default="64,128,256", help="shrink BLOCK_K values")
+    p.add_argument("--shrink-stages", default="3,4,5")
     args = p.parse_args()
     t_start = time.perf_counter()
     dev = torch.device("cuda")
@@ -82,22 +89,25 @@ def main() -> None:
     rows: list[dict] = []
     for jobs in ints(args.jobs):
         segs = tuple(uneven_segments(T, jobs, seed=jobs))
-        ranks = (RANK,) * jobs
-        a_cat = torch.randn(RANK * jobs, D, device=dev, dtype=bf, generator=gen) * D**-0.5
-        b_cat = torch.randn(D, RANK * jobs, device=dev, dtype=bf, generator=gen) * RANK**-0.5
+        rank = args.rank
+        ranks = (rank,) * jobs
+        a_cat = torch.randn(rank * jobs, D, device=dev, dtype=bf, generator=gen) * D**-0.5
+        b_cat = torch.randn(D, rank * jobs, device=dev, dtype=bf, generator=gen) * rank**-0.5
         scales, drop, has = (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs
         off, ends = _offset_table(ranks, D, dev)
 
-        def shrink_fn(bm, bk, warps, stages, dropout=False):
+        def shrink_fn(bm, bk, warps, stages, dropout=False, of_b=False):
+            """h = x·Aᵀ, or (of_b) g = dy·B in fp32 as `shrink.shrink_b` launches it."""
             plan = segment_plan(segs, scales, (0.1,) * jobs if dropout else drop, (dropout,) * jobs, ranks, T, dev, bm)
-            h = torch.empty(T, 16, device=dev, dtype=bf)
+            h = torch.empty(T, rank, device=dev, dtype=torch.float32 if of_b else bf)
+            src, v = (dy, b_cat) if of_b else (x, a_cat)
 
             def run():
                 sh.shrink_kernel[(plan.n_shrink_tiles,)](
-                    x, h, a_cat, keep_masks, plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg,
+                    src, h, v, keep_masks, plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg,
                     plan.shrink_row,
-                    plan.seg_mask_row, plan.slot_rank, plan.slot_off, plan.slot_keep, D,
-                    R=16, BLOCK_M=bm, BLOCK_K=bk, DROPOUT=dropout, PRECISION="tf32", ALIGNED=True,
+                    plan.seg_mask_row, plan.slot_rank, plan.slot_off, plan.slot_keep, D, v.shape[1],
+                    R=rank, BLOCK_M=bm, BLOCK_K=bk, DROPOUT=dropout, PRECISION="tf32", ALIGNED=True, A_T=of_b,
                     num_warps=warps, num_stages=stages)
                 return h
             return run
@@ -105,13 +115,17 @@ def main() -> None:
         def seg_fn(kind, bm, bd, warps, stages, mult, dropout=False):
             cfg = sg.PassConfig(block_m=bm, block_d=bd, warps=warps, stages=stages, per_sm=mult)
             drop_p = (0.1,) * jobs if dropout else drop
-            plan = segment_plan(segs, scales, drop_p, (dropout,) * jobs, ranks, T, dev, sh.BLOCK_M)
-            items = item_plan(segs, D, 16, dev, bm, bd, mult * sms, PARTIAL_BUDGET_BYTES)
+            plan = segment_plan(segs, scales, drop_p, (dropout,) * jobs, ranks, T, dev, sh.block_m(rank))
+            items = item_plan(segs, D, rank, dev, bm, bd, mult * sms, PARTIAL_BUDGET_BYTES)
             out = torch.empty(ends[-1], dtype=torch.float32, device=dev)
-            g = torch.zeros(T, 16, dtype=torch.float32, device=dev)
+            g = torch.zeros(T, rank, dtype=torch.float32, device=dev)
             dy_pass = kind == "dy"
 
             def run():
+                if kind == "db":  # dB alone: g left to a shrink of dy by B (the "g" pass)
+                    sg.seg_grads(h_ref, dy, out, off, plan, items, cfg, transposed=True, masks=x, dropout=False,
+                                 precision="tf32")
+                    return (out,)
                 if dy_pass:
                     g.zero_()
                     sg.seg_grads(h_ref, dy, out, off, plan, items, cfg, transposed=True, masks=x, dropout=False,
@@ -124,22 +138,31 @@ def main() -> None:
 
         keep_masks = (torch.rand(T, D, device=dev, generator=gen) >= 0.1).view(torch.int8)
         # shipped configs first: their outputs are the reference of the sweep
-        h_ref = shrink_fn(sh.BLOCK_M, sh.BLOCK_K, sh.NUM_WARPS, sh.NUM_STAGES)().clone()
-        g_ref = torch.randn(T, 16, device=dev, dtype=torch.float32, generator=gen)
+        ship_shrink = dict(zip(("bm", "bk", "warps", "stages"), astuple(sh.launch_config(rank, 2))))
+        h_ref = shrink_fn(**ship_shrink)().clone()
+        g_ref = torch.randn(T, rank, device=dev, dtype=torch.float32, generator=gen)
         shipped = {kind: dict(bm=c.block_m, bd=c.block_d, warps=c.warps, stages=c.stages, mult=c.per_sm)
-                   for kind, c in (("x", sg.x_pass(2, 16)), ("dy", sg.dy_pass(2, 16)))}
+                   for kind, c in (("x", sg.x_pass(2, rank)), ("dy", sg.dy_pass(2, rank)))}
         da_ref = seg_fn("x", **shipped["x"])[0]()[0].clone()
         db_ref, gg_ref = (t.clone() for t in seg_fn("dy", **shipped["dy"])[0]())
         x_drop = seg_fn("x", **shipped["x"], dropout=True)[0]
-        shrink_drop = shrink_fn(sh.BLOCK_M, sh.BLOCK_K, sh.NUM_WARPS, sh.NUM_STAGES, dropout=True)
+        shrink_drop = shrink_fn(**ship_shrink, dropout=True)
+        g_shrink = shrink_fn(**ship_shrink, of_b=True)
+        db_alone = seg_fn("db", **shipped["dy"])[0]
+        print(f"K={jobs} dy pass (shipped config): with g by atomics {graph_us(seg_fn('dy', **shipped['dy'])[0]):.1f} us;"
+              f" dB alone {graph_us(db_alone):.1f} us + g by a shrink of dy {graph_us(g_shrink):.1f} us "
+              f"(g err {rel(g_shrink(), gg_ref):.0e}, dB err {rel(db_alone()[0], db_ref):.0e})", flush=True)
         print(f"K={jobs} with dropout (shipped configs): x pass {graph_us(x_drop):.1f} us, "
               f"shrink {graph_us(shrink_drop):.1f} us", flush=True)
 
         sweeps = []
-        if "shrink" in args.passes:
-            for bm, bk, warps, stages in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4, 5)):
-                sweeps.append(("shrink", dict(bm=bm, bk=bk, warps=warps, stages=stages)))
-        for kind in ("x", "dy"):
+        for kind in ("shrink", "g"):
+            if kind not in args.passes.split(","):
+                continue
+            for bm, bk, warps, stages in itertools.product(*(ints(v) for v in (args.shrink_bm, args.shrink_bk,
+                                                                               args.warps, args.shrink_stages))):
+                sweeps.append((kind, dict(bm=bm, bk=bk, warps=warps, stages=stages)))
+        for kind in ("x", "dy", "db"):
             if kind not in args.passes.split(","):
                 continue
             for bm, bd, warps, stages in itertools.product(*(ints(v) for v in (args.bm, args.bd, args.warps,
@@ -151,9 +174,9 @@ def main() -> None:
                 print(f"budget reached: stopped before {kind} {cfg}", flush=True)
                 break
             try:
-                if kind == "shrink":
-                    fn, progs = shrink_fn(**cfg), None
-                    err = rel(fn(), h_ref)
+                if kind in ("shrink", "g"):
+                    fn, progs = shrink_fn(**cfg, of_b=kind == "g"), None
+                    err = rel(fn(), gg_ref if kind == "g" else h_ref)
                 else:
                     fn, progs = seg_fn(kind, **cfg)
                     outs = fn()
@@ -166,12 +189,12 @@ def main() -> None:
                 continue
             row = dict(jobs=jobs, kind=kind, **cfg, programs=progs, us=us, gbs=mib / us / 1e3, err=err)
             rows.append(row)
-        for kind in ("shrink", "x", "dy"):
+        for kind in ("shrink", "g", "x", "dy", "db"):
             got = sorted((r for r in rows if r["jobs"] == jobs and r["kind"] == kind), key=lambda r: r["us"])
             if not got:
                 continue
-            ship = (dict(bm=sh.BLOCK_M, bk=sh.BLOCK_K, warps=sh.NUM_WARPS, stages=sh.NUM_STAGES) if kind == "shrink"
-                    else shipped[kind])
+            ship = (ship_shrink
+                    if kind in ("shrink", "g") else shipped["dy" if kind == "db" else kind])
             mine = [r for r in got if all(r.get(k) == v for k, v in ship.items())]
             print(f"K={jobs} {kind}: shipped {mine[0]['us'] if mine else float('nan'):.1f} us; best:", flush=True)
             for r in got[:6]:

@@ -2,7 +2,8 @@
 
 forward:   h = drop(x)·Aᵀ per segment (shrink), then y = x·Wᵀ + bias + s·h·Bᵀ in one
            GEMM whose tiles add the LoRA expand as extra reduction steps.
-backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B; then
+backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B (at ranks
+           above 16, g is a second shrink of dy instead: see seg_grads.g_by_atomics); then
            dx = dy·W + drop(s·g·A) in one GEMM, then one pass over x gives
            dA = s·gᵀ·drop(x) (optionally beside the GEMM on a side stream).
 
@@ -28,7 +29,7 @@ from mlora.ops.kernels import fused_gemm as gemm
 from mlora.ops.kernels import seg_grads as grads
 from mlora.ops.kernels import shrink as shrink_mod
 from mlora.ops.kernels.interpret import INTERPRET
-from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, segment_plan
+from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, rank_block, segment_plan
 from mlora.ops.multi_lora import LoraCall
 
 PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pass
@@ -62,7 +63,7 @@ def _state(x: Tensor, ranks: tuple[int, ...], call: LoraCall, keep: dict | None)
     if not (st is not None and st.call is call and st.tokens == x.shape[0] and st.device == x.device
             and st.ranks == ranks):
         plan = segment_plan(call.segments, call.scales, call.dropout, call.has_masks, ranks, x.shape[0], x.device,
-                            shrink_mod.BLOCK_M)
+                            shrink_mod.block_m(rank_block(ranks)))
         st = _CallState(call, x.shape[0], x.device, ranks, plan)
         _BY_CALL[id(call)] = st
         if len(_BY_CALL) > _BY_CALL_MAX:
@@ -203,11 +204,16 @@ def backward_cat(
     d_a = _split(flat_a, ranks, ends_a, True, d_in)
     d_b = _split(flat_b, ranks, ends_b, False, d_out)
 
-    g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
+    if plan.n_segments and not grads.g_by_atomics(plan.rank_pad):
+        g = shrink_mod.shrink_b(dy, b_cat, plan, precision)  # rows of uncovered tokens: never read
+    else:
+        g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
     if plan.n_segments:
         cfg = grads.dy_pass(x.element_size(), plan.rank_pad)
+        with_g = grads.g_by_atomics(plan.rank_pad)
         grads.seg_grads(h, dy, flat_b, off_b, plan, _items(st, d_out, cfg), cfg, transposed=True,
-                        masks=masks, dropout=False, precision=precision, g=g, b_cat=b_cat)
+                        masks=masks, dropout=False, precision=precision, g=g if with_g else None,
+                        b_cat=b_cat if with_g else None)
 
     def grad_a() -> None:
         if plan.n_segments:

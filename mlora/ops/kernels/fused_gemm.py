@@ -16,7 +16,9 @@ in turn. That is R/K extra reduction steps per segment, and the LoRA output neve
 goes through memory. Without dropout the products follow the K loop; with dropout they
 come first, so the element-wise mask needs no second accumulator. On CUDA with aligned
 shapes the main loop reads a and W, and a 16-bit tile is written, through TMA tensor
-descriptors; otherwise (odd shapes, the interpreter when asked) through pointers.
+descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. When
+every rank is a multiple of 8 the forward reads B_cat's columns 16 bytes at a time
+(`_b_block`); a gather of them with unknown alignment spilled at R = 128.
 """
 
 from __future__ import annotations
@@ -230,15 +232,42 @@ def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_st
     in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
     u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg, other=0.0)
     u = (u.to(tl.float32) * scale[None, :]).to(dtype)
-    v_ok = (rr < rank)[:, None] & col_ok[None, :]
     if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
         v_row = v_cat + (off + rr) * N
         if V_ALIGNED:
             v_row = tl.multiple_of(v_row, 16)
-        v = tl.load(v_row[:, None] + cols64[None, :], mask=v_ok, other=0.0)
+        v = tl.load(v_row[:, None] + cols64[None, :], mask=(rr < rank)[:, None] & col_ok[None, :], other=0.0)
     else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
-        v = tl.load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, mask=v_ok, other=0.0)
+        if V_ALIGNED:
+            v = _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
+        else:
+            v = tl.load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, mask=(rr < rank)[:, None] & col_ok[None, :],
+                        other=0.0)
     return u, v
+
+
+@triton.jit
+def _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr):
+    """The pair's V in the forward when every rank is a multiple of 8: each segment's
+    [R, BLOCK_N] block of B_jᵀ loaded on its own, so its offset and rank are scalars the
+    compiler knows are multiples of 8, and the rank-contiguous columns of B_cat load 16
+    bytes at a time (one [2R, BLOCK_N] gather loaded them 2 bytes at a time: 64 loads of
+    64-bit addresses per thread at R = 128, and the forward spilled), then stacked."""
+    first = _b_block(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
+    second = _b_block(lo + 1, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
+    return tl.reshape(tl.permute(tl.join(first, second), (2, 0, 1)), (2 * R, cols64.shape[0]))
+
+
+@triton.jit
+def _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr):
+    """Segment j's B_jᵀ (columns off.. of B_cat [N, RT]) as [R, BLOCK_N], zero if j is past
+    the tile's last segment; every rank (so every offset, and Σr) a multiple of 8."""
+    rr = tl.arange(0, R)
+    live = j < hi
+    off = tl.multiple_of(tl.load(seg_off + j, mask=live, other=0), 8)
+    rank_ok = rr // 8 < tl.load(seg_rank + j, mask=live, other=0) // 8  # rr < rank, seen as constant by eights
+    return tl.load(v_cat + off + cols64[None, :] * (RT // 8 * 8) + rr[:, None], mask=rank_ok[:, None] & col_ok[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -261,14 +290,17 @@ def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
         in_seg = (rows >= s0) & (rows < s1)
         u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
         u = (u.to(tl.float32) * scale).to(dtype)
-        v_ok = (rr < rank)[:, None] & col_ok[None, :]
         if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
             v_ptr = v_cat + off * N
             if V_ALIGNED:
                 v_ptr = tl.multiple_of(v_ptr, 16)
-            v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=v_ok, other=0.0)
+            v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=(rr < rank)[:, None] & col_ok[None, :],
+                        other=0.0)
+        elif V_ALIGNED:  # V = B_jᵀ, read 16 bytes at a time
+            v = _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
         else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
-            v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=v_ok, other=0.0)
+            v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=(rr < rank)[:, None] & col_ok[None, :],
+                        other=0.0)
         acc = tl.dot(u, v, acc, input_precision=PRECISION)
     return acc
 
@@ -345,7 +377,9 @@ def fused_gemm(
         plan.seg_keep, plan.seg_mask_row,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1),
     )
-    v_aligned = (n * v_cat.element_size()) % 16 == 0 and v_cat.data_ptr() % 16 == 0
+    # V's rows start 16-byte aligned: A_cat's rows (dx), or B_cat's columns of every slot (forward)
+    v_aligned = v_cat.data_ptr() % 16 == 0 and (
+        (n * v_cat.element_size()) % 16 == 0 if w_kn else plan.ranks_by_8)
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
                  PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor))
     if meta is not None:

@@ -63,6 +63,8 @@ class SegmentPlan:
     order: tuple[int, ...]  # index into call.segments of each sorted non-empty segment
     slot_used: tuple[bool, ...]
     rank_total: int  # Σr: A_cat's rows, B_cat's row stride
+    ranks_by_8: bool  # every rank (so every slot's offset, and Σr) a multiple of 8
+    shrink_block_m: int  # rows of the shrink's tiles
     mask_order: tuple[int, ...]  # index into call.segments of each mask, in stacking order
     seg_slot: Tensor
     seg_start: Tensor
@@ -161,6 +163,8 @@ def segment_plan(
         order=tuple(k for k, _ in live),
         slot_used=tuple(i in used for i in range(len(ranks))),
         rank_total=sum(ranks),
+        ranks_by_8=all(r % 8 == 0 for r in ranks),
+        shrink_block_m=shrink_block_m,
         mask_order=tuple(mask_order),
         **ints,
         **floats,

@@ -9,8 +9,10 @@ needed for the gradients and their result does not depend on scheduling. The dB
 pass reads dy anyway, so it also computes g = dy·B_i on the way: each column tile
 adds its [BLOCK_M, R] share of the reduction over d_out into an fp32 g with relaxed
 atomics (the only atomics in the operator; g's summation order over d_out tiles may
-vary between runs at fp32 rounding level). That saves a separate pass over dy; wider
-column tiles there mean fewer atomics.
+vary between runs at fp32 rounding level). That saves a separate pass over dy at
+rank 16; wider column tiles there mean fewer atomics. Above rank 16 the atomics (T·R
+per column tile) cost more than reading dy again: g is then a shrink of dy by B
+(`shrink.shrink_b`) and this pass computes dB alone (`g_by_atomics`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,29 @@ class PassConfig:
 INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
 
 
+G_ATOMICS_MAX_RANK = 16
+
+
+def g_by_atomics(rank_pad: int) -> bool:
+    """Whether the dy pass also computes g (by atomics), or g is a shrink of dy by B.
+
+    The atomics number T·R per column tile. H200, 4096², T = 8192, K = 1 / 64 jobs
+    (bench/ops/tune_passes.py --rank R prints both): dB + g by atomics against dB alone
+    plus the shrink, in us: R = 16 43 / 58 against 48 / 61; R = 32 74 / 105 against
+    54 / 72; R = 64 153 / 177 against 65 / 84; R = 128 219 / 275 against 88 / 144."""
+    return rank_pad <= G_ATOMICS_MAX_RANK
+
+
 def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
-    """The dB + g pass. Wide column tiles mean fewer g atomics (H200 sweep,
-    bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's shared memory,
-    so wide ranks and fp32 take narrower tiles (all fit Hopper: tests/kernel_smem.py)."""
+    """The dB pass, with g where `g_by_atomics`. Wide column tiles mean fewer g atomics
+    (H200 sweep, bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's
+    shared memory, so wide ranks and fp32 take narrower tiles (all fit Hopper:
+    tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64 jobs:
+    39 / 73 us, 4 warps and 2 stages 43 / 113)."""
     if INTERPRET:
         return INTERPRET_PASS
+    if not g_by_atomics(rank_pad):
+        return PassConfig(block_m=64 if element_size <= 2 else 32, block_d=128, warps=8, stages=3, per_sm=2)
     row_bytes = rank_pad * element_size
     if row_bytes <= 128:
         return PassConfig(block_m=64, block_d=256, warps=8, stages=2, per_sm=2)
@@ -55,8 +74,11 @@ def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
 
 
 def x_pass(element_size: int, rank_pad: int) -> PassConfig:
-    """The dA pass (one shape fits every rank and dtype)."""
-    return INTERPRET_PASS if INTERPRET else PassConfig(block_m=32, block_d=128, warps=4, stages=4, per_sm=2)
+    """The dA pass (one shape fits every rank and dtype; wide ranks one stage fewer: at
+    R = 128, K = 64 jobs 130 us against 140, H200)."""
+    if INTERPRET:
+        return INTERPRET_PASS
+    return PassConfig(block_m=32, block_d=128, warps=4, stages=4 if rank_pad <= 32 else 3, per_sm=2)
 
 
 REDUCE_BLOCK = 64 if INTERPRET else 1024
