@@ -80,7 +80,7 @@ def shrink_shared(dt: str, precision: str, rank_pad: int, of_b: bool) -> dict:
     g = dy·B (of_b: B's columns read, fp32 out)."""
     cfg = shrink.config(rank_pad, 4 if dt == "fp32" else 2)
     types = {n: "*i32" for n in ("seg_slot", "seg_start", "seg_end", "tile_seg", "tile_row", "seg_mask_row",
-                                 "slot_rank", "slot_off")}
+                                 "seg_rank", "slot_off")}
     types.update(x_ptr=f"*{dt}", h_ptr="*fp32" if of_b else f"*{dt}", a_cat=f"*{dt}", mask_ptr="*i8",
                  slot_keep="*fp32", K="i32", A_STRIDE="i32")
     consts = dict(R=rank_pad, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DROPOUT=not of_b, PRECISION=precision,

@@ -184,6 +184,32 @@ def test_cpu_cases_reach_every_reduction_path() -> None:
     assert seen == {"pieces", "partials", "masked and unmasked"}
 
 
+def test_concat_pads_each_slot_to_a_multiple_of_8() -> None:
+    """The kernels read every slot's adapter from an offset that is a multiple of 8 (and
+    tell the compiler so): ranks 5, 16, 3 lie at rows 0, 8, 24 of A_cat (columns of
+    B_cat), 32 in all, zeros past each rank; the plan's offsets say the same."""
+    from mlora.ops import triton_multi_lora as tm
+    from mlora.ops.kernels.plan import segment_plan
+
+    gen = torch.Generator().manual_seed(4)
+    ranks = (5, 16, 3)
+    a = [torch.randn(r, 7, generator=gen) for r in ranks]
+    b = [torch.randn(6, r, generator=gen) for r in ranks]
+    a_cat, b_cat = tm.concat(a, b, torch.bfloat16)
+    assert a_cat.shape == (32, 7) and b_cat.shape == (6, 32) and a_cat.dtype == torch.bfloat16
+    for blocks, cat, rows in ((a, a_cat, True), (b, b_cat, False)):
+        for block, off, width, r in zip(blocks, (0, 8, 24), (8, 16, 8), ranks):
+            got = cat[off:off + width] if rows else cat[:, off:off + width].T
+            want = block.to(torch.bfloat16) if rows else block.T.to(torch.bfloat16)
+            assert torch.equal(got[:r], want) and not got[r:].any()
+    segs = tuple(Segment(i, 4 * i, 4 * i + 4) for i in range(3))
+    plan = segment_plan(segs, (1.0,) * 3, (0.0,) * 3, (False,) * 3, ranks, 12, torch.device("cpu"), 16)
+    assert plan.slot_off.tolist() == [0, 8, 24] and plan.rank_total == 32
+    assert plan.slot_rank.tolist() == [5, 16, 3] and plan.seg_rank.tolist() == [8, 16, 8]
+    dense_a, _ = tm.concat(a[1:2], b[1:2], torch.float32)  # a multiple of 8 already: no padding
+    assert torch.equal(dense_a, a[1])
+
+
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.name)
 def test_kernels_match_reference(case: Case) -> None:
     check_direct(case, torch.float32, "cpu", seed=1, tol=1e-5)
@@ -227,6 +253,7 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
     or dropout masks on some segments only (dx: the masked expand before the main loop),
     rows outside every segment; the output written by plain stores or (TMA, 16-bit)
     through a descriptor, the last row tile cut by its edge."""
+    from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
 
@@ -244,8 +271,10 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
     a = torch.randn(tokens, k, generator=gen)
     w = torch.randn(k, n, generator=gen) if w_kn else torch.randn(n, k, generator=gen)
     bias = None if w_kn else torch.randn(n, generator=gen)
-    u = torch.randn(tokens, plan.rank_pad, generator=gen)
-    v_cat = torch.randn(sum(ranks), n, generator=gen) if w_kn else torch.randn(n, sum(ranks), generator=gen)
+    u = torch.randn(tokens, plan.rank_pad, generator=gen)  # columns past a slot's rank too: V's padding is zero
+    blocks = [torch.randn(r, n, generator=gen) for r in ranks]
+    a_cat, b_cat = tm.concat(blocks, [v.T for v in blocks], torch.float32)  # slots at multiples of 8 rows
+    v_cat = a_cat if w_kn else b_cat
     masked_rows = sum(s.end - s.start for s, m in zip(segs, has) if m)
     masks = (torch.rand(max(masked_rows, 1), n, generator=gen) > 0.3).to(torch.int8)
     a, w, v_cat = a.to(dtype), w.to(dtype), v_cat.to(dtype)

@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--shrink-bk", default="64,128,256", help="shrink BLOCK_K values")
     p.add_argument("--shrink-stages", default="3,4,5")
     args = p.parse_args()
+    if args.rank % 8:
+        p.error("--rank: a multiple of 8 (the adapters are built unpadded here; see plan.padded_rank)")
     t_start = time.perf_counter()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -106,9 +108,8 @@ def main() -> None:
                 sh.shrink_kernel[(plan.n_shrink_tiles,)](
                     src, h, v, keep_masks, plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg,
                     plan.shrink_row,
-                    plan.seg_mask_row, plan.slot_rank, plan.slot_off, plan.slot_keep, D, v.shape[1],
-                    R=rank, BLOCK_M=bm, BLOCK_K=bk, DROPOUT=dropout, PRECISION="tf32",
-                    ALIGNED=not of_b or rank % 8 == 0, A_T=of_b,
+                    plan.seg_mask_row, plan.seg_rank, plan.slot_off, plan.slot_keep, D, v.shape[1],
+                    R=rank, BLOCK_M=bm, BLOCK_K=bk, DROPOUT=dropout, PRECISION="tf32", ALIGNED=True, A_T=of_b,
                     num_warps=warps, num_stages=stages)
                 return h
             return run

@@ -8,7 +8,8 @@ backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B (at 
            dA = s·gᵀ·drop(x) (optionally beside the GEMM on a side stream).
 
 h (T × padded rank) is kept from forward for backward; g is T × padded rank in fp32.
-The adapters arrive concatenated (A_cat [Σr, d_in], B_cat [d_out, Σr]) and the dropout
+The adapters arrive concatenated (A_cat [Σr, d_in], B_cat [d_out, Σr], each slot padded
+to a multiple of 8 rows by `concat`) and the dropout
 masks stacked, so every table the kernels read depends on the layout alone: plans are
 found by the identity of the call (then by the layout), and no host work depends on a
 tensor's address, which lets a CUDA graph record the operator. See docs/kernels.md.
@@ -24,12 +25,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mlora.ops.dense_multi_lora import concat
+from mlora.ops import dense_multi_lora
 from mlora.ops.kernels import fused_gemm as gemm
 from mlora.ops.kernels import seg_grads as grads
 from mlora.ops.kernels import shrink as shrink_mod
 from mlora.ops.kernels.interpret import INTERPRET
-from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, rank_block, segment_plan
+from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, padded_rank, rank_block, segment_plan
 from mlora.ops.multi_lora import LoraCall
 
 PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pass
@@ -113,14 +114,34 @@ def _target_programs(device: torch.device, per_sm: int) -> int:
     return 8
 
 
+def concat(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A_cat [Σr', d_in] and B_cat [d_out, Σr'], contiguous, in the compute dtype, each
+    slot at `padded_rank(r)` rows (columns), zeros past its rank. With every rank a
+    multiple of 8 that is the dense path's concat (two copies, two casts)."""
+    ranks = [a.shape[0] for a in lora_a]
+    padded = [padded_rank(r) for r in ranks]
+    if padded == ranks:
+        return dense_multi_lora.concat(lora_a, lora_b, dtype)
+    a0, b0 = lora_a[0], lora_b[0]
+    a_cat = torch.zeros(sum(padded), a0.shape[1], dtype=dtype, device=a0.device)
+    b_cat = torch.zeros(b0.shape[0], sum(padded), dtype=dtype, device=b0.device)
+    at = 0
+    for a, b, r, rp in zip(lora_a, lora_b, ranks, padded):
+        a_cat[at:at + r].copy_(a)
+        b_cat[:, at:at + r].copy_(b)
+        at += rp
+    return a_cat, b_cat
+
+
 def _check(x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, d_out: int, ranks: tuple[int, ...]) -> None:
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"triton multi-LoRA needs W in {x.dtype} on {x.device}, got {weight.dtype} on {weight.device}")
-    total = sum(ranks)
+    total = sum(padded_rank(r) for r in ranks)  # as `concat` lays them out
     for name, t, shape in (("A_cat", a_cat, (total, x.shape[1])), ("B_cat", b_cat, (d_out, total))):
         if t.dtype != x.dtype or t.device != x.device or tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"triton multi-LoRA: {name} must be a contiguous {list(shape)} in {x.dtype} on {x.device} "
-                             f"(ranks {list(ranks)}), got {list(t.shape)} in {t.dtype} on {t.device}")
+                             f"(ranks {list(ranks)}, each padded to a multiple of 8 by `concat`), got "
+                             f"{list(t.shape)} in {t.dtype} on {t.device}")
 
 
 def stack_masks(masks: Sequence[Tensor | None], x: Tensor, ranks: tuple[int, ...], call: LoraCall) -> Tensor | None:

@@ -16,9 +16,10 @@ in turn. That is R/K extra reduction steps per segment, and the LoRA output neve
 goes through memory. Without dropout the products follow the K loop; with dropout they
 come first, so the element-wise mask needs no second accumulator. On CUDA with aligned
 shapes the main loop reads a and W, and a 16-bit tile is written, through TMA tensor
-descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. When
-every rank is a multiple of 8 the forward reads B_cat's columns 16 bytes at a time
-(`_b_block`); a gather of them with unknown alignment spilled at R = 128.
+descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. Slots
+are laid out at multiples of 8 ranks (zeros past a slot's rank), so the forward reads
+B_cat's columns 16 bytes at a time (`_b_block`); a gather of them with unknown alignment
+spilled at R = 128.
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_st
 
 @triton.jit
 def _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr):
-    """The pair's V in the forward when every rank is a multiple of 8: each segment's
+    """The pair's V in the forward (slots at multiples of 8 ranks): each segment's
     [R, BLOCK_N] block of B_jᵀ loaded on its own, so its offset and rank are scalars the
     compiler knows are multiples of 8, and the rank-contiguous columns of B_cat load 16
     bytes at a time (one [2R, BLOCK_N] gather loaded them 2 bytes at a time: 64 loads of
@@ -261,7 +262,7 @@ def _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.
 @triton.jit
 def _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr):
     """Segment j's B_jᵀ (columns off.. of B_cat [N, RT]) as [R, BLOCK_N], zero if j is past
-    the tile's last segment; every rank (so every offset, and Σr) a multiple of 8."""
+    the tile's last segment; its (padded) rank, offset and Σr are multiples of 8."""
     rr = tl.arange(0, R)
     live = j < hi
     off = tl.multiple_of(tl.load(seg_off + j, mask=live, other=0), 8)
@@ -377,9 +378,9 @@ def fused_gemm(
         plan.seg_keep, plan.seg_mask_row,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1),
     )
-    # V's rows start 16-byte aligned: A_cat's rows (dx), or B_cat's columns of every slot (forward)
-    v_aligned = v_cat.data_ptr() % 16 == 0 and (
-        (n * v_cat.element_size()) % 16 == 0 if w_kn else plan.ranks_by_8)
+    # V's rows start 16-byte aligned: A_cat's rows (dx), or B_cat's columns of every slot
+    # (forward: slots start at multiples of 8 columns, `plan.padded_rank`)
+    v_aligned = v_cat.data_ptr() % 16 == 0 and (not w_kn or (n * v_cat.element_size()) % 16 == 0)
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
                  PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor))
     if meta is not None:

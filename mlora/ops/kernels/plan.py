@@ -26,6 +26,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+RANK_ALIGN = 8
+
+
+def padded_rank(rank: int) -> int:
+    """A slot's rows in A_cat (columns in B_cat): its rank rounded up to a multiple of 8,
+    the rows past the rank zero. Every slot's offset, and Σ, are then multiples of 8 too,
+    so kernels read the adapters 16 bytes at a time (docs/kernels.md, "Reading B")."""
+    return cdiv(rank, RANK_ALIGN) * RANK_ALIGN
+
+
 def rank_block(ranks: Sequence[int]) -> int:
     """Every slot's rank padded to one power of two ≥ 16 (tl.dot's smallest side)."""
     return max(16, 1 << (max(ranks, default=1) - 1).bit_length())
@@ -55,15 +65,16 @@ class SegmentPlan:
     tok_lo[t] / tok_hi[t]: the segments meeting rows [m0, m1) of a GEMM tile are the
     sorted indices [tok_lo[m0], tok_hi[m1]), whatever BLOCK_M the autotuner picks.
     shrink_seg / shrink_row: the shrink kernel's tiles, each inside one segment.
-    slot_off: each slot's first row in A_cat (first column in B_cat).
+    slot_off: each slot's first row in A_cat (first column in B_cat); slots are laid out
+    at `padded_rank` rows each. slot_rank is the rank, seg_rank the padded rank (the
+    shrink's and the GEMM's operands: the padding is zeros).
     seg_mask_row: each segment's first row in the stacked dropout masks, or -1.
     """
 
     rank_pad: int
     order: tuple[int, ...]  # index into call.segments of each sorted non-empty segment
     slot_used: tuple[bool, ...]
-    rank_total: int  # Σr: A_cat's rows, B_cat's row stride
-    ranks_by_8: bool  # every rank (so every slot's offset, and Σr) a multiple of 8
+    rank_total: int  # Σ padded ranks: A_cat's rows, B_cat's row stride
     shrink_block_m: int  # rows of the shrink's tiles
     mask_order: tuple[int, ...]  # index into call.segments of each mask, in stacking order
     seg_slot: Tensor
@@ -126,7 +137,8 @@ def segment_plan(
     positions = np.arange(tokens + 1)
     tiles = [(j, row) for j, (_, s) in enumerate(live) for row in range(s.start, s.end, shrink_block_m)]
     seg_slots = np.array([s.slot for _, s in live], dtype=np.int64)
-    slot_off = np.cumsum([0, *ranks[:-1]], dtype=np.int64) if ranks else np.zeros(0, dtype=np.int64)
+    padded = [padded_rank(r) for r in ranks]
+    slot_off = np.cumsum([0, *padded[:-1]], dtype=np.int64) if ranks else np.zeros(0, dtype=np.int64)
     slot_scale = np.array(scales, dtype=np.float64)
     slot_keep = np.array([1.0 / (1.0 - p) if p < 1.0 else 0.0 for p in dropout], dtype=np.float64)
     ints = _to_device(
@@ -142,7 +154,7 @@ def segment_plan(
             "slot_rank": np.array(ranks, dtype=np.int64),
             "slot_off": slot_off,
             "seg_off": slot_off[seg_slots],
-            "seg_rank": np.array(ranks, dtype=np.int64)[seg_slots],
+            "seg_rank": np.array(padded, dtype=np.int64)[seg_slots],
         },
         torch.int32,
         device,
@@ -162,8 +174,7 @@ def segment_plan(
         rank_pad=rank_block(ranks),
         order=tuple(k for k, _ in live),
         slot_used=tuple(i in used for i in range(len(ranks))),
-        rank_total=sum(ranks),
-        ranks_by_8=all(r % 8 == 0 for r in ranks),
+        rank_total=sum(padded),
         shrink_block_m=shrink_block_m,
         mask_order=tuple(mask_order),
         **ints,

@@ -60,7 +60,7 @@ def config(rank_pad: int, element_size: int, budget: int = SMEM_BYTES) -> Shrink
 @triton.jit
 def shrink_kernel(
     x_ptr, h_ptr, a_cat, mask_ptr,
-    seg_slot, seg_start, seg_end, tile_seg, tile_row, seg_mask_row, slot_rank, slot_off, slot_keep,
+    seg_slot, seg_start, seg_end, tile_seg, tile_row, seg_mask_row, seg_rank, slot_off, slot_keep,
     K, A_STRIDE,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, A_T: tl.constexpr,
@@ -73,12 +73,12 @@ def shrink_kernel(
     slot = tl.load(seg_slot + j)
     s0 = tl.load(seg_start + j)
     s1 = tl.load(seg_end + j)
-    rank = tl.load(slot_rank + slot)
+    rank = tl.load(seg_rank + j)  # padded: the rows past the slot's rank are zeros
     off = tl.load(slot_off + slot).to(tl.int64)
     if A_T:  # element (r, k) at b_cat[k, off + r]
         stride_r = 1
         stride_k = A_STRIDE
-        if ALIGNED:  # every rank a multiple of 8 (so offsets and Σr too): 16-byte loads along r
+        if ALIGNED:  # padded ranks, offsets and Σr multiples of 8: 16-byte loads along r
             off = tl.multiple_of(off, 8)
             rank = tl.multiple_of(rank, 8)
             stride_k = A_STRIDE // 8 * 8
@@ -143,8 +143,8 @@ def shrink_b(dy: Tensor, b_cat: Tensor, plan: SegmentPlan, precision: str) -> Te
     rows of uncovered tokens are left unwritten. b_cat: [d_out, Σr], B_slot its columns
     [off, off + r): the same kernel reading B_slotᵀ where it reads A_slot."""
     g = torch.empty(dy.shape[0], plan.rank_pad, dtype=torch.float32, device=dy.device)
-    # with every rank a multiple of 8, each B_slot's first column is 16-byte aligned
-    _launch(dy, g, b_cat, dy, plan, True, False, precision, plan.ranks_by_8 and b_cat.data_ptr() % 16 == 0)
+    # slots start at multiples of 8 columns (`plan.padded_rank`): 16-byte aligned
+    _launch(dy, g, b_cat, dy, plan, True, False, precision, b_cat.data_ptr() % 16 == 0)
     return g
 
 
@@ -158,7 +158,7 @@ def _launch(x: Tensor, out: Tensor, a_cat: Tensor, masks: Tensor, plan: SegmentP
     shrink_kernel[(plan.n_shrink_tiles,)](
         x, out, a_cat, masks,
         plan.seg_slot, plan.seg_start, plan.seg_end, plan.shrink_seg, plan.shrink_row, plan.seg_mask_row,
-        plan.slot_rank, plan.slot_off, plan.slot_keep,
+        plan.seg_rank, plan.slot_off, plan.slot_keep,
         x.shape[1], a_cat.shape[1],
         R=plan.rank_pad, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DROPOUT=dropout, PRECISION=precision,
         ALIGNED=aligned, A_T=a_t, num_warps=cfg.warps, num_stages=cfg.stages,
