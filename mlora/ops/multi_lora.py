@@ -174,7 +174,7 @@ class _MultiLoraFunction(torch.autograd.Function):
             from mlora.ops import triton_multi_lora as tm
 
             ranks = tuple(ctx.ranks)
-            a_cat, b_cat = tm.concat(param_a, param_b, x.dtype)  # the dense path's concat
+            a_cat, b_cat = tm.concat(param_a, param_b, x.dtype)  # each slot padded to a multiple of 8 ranks
             mask_rows = tm.stack_masks(masks, x, ranks, call)
             # h = drop(x)·Aᵀ (T × padded rank) is kept: cheaper than another pass over x
             y, h = tm.forward_cat(x, weight, bias, a_cat, b_cat, ranks, mask_rows, call, keep=cache)
