@@ -74,7 +74,8 @@ def test_a_smaller_shared_memory_gets_fewer_stages() -> None:
 
 
 def test_the_shrink_fits_its_stages_to_the_budget() -> None:
-    """Its shape grows with the rank; fp32 at R = 128 once asked 4 stages of 80 KiB."""
+    """Its shape grows with the rank; fp32 at R = 128 once had 4 stages of 80 KiB (more
+    than a Hopper block has)."""
     from mlora.ops.kernels import fused_gemm, shrink
 
     a100 = 166_912 - fused_gemm.SMEM_HEADROOM
