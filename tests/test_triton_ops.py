@@ -310,7 +310,7 @@ def run_cuda_checks() -> None:
         print("ok bf16", case.name, flush=True)
     check_direct(CUDA_CASES[0], torch.float16, "cuda", seed=6, tol=1e-2)
     check_direct(CUDA_CASES[1], torch.float32, "cuda", seed=6, tol=1e-4)
-    # fp32 at rank 128: the shrink's stages fitted to shared memory (4 of them asked 320 KiB)
+    # fp32 at rank 128: the shrink's stages fitted to shared memory (4 of them would take 320 KiB)
     check_direct(CUDA_CASES[2], torch.float32, "cuda", seed=6, tol=1e-4)
     check_autograd(CUDA_CASES[0], torch.bfloat16, "cuda", seed=7, tol=1e-2)
     print("ok fp16, fp32 and autograd", flush=True)
