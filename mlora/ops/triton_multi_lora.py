@@ -9,10 +9,10 @@ backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B (at 
 
 h (T × padded rank) is kept from forward for backward; g is T × padded rank in fp32.
 The adapters arrive concatenated (A_cat [Σr, d_in], B_cat [d_out, Σr], each slot padded
-to a multiple of 8 rows by `concat`) and the dropout
-masks stacked, so every table the kernels read depends on the layout alone: plans are
-found by the identity of the call (then by the layout), and no host work depends on a
-tensor's address, which lets a CUDA graph record the operator. See docs/kernels.md.
+to a multiple of 8 rows by `concat`) and the dropout masks stacked, so every table the
+kernels read depends on the layout alone: plans are found by the identity of the call
+(then by the layout), and no host work depends on a tensor's address, which lets a CUDA
+graph record the operator. See docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -225,13 +225,13 @@ def backward_cat(
     d_a = _split(flat_a, ranks, ends_a, True, d_in)
     d_b = _split(flat_b, ranks, ends_b, False, d_out)
 
-    if plan.n_segments and not grads.g_by_atomics(plan.rank_pad):
+    with_g = grads.g_by_atomics(plan.rank_pad)  # the dy pass adds g up, or a shrink computes it
+    if plan.n_segments and not with_g:
         g = shrink_mod.shrink_b(dy, b_cat, plan, precision)  # rows of uncovered tokens: never read
     else:
         g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
     if plan.n_segments:
         cfg = grads.dy_pass(x.element_size(), plan.rank_pad)
-        with_g = grads.g_by_atomics(plan.rank_pad)
         grads.seg_grads(h, dy, flat_b, off_b, plan, _items(st, d_out, cfg), cfg, transposed=True,
                         masks=masks, dropout=False, precision=precision, g=g if with_g else None,
                         b_cat=b_cat if with_g else None)
