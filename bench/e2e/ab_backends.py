@@ -9,7 +9,9 @@ projections, bf16) keep one CUDA graph per arm, and the arms take turns, so drif
 clocks or host affects them alike. Each round times `--steps` replays (collate and the
 four optimizer steps included, synchronised each step) and reports the median.
 Arms (`--arms`): the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1) and untuned.
-`--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step).
+`--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
+`--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
+the i-th rank (cycled).
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ ARMS = {"dense": ("torch", "0"), "triton-tuned": ("triton", "1"), "triton": ("tr
 
 
 def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int,
-            dropout: float = 0.0, arms: tuple[str, ...] = tuple(ARMS)) -> dict[str, list[float]]:
-    """Median graphed step ms of each of `arms`, per round (every job with LoRA dropout `dropout`)."""
+            dropout: float = 0.0, arms: tuple[str, ...] = tuple(ARMS),
+            ranks: tuple[int, ...] = (16,)) -> dict[str, list[float]]:
+    """Median graphed step ms of each of `arms`, per round (job j of rank ranks[j % len(ranks)],
+    every job with LoRA dropout `dropout`)."""
     device = torch.device("cuda")
     opts, micros, examples = [], [], []
     for j in range(jobs):
-        spec = JobSpec(name=f"job{j}", dataset="-", lora_r=16, lora_alpha=32, lora_dropout=dropout,
+        rank = ranks[j % len(ranks)]
+        spec = JobSpec(name=f"job{j}", dataset="-", lora_r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
                        target_modules=ALL_TARGET_MODULES, seed=j)
         adapter = make_adapter(spec, stage, device)
         stage.routing.adapters[spec.name] = adapter
@@ -94,9 +99,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--dropout", type=float, default=0.0, help="every job's lora_dropout")
+    parser.add_argument("--rank", default="16", help="every job's LoRA rank, or one per job (comma-separated, cycled)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)}")
     args = parser.parse_args()
     arms = tuple(args.arms.split(","))
+    ranks = tuple(int(r) for r in args.rank.split(","))
     if unknown := [a for a in arms if a not in ARMS]:
         raise SystemExit(f"unknown arm(s) {unknown}: use {', '.join(ARMS)}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -104,8 +111,8 @@ def main() -> None:
         if shape not in SHAPES:
             raise SystemExit(f"unknown shape {shape!r}: use {', '.join(sorted(SHAPES))}")
         stage = stage_from_model(build_model(shape, torch.device("cuda"), torch.bfloat16, 32000), fused_ops=True)
-        print(shape)
-        rows = measure(stage, args.jobs, args.micro, args.seq, args.rounds, args.steps, args.dropout, arms)
+        print(f"{shape}, ranks {args.rank}, dropout {args.dropout}")
+        rows = measure(stage, args.jobs, args.micro, args.seq, args.rounds, args.steps, args.dropout, arms, ranks)
         for arm, ms in rows.items():
             print(f"{shape} {arm:13s} graphed step ms per round: {' '.join(f'{m:.1f}' for m in ms)}  "
                   f"median {statistics.median(ms):.1f}", flush=True)

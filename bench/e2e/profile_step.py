@@ -39,12 +39,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--summary", action="store_true", help="only the step time and GPU busy time")
     parser.add_argument("--no-fused-ops", action="store_true", help="the base's RMSNorm/SwiGLU as Hugging Face runs them")
+    parser.add_argument("--hf-rotary", action="store_true",
+                        help="with fused ops, the attention's rotary as Hugging Face runs it (not mlora.ops.fused_rope)")
     parser.add_argument("--graphs", action="store_true", help="replay the step as a CUDA graph, as the trainer does")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.shape, device, torch.bfloat16, 32000)
     stage = stage_from_model(model, fused_ops=not args.no_fused_ops)
     stage.routing.backend = args.backend
+    if args.hf_rotary:
+        for layer in stage.layers:
+            vars(layer.self_attn).pop("forward", None)  # back to the class's own forward
     opts = []
     micros, examples = [], []
     for j in range(args.jobs):
@@ -79,7 +84,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     ms = 1000 * statistics.median(times)
     tokens = args.jobs * args.micro * args.seq
-    print(f"{args.shape} backend={args.backend} fused_ops={not args.no_fused_ops} graphs={args.graphs}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
+    print(f"{args.shape} backend={args.backend} fused_ops={not args.no_fused_ops} hf_rotary={args.hf_rotary} graphs={args.graphs}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()

@@ -190,8 +190,9 @@ def main() -> None:
     p.add_argument("--dropout", action="store_true",
                    help="dx GEMM with every job's dropout mask too; operator with dropout")
     args = p.parse_args()
-    if args.rank % 8:
-        p.error("--rank: a multiple of 8 (the GEMM rows build unpadded adapters; see plan.padded_rank)")
+    if args.rank % 8 and not args.skip_gemm:
+        p.error("--rank: a multiple of 8, or --skip-gemm (the GEMM rows build unpadded adapters; the "
+                "operator rows pad them as training does: see plan.padded_rank)")
     dev = torch.device("cuda")
     bf = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)

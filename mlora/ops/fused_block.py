@@ -8,9 +8,10 @@ forward and one backward, with the same math as Hugging Face's modules (statisti
 fp32, the normalised value rounded to the input dtype before the weight, silu rounded
 before the product). The base is frozen, so no weight gradient is computed.
 
-`fuse_block_ops(model)` points every RMSNorm and SwiGLU MLP of a model at these; each
-call falls back to the module's own forward off CUDA (and so in CPU tests and under
-the Triton interpreter the model computes exactly what it did before).
+`fuse_block_ops(model)` points every RMSNorm and SwiGLU MLP of a model at these, and
+every attention of a known kind at `fused_rope.fused_attention_forward` (q and k rotated
+in one kernel); each call falls back to the module's own forward off CUDA (and so in CPU
+tests and under the Triton interpreter the model computes exactly what it did before).
 """
 
 from __future__ import annotations
@@ -168,16 +169,21 @@ def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 def fuse_block_ops(model: nn.Module) -> dict[str, int]:
-    """Point the RMSNorms and SiLU-gated MLPs of a model's modules at the fused kernels.
+    """Point the RMSNorms, SiLU-gated MLPs and attentions of a model's modules at the
+    fused kernels.
 
     Only the instances' forward changes (names and state dicts stay); modules of other
-    kinds (another activation, a norm with an offset) keep their own. Returns how many
-    of each were fused.
+    kinds (another activation, a norm with an offset, an attention whose forward
+    `fused_rope` does not know) keep their own. Returns how many of each were fused.
     """
-    counts = {"rms_norm": 0, "swiglu": 0}
+    from mlora.ops.fused_rope import fuse_attention
+
+    counts = {"rms_norm": 0, "swiglu": 0, "attention": 0}
     for module in model.modules():
         kind = type(module).__name__
-        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
+        if fuse_attention(module):
+            counts["attention"] += 1
+        elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
             module.forward = types.MethodType(_fused_norm_forward, module)
             counts["rms_norm"] += 1
         elif kind.endswith("MLP") and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
