@@ -90,3 +90,28 @@ def test_init_from_continues_a_peft_adapter(tmp_path, tiny_models, datasets):
     assert end_weights.keys() == start_weights.keys()
     for path in start_weights:
         torch.testing.assert_close(end_weights[path][0], start_weights[path][0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_a_fresh_adapter_has_peft_init_seeded_by_job_and_path(device):
+    """A ~ U(±1/√d_in) (PEFT's Kaiming-uniform with a=√5), B zero, drawn on the adapter's
+    device from (job seed, module path): the same path and seed give the same A."""
+    from mlora.model.lora_linear import StageAdapter
+
+    shapes = {"layers.0.self_attn.q_proj": (64, 64), "layers.0.mlp.down_proj": (176, 64),
+              "layers.1.self_attn.q_proj": (64, 64)}
+    one = StageAdapter.create("j", 8, 16, 0.0, False, shapes, seed=3, device=device)
+    again = StageAdapter.create("j", 8, 16, 0.0, False, {k: shapes[k] for k in list(shapes)[:2]}, seed=3, device=device)
+    other = StageAdapter.create("j", 8, 16, 0.0, False, shapes, seed=4, device=device)
+    for path, (d_in, d_out) in shapes.items():
+        a, b = one.a[path], one.b[path]
+        assert a.device.type == device and a.dtype == torch.float32 and tuple(a.shape) == (8, d_in)
+        assert tuple(b.shape) == (d_out, 8) and not b.any()
+        bound = 1 / d_in**0.5
+        assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound  # uniform over the whole range
+        assert abs(a.mean().item()) < 0.1 * bound
+        assert not torch.equal(a, other.a[path])
+        if path in again.a:  # independent of which other modules the stage holds
+            assert torch.equal(a, again.a[path])
+    assert not torch.equal(one.a["layers.0.self_attn.q_proj"], one.a["layers.1.self_attn.q_proj"])

@@ -180,7 +180,7 @@ def run_mlora(
         )
         trainer = Trainer(Prepared(run, jobs, stage, 0, Path(out), device), live=False)
         sync(device)
-        start = time.perf_counter()
+        start, start_wall = time.perf_counter(), time.time()
         result = trainer.run()
         sync(device)
         total = time.perf_counter() - start
@@ -189,18 +189,21 @@ def run_mlora(
         # has logged its last step. A step is logged when the host issues its update, and
         # the trainer keeps the host at most two batches ahead of the GPU, so both ends
         # lead the GPU by about the same time (writing the adapters is left out).
-        warm, last = [], []
+        warm, last, rows_of = [], [], {}
         for s in specs:
-            rows = [json.loads(line) for line in (Path(out) / s.name / "metrics.jsonl").read_text().splitlines()]
+            rows = rows_of[s.name] = [json.loads(line) for line in (Path(out) / s.name / "metrics.jsonl").read_text().splitlines()]
             warm.append(next(r["time"] for r in rows if r["step"] == args.warmup))
             last.append(next(r["time"] for r in rows if r["step"] == args.steps))
         end = max(last)
+        # the last job's log time of every step, from the start: where a short run's time goes
+        logged = [max(next(r["time"] for r in rows_of[s.name] if r["step"] == k) for s in specs) - start_wall
+                  for k in range(1, args.steps + 1)]
     completion = [summary["jobs"][s.name]["finished_at"] - summary["jobs"][s.name]["queued_at"] for s in specs]
     tokens = sum(sum(t) for t in step_tokens)
     steady = sum(sum(t[args.warmup :]) for t in step_tokens) / (end - max(warm))
     del result
     return {"tokens_per_s": tokens / total, "steady_tokens_per_s": steady, "completion_s": completion, "total_s": total,
-            "max_tokens_per_batch": budget}
+            "max_tokens_per_batch": budget, "step_logged_s": logged}
 
 
 def main() -> None:
@@ -272,6 +275,11 @@ def main() -> None:
         comp = " ".join(f"{c:.1f}" for c in r["completion_s"])
         print(f"{r['shape']:6} {r['system']:46} {r['tokens_per_s']:9.0f} {x:>7} {100 * r['mfu']:5.1f}% "
               f"{r['steady_tokens_per_s']:9.0f} {xs:>7} {100 * r['steady_mfu']:5.1f}% {mem:>9} {jct:9.1f}  {comp}")
+    for r in rows:
+        if "step_logged_s" in r:
+            t = r["step_logged_s"]
+            print(f"{r['shape']:6} {r['system']:46} steps 1-4 logged at {' '.join(f'{x:.2f}' for x in t[:4])} s, "
+                  f"last at {t[-1]:.2f} s, run over at {r['total_s']:.2f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))
 

@@ -73,9 +73,12 @@ def main() -> None:
         for opt in opts:
             opt.step(opt.grad_sq_norm().sqrt())
 
-    for _ in range(2):
+    warm = []
+    for _ in range(2):  # with --graphs: the first sighting runs eagerly, the second is warmed up and recorded
+        t = time.perf_counter()
         step()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        warm.append(time.perf_counter() - t)
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -86,6 +89,11 @@ def main() -> None:
     tokens = args.jobs * args.micro * args.seq
     print(f"{args.shape} backend={args.backend} fused_ops={not args.no_fused_ops} hf_rotary={args.hf_rotary} graphs={args.graphs}: step {ms:.1f} ms, {tokens / ms * 1000:.0f} tokens/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(f"  first two steps {1000 * warm[0]:.0f} ms and {1000 * warm[1]:.0f} ms (the first compiles kernels when no cache has them)")
+    if len(times) >= 20:  # a long run shows whether the step time holds (the GPU's clock under sustained load)
+        tenth = len(times) // 10
+        print(f"  first {tenth} steps median {1000 * statistics.median(times[:tenth]):.1f} ms, "
+              f"last {tenth} {1000 * statistics.median(times[-tenth:]):.1f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()

@@ -105,15 +105,19 @@ class StageAdapter:
         """PEFT's init: A Kaiming-uniform (a=√5, i.e. U(±1/√d_in)), B zero.
 
         Each linear's A comes from a generator seeded by (job seed, module path), so a
-        job's initial adapter is the same whichever stage or run holds the module.
+        job's initial adapter is the same whichever stage or run holds the module, on one
+        kind of device: A is drawn where it lives (a CUDA generator draws other numbers
+        than the CPU's), since drawing 896 A's on the host and copying each over took
+        0.56 s of the start of a 4-job 7B run.
         """
         a: dict[str, nn.Parameter] = {}
         b: dict[str, nn.Parameter] = {}
+        gen = torch.Generator(device=device)
         for path, (d_in, d_out) in sorted(shapes.items()):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
             bound = 1.0 / math.sqrt(d_in)
-            init = (torch.rand(r, d_in, generator=gen, dtype=torch.float32) * 2 - 1) * bound
-            a[path] = nn.Parameter(init.to(device))
+            init = torch.rand(r, d_in, generator=gen, dtype=torch.float32, device=device).mul_(2).sub_(1).mul_(bound)
+            a[path] = nn.Parameter(init)
             b[path] = nn.Parameter(torch.zeros(d_out, r, dtype=torch.float32, device=device))
         return cls(job, r, alpha, dropout, use_rslora, a, b)
 

@@ -210,6 +210,11 @@ class StepGraphs:
         """Drop the graphs of batches that hold this job (it finished: its tensors go)."""
         for key in [k for k in self.graphs if any(j[0] == job for j in k.jobs)]:
             del self.graphs[key]
+        if not self.graphs:
+            # With its last graph gone the allocator releases the pool, and capturing into
+            # a released pool that still holds a block fails its use_count assert (seen
+            # on an H200 when every graph of a run held the first job to finish): new pool.
+            self.pool = torch.cuda.graph_pool_handle()
         self.seen = {k for k in self.seen if all(j[0] != job for j in k.jobs)}
 
     def _capture(self, key: GraphKey, batch: FusedBatch, params: list[Tensor]) -> Tensor:
