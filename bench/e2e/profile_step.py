@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--hf-rotary", action="store_true",
                         help="with fused ops, the attention's rotary as Hugging Face runs it (not mlora.ops.fused_rope)")
     parser.add_argument("--graphs", action="store_true", help="replay the step as a CUDA graph, as the trainer does")
+    parser.add_argument("--by-shape", action="store_true",
+                        help="also the aten ops that ran kernels, by input shape (which op a small kernel belongs to)")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.shape, device, torch.bfloat16, 32000)
@@ -94,7 +96,8 @@ def main() -> None:
         tenth = len(times) // 10
         print(f"  first {tenth} steps median {1000 * statistics.median(times[:tenth]):.1f} ms, "
               f"last {tenth} {1000 * statistics.median(times[-tenth:]):.1f} ms")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                record_shapes=args.by_shape) as prof:
         step()
         torch.cuda.synchronize()
     averages = prof.key_averages()
@@ -105,6 +108,11 @@ def main() -> None:
     if not args.summary:
         print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
         print(averages.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    if args.by_shape:
+        ops = [e for e in prof.key_averages(group_by_input_shape=True)
+               if e.device_type == cpu and e.self_device_time_total > 0 and e.key.startswith("aten::")]
+        for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:30]:
+            print(f"{e.key:34} {e.count:5d} {e.self_device_time_total / 1000:8.2f} ms  {str(e.input_shapes)[:100]}")
 
 
 if __name__ == "__main__":
