@@ -173,3 +173,15 @@ def test_pipeline_resume_after_a_crash_ends_with_the_uninterrupted_adapters(tmp_
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, j=job["name"], k=key: f"{j} {k}: {m}")
     rows = [json.loads(x) for x in (out / "copy" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))
+
+
+def test_notes_hold_floats_and_device_scalars_alike():
+    """A stage's norm partials ride as 0-d tensors (no host read); received, they are floats."""
+    from mlora.runtime.transport import NOTE_GRAD_NORM, NOTE_GRAD_SQ, NOTE_LOSS, Note, notes_tensor
+
+    partial = torch.tensor([0.5, 1.5], dtype=torch.float32).square().sum()  # 2.5 in fp32
+    rows = notes_tensor([Note(NOTE_GRAD_SQ, 1, 7, partial), Note(NOTE_LOSS, 3, 4, 0.25),
+                         Note(NOTE_GRAD_NORM, 0, 2, partial.double().sqrt())], torch.device("cpu"))
+    assert rows.dtype == torch.float64 and rows.shape == (3, 4)
+    assert rows[:, :3].tolist() == [[NOTE_GRAD_SQ, 1, 7], [NOTE_LOSS, 3, 4], [NOTE_GRAD_NORM, 0, 2]]
+    assert rows[:, 3].tolist() == [2.5, 0.25, 2.5**0.5]

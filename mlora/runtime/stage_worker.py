@@ -8,14 +8,15 @@ know beyond its own tensors arrives as notes riding on activations and gradients
   came up from stage k+1 and passes it upstream with the gradient. Stage 0 then knows
   the total, steps, and sends the total downstream with its next activations; stage
   k > 0 applies its pending step when the total arrives. The job's next step cannot
-  reach stage k before that (it travels behind the total), so no step is stale.
+  reach stage k before that (it travels behind the total), so no step is stale. The sums
+  stay on the device until a receiver reads the notes: a stage never waits for its own
+  backward to finish before queuing more work.
 - the last stage reports each (job, step) loss upstream the same way, to rank 0, reading
   a micro-batch's losses on the host only after its backward is queued.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -142,7 +143,7 @@ class StageWorker:
         self.state = StageState()
         self.step_loss: dict[tuple[str, int], float] = {}
         self.pending_steps: set[tuple[str, int]] = set()  # OPTIMIZER_STEP seen, total norm not yet
-        self.known_norms: dict[tuple[str, int], float] = {}
+        self.known_norms: dict[tuple[str, int], float | Tensor] = {}
         self.partials: dict[tuple[str, int], float] = {}  # downstream squared-norm partials
         self.events: list[TraceEvent] = []
         self.clock = TraceClock(next(iter(stage.parameters())).device)
@@ -259,9 +260,10 @@ class StageWorker:
             else:
                 self.backwarded[key] = done
             if s.last and self._clips(s.job):
-                partial = self.optimizers[s.job].grad_sq_norm().item() + self.partials.pop(key, 0.0)
+                # fp64 as the notes carry it; no .item(): that would wait for this backward
+                partial = self.optimizers[s.job].grad_sq_norm().double() + self.partials.pop(key, 0.0)
                 if self.first:
-                    self.known_norms[key] = math.sqrt(partial)
+                    self.known_norms[key] = partial.sqrt()
                 else:
                     self.state.up_notes.setdefault(mb, []).append(Note(NOTE_GRAD_SQ, self.job_ids[s.job], s.step, partial))
 
@@ -283,7 +285,7 @@ class StageWorker:
     def _apply_step(self, key: tuple[str, int]) -> None:
         norm = self.known_norms.pop(key)
         opt = self.optimizers[key[0]]
-        opt.step(torch.tensor(norm, device=opt.params[0].device))
+        opt.step(torch.as_tensor(norm, dtype=torch.float32, device=opt.params[0].device))
         self.pending_steps.discard(key)
         if self.on_step is not None:
             self.on_step(*key)

@@ -44,7 +44,18 @@ class Note:
     kind: int
     job: int  # index of the job in the run file
     step: int
-    value: float
+    value: float | Tensor  # a 0-d tensor on the sender's device stays there until sent
+
+
+def notes_tensor(notes: list[Note], device: torch.device) -> Tensor:
+    """[n, 4] float64 rows (kind, job, step, value). Tensor values are copied in on the
+    device, so a sender never waits for the kernels that compute them."""
+    rows = torch.tensor([[n.kind, n.job, n.step, 0.0 if isinstance(n.value, Tensor) else n.value] for n in notes],
+                        dtype=torch.float64, device=device)
+    for i, note in enumerate(notes):
+        if isinstance(note.value, Tensor):
+            rows[i, 3] = note.value
+    return rows
 
 
 class Transport:
@@ -75,8 +86,7 @@ class Transport:
         header += [0] * (HEADER_LEN - len(header))
         parts = [torch.tensor(header, dtype=torch.int64, device=self.device)]
         if notes:
-            rows = [[n.kind, n.job, n.step, n.value] for n in notes]
-            parts.append(torch.tensor(rows, dtype=torch.float64, device=self.device))
+            parts.append(notes_tensor(notes, self.device))
         if tensor is not None:
             parts.append(tensor.detach().contiguous())
         for part in parts:
