@@ -37,6 +37,7 @@ from mlora.runtime.transport import (
     Note,
     PipelineError,
     Transport,
+    to_device,
 )
 from mlora.schedule.actions import Action, ActionKind
 from mlora.schedule.microbatch import MicroBatch
@@ -311,8 +312,7 @@ class StageWorker:
             self.state.targets[action.mb] = self.targets_of(action.mb)
             device = self.state.targets[action.mb].index.device
             weights = torch.tensor(self.plans[action.mb].inv_targets, dtype=torch.float32)
-            weights = weights.pin_memory() if device.type == "cuda" else weights
-            self.state.weights[action.mb] = weights.to(device, non_blocking=True)
+            self.state.weights[action.mb] = to_device(weights, device)
         x, notes = self.transport.recv(self.index - 1, action.mb, f"activations of micro-batch {action.mb}")
         assert x is not None
         self._absorb_down(notes)
