@@ -176,7 +176,8 @@ def test_pipeline_resume_after_a_crash_ends_with_the_uninterrupted_adapters(tmp_
 
 
 def test_notes_hold_floats_and_device_scalars_alike():
-    """A stage's norm partials ride as 0-d tensors (no host read); received, they are floats."""
+    """A note's value is a float (a loss) or a 0-d tensor (a stage's norm partial, never read
+    on the host there); both land in the float64 rows a message carries."""
     from mlora.runtime.transport import NOTE_GRAD_NORM, NOTE_GRAD_SQ, NOTE_LOSS, Note, notes_tensor
 
     partial = torch.tensor([0.5, 1.5], dtype=torch.float32).square().sum()  # 2.5 in fp32
