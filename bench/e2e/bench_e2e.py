@@ -116,9 +116,11 @@ def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def run_peft(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
-    """What users do today: one PEFT job after another, plain training loop."""
+    """What users do today: one PEFT job after another, plain training loop, each adapter
+    saved when its job ends (as mlora's run saves each job's)."""
     from peft import LoraConfig, get_peft_model
 
+    out = tempfile.TemporaryDirectory()
     start = time.perf_counter()
     completion, tokens, steady = [], 0, []
     for j in range(args.jobs):
@@ -143,10 +145,12 @@ def run_peft(model: torch.nn.Module, args: argparse.Namespace, device: torch.dev
         counts = [sum(len(r) for r in rows) for rows in batches]
         steady.append(sum(counts[args.warmup :]) / (time.perf_counter() - t_steady))
         tokens += sum(counts)
+        peft_model.save_pretrained(str(Path(out.name) / f"job{j}"))
         completion.append(time.perf_counter() - start)
         model = peft_model.unload()
         del peft_model, opt, params
     total = time.perf_counter() - start
+    out.cleanup()
     return {"tokens_per_s": tokens / total, "steady_tokens_per_s": statistics.mean(steady), "completion_s": completion, "total_s": total}
 
 
