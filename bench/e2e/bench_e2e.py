@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--vary", action="store_true", help="rows of random lengths in [seq/4, seq] instead of all seq long")
     parser.add_argument("--pad", type=int, default=64, help="run.pad_to_multiple_of of the graph rows (recurring shapes)")
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
-    parser.add_argument("--out", default="bench/e2e/results.json")
+    parser.add_argument("--out", help="the JSON file (default bench/e2e/results.json; --small: out/bench_e2e_small.json)")
     args = parser.parse_args()
     if args.small:
         args.shapes, args.steps, args.warmup, args.seq, args.vocab, args.dtype = "small", 3, 1, 32, 512, "float32"
@@ -284,8 +284,9 @@ def main() -> None:
             t = r["step_logged_s"]
             print(f"{r['shape']:6} {r['system']:46} steps 1-4 logged at {' '.join(f'{x:.2f}' for x in t[:4])} s, "
                   f"last at {t[-1]:.2f} s, run over at {r['total_s']:.2f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))
+    out = args.out or ("out/bench_e2e_small.json" if args.small else "bench/e2e/results.json")  # GPU figures stay
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "torch": torch.__version__, "peak_tflops": peak, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

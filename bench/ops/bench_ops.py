@@ -183,7 +183,7 @@ def peak_extra_mib(fn: Callable[[], Outputs], device: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/ops/results.json")
+    parser.add_argument("--out", help="the JSON file (default bench/ops/results.json; --small: out/bench_ops_small.json)")
     parser.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES))
     parser.add_argument("--jobs", default=",".join(map(str, JOBS)))
     parser.add_argument("--tokens", type=int, default=TOKENS)
@@ -254,8 +254,9 @@ def main() -> None:
             del x, w, dy, a, b, fns, dev_fns, ref
             if device == "cuda":
                 torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    out = args.out or ("out/bench_ops_small.json" if args.small else "bench/ops/results.json")  # GPU figures stay
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
     print_table(results, rows, dev_rows)
 
 
