@@ -111,19 +111,19 @@ PRECISIONS = [("bf16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")]  # fp16 comp
 
 def main() -> None:
     """Every config the GEMM can launch (the autotuner's, fitted to the element size, whose
-    first is also the untuned one; that one also at R = 128), and the shrinks and
-    reductions at every padded rank."""
+    first is also the untuned one; that one also at R = 128; true fp32 has one), and the
+    shrinks and reductions at every padded rank."""
     rows = []
     for dt, precision in PRECISIONS:
         size = 4 if dt == "fp32" else 2
-        for meta, stages, warps in fused_gemm.fitted(size):
+        for meta, stages, warps in fused_gemm.launch_configs(size, precision=precision):
             for w_kn in (False, True):
                 config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
                 rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
                                  **gemm_shared(dt, precision, meta, warps, stages, w_kn)))
         # the untuned config at the largest rank: the epilogue's u and V tiles grow with R
         # (a software-pipelined segment loop once asked for 278 KiB there)
-        meta, stages, warps = fused_gemm.fixed_config(size)
+        meta, stages, warps = fused_gemm.fixed_config(size, precision=precision)
         for w_kn in (False, True):
             config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R128"
             rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,

@@ -30,8 +30,9 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kinds = {(r["kernel"], r["dtype"], r["precision"]) for r in rows}
-    # 3 precisions × (6 GEMM configs + 2 at R = 128 + 2 shrinks (h, g) × 4 ranks + 2 reductions × 4 ranks)
-    assert len(kinds) == 9 and len(rows) == 72
+    # 3 precisions × (GEMM configs + 2 at R = 128 + 2 shrinks (h, g) × 4 ranks + 2 reductions × 4 ranks):
+    # 6 GEMM configs (3 tiles × forward, dx) in bf16 and TF32, 2 in true fp32 (its one tile)
+    assert len(kinds) == 9 and len(rows) == 68
     too_big = [r for r in rows if not 0 < r["shared"] <= HOPPER_SMEM]
     assert not too_big, too_big
     # Every bf16 kernel keeps (nearly) all its registers. The dx GEMM with dropout once
@@ -41,9 +42,14 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     # slower). Now 0-16 bytes under Triton 3.9, 0 under 3.6 (the GPU image's).
     spilling = [r for r in rows if r["dtype"] == "bf16" and r["stack"] > 1024]
     assert not spilling, spilling
+    # True fp32 takes FMAs for its products: with the tensor-core tiles the GEMMs spilled
+    # 23-50 KB a thread (and compiled for ~18 s each); its own tile spills nothing.
+    ieee_gemms = [r for r in rows if r["kernel"] == "fused_gemm" and r["precision"] == "ieee"]
+    assert len(ieee_gemms) == 4 and all(r["stack"] == 0 for r in ieee_gemms), ieee_gemms
     # fp32 needed fewer stages: the bf16 counts would not fit (the H200's OutOfResources)
-    fp32_first = next(r for r in rows if r["kernel"] == "fused_gemm" and r["dtype"] == "fp32")
-    assert fp32_first["config"].endswith("/2")
+    tf32_first = next(r for r in rows if r["kernel"] == "fused_gemm" and r["precision"] == "tf32"
+                      and r["dtype"] == "fp32")
+    assert tf32_first["config"].endswith("/2")
 
 
 def test_the_autotuner_tries_configs_fitted_to_the_dtype() -> None:
@@ -52,10 +58,16 @@ def test_the_autotuner_tries_configs_fitted_to_the_dtype() -> None:
     from mlora.ops.kernels import fused_gemm
 
     for dtype, stages in ((torch.bfloat16, [3, 4, 3]), (torch.float32, [2, 3, 2])):
-        configs = fused_gemm._fit_stages(fused_gemm._configs(), {"out_ptr": torch.empty(1, dtype=dtype)})
+        configs = fused_gemm._fit_stages(fused_gemm._configs(), {"out_ptr": torch.empty(1, dtype=dtype)},
+                                         PRECISION="tf32")
         assert [c.num_stages for c in configs] == stages
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs] == [(s[0], s[1]) for s in fused_gemm.SHAPES]
         assert all(c.pre_hook is fused_gemm._set_block_shapes for c in configs)  # TMA block shapes still set
+    ieee = fused_gemm._fit_stages(fused_gemm._configs(), {"out_ptr": torch.empty(1, dtype=torch.float32)},
+                                  PRECISION="ieee")
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps) for c in ieee] \
+        == [fused_gemm.IEEE_SHAPE]
+    assert fused_gemm.fixed_config(4, precision="ieee")[0]["BLOCK_N"] == fused_gemm.IEEE_SHAPE[1]
 
 
 def test_a_smaller_shared_memory_gets_fewer_stages() -> None:

@@ -77,6 +77,13 @@ def smem_budget(device: torch.device) -> int:
     return min(SMEM_BYTES, limit - SMEM_HEADROOM) if limit else SMEM_BYTES
 
 
+# fp32 without TF32 ("ieee"): Triton computes the dot with FMAs, every operand and
+# accumulator element in registers, so the tensor-core tiles above spilled 23-50 KB of
+# stack per thread (tests/kernel_smem.py) and took ~18 s each to compile. Tiles of
+# 32 × 64 keep everything in registers at every rank up to 128.
+IEEE_SHAPE = (32, 64, 32, 3, 4)
+
+
 def fitted(element_size: int, budget: int = SMEM_BYTES) -> list[tuple[dict, int, int]]:
     """SHAPES as (meta, stages, warps), each with as many pipeline stages as fit in
     `budget` bytes of shared memory for this element size (fp32 tiles are twice bf16's)."""
@@ -88,9 +95,18 @@ def fitted(element_size: int, budget: int = SMEM_BYTES) -> list[tuple[dict, int,
     return out
 
 
-def fixed_config(element_size: int, budget: int = SMEM_BYTES) -> tuple[dict, int, int]:
-    """The config launched without tuning: the first shape, fitted. (meta, stages, warps)"""
-    return fitted(element_size, budget)[0]
+def launch_configs(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32") -> list[tuple[dict, int, int]]:
+    """The configs a launch may take: `fitted` SHAPES, or the one IEEE_SHAPE for true fp32."""
+    if precision == "ieee":
+        bm, bn, bk, stages, warps = IEEE_SHAPE
+        per_stage = (bm * bk + bk * bn) * element_size
+        return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, budget // per_stage)), warps)]
+    return fitted(element_size, budget)
+
+
+def fixed_config(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32") -> tuple[dict, int, int]:
+    """The config launched without tuning: the first one that fits. (meta, stages, warps)"""
+    return launch_configs(element_size, budget, precision)[0]
 
 
 def _configs() -> list[triton.Config]:
@@ -103,11 +119,13 @@ def _configs() -> list[triton.Config]:
 
 
 def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """The autotuner's early prune: the configs fitted to the output's element size, so
-    fp32 tunes over configs that can launch (the dtype is part of the tuning key)."""
+    """The autotuner's early prune: the configs fitted to the output's element size (and
+    true fp32's own), so fp32 tunes over configs that can launch (the dtype is part of
+    the tuning key)."""
     out = named_args["out_ptr"]
+    precision = str(kwargs.get("PRECISION", named_args.get("PRECISION", "tf32")))
     return [triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes)
-            for meta, stages, warps in fitted(out.element_size(), smem_budget(out.device))]
+            for meta, stages, warps in launch_configs(out.element_size(), smem_budget(out.device), precision)]
 
 
 @triton.jit
@@ -362,7 +380,7 @@ def fused_gemm(
                    and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight))
     meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
     if meta is None and not _autotune():
-        meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device))
+        meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device), precision)
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
         a_src = TensorDescriptor.from_tensor(a, block)
