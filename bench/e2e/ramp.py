@@ -3,7 +3,6 @@
     python bench/e2e/ramp.py --shape 1.1b --steps 10                 # when each step was logged
     python bench/e2e/ramp.py --shape 7b --steps 4 --cprofile         # and the host's profile of it
     python bench/e2e/ramp.py --shape 1.1b --steps 10 --first-sight   # record shapes at first sight
-    python bench/e2e/ramp.py --shape 1.1b --steps 10 --no-prefetch   # Triton's cache key hashed in step 1
 
 Run it once before measuring so Triton's disk cache holds the kernels (a cold cache adds
 seconds of compiling). A step is logged when the host has issued its update; the host
@@ -25,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import mlora.model.stage as stage_mod  # noqa: E402
 import mlora.runtime.step_graphs as step_graphs  # noqa: E402
 from bench.e2e.bench_e2e import build_model, run_mlora  # noqa: E402
 
@@ -41,10 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--first-sight", action="store_true")
     parser.add_argument("--cprofile", action="store_true")
-    parser.add_argument("--no-prefetch", action="store_true", help="leave Triton's cache key to the first launch")
     args = parser.parse_args()
-    if args.no_prefetch:
-        stage_mod.prefetch_cache_key = lambda device: None
     if args.first_sight:
         init = step_graphs.StepGraphs.__init__
 
@@ -64,7 +59,7 @@ def main() -> None:
         profile.enable()
     result = run_mlora(model, run, device, "auto", run.jobs * run.micro * run.seq, True)
     profile.disable()
-    print(f"{args.shape} first_sight={args.first_sight} prefetch={not args.no_prefetch}: steps logged at "
+    print(f"{args.shape} first_sight={args.first_sight}: steps logged at "
           f"{' '.join(f'{t:.2f}' for t in result['step_logged_s'])} s, run over at {result['total_s']:.2f} s, "
           f"peak reserved {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB")
     if args.cprofile:

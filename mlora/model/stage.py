@@ -25,7 +25,6 @@ from mlora.model.layout import (
     layer_prefix,
 )
 from mlora.model.lora_linear import BatchLayout, MultiLoraLinear, Routing
-from mlora.ops.triton_warm import prefetch_cache_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -231,7 +230,6 @@ def load_stage(
     if not 0 <= bounds.start <= bounds.end <= n_layers:
         raise ModelFolderError(f"{folder}: stage blocks [{bounds.start}, {bounds.end}) outside 0..{n_layers}")
     torch_dtype, device = DTYPES[dtype], torch.device(device)
-    prefetch_cache_key(device)  # Triton's start-up hashing, beside the weights' reading
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     parts = _stage_parts(skeleton, bounds)
@@ -283,5 +281,4 @@ def stage_from_model(model: nn.Module, bounds: StageBounds | None = None, fused_
     for module in parts.values():
         module.requires_grad_(False)
     device = next(model.parameters()).device
-    prefetch_cache_key(device)
     return _assemble(model, config, bounds, parts, device, fused_ops)
