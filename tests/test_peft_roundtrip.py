@@ -115,28 +115,3 @@ def test_a_fresh_adapter_has_peft_init_seeded_by_job_and_path(device):
         if path in again.a:  # independent of which other modules the stage holds
             assert torch.equal(a, again.a[path])
     assert not torch.equal(one.a["layers.0.self_attn.q_proj"], one.a["layers.1.self_attn.q_proj"])
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_saved_tensors_reach_the_host_in_one_copy_with_their_values(tmp_path, device):
-    """`to_host` (one joined copy per device) writes what a copy per tensor wrote."""
-    from safetensors.torch import load_file
-
-    from mlora.model.peft_io import AdapterMeta, save_adapter, to_host
-
-    gen = torch.Generator().manual_seed(3)
-    shapes = [(4, 33), (17, 4), (8, 5), (5, 8), (1, 1)]
-    parts = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    parts[2] = parts[2].T.contiguous().T  # a transposed view: non-contiguous
-    for dtype in (torch.float32, torch.bfloat16):
-        host = to_host(parts, dtype)
-        for got, want in zip(host, parts):
-            assert got.device.type == "cpu" and got.dtype == dtype and got.shape == want.shape
-            assert torch.equal(got, want.detach().to("cpu", dtype))
-    weights = {"model.layers.0.self_attn.q_proj": (parts[0], parts[1]), "model.layers.1.mlp.up_proj": (parts[2], parts[3])}
-    meta = AdapterMeta(r=4, alpha=8.0, dropout=0.0, use_rslora=False, target_modules=("q_proj", "up_proj"), base_model="x")
-    saved = load_file(str(save_adapter(tmp_path / "a", meta, weights) / "adapter_model.safetensors"))
-    assert len(saved) == 4
-    assert torch.equal(saved["base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"], parts[2].cpu())
-    assert torch.equal(saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], parts[1].cpu())

@@ -78,41 +78,16 @@ def save_adapter(
             inference_mode=True,
         )
         config.save_pretrained(str(tmp))
-        names, parts = [], []
+        tensors: dict[str, Tensor] = {}
         for path, (a, b) in sorted(weights.items()):
-            names += [peft_key(path, "A"), peft_key(path, "B")]
-            parts += [a.detach(), b.detach()]
-        save_file(dict(zip(names, to_host(parts, dtype))), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            tensors[peft_key(path, "A")] = a.detach().to("cpu", dtype).contiguous()
+            tensors[peft_key(path, "B")] = b.detach().to("cpu", dtype).contiguous()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         os.replace(tmp / WEIGHTS_FILE, folder / WEIGHTS_FILE)
         os.replace(tmp / CONFIG_FILE, folder / CONFIG_FILE)  # last: its presence means complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def to_host(parts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """The tensors on the host in `dtype`, with one copy per device they are on.
-
-    A copy per tensor waits for the GPU each time: hundreds of waits for one 7B adapter
-    (7 targets × 32 layers × A and B). Each device's tensors are joined there, copied
-    once, and handed back as views of that one host buffer (safetensors writes them out).
-    """
-    out: list[Tensor | None] = [None] * len(parts)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(parts):
-        by_device.setdefault(t.device, []).append(i)
-    for device, idx in by_device.items():
-        if device.type == "cpu":
-            for i in idx:
-                out[i] = parts[i].to(dtype).contiguous()
-            continue
-        host = torch.cat([parts[i].reshape(-1).to(dtype) for i in idx]).cpu()
-        at = 0
-        for i in idx:
-            n = parts[i].numel()
-            out[i] = host[at : at + n].view(parts[i].shape)
-            at += n
-    return out  # type: ignore[return-value]
 
 
 def read_adapter_meta(folder: Path) -> AdapterMeta:

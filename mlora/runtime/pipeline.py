@@ -32,7 +32,7 @@ from mlora.config import ALL_TARGET_MODULES, ConfigError, RunSpec, load_run_file
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
 from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import Targets
-from mlora.model.peft_io import save_adapter, to_host
+from mlora.model.peft_io import save_adapter
 from mlora.model.stage import StageBounds, base_linear_shapes, load_stage, read_config
 from mlora.runtime.batch import collate, make_layout, padded_length
 from mlora.runtime.checkpoint import (
@@ -373,9 +373,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
 def stage_slice(adapter: Any) -> dict[str, Any]:
     """What this stage holds of a job, on the CPU, for rank 0 to write."""
     if isinstance(adapter, StageAdapter):
-        named = list(adapter.named_tensors())
-        host = to_host([t.detach() for _, a, b in named for t in (a, b)], torch.float32)  # one copy
-        return {p: (host[2 * i], host[2 * i + 1]) for i, (p, _, _) in enumerate(named)}
+        return {p: (a.detach().cpu(), b.detach().cpu()) for p, a, b in adapter.named_tensors()}
     return meteora_slice(adapter)
 
 
