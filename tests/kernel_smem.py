@@ -92,7 +92,7 @@ def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int) -> d
     """The reduction pass with the launch shape the operator picks for this dtype and rank
     (the dy pass with g by atomics where `g_by_atomics`, else dB alone)."""
     size = 4 if dt == "fp32" else 2
-    cfg = (seg_grads.dy_pass if dy_pass else seg_grads.x_pass)(size, rank_pad)
+    cfg = seg_grads.dy_pass(size, rank_pad) if dy_pass else seg_grads.x_pass(size, rank_pad, precision)
     shrink_g = dy_pass and seg_grads.g_by_atomics(rank_pad)
     left = "fp32" if not dy_pass else dt
     types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",

@@ -238,7 +238,7 @@ def backward_cat(
 
     def grad_a() -> None:
         if plan.n_segments:
-            cfg = grads.x_pass(x.element_size(), plan.rank_pad)
+            cfg = grads.x_pass(x.element_size(), plan.rank_pad, precision)
             grads.seg_grads(g, x, flat_a, off_a, plan, _items(st, d_in, cfg), cfg, transposed=False,
                             masks=masks, dropout=dropout, precision=precision)
 
