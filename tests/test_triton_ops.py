@@ -263,6 +263,26 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
     or dropout masks on some segments only (dx: the masked expand before the main loop),
     rows outside every segment; the output written by plain stores or (TMA, 16-bit)
     through a descriptor, the last row tile cut by its edge."""
+    from mlora.ops.kernels import fused_gemm as fg
+
+    assert fg.INTERPRET_META["BLOCK_M"] == 16
+    _check_gemm_contract(w_kn, use_tma, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+def test_the_true_fp32_tile_matches_the_contract(w_kn: bool, use_tma: bool, monkeypatch) -> None:
+    """The GEMM at the tile true fp32 launches on a GPU (`IEEE_SHAPE`, 32 × 64 × 32):
+    row tiles then meet up to nine segments and the K loop has two steps, one cut short."""
+    from mlora.ops.kernels import fused_gemm as fg
+
+    bm, bn, bk, _, _ = fg.IEEE_SHAPE
+    monkeypatch.setattr(fg, "INTERPRET_META", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2))
+    _check_gemm_contract(w_kn, use_tma, torch.float32)
+
+
+def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype) -> None:
     from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
@@ -277,7 +297,6 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
     dropout = (0.0, 0.3, 0.0) if w_kn else (0.0, 0.0, 0.0)
     has = tuple(dropout[s.slot] > 0 for s in segs)
     plan = segment_plan(tuple(segs), (0.5, 2.0, 1.5), dropout, has, ranks, tokens, torch.device("cpu"), 16)
-    assert fg.INTERPRET_META["BLOCK_M"] == 16
     a = torch.randn(tokens, k, generator=gen)
     w = torch.randn(k, n, generator=gen) if w_kn else torch.randn(n, k, generator=gen)
     bias = None if w_kn else torch.randn(n, generator=gen)
