@@ -274,7 +274,7 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
 @pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
 def test_the_true_fp32_tile_matches_the_contract(w_kn: bool, use_tma: bool, monkeypatch) -> None:
     """The GEMM at the tile true fp32 launches on a GPU (`IEEE_SHAPE`, 32 × 64 × 32):
-    row tiles then meet up to nine segments and the K loop has two steps, one cut short."""
+    row tiles then meet up to six segments and the K loop has two steps, one cut short."""
     from mlora.ops.kernels import fused_gemm as fg
 
     bm, bn, bk, _, _ = fg.IEEE_SHAPE

@@ -84,11 +84,12 @@ def smem_budget(device: torch.device) -> int:
 IEEE_SHAPE = (32, 64, 32, 3, 4)
 
 
-def fitted(element_size: int, budget: int = SMEM_BYTES) -> list[tuple[dict, int, int]]:
-    """SHAPES as (meta, stages, warps), each with as many pipeline stages as fit in
+def fitted(element_size: int, budget: int = SMEM_BYTES,
+           shapes: list[tuple[int, int, int, int, int]] = SHAPES) -> list[tuple[dict, int, int]]:
+    """`shapes` as (meta, stages, warps), each with as many pipeline stages as fit in
     `budget` bytes of shared memory for this element size (fp32 tiles are twice bf16's)."""
     out = []
-    for bm, bn, bk, stages, warps in SHAPES:
+    for bm, bn, bk, stages, warps in shapes:
         per_stage = (bm * bk + bk * bn) * element_size
         out.append((dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, budget // per_stage)),
                     warps))
@@ -97,11 +98,7 @@ def fitted(element_size: int, budget: int = SMEM_BYTES) -> list[tuple[dict, int,
 
 def launch_configs(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32") -> list[tuple[dict, int, int]]:
     """The configs a launch may take: `fitted` SHAPES, or the one IEEE_SHAPE for true fp32."""
-    if precision == "ieee":
-        bm, bn, bk, stages, warps = IEEE_SHAPE
-        per_stage = (bm * bk + bk * bn) * element_size
-        return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, budget // per_stage)), warps)]
-    return fitted(element_size, budget)
+    return fitted(element_size, budget, [IEEE_SHAPE] if precision == "ieee" else SHAPES)
 
 
 def fixed_config(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32") -> tuple[dict, int, int]:
