@@ -60,19 +60,18 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
 
 def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16) -> dict:
     """The GEMM's shared memory and spill stack as `fused_gemm` launches it (TMA store of
-    bf16 tiles; the dx GEMM compiled with dropout, and with dA where the operator folds it)."""
+    bf16 tiles; the dx GEMM compiled with dropout)."""
     size = 4 if dt == "fp32" else 2
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
     types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
     types.update({n: "i32" for n in ("M", "N", "K", "M_BUCKET", "RT")})
-    types.update(out_ptr=f"*{dt}", bias_ptr=f"*{dt}", v_cat=f"*{dt}", mask_ptr="*i8", x_ptr=f"*{dt}", da_ptr="*fp32",
+    types.update(out_ptr=f"*{dt}", bias_ptr=f"*{dt}", v_cat=f"*{dt}", mask_ptr="*i8",
                  u_ptr="*fp32" if w_kn else f"*{dt}",
                  a_src=f"tensordesc<{dt}[{bm}, {bk}]>", out_src=f"tensordesc<{dt}[{bm}, {bn}]>",
                  w_src=f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>")
     consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn, USE_TMA=True, PRECISION=precision,
-                  V_ALIGNED=True, TMA_STORE=size == 2, GRAD_A=w_kn and rank_pad <= fused_gemm.PAIRED_RANK.value,
-                  **meta)
+                  V_ALIGNED=True, TMA_STORE=size == 2, **meta)
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
 

@@ -92,17 +92,6 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
         print(f"K={jobs:3d} {name:8s} cuBLAS {row['cublas']:7.1f} us  "
               + "  ".join(f"{k} {row[k]:7.1f}" for k in versions)
               + "".join(f"  ({k} {row[k]:.0e})" for k in row if k.endswith(" err")), flush=True)
-    if plan.rank_pad <= fg.PAIRED_RANK.value:  # this version's dx GEMM alone, and with dA in it
-        da_cat = torch.zeros(plan.rank_total, D, device=dev, dtype=torch.float32)
-
-        def dx(grad_a=None):
-            return fg.fused_gemm(dy, w, None, g, a_cat, dy, plan, w_kn=True, dropout=False, precision="tf32",
-                                 grad_a=grad_a)
-        row = dict(jobs=jobs, gemm="dx+dA", **rounds_us({"cublas": lambda: dy @ w, "this": dx,
-                                                          "this+dA": lambda: dx((x, da_cat))}, rounds))
-        rows.append(row)
-        print(f"K={jobs:3d} dx+dA    cuBLAS {row['cublas']:7.1f} us  this {row['this']:7.1f}  "
-              f"this+dA {row['this+dA']:7.1f}", flush=True)
     return rows
 
 
@@ -124,41 +113,29 @@ def shaped(cfg: str) -> ModuleType:
     return module
 
 
-OPERATOR_FLAGS = dict(fold="FOLD_GRAD_A")  # variant options that switch the operator, not the GEMM's launch
-
-
 def variant(spec: str) -> ModuleType:
-    """This version with other options, joined by `+`: `tma=0`, whether the GEMM's main
-    loop reads (and the tile is written) through TMA descriptors; `fold=0`, whether the
-    operator computes dA in the dx GEMM (`triton_multi_lora.FOLD_GRAD_A`) or in its own pass."""
-    items = dict(item.split("=") for item in spec.split("+"))
-    options = {dict(tma="use_tma")[k]: bool(int(v)) for k, v in items.items() if k not in OPERATOR_FLAGS}
+    """This version's fused GEMM with other launch options, `tma=0`: whether the main loop
+    reads (and the tile is written) through TMA descriptors."""
+    names = dict(tma="use_tma")
+    options = {names[k]: bool(int(v)) for k, v in (item.split("=") for item in spec.split("+"))}
     module = ModuleType(f"fused_gemm_{spec}")
 
     def fused_gemm(*args, **kwargs):
         return fg.fused_gemm(*args, **kwargs, **options)
 
     module.fused_gemm = fused_gemm
-    module.PAIRED_RANK = fg.PAIRED_RANK
-    module.operator_flags = {OPERATOR_FLAGS[k]: bool(int(v)) for k, v in items.items() if k in OPERATOR_FLAGS}
     return module
 
 
 @contextlib.contextmanager
 def gemm_module(module: ModuleType):
-    """The operator calling another version's fused GEMM (tm looks it up as `tm.gemm`),
-    with the operator flags the version names."""
-    flags = getattr(module, "operator_flags", {})
-    saved, saved_flags = tm.gemm, {k: getattr(tm, k) for k in flags}
+    """The operator calling another version's fused GEMM (tm looks it up as `tm.gemm`)."""
+    saved = tm.gemm
     tm.gemm = module
-    for k, v in flags.items():
-        setattr(tm, k, v)
     try:
         yield
     finally:
         tm.gemm = saved
-        for k, v in saved_flags.items():
-            setattr(tm, k, v)
 
 
 def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType], rounds: int,
@@ -205,7 +182,7 @@ def main() -> None:
     p.add_argument("--jobs", default="1,4,16,64")
     p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
     p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS,...")
-    p.add_argument("--variants", default="", help="this version with other options: tma=0, fold=0 (comma-separated)")
+    p.add_argument("--variants", default="", help="this version with other launch options: tma=0")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")

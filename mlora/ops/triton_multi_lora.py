@@ -37,10 +37,6 @@ PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pa
 # On CUDA, run the dA pass on a side stream beside the dx GEMM. Off: measured on an
 # H100 (bench/ops, 2026-11-24) it saved nothing, the GEMM slowing by what it hid.
 OVERLAP_GRAD_A = False
-# Where the dx GEMM runs (and ranks up to the paired rank), dA rides in it: each dx tile
-# adds its x tile's share into an fp32 dA_cat (fused_gemm._grad_a) instead of a separate
-# pass over x. See docs/kernels.md, "dA in the dx GEMM".
-FOLD_GRAD_A = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _BY_CALL: OrderedDict[int, _CallState] = OrderedDict()
 _BY_CALL_MAX = 2048  # a forward of every adapted linear of a model, then their backwards
@@ -224,12 +220,7 @@ def backward_cat(
     off_b, ends_b = _offsets(st, d_out)
     alloc = torch.empty if all(plan.slot_used) else torch.zeros  # a slot without tokens gets zeros
     out_dtype = grad_dtype or x.dtype
-    fold = need_dx and plan.n_segments > 0 and FOLD_GRAD_A and plan.rank_pad <= gemm.PAIRED_RANK.value
-    unpadded = all(padded_rank(r) == r for r in ranks)
-    flat_a = (torch.zeros if fold else alloc)(ends_a[-1], dtype=out_dtype, device=x.device)
-    # fp32 dA in A_cat's layout for the dx GEMM to add into: flat_a itself where they agree
-    da_cat = None if not fold else (flat_a.view(plan.rank_total, d_in) if unpadded and out_dtype == torch.float32
-                                    else torch.zeros(plan.rank_total, d_in, dtype=torch.float32, device=x.device))
+    flat_a = alloc(ends_a[-1], dtype=out_dtype, device=x.device)
     flat_b = alloc(ends_b[-1], dtype=out_dtype, device=x.device)
     d_a = _split(flat_a, ranks, ends_a, True, d_in)
     d_b = _split(flat_b, ranks, ends_b, False, d_out)
@@ -253,16 +244,11 @@ def backward_cat(
 
     def grad_x() -> Tensor:
         return gemm.fused_gemm(dy, weight, None, g, a_cat, masks, plan, w_kn=True, dropout=dropout,
-                               precision=precision, use_tma=use_tma, grad_a=(x, da_cat) if fold else None)
+                               precision=precision, use_tma=use_tma)
 
     if not need_dx:
         grad_a()
         return None, d_a, d_b
-    if fold:
-        dx = grad_x()
-        if da_cat.data_ptr() != flat_a.data_ptr():
-            _unpad_into(flat_a, d_a, da_cat, ranks, unpadded)
-        return dx, d_a, d_b
     side = _side_stream(x.device) if plan.n_segments and OVERLAP_GRAD_A else None
     if side is None:
         dx = grad_x()
@@ -335,17 +321,6 @@ def _split(flat: Tensor, ranks: tuple[int, ...], ends: tuple[int, ...], rows_fir
         r = ranks[0]
         return list(flat.view(len(ranks), r, width).unbind(0) if rows_first else flat.view(len(ranks), width, r).unbind(0))
     return [flat[ends[i] : ends[i + 1]].view((r, width) if rows_first else (width, r)) for i, r in enumerate(ranks)]
-
-
-def _unpad_into(flat_a: Tensor, d_a: list[Tensor], da_cat: Tensor, ranks: tuple[int, ...], unpadded: bool) -> None:
-    """The fp32 dA_cat (A_cat's layout: slots at padded ranks) into the gradient buffer."""
-    if unpadded:  # same layout: one cast
-        flat_a.copy_(da_cat.view(-1))
-        return
-    at = 0
-    for view, r in zip(d_a, ranks):
-        view.copy_(da_cat[at:at + r])
-        at += padded_rank(r)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:

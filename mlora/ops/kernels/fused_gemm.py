@@ -6,9 +6,7 @@ Forward: a = x, W is [N, K] (nn.Linear), u = h = drop(x)·Aᵀ, V_j = B_jᵀ (co
 [off_j, off_j + r_j) of B_cat [N, Σr]).
 Backward: a = dy, W is [K, N] (dx = dy·W), u = g = dy·B (fp32), V_j = A_j (rows
 [off_j, off_j + r_j) of A_cat [Σr, N]), and the LoRA part of a segment with a dropout
-mask is multiplied by it (and 1/(1-p)). The dx GEMM can also compute dA (`grad_a`): its
-tile's columns are x's, so before its main loop each tile adds (s_j·g[rows ∈ j])ᵀ·drop(x)
-[rows, columns] into an fp32 dA_cat with atomics, and no separate pass reads x.
+mask is multiplied by it (and 1/(1-p)).
 
 Each [BLOCK_M, BLOCK_N] tile adds, besides its K loop over the frozen weight, the
 products of the segments its rows meet (usually one, two where a segment boundary
@@ -129,12 +127,11 @@ def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object
 
 @triton.jit
 def fused_gemm_kernel(
-    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, mask_ptr, x_ptr, da_ptr,
+    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, mask_ptr,
     tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
     M, N, K, M_BUCKET, RT,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr,
-    GRAD_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
@@ -154,12 +151,6 @@ def fused_gemm_kernel(
     lo = tl.load(tok_lo + m0)  # the segments lo..hi-1 meet the tile's rows
     hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GRAD_A:
-        # dA from the dx tile (rows m, columns n of d_in): before the main loop, while
-        # the accumulator is empty (after it, x's tile beside it would spill).
-        kept = _kept(lo, hi, rows64, cols64, col_ok, N, mask_ptr, seg_start, seg_end, seg_mask_row) if DROPOUT else 1
-        _grad_a(lo, hi, rows, rows64, cols64, row_ok, col_ok, N, x_ptr, da_ptr, kept, u_ptr, seg_start, seg_end,
-                seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, dtype, R, DROPOUT, PRECISION)
     if DROPOUT:
         # The masked expand goes first, into the empty accumulator, masked once at the
         # end (segments own disjoint rows; 1/(1-p) rides in u). After the main loop a
@@ -167,8 +158,9 @@ def fused_gemm_kernel(
         # spilled: that dx GEMM took 2.7 ms instead of 0.44 at 4096² on an H200.
         acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
                       seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, True, PRECISION, V_ALIGNED)
-        if not GRAD_A:  # loaded after the product, as before dA came here
-            kept = _kept(lo, hi, rows64, cols64, col_ok, N, mask_ptr, seg_start, seg_end, seg_mask_row)
+        mask_rows = _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row)
+        kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
+                       mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
         acc = tl.where(kept != 0, acc, 0.0)
     for k0 in range(0, K, BLOCK_K):
         if USE_TMA:
@@ -240,28 +232,6 @@ def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_st
     by side, so a tile waits on three dependent round trips to memory whether it meets
     one segment or two (a segment that is not there has its loads masked off), and
     one wgmma chain serves both."""
-    u, off, rank, rr = _pair_u(lo, hi, rows, rows64, u_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
-                               seg_mask_row, dtype, R, DROPOUT)
-    if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
-        v_row = v_cat + (off + rr) * N
-        if V_ALIGNED:
-            v_row = tl.multiple_of(v_row, 16)
-        v = tl.load(v_row[:, None] + cols64[None, :], mask=(rr < rank)[:, None] & col_ok[None, :], other=0.0)
-    else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
-        if V_ALIGNED:
-            v = _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
-        else:
-            v = tl.load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, mask=(rr < rank)[:, None] & col_ok[None, :],
-                        other=0.0)
-    return u, v
-
-
-@triton.jit
-def _pair_u(lo, hi, rows, rows64, u_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-            dtype, R: tl.constexpr, DROPOUT: tl.constexpr):
-    """The pair's u [BLOCK_M, 2R] (segment lo's scaled rows in columns [0, R), lo+1's in
-    [R, 2R)), and per column its slot's offset, padded rank (0 past the tile's last
-    segment) and rank index."""
     cc = tl.arange(0, 2 * R)
     second = cc >= R  # this column of u (row of V) belongs to segment lo + 1
     j = lo + second.to(tl.int32)
@@ -277,40 +247,19 @@ def _pair_u(lo, hi, rows, rows64, u_ptr, seg_start, seg_end, seg_off, seg_rank, 
     rr = cc % R
     in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
     u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg, other=0.0)
-    return (u.to(tl.float32) * scale[None, :]).to(dtype), off, rank, rr
-
-
-@triton.jit
-def _grad_a(lo, hi, rows, rows64, cols64, row_ok, col_ok, N, x_ptr, da_ptr, kept, u_ptr, seg_start, seg_end,
-            seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, dtype, R: tl.constexpr, DROPOUT: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """dA_j[:, cols] += (s_j·g[rows ∈ j])ᵀ·drop(x)[rows, cols] for every segment j the dx
-    tile meets, added into the fp32 dA_cat [Σr, N] (A_cat's layout) with relaxed atomics.
-    u is the expand's own (scale and 1/(1-p) in it), so one x tile per dx tile replaces
-    the separate pass over x; the first two segments are one [2R, BLOCK_M] product."""
-    xt = tl.load(x_ptr + rows64[:, None] * N + cols64[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    if DROPOUT:
-        xt = tl.where(kept != 0, xt, tl.zeros_like(xt))
-    u, off, rank, rr = _pair_u(lo, hi, rows, rows64, u_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
-                               seg_mask_row, dtype, R, DROPOUT)
-    if lo < hi:
-        d = tl.dot(tl.trans(u), xt, input_precision=PRECISION)
-        tl.atomic_add(da_ptr + (off + rr)[:, None] * N + cols64[None, :], d,
-                      mask=(rr < rank)[:, None] & col_ok[None, :], sem="relaxed")
-    rs = tl.arange(0, R)
-    for j in tl.range(lo + 2, hi, num_stages=1):
-        s0 = tl.load(seg_start + j)
-        s1 = tl.load(seg_end + j)
-        scale = tl.load(seg_scale + j)
-        if DROPOUT:
-            scale *= tl.where(tl.load(seg_mask_row + j) >= 0, tl.load(seg_keep + j), 1.0)
-        in_seg = (rows >= s0) & (rows < s1)
-        uj = tl.load(u_ptr + rows64[:, None] * R + rs[None, :], mask=in_seg[:, None], other=0.0)
-        uj = (uj.to(tl.float32) * scale).to(dtype)
-        d = tl.dot(tl.trans(uj), xt, input_precision=PRECISION)
-        row0 = tl.load(seg_off + j).to(tl.int64)
-        tl.atomic_add(da_ptr + (row0 + rs)[:, None] * N + cols64[None, :], d,
-                      mask=(rs < tl.load(seg_rank + j))[:, None] & col_ok[None, :], sem="relaxed")
+    u = (u.to(tl.float32) * scale[None, :]).to(dtype)
+    if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
+        v_row = v_cat + (off + rr) * N
+        if V_ALIGNED:
+            v_row = tl.multiple_of(v_row, 16)
+        v = tl.load(v_row[:, None] + cols64[None, :], mask=(rr < rank)[:, None] & col_ok[None, :], other=0.0)
+    else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
+        if V_ALIGNED:
+            v = _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
+        else:
+            v = tl.load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, mask=(rr < rank)[:, None] & col_ok[None, :],
+                        other=0.0)
+    return u, v
 
 
 @triton.jit
@@ -373,14 +322,6 @@ def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
 
 
 @triton.jit
-def _kept(lo, hi, rows64, cols64, col_ok, N, mask_ptr, seg_start, seg_end, seg_mask_row):
-    """The tile's keep-mask (int8, 1 where a row's segment has no mask)."""
-    mask_rows = _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row)
-    return tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
-                   mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
-
-
-@triton.jit
 def _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row):
     """Each row's row in the stacked keep-masks: that of the segment it is in, or -1
     where that segment has no mask (or the row is in none)."""
@@ -418,12 +359,8 @@ def fused_gemm(
     dropout: bool,
     precision: str,
     use_tma: bool | None = None,
-    grad_a: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
-
-    grad_a = (x [M, N], dA_cat fp32 [Σr, N]) with w_kn: also add every slot's dA (scale and
-    dropout in) into dA_cat, which must start at zero (ranks up to PAIRED_RANK).
 
     v_cat is B_cat [N, Σr] (w_kn False) or A_cat [Σr, N] (w_kn True); masks the stacked
     int8 keep-masks [rows, N] (read only when dropout). use_tma None picks descriptors
@@ -432,9 +369,6 @@ def fused_gemm(
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
-    if grad_a is not None and not (w_kn and plan.rank_pad <= PAIRED_RANK.value):
-        raise ValueError(f"fused_gemm: dA rides only in the dx GEMM at ranks up to {PAIRED_RANK}, "
-                         f"got w_kn={w_kn}, rank {plan.rank_pad}")
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
@@ -455,7 +389,6 @@ def fused_gemm(
         a_src, w_src, out_src = a, weight, out
     args = (
         a_src, w_src, out, out_src, bias if bias is not None else out, u, v_cat, masks,
-        *(grad_a if grad_a is not None else (out, u)),
         plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
         plan.seg_keep, plan.seg_mask_row,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1),
@@ -464,8 +397,7 @@ def fused_gemm(
     # (forward: slots start at multiples of 8 columns, `plan.padded_rank`)
     v_aligned = v_cat.data_ptr() % 16 == 0 and (not w_kn or (n * v_cat.element_size()) % 16 == 0)
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
-                 PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor),
-                 GRAD_A=grad_a is not None)
+                 PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor))
     if meta is not None:
         _set_block_shapes({"a_src": a_src, "w_src": w_src, "out_src": out_src, "W_KN": w_kn, **meta})
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
