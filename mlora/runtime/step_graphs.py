@@ -238,6 +238,9 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 static_step(self.stage, c)
         except RuntimeError as exc:  # the model runs something a graph cannot hold (a host sync)
+            device = batch.input_ids.device
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            _clear_capture_marks([torch.cuda.default_generators[index], *c.generators.values()])
             self.off = f"{exc}".splitlines()[0]
             self.graphs.clear()
             warnings.warn(f"CUDA graphs are off for the rest of this run: recording a step failed ({self.off}); "
@@ -247,3 +250,13 @@ class StepGraphs:
         self.graphs[key] = c
         self.captures += 1
         return result
+
+
+def _clear_capture_marks(generators: Sequence[torch.Generator]) -> None:
+    """Torch closes a capture on each generator it registered only when the capture
+    succeeds; after a failed one every later random op of such a generator outside a
+    graph raises "Offset increment outside graph capture" (the default CUDA generator
+    is always registered: one failed recording broke `torch.randn` on CUDA for the rest
+    of the process). A fresh copy of each state, same seed and offset, is not marked."""
+    for gen in generators:
+        gen.graphsafe_set_state(gen.clone_state())
