@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -62,8 +63,15 @@ def test_token_budget_and_queue_do_not_change_adapters(tmp_path, tiny_models, da
     summary = json.loads((queued.output_dir / "run_summary.json").read_text())["jobs"]
     order = sorted(summary, key=lambda j: summary[j]["started_at"])
     assert order == ["copy", "reverse", "count"]
+    def step_times(job: str) -> list[float]:
+        rows = (json.loads(line) for line in (queued.output_dir / job / "metrics.jsonl").read_text().splitlines())
+        return [r["time"] for r in rows if r["kind"] == "train"]
+
     for first, second in zip(order, order[1:]):
-        assert summary[second]["started_at"] >= summary[first]["finished_at"]
+        # one job trains at a time: the next starts once the last step of the one before
+        # is done (its adapter may still be on its way to disk: written beside training)
+        assert summary[second]["started_at"] >= step_times(first)[-1]
+        assert step_times(second)[0] > summary[first]["started_at"]
         assert summary[second]["wait_s"] > 0
     for job in JOBS:
         a, b = adapter(base.output_dir, job["name"]), adapter(queued.output_dir, job["name"])
@@ -122,3 +130,56 @@ def test_eval_split_reports_eval_loss(tmp_path, tiny_models, datasets):
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(0 < r["eval_loss"] < 20 for r in evals)
+
+
+def test_a_failed_adapter_write_names_the_job_and_the_others_are_written(tmp_path, tiny_models, datasets, monkeypatch):
+    """Adapters go to disk on a writer thread: a write that fails is raised in the run,
+    naming the job and its folder; the other jobs' adapters are still written whole."""
+    import mlora.runtime.adapter_writer as writer
+    from mlora.model.peft_io import CONFIG_FILE, load_adapter
+
+    real = writer.save_adapter
+
+    def full_disk(folder, meta, weights, *args, **kwargs):
+        if Path(folder).name == "copy":
+            raise OSError(28, "No space left on device")
+        return real(folder, meta, weights, *args, **kwargs)
+
+    monkeypatch.setattr(writer, "save_adapter", full_disk)
+    jobs = [{**j, "max_steps": 2 if j["name"] == "count" else 4} for j in JOBS]  # count ends first
+    spec = load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "failing"))
+    with pytest.raises(writer.AdapterWriteError, match=r"job 'copy': writing its adapter to .*copy failed: .*No space"):
+        train(spec, live=False)
+    out = tmp_path / "failing"
+    assert not (out / "copy" / CONFIG_FILE).exists()
+    for name in ("count", "reverse"):
+        meta, weights = load_adapter(out / name)
+        assert weights and meta.r == next(j["lora_r"] for j in JOBS if j["name"] == name)
+
+
+def test_a_job_counts_as_finished_once_its_adapter_is_on_disk(tmp_path, tiny_models, datasets, monkeypatch):
+    """With the writer slow, the run still ends with every adapter complete, and each
+    job's finish time is when its folder was complete, after its last step."""
+    import time as time_mod
+
+    import mlora.runtime.adapter_writer as writer
+
+    real = writer.save_adapter
+    done_at = {}
+
+    def slow(folder, meta, weights, *args, **kwargs):
+        time_mod.sleep(0.3)
+        out = real(folder, meta, weights, *args, **kwargs)
+        done_at[Path(folder).name] = time_mod.time()
+        return out
+
+    monkeypatch.setattr(writer, "save_adapter", slow)
+    result = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "slow")), live=False)
+    summary = json.loads((result.output_dir / "run_summary.json").read_text())["jobs"]
+    for job in JOBS:
+        name = job["name"]
+        assert (result.output_dir / name / "adapter_config.json").is_file()
+        rows = [json.loads(line) for line in (result.output_dir / name / "metrics.jsonl").read_text().splitlines()]
+        last_step = max(r["time"] for r in rows if r["kind"] == "train")
+        assert summary[name]["state"] == "finished"
+        assert summary[name]["finished_at"] >= max(done_at[name], last_step + 0.3)

@@ -40,7 +40,7 @@ class JobState:
     steps: list[StepPlan]
     step: int = 0  # optimizer steps completed
     micro: int = 0  # micro-batches done within the current step
-    status: str = "queued"
+    status: str = "queued"  # queued, running, writing (its adapter going to disk), finished
     tokens: int = 0  # input tokens processed (cumulative)
     loss_sum: float = 0.0  # loss summed over the current step's micro-batches
     gate_sums: dict[str, Any] = field(default_factory=dict)  # MeteoRA: gate loss / routing hits of the step

@@ -3,7 +3,8 @@
 Read it top to bottom: check everything, load the base once, then loop — admit queued
 jobs, fuse the running jobs' next micro-batches into one batch, one forward and one
 backward, and step each job whose gradient accumulation is complete. A job that ends
-writes its PEFT adapter at once while the others go on.
+hands its PEFT adapter to a writer thread while the others go on; it counts as finished
+once the adapter is on disk.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from mlora.model.peft_io import (
     AdapterMeta,
     load_adapter,
     read_adapter_meta,
-    save_adapter,
 )
 from mlora.model.stage import StageModel, base_linear_shapes, load_stage
+from mlora.runtime.adapter_writer import AdapterWriter, Written
 from mlora.runtime.batch import collate, padded_length
 from mlora.runtime.checkpoint import (
     latest_checkpoint,
@@ -198,6 +199,7 @@ class Trainer:
         self.stop_after_batches = stop_after_batches
         self._logs: deque[StepLog] = deque()
         self._in_flight: deque[torch.cuda.Event] = deque()
+        self.writer = AdapterWriter(self.device)  # finished jobs' adapters go to disk beside training
         self.result = RunResult(self.out)
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
@@ -234,20 +236,28 @@ class Trainer:
         batches = 0
         turn = 0
         with self.live:
-            while True:
-                self._admit()
-                running = [j for j in self.jobs.values() if j.status == "running"]
-                if not running:
-                    break
-                self._train_one_batch(running, turn)
-                self._keep_close_to_the_gpu()
-                self._flush_logs(block=False)
-                turn += 1
-                batches += 1
-                self.live.update(self.summary)
-                if self.stop_after_batches is not None and batches >= self.stop_after_batches:
-                    self.result.stopped_early = True
-                    break
+            try:
+                while True:
+                    self._collect_writes(block=False)
+                    self._admit()
+                    running = [j for j in self.jobs.values() if j.status == "running"]
+                    if not running:
+                        if not self.writer.pending:
+                            break
+                        self._collect_writes(block=True)  # a queued job may wait on one of them
+                        continue
+                    self._train_one_batch(running, turn)
+                    self._keep_close_to_the_gpu()
+                    self._flush_logs(block=False)
+                    turn += 1
+                    batches += 1
+                    self.live.update(self.summary)
+                    if self.stop_after_batches is not None and batches >= self.stop_after_batches:
+                        self.result.stopped_early = True
+                        break
+                self._collect_writes(block=True)
+            finally:
+                self.writer.close()  # even when the run fails: finished jobs' adapters reach the disk
         self._flush_logs(block=True)
         finished = all(j.status == "finished" for j in self.jobs.values())
         self.summary.run_finished(time.time(), "finished" if finished else "stopped")
@@ -395,20 +405,32 @@ class Trainer:
             self.sink.log_train(row)
 
     def _finish_job(self, job: JobState) -> None:
-        """Write the adapter now, free its slot; the other jobs go on."""
+        """Free the job's slot and hand its adapter to the writer; the other jobs go on.
+        (A MeteoRA job's folder is written here, at once.)"""
         adapter = self.stage.routing.adapters.pop(job.name)
         if self.graphs is not None:
             self.graphs.forget(job.name)
+        del self.optimizers[job.name]
         folder = job_dir(self.out, job.name)
         if job.spec.kind == "meteora":
             with_relative_folders(adapter, folder).save(folder)
-        else:
-            save_adapter(folder, adapter_meta(job.spec, self.spec.model.path), {p: (a, b) for p, a, b in adapter.named_tensors()})
-        del self.optimizers[job.name]
+            self._job_written(Written(job.name, folder, time.time()))
+            return
+        job.status = "writing"
+        self.writer.submit(job.name, folder, adapter_meta(job.spec, self.spec.model.path),
+                           {p: (a, b) for p, a, b in adapter.named_tensors()})
+
+    def _collect_writes(self, block: bool) -> None:
+        for written in self.writer.collect(block):
+            self._job_written(written)
+
+    def _job_written(self, written: Written) -> None:
+        """The job's adapter is on disk: now it is finished."""
+        job = self.jobs[written.job]
         job.status = "finished"
-        self.result.adapters[job.name] = folder
+        self.result.adapters[job.name] = written.folder
         self.result.final_loss[job.name] = job.losses[-1]
-        self.summary.job_finished(job.name, time.time(), peak_memory_bytes(self.device), str(folder))
+        self.summary.job_finished(job.name, written.time, peak_memory_bytes(self.device), str(written.folder))
         self.summary.save(self.out / SUMMARY)
 
     @torch.no_grad()
