@@ -103,10 +103,18 @@ def test_padding_batches_to_a_multiple_changes_no_adapter(tmp_path, tiny_models,
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
 
 
-def test_resume_ends_with_the_same_adapters(tmp_path, tiny_models, datasets):
+def test_resume_ends_with_the_same_adapters(tmp_path, tiny_models, datasets, monkeypatch):
+    """Checkpoints are written on a thread: here each waits 0.2 s, while the jobs train
+    on, and must still hold the state of its own step."""
+    import time as time_mod
+
+    import mlora.runtime.background_writer as writer
+
     jobs = [{**j, "save_steps": 2, "max_steps": 5} for j in JOBS]
     full = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "full")), live=False)
     spec = load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "cut"))
+    real = writer.write_checkpoint
+    monkeypatch.setattr(writer, "write_checkpoint", lambda *a, **k: (time_mod.sleep(0.2), real(*a, **k))[1])
     stopped = train(spec, live=False, stop_after_batches=7)
     assert stopped.stopped_early
     assert any((stopped.output_dir / j["name"] / "checkpoints").is_dir() for j in jobs)
@@ -135,7 +143,7 @@ def test_eval_split_reports_eval_loss(tmp_path, tiny_models, datasets):
 def test_a_failed_adapter_write_names_the_job_and_the_others_are_written(tmp_path, tiny_models, datasets, monkeypatch):
     """Adapters go to disk on a writer thread: a write that fails is raised in the run,
     naming the job and its folder; the other jobs' adapters are still written whole."""
-    import mlora.runtime.adapter_writer as writer
+    import mlora.runtime.background_writer as writer
     from mlora.model.peft_io import CONFIG_FILE, load_adapter
 
     real = writer.save_adapter
@@ -148,7 +156,7 @@ def test_a_failed_adapter_write_names_the_job_and_the_others_are_written(tmp_pat
     monkeypatch.setattr(writer, "save_adapter", full_disk)
     jobs = [{**j, "max_steps": 2 if j["name"] == "count" else 4} for j in JOBS]  # count ends first
     spec = load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "failing"))
-    with pytest.raises(writer.AdapterWriteError, match=r"job 'copy': writing its adapter to .*copy failed: .*No space"):
+    with pytest.raises(writer.WriteError, match=r"job 'copy': writing its adapter under .*copy failed: .*No space"):
         train(spec, live=False)
     out = tmp_path / "failing"
     assert not (out / "copy" / CONFIG_FILE).exists()
@@ -162,7 +170,7 @@ def test_a_job_counts_as_finished_once_its_adapter_is_on_disk(tmp_path, tiny_mod
     job's finish time is when its folder was complete, after its last step."""
     import time as time_mod
 
-    import mlora.runtime.adapter_writer as writer
+    import mlora.runtime.background_writer as writer
 
     real = writer.save_adapter
     done_at = {}

@@ -31,13 +31,12 @@ from mlora.model.peft_io import (
     read_adapter_meta,
 )
 from mlora.model.stage import StageModel, base_linear_shapes, load_stage
-from mlora.runtime.adapter_writer import AdapterWriter, Written
+from mlora.runtime.background_writer import BackgroundWriter, Written, snapshot
 from mlora.runtime.batch import collate, padded_length
 from mlora.runtime.checkpoint import (
     latest_checkpoint,
     read_stage_slice,
     read_state,
-    write_checkpoint,
 )
 from mlora.runtime.deferred import DeferredScalar
 from mlora.runtime.meteora_jobs import (
@@ -199,7 +198,7 @@ class Trainer:
         self.stop_after_batches = stop_after_batches
         self._logs: deque[StepLog] = deque()
         self._in_flight: deque[torch.cuda.Event] = deque()
-        self.writer = AdapterWriter(self.device)  # finished jobs' adapters go to disk beside training
+        self.writer = BackgroundWriter(self.device)  # adapters and checkpoints go to disk beside training
         self.result = RunResult(self.out)
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
@@ -386,8 +385,8 @@ class Trainer:
             self.summary.job_eval(job.name, eval_loss)
             self.sink.log_eval({"kind": "eval", "job": job.name, "step": job.step, "eval_loss": eval_loss, "time": time.time()})
         if save_due:
-            state = {"step": job.step, "tokens": job.tokens, "losses": job.losses}
-            write_checkpoint(self.out, job.name, job.step, {0: opt.state_dict()}, state)
+            state = {"step": job.step, "tokens": job.tokens, "losses": list(job.losses)}
+            self.writer.submit_checkpoint(job.name, self.out, job.step, snapshot(opt.state_dict()), state)
         if job.done:
             self._finish_job(job)
 
@@ -417,8 +416,8 @@ class Trainer:
             self._job_written(Written(job.name, folder, time.time()))
             return
         job.status = "writing"
-        self.writer.submit(job.name, folder, adapter_meta(job.spec, self.spec.model.path),
-                           {p: (a, b) for p, a, b in adapter.named_tensors()})
+        self.writer.submit_adapter(job.name, folder, adapter_meta(job.spec, self.spec.model.path),
+                                   {p: (a, b) for p, a, b in adapter.named_tensors()})
 
     def _collect_writes(self, block: bool) -> None:
         for written in self.writer.collect(block):
