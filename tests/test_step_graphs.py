@@ -257,18 +257,22 @@ def test_graph_run_fields_are_checked(tmp_path, tiny_models, field, value):
 
 
 def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool = True,
-                      backend: str = "auto", dtype: str = "float32") -> dict[str, dict[str, torch.Tensor]]:
-    """Three jobs on fixed-length rows (so batch shapes recur), one with dropout; one ends early, so its graphs go."""
+                      backend: str = "auto", dtype: str = "float32", save_steps: int | None = None,
+                      stop_after: int | None = None, resume: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Three jobs on fixed-length rows (so batch shapes recur), one with dropout; one ends early, so its graphs go.
+    With `stop_after` batches the run stops there and returns nothing."""
     device = torch.device("cuda")
     stage = load_stage(model, dtype=dtype, device=device)
     vocab = int(stage.config.vocab_size)
     specs = [
         JobSpec(name="a", dataset="-", lora_r=4, target_modules=("q_proj", "v_proj"), micro_batch_size=2,
-                gradient_accumulation_steps=2, max_steps=6, learning_rate=1e-2, lora_dropout=0.1, seed=1),
+                gradient_accumulation_steps=2, max_steps=6, learning_rate=1e-2, lora_dropout=0.1, seed=1,
+                save_steps=save_steps),
         JobSpec(name="b", dataset="-", lora_r=8, target_modules=SPECS[1].target_modules, micro_batch_size=3,
-                max_steps=3, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1, seed=2),
+                max_steps=3, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1, seed=2, save_steps=save_steps),
         JobSpec(name="c", dataset="-", lora_r=2, target_modules=("down_proj", "o_proj"), micro_batch_size=1,
-                max_steps=6, optimizer="sgd", momentum=0.9, learning_rate=0.05, max_grad_norm=0.05, seed=3),
+                max_steps=6, optimizer="sgd", momentum=0.9, learning_rate=0.05, max_grad_norm=0.05, seed=3,
+                save_steps=save_steps),
     ]
     jobs = []
     for s in specs:
@@ -279,8 +283,11 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool 
         jobs.append(JobState(spec=s, train=train, eval=[], steps=steps))
     run = RunSpec(source="test", model=ModelSpec(path=str(model), dtype=dtype, device="cuda"), jobs=tuple(specs),
                   run=RunLimits(output_dir=str(out), cuda_graphs=graphs, backend=backend))
-    trainer = Trainer(Prepared(run, jobs, stage, 0, out, device), live=False)
+    trainer = Trainer(Prepared(run, jobs, stage, 0, out, device), live=False, resume=resume,
+                      stop_after_batches=stop_after)
     trainer.run()
+    if stop_after is not None:
+        return {}
     if graphs and expect_graphs:
         assert trainer.graphs is not None and trainer.graphs.captures >= 2 and trainer.graphs.replays >= 3
         assert not trainer.graphs.graphs  # every job finished: no graph holds their tensors
@@ -294,6 +301,28 @@ def _assert_same_adapters(got: dict, want: dict, rtol: float, atol: float) -> No
         assert got[job].keys() == tensors.keys(), job
         for key, value in tensors.items():
             torch.testing.assert_close(got[job][key], value, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_graphed_run_resumes_from_its_background_checkpoints(tmp_path, tiny_models, request, monkeypatch):
+    """Checkpoints are copied on the writer's own stream while graphed steps go on (each
+    write here waits 0.2 s first): resuming from them ends with the uninterrupted run's
+    adapters."""
+    if rerun_compiled(request):
+        return
+    import time
+
+    import mlora.runtime.background_writer as writer
+
+    model = tiny_models["llama"]
+    full = _fixed_length_run(model, tmp_path / "full", graphs=True, backend="torch", save_steps=2)
+    real = writer.write_checkpoint
+    monkeypatch.setattr(writer, "write_checkpoint", lambda *a, **k: (time.sleep(0.2), real(*a, **k))[1])
+    _fixed_length_run(model, tmp_path / "cut", graphs=True, backend="torch", save_steps=2, stop_after=6)
+    assert (tmp_path / "cut" / "a" / "checkpoints" / "step-000002" / "stage0.pt").is_file()
+    resumed = _fixed_length_run(model, tmp_path / "cut", graphs=True, expect_graphs=False, backend="torch",
+                                save_steps=2, resume=True)
+    _assert_same_adapters(resumed, full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
