@@ -57,25 +57,20 @@ class _Pending:
     future: Future
 
 
+def _map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`fn` applied to every tensor of a nested dict / list / tuple (a state dict)."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(v, fn) for v in tree)
+    return tree
+
+
 def snapshot(tree: Any) -> Any:
-    """A copy of every tensor in a nested dict / list (on its device, in stream order)."""
-    if isinstance(tree, Tensor):
-        return tree.detach().clone()
-    if isinstance(tree, dict):
-        return {k: snapshot(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(snapshot(v) for v in tree)
-    return tree
-
-
-def _to_host(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.detach().to("cpu")
-    if isinstance(tree, dict):
-        return {k: _to_host(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_host(v) for v in tree)
-    return tree
+    """A copy of every tensor in a state dict (on its device, in stream order)."""
+    return _map_tensors(tree, lambda t: t.detach().clone())
 
 
 class BackgroundWriter:
@@ -110,7 +105,7 @@ class BackgroundWriter:
         if event is not None:
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(event)
-                tensors = _to_host(tensors)
+                tensors = _map_tensors(tensors, lambda t: t.detach().to("cpu"))
         return write(tensors)
 
     @property
