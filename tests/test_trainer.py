@@ -63,6 +63,7 @@ def test_token_budget_and_queue_do_not_change_adapters(tmp_path, tiny_models, da
     summary = json.loads((queued.output_dir / "run_summary.json").read_text())["jobs"]
     order = sorted(summary, key=lambda j: summary[j]["started_at"])
     assert order == ["copy", "reverse", "count"]
+
     def step_times(job: str) -> list[float]:
         rows = (json.loads(line) for line in (queued.output_dir / job / "metrics.jsonl").read_text().splitlines())
         return [r["time"] for r in rows if r["kind"] == "train"]
