@@ -88,20 +88,20 @@ def shrink_shared(dt: str, precision: str, rank_pad: int, of_b: bool) -> dict:
     return _shared(shrink.shrink_kernel, types, consts, cfg.warps, cfg.stages)
 
 
-def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int) -> dict:
+def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_tiles: bool = True) -> dict:
     """The reduction pass with the launch shape the operator picks for this dtype and rank
-    (the dy pass with g by atomics where `g_by_atomics`, else dB alone)."""
+    (the dy pass with g, as partials or by atomics, up to rank 16, else dB alone)."""
     size = 4 if dt == "fp32" else 2
     cfg = seg_grads.dy_pass(size, rank_pad) if dy_pass else seg_grads.x_pass(size, rank_pad, precision)
-    shrink_g = dy_pass and seg_grads.g_by_atomics(rank_pad)
+    shrink_g = dy_pass and rank_pad <= seg_grads.G_IN_DY_PASS_MAX_RANK
     left = "fp32" if not dy_pass else dt
     types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
                                  "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
     types.update(left_ptr=f"*{left}", right_ptr=f"*{dt}", out_ptr="*fp32",
                  part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
-                 slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32")
-    consts = dict(R=rank_pad, OUT_T=dy_pass, DROPOUT=not dy_pass, SHRINK_G=shrink_g, PRECISION=precision,
-                  BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+                 slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32", G_ROWS="i32")
+    consts = dict(R=rank_pad, OUT_T=dy_pass, DROPOUT=not dy_pass, SHRINK_G=shrink_g, G_TILES=shrink_g and g_tiles,
+                  PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
     return _shared(seg_grads.seg_grad_kernel, types, consts, cfg.warps, cfg.stages)
 
 
@@ -134,9 +134,14 @@ def main() -> None:
                                  precision=precision, **shrink_shared(dt, precision, rank_pad, of_b)))
         for dy_pass in (True, False):
             for rank_pad in RANKS:
-                kind = ("dB+g" if seg_grads.g_by_atomics(rank_pad) else "dB") if dy_pass else "dA"
+                with_g = dy_pass and rank_pad <= seg_grads.G_IN_DY_PASS_MAX_RANK
+                kind = ("dB+g" if with_g else "dB") if dy_pass else "dA"
                 rows.append(dict(kernel="seg_grads", config=f"{kind}/R{rank_pad}", dtype=dt,
                                  precision=precision, **seg_grads_shared(dt, precision, dy_pass, rank_pad)))
+                if with_g:  # g by atomics, where its partials would be too large
+                    rows.append(dict(kernel="seg_grads", config=f"dB+g atomics/R{rank_pad}", dtype=dt,
+                                     precision=precision,
+                                     **seg_grads_shared(dt, precision, dy_pass, rank_pad, g_tiles=False)))
     print(json.dumps(rows))
 
 

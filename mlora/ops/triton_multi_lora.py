@@ -3,7 +3,7 @@
 forward:   h = drop(x)·Aᵀ per segment (shrink), then y = x·Wᵀ + bias + s·h·Bᵀ in one
            GEMM whose tiles add the LoRA expand as extra reduction steps.
 backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B (at ranks
-           above 16, g is a second shrink of dy instead: see seg_grads.g_by_atomics); then
+           above 16, g is a second shrink of dy instead: see seg_grads.g_mode); then
            dx = dy·W + drop(s·g·A) in one GEMM, then one pass over x gives
            dA = s·gᵀ·drop(x) (optionally beside the GEMM on a side stream).
 
@@ -30,7 +30,7 @@ from mlora.ops.kernels import fused_gemm as gemm
 from mlora.ops.kernels import seg_grads as grads
 from mlora.ops.kernels import shrink as shrink_mod
 from mlora.ops.kernels.interpret import INTERPRET
-from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, item_plan, padded_rank, rank_block, segment_plan
+from mlora.ops.kernels.plan import ItemPlan, SegmentPlan, cdiv, item_plan, padded_rank, rank_block, segment_plan
 from mlora.ops.multi_lora import LoraCall
 
 PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pass
@@ -225,16 +225,7 @@ def backward_cat(
     d_a = _split(flat_a, ranks, ends_a, True, d_in)
     d_b = _split(flat_b, ranks, ends_b, False, d_out)
 
-    with_g = grads.g_by_atomics(plan.rank_pad)  # the dy pass adds g up, or a shrink computes it
-    if plan.n_segments and not with_g:
-        g = shrink_mod.shrink_b(dy, b_cat, plan, precision)  # rows of uncovered tokens: never read
-    else:
-        g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=x.device)
-    if plan.n_segments:
-        cfg = grads.dy_pass(x.element_size(), plan.rank_pad)
-        grads.seg_grads(h, dy, flat_b, off_b, plan, _items(st, d_out, cfg), cfg, transposed=True,
-                        masks=masks, dropout=False, precision=precision, g=g if with_g else None,
-                        b_cat=b_cat if with_g else None)
+    g = _db_and_g(dy, h, b_cat, flat_b, off_b, st, masks, precision)
 
     def grad_a() -> None:
         if plan.n_segments:
@@ -264,6 +255,31 @@ def backward_cat(
     dx = grad_x()
     main.wait_stream(side)
     return dx, d_a, d_b
+
+
+def _db_and_g(dy: Tensor, h: Tensor, b_cat: Tensor, flat_b: Tensor, off_b: Tensor, st: _CallState, masks: Tensor,
+              precision: str) -> Tensor:
+    """The dy pass: every slot's dB into flat_b, and g = dy·B [T, R] in fp32, from the
+    pass's per-column-tile partials, its atomics, or a shrink of dy (`seg_grads.g_mode`).
+    Rows of uncovered tokens are never read and may hold anything."""
+    plan = st.plan
+    tokens, d_out = dy.shape
+    if not plan.n_segments:
+        return torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=dy.device)
+    cfg = grads.dy_pass(dy.element_size(), plan.rank_pad)
+    items = _items(st, d_out, cfg)
+    mode = grads.g_mode(plan.rank_pad, tokens, d_out, cfg.block_d)
+    if mode == "shrink":
+        grads.seg_grads(h, dy, flat_b, off_b, plan, items, cfg, transposed=True, masks=masks, dropout=False,
+                        precision=precision)
+        return shrink_mod.shrink_b(dy, b_cat, plan, precision)
+    if mode == "partials":
+        g = torch.empty(cdiv(d_out, cfg.block_d), tokens, plan.rank_pad, dtype=torch.float32, device=dy.device)
+    else:
+        g = torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=dy.device)
+    grads.seg_grads(h, dy, flat_b, off_b, plan, items, cfg, transposed=True, masks=masks, dropout=False,
+                    precision=precision, g=g, b_cat=b_cat)
+    return grads.reduce_g(g) if mode == "partials" else g
 
 
 def forward_keep_shrink(

@@ -6,13 +6,13 @@
 One program per (work item, column tile of BLOCK_D): it loops over its item's token
 pieces in BLOCK_M rows, accumulating a [R, BLOCK_D] fp32 tile, so no atomics are
 needed for the gradients and their result does not depend on scheduling. The dB
-pass reads dy anyway, so it also computes g = dy·B_i on the way: each column tile
-adds its [BLOCK_M, R] share of the reduction over d_out into an fp32 g with relaxed
-atomics (the only atomics in the operator; g's summation order over d_out tiles may
-vary between runs at fp32 rounding level). That saves a separate pass over dy at
-rank 16; wider column tiles there mean fewer atomics. Above rank 16 the atomics (T·R
-per column tile) cost more than reading dy again: g is then a shrink of dy by B
-(`shrink.shrink_b`) and this pass computes dB alone (`g_by_atomics`).
+pass reads dy anyway, so at rank 16 it also computes g = dy·B_i on the way (`g_mode`):
+each column tile's [BLOCK_M, R] share of the reduction over d_out is either stored
+as that tile's fp32 partial of g, which `reduce_g` then sums over the column tiles in
+order (deterministic), or, where those partials would take too much memory, added
+into g with relaxed atomics (whose order may vary between runs at fp32 rounding).
+Above rank 16 both cost more than reading dy again: g is then a shrink of dy by B
+(`shrink.shrink_b`) and this pass computes dB alone.
 """
 
 from __future__ import annotations
@@ -42,28 +42,42 @@ class PassConfig:
 INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
 
 
-G_ATOMICS_MAX_RANK = 16
+G_IN_DY_PASS_MAX_RANK = 16
+G_PARTIALS_MAX_BYTES = 64 << 20
 
 
-def g_by_atomics(rank_pad: int) -> bool:
-    """Whether the dy pass also computes g (by atomics), or g is a shrink of dy by B.
+def g_mode(rank_pad: int, tokens: int, d_out: int, block_d: int) -> str:
+    """How g = dy·B is computed: "partials" or "atomics" (in the dy pass), or "shrink".
 
-    The atomics number T·R per column tile. H200, 4096², T = 8192, K = 1 / 64 jobs
-    (bench/ops/tune_passes.py --rank R prints both): dB + g by atomics against dB alone
-    plus the shrink, in us: R = 16 43 / 58 against 48 / 61; R = 32 74 / 105 against
-    54 / 72; R = 64 153 / 177 against 65 / 84; R = 128 219 / 275 against 88 / 144."""
-    return rank_pad <= G_ATOMICS_MAX_RANK
+    In the dy pass each column tile holds a [T, R] share of g. Added up by atomics
+    (T·R per column tile, scalar fp32 reductions at L2) they cost more than the pass's
+    reads: H200, 4096², T = 8192, K = 1 / 64 jobs (bench/ops/tune_passes.py --rank R),
+    dB + g by atomics against dB alone plus a shrink of dy, in us: R = 16 43 / 58
+    against 48 / 61; R = 32 74 / 105 against 54 / 72; R = 64 153 / 177 against 65 / 84;
+    R = 128 219 / 275 against 88 / 144. Stored as partials ([d_out / BLOCK_D, T, R]
+    fp32, plain stores) and summed by `reduce_g` they cost a write and a read of that
+    buffer and give the same g on every run; they are used while the buffer stays under
+    `G_PARTIALS_MAX_BYTES` (8 MiB at T = 8192, d_out = 4096; 28 MiB at d_out = 14336)."""
+    if rank_pad > G_IN_DY_PASS_MAX_RANK:
+        return "shrink"
+    if g_partials_bytes(rank_pad, tokens, d_out, block_d) <= G_PARTIALS_MAX_BYTES:
+        return "partials"
+    return "atomics"
+
+
+def g_partials_bytes(rank_pad: int, tokens: int, d_out: int, block_d: int) -> int:
+    return triton.cdiv(d_out, block_d) * tokens * rank_pad * 4
 
 
 def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
-    """The dB pass, with g where `g_by_atomics`. Wide column tiles mean fewer g atomics
+    """The dB pass, with g up to rank 16 (`g_mode`). Wide column tiles mean fewer g atomics
     (H200 sweep, bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's
     shared memory, so wide ranks and fp32 take narrower tiles (all fit Hopper:
     tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64 jobs:
     39 / 73 us, 4 warps and 2 stages 43 / 113)."""
     if INTERPRET:
         return INTERPRET_PASS
-    if not g_by_atomics(rank_pad):
+    if rank_pad > G_IN_DY_PASS_MAX_RANK:
         return PassConfig(block_m=64 if element_size <= 2 else 32, block_d=128, warps=8, stages=3, per_sm=2)
     row_bytes = rank_pad * element_size
     if row_bytes <= 128:
@@ -92,9 +106,9 @@ def seg_grad_kernel(
     left_ptr, right_ptr, out_ptr, part_ptr, g_ptr, b_cat, mask_ptr,
     item_slot, item_lo, item_hi, item_part, piece_start, piece_end, piece_seg,
     seg_start, seg_mask_row, out_off, slot_rank, slot_off, slot_scale, slot_keep,
-    D, RT,
+    D, RT, G_ROWS,
     R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    G_TILES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     item = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
@@ -111,6 +125,8 @@ def seg_grad_kernel(
                          mask=d_ok[:, None] & r_ok[None, :], other=0.0)
     else:
         b_tile = tl.zeros((BLOCK_D, R), dtype=right_ptr.dtype.element_ty)
+    if G_TILES:  # this column tile's own [G_ROWS, R] partial of g
+        g_ptr += tl.program_id(1).to(tl.int64) * G_ROWS * R
     acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
     for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
         p0 = tl.load(piece_start + p)
@@ -127,10 +143,10 @@ def seg_grad_kernel(
         # was not: on an H200 the x pass with masks took 77-94 us at 4096², now 51-58).
         if mask_row >= 0:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, R, SHRINK_G, True, PRECISION, BLOCK_M)
+                         rr, r_ok, D, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M)
         else:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, 0, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, R, SHRINK_G, False, PRECISION, BLOCK_M)
+                         rr, r_ok, D, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M)
     acc = acc * tl.load(slot_scale + slot)
     part = tl.load(item_part + item)
     if part < 0:
@@ -148,11 +164,11 @@ def seg_grad_kernel(
 @triton.jit
 def _piece(
     acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok, rr, r_ok, D,
-    R: tl.constexpr, SHRINK_G: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    R: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """acc + leftᵀ·drop(right) over the rows [p0, p1) of one piece; with SHRINK_G also
-    g[rows] += right·B_i (atomics)."""
+    right·B_i into g[rows]: stored as the column tile's partial (G_TILES) or added by atomics."""
     dtype = right_ptr.dtype.element_ty
     for m0 in range(p0, p1, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -167,8 +183,11 @@ def _piece(
         acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
         if SHRINK_G:
             g_part = tl.dot(right, b_tile, input_precision=PRECISION)
-            tl.atomic_add(g_ptr + rows64[:, None] * R + rr[None, :], g_part,
-                          mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
+            if G_TILES:  # every column past the rank is 0 (b_tile's): store whole rows
+                tl.store(g_ptr + rows64[:, None] * R + rr[None, :], g_part, mask=row_ok[:, None])
+            else:
+                tl.atomic_add(g_ptr + rows64[:, None] * R + rr[None, :], g_part,
+                              mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
     return acc
 
 
@@ -201,6 +220,28 @@ def reduce_partials_kernel(
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_block & (r < rank))
 
 
+@triton.jit
+def reduce_g_kernel(part_ptr, g_ptr, n, tiles, BLOCK: tl.constexpr):
+    """g = Σ over column tiles of their partials, in tile order: one flat [T·R] sum."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(tiles):
+        acc += tl.load(part_ptr + c * n + offs, mask=ok, other=0.0)
+    tl.store(g_ptr + offs, acc, mask=ok)
+
+
+def reduce_g(parts: Tensor) -> Tensor:
+    """Sum the dy pass's [tiles, T, R] fp32 partials of g into g [T, R]; rows no item
+    covers come out as whatever their partials held (never read, as with `shrink_b`)."""
+    tiles, tokens, r = parts.shape
+    g = torch.empty(tokens, r, dtype=torch.float32, device=parts.device)
+    n = tokens * r
+    if n:
+        reduce_g_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](parts, g, n, tiles, BLOCK=REDUCE_BLOCK, num_warps=4)
+    return g
+
+
 def seg_grads(
     left: Tensor,
     right: Tensor,
@@ -219,8 +260,9 @@ def seg_grads(
     """Write every used slot's gradient into its part of the flat buffer `out` (in its dtype).
 
     `items` must have been planned with cfg's block sizes. `g` and `b_cat` ([D, Σr])
-    given: also accumulate g = right·B_slot (right is dy) into g. `masks`: the stacked
-    int8 keep-masks, read only when dropout.
+    given: also compute g = right·B_slot (right is dy): a [T, R] g is added into by
+    atomics, a [cdiv(D, cfg.block_d), T, R] one gets each column tile's partial (then
+    `reduce_g`). `masks`: the stacked int8 keep-masks, read only when dropout.
     """
     if items.n_items == 0:
         return
@@ -228,14 +270,17 @@ def seg_grads(
     r = plan.rank_pad
     parts = torch.empty(max(items.n_partials * r * width, 1), dtype=torch.float32, device=right.device)
     shrink_g = g is not None
+    tiles = g is not None and g.dim() == 3
+    if tiles and g.shape[0] != triton.cdiv(width, cfg.block_d):
+        raise ValueError(f"g's partials have {g.shape[0]} column tiles, the pass {triton.cdiv(width, cfg.block_d)}")
     seg_grad_kernel[(items.n_items, triton.cdiv(width, cfg.block_d))](
         left, right, out, parts, g if shrink_g else parts, b_cat if shrink_g else right, masks,
         items.item_slot, items.item_lo, items.item_hi, items.item_part,
         items.piece_start, items.piece_end, items.piece_seg,
         plan.seg_start, plan.seg_mask_row, out_off,
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
-        width, max(plan.rank_total, 1),
-        R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, PRECISION=precision,
+        width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0,
+        R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if items.n_reduce:
