@@ -103,6 +103,40 @@ def test_fused_with_lora_jobs_equals_alone(tmp_path, tiny_models, datasets):
     assert (together.output_dir / "copy" / "adapter_model.safetensors").is_file()
 
 
+def test_a_meteora_folder_is_written_while_the_other_jobs_train(tmp_path, tiny_models, datasets, monkeypatch):
+    """A finished MeteoRA job's folder goes to the writer thread: a LoRA job still
+    training logs steps while it is written, and the MeteoRA job counts as finished
+    once its folder is complete."""
+    import time as time_mod
+
+    import mlora.meteora.adapter as meteora_adapter
+
+    real = meteora_adapter.write_meteora
+    window = {}
+
+    def slow(folder, *args, **kwargs):
+        window["start"] = time_mod.time()
+        time_mod.sleep(1.0)
+        out = real(folder, *args, **kwargs)
+        window["end"] = time_mod.time()
+        return out
+
+    monkeypatch.setattr(meteora_adapter, "write_meteora", slow)
+    model_dir = tiny_models["llama"]
+    folders = random_loras(tmp_path, model_dir, 2)
+    data = task_file(tmp_path / "d.jsonl", {1: 0, 6: 1}, 8)
+    mix = meteora_job("mix", folders, data, micro_batch_size=4, max_steps=2, learning_rate=5e-3, top_k=1)
+    lora = {"name": "copy", "dataset": str(datasets["copy"]), "lora_r": 4, "micro_batch_size": 2, "max_steps": 40,
+            "target_modules": ["q_proj"], "learning_rate": 1e-2}
+    result = train(load_run_file(run(tmp_path, model_dir, [mix, lora], "beside")), live=False)
+    summary = json.loads((result.output_dir / "run_summary.json").read_text())["jobs"]
+    assert summary["mix"]["state"] == "finished" and summary["mix"]["finished_at"] >= window["end"]
+    assert (result.output_dir / "mix" / "meteora_config.json").is_file() and gates(result.output_dir, "mix")
+    rows = [json.loads(line) for line in (result.output_dir / "copy" / "metrics.jsonl").read_text().splitlines()]
+    during = [r for r in rows if r["kind"] == "train" and window["start"] < r["time"] < window["end"]]
+    assert during, "the LoRA job stood still while the MeteoRA folder was written"
+
+
 def test_waits_for_the_runs_loras_and_loads_after_a_move(tmp_path, tiny_models):
     model_dir = tiny_models["llama"]
     data = {name: task_file(tmp_path / f"{name}.jsonl", {i: 0}, 24) for i, name in ((0, "reverse"), (1, "upper"))}

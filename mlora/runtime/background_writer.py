@@ -11,7 +11,8 @@ since), copies the tensors to the host and writes the files, in the order handed
 - An adapter's tensors are the finished job's own: nothing changes them any more. The
   trainer marks the job finished when it collects the write, so a job waiting on it (a
   MeteoRA job's experts) starts only once the folder is complete (`save_adapter`: config
-  last).
+  last). A finished MeteoRA job's folder (gates, and its experts if it trained them) is
+  written the same way, by its own save function (`submit_folder`).
 - A checkpoint's tensors are a copy made on the GPU in stream order (`snapshot`), since
   the job's next steps update the originals in place: for a moment the job's optimizer
   state is on the GPU twice. The folder is renamed into place when complete, as before.
@@ -87,6 +88,11 @@ class BackgroundWriter:
         work queued so far has run. Nothing may change them afterwards: the job is over."""
         self._submit(job, "adapter", folder, weights, lambda host: (save_adapter(folder, meta, host), time.time())[1])
 
+    def submit_folder(self, job: str, folder: Path, write: Callable[[], Any]) -> None:
+        """Run `write`, which reads the finished job's tensors and writes its folder (a
+        MeteoRA job's), once the work queued so far has run; collected like an adapter."""
+        self._submit(job, "adapter", folder, None, lambda _: (write(), time.time())[1])
+
     def submit_checkpoint(self, job: str, out_dir: Path, step: int, stage_state: dict[str, Any],
                           state: dict[str, Any]) -> None:
         """Write a single-stage checkpoint of `stage_state`, which must be the caller's
@@ -102,11 +108,12 @@ class BackgroundWriter:
         self._pending.append(_Pending(job, what, folder, self._pool.submit(self._write, tensors, write, event)))
 
     def _write(self, tensors: Any, write: Callable[[Any], Any], event: torch.cuda.Event | None) -> Any:
-        if event is not None:
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_event(event)
-                tensors = _map_tensors(tensors, lambda t: t.detach().to("cpu"))
-        return write(tensors)
+        if event is None:
+            return write(tensors)
+        with torch.cuda.stream(self._stream):  # a `submit_folder` write copies on this stream too
+            self._stream.wait_event(event)
+            tensors = _map_tensors(tensors, lambda t: t.detach().to("cpu"))
+            return write(tensors)
 
     @property
     def pending(self) -> bool:

@@ -404,18 +404,18 @@ class Trainer:
             self.sink.log_train(row)
 
     def _finish_job(self, job: JobState) -> None:
-        """Free the job's slot and hand its adapter to the writer; the other jobs go on.
-        (A MeteoRA job's folder is written here, at once.)"""
+        """Free the job's slot and hand its adapter (or MeteoRA folder) to the writer; the
+        other jobs go on."""
         adapter = self.stage.routing.adapters.pop(job.name)
         if self.graphs is not None:
             self.graphs.forget(job.name)
         del self.optimizers[job.name]
         folder = job_dir(self.out, job.name)
-        if job.spec.kind == "meteora":
-            with_relative_folders(adapter, folder).save(folder)
-            self._job_written(Written(job.name, folder, time.time()))
-            return
         job.status = "writing"
+        if job.spec.kind == "meteora":
+            save = with_relative_folders(adapter, folder).save
+            self.writer.submit_folder(job.name, folder, lambda: save(folder))
+            return
         self.writer.submit_adapter(job.name, folder, adapter_meta(job.spec, self.spec.model.path),
                                    {p: (a, b) for p, a, b in adapter.named_tensors()})
 
