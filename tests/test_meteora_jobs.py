@@ -49,9 +49,9 @@ def meteora_job(name: str, adapters: list, dataset: Path, **extra) -> dict:
     return {"name": name, "kind": "meteora", "adapters": [str(a) for a in adapters], "dataset": str(dataset), **extra}
 
 
-def run(tmp_path: Path, model: Path, jobs: list[dict], out: str, **run_fields) -> Path:
+def run(tmp_path: Path, model: Path, jobs: list[dict], out: str, device: str = "cpu", **run_fields) -> Path:
     raw = {
-        "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
+        "model": {"path": str(model), "dtype": "float32", "device": device},
         "defaults": {"template": "plain", "cutoff_len": 48, "seed": 5, "max_grad_norm": None},
         "jobs": jobs,
         "run": {"output_dir": str(tmp_path / out), **run_fields},
@@ -103,10 +103,12 @@ def test_fused_with_lora_jobs_equals_alone(tmp_path, tiny_models, datasets):
     assert (together.output_dir / "copy" / "adapter_model.safetensors").is_file()
 
 
-def test_a_meteora_folder_is_written_while_the_other_jobs_train(tmp_path, tiny_models, datasets, monkeypatch):
-    """A finished MeteoRA job's folder goes to the writer thread: a LoRA job still
-    training logs steps while it is written, and the MeteoRA job counts as finished
-    once its folder is complete."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_a_meteora_folder_is_written_while_the_other_jobs_train(tmp_path, tiny_models, datasets, monkeypatch, device):
+    """A finished MeteoRA job's folder goes to the writer thread (on CUDA: copied on the
+    writer's stream): a LoRA job still training logs steps while it is written, and the
+    MeteoRA job counts as finished once its folder is complete."""
     import time as time_mod
 
     import mlora.meteora.adapter as meteora_adapter
@@ -128,7 +130,7 @@ def test_a_meteora_folder_is_written_while_the_other_jobs_train(tmp_path, tiny_m
     mix = meteora_job("mix", folders, data, micro_batch_size=4, max_steps=2, learning_rate=5e-3, top_k=1)
     lora = {"name": "copy", "dataset": str(datasets["copy"]), "lora_r": 4, "micro_batch_size": 2, "max_steps": 40,
             "target_modules": ["q_proj"], "learning_rate": 1e-2}
-    result = train(load_run_file(run(tmp_path, model_dir, [mix, lora], "beside")), live=False)
+    result = train(load_run_file(run(tmp_path, model_dir, [mix, lora], "beside", device)), live=False)
     summary = json.loads((result.output_dir / "run_summary.json").read_text())["jobs"]
     assert summary["mix"]["state"] == "finished" and summary["mix"]["finished_at"] >= window["end"]
     assert (result.output_dir / "mix" / "meteora_config.json").is_file() and gates(result.output_dir, "mix")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,19 @@ def g_mode(case: Case, dtype: torch.dtype) -> str:
 
     r = rank_block(case.ranks)
     size = torch.tensor([], dtype=dtype).element_size()
-    return seg_grads.g_mode(r, case.tokens, case.d_out, seg_grads.dy_pass(size, r).block_d)
+    return seg_grads.g_mode(r, case.tokens, case.d_out, seg_grads.dy_pass(size, r).block_d,
+                            torch.are_deterministic_algorithms_enabled())
+
+
+@contextmanager
+def deterministic():
+    """torch's deterministic algorithms on for the block (warnings only for other ops)."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
 def check_autograd(case: Case, dtype: torch.dtype, device: str, seed: int, tol: float) -> None:
@@ -245,28 +258,30 @@ def test_half_precision_interpreted() -> None:
     check_direct(CPU_CASES[0], torch.float16, "cpu", seed=3, tol=1e-2)
 
 
-def test_g_is_summed_from_partials_unless_they_would_be_too_large() -> None:
-    """g = dy·B at rank 16: the dy pass stores a partial per column tile of d_out and a
-    second kernel sums them in order (8 MiB at T = 8192, d_out = 4096); past
-    G_PARTIALS_MAX_BYTES it adds them up by atomics instead; wider ranks shrink dy."""
+def test_g_by_atomics_or_in_order_under_torchs_deterministic_algorithms() -> None:
+    """g = dy·B at rank 16: the dy pass adds each column tile's share by atomics; under
+    torch.use_deterministic_algorithms it stores them as partials summed in order by a
+    second kernel (8 MiB at T = 8192, d_out = 4096), or, past G_PARTIALS_MAX_BYTES, g is
+    a shrink of dy, as at wider ranks."""
     from mlora.ops.kernels import seg_grads
 
     assert seg_grads.g_partials_bytes(16, 8192, 4096, 256) == 8 << 20
-    assert seg_grads.g_mode(16, 8192, 4096, 256) == "partials"
-    assert seg_grads.g_mode(16, 8192, 14336, 256) == "partials"
-    assert seg_grads.g_mode(16, 65536, 14336, 256) == "atomics"
-    assert seg_grads.g_mode(32, 8192, 4096, 128) == "shrink"
-    assert {g_mode(c, torch.float32) for c in CPU_CASES} == {"partials", "shrink"}
+    assert seg_grads.g_mode(16, 8192, 4096, 256) == "atomics"
+    assert seg_grads.g_mode(16, 8192, 4096, 256, deterministic=True) == "partials"
+    assert seg_grads.g_mode(16, 8192, 14336, 256, deterministic=True) == "partials"
+    assert seg_grads.g_mode(16, 65536, 14336, 256, deterministic=True) == "shrink"
+    assert seg_grads.g_mode(32, 8192, 4096, 128) == seg_grads.g_mode(32, 8192, 4096, 128, True) == "shrink"
+    assert {g_mode(c, torch.float32) for c in CPU_CASES} == {"atomics", "shrink"}
+    with deterministic():
+        assert {g_mode(c, torch.float32) for c in CPU_CASES} == {"partials", "shrink"}
 
 
 @interpreted
 @pytest.mark.parametrize("case", [c for c in CPU_CASES if c.name in ("one-job", "many")], ids=lambda c: c.name)
-def test_kernels_match_reference_with_g_by_atomics(case: Case, monkeypatch) -> None:
-    from mlora.ops.kernels import seg_grads
-
-    monkeypatch.setattr(seg_grads, "G_PARTIALS_MAX_BYTES", 0)
-    assert g_mode(case, torch.float32) == "atomics"
-    check_direct(case, torch.float32, "cpu", seed=1, tol=1e-5)
+def test_kernels_match_reference_deterministic(case: Case) -> None:
+    with deterministic():
+        assert g_mode(case, torch.float32) == "partials"
+        check_direct(case, torch.float32, "cpu", seed=1, tol=1e-5)
 
 
 def _expand_reference(a, w, bias, u, v_cat, masks, plan, w_kn: bool, dropout: bool) -> torch.Tensor:
@@ -379,6 +394,11 @@ def run_cuda_checks() -> None:
     check_direct(CUDA_CASES[2], torch.float32, "cuda", seed=6, tol=1e-4)
     check_autograd(CUDA_CASES[0], torch.bfloat16, "cuda", seed=7, tol=1e-2)
     print("ok fp16, fp32 and autograd", flush=True)
+    with deterministic():  # g summed in order: dA bit for bit between two backward passes
+        for case in CUDA_CASES[3:5]:
+            assert g_mode(case, torch.bfloat16) == "partials"
+            check_direct(case, torch.bfloat16, "cuda", seed=8, tol=1e-2)
+    print("ok deterministic", flush=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

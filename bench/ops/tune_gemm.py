@@ -32,7 +32,6 @@ from bench.ops.bench_ops import uneven_segments  # noqa: E402
 from bench.ops.tune_passes import graph_us, ints, rel  # noqa: E402
 from mlora.ops import triton_multi_lora as tm  # noqa: E402
 from mlora.ops.kernels import fused_gemm as fg  # noqa: E402
-from mlora.ops.kernels import seg_grads as sg  # noqa: E402
 from mlora.ops.kernels import shrink as sh  # noqa: E402
 from mlora.ops.kernels.plan import segment_plan  # noqa: E402
 from mlora.ops.multi_lora import LoraCall  # noqa: E402
@@ -116,13 +115,12 @@ def shaped(cfg: str) -> ModuleType:
 
 def variant(spec: str) -> ModuleType:
     """This version's fused GEMM with other launch options, `tma=0`: whether the main loop
-    reads (and the tile is written) through TMA descriptors; or this operator with g = dy·B
-    added up by atomics in the dy pass, `g=atomics` (operator rows only)."""
+    reads (and the tile is written) through TMA descriptors; or this operator under torch's
+    deterministic algorithms, `det=1` (g = dy·B from partials summed in order; operator rows)."""
     names = dict(tma="use_tma")
     items = dict(item.split("=") for item in spec.split("+"))
     module = ModuleType(f"fused_gemm_{spec}")
-    if items.pop("g", None) == "atomics":
-        module.g_partials_max_bytes = 0
+    module.deterministic = items.pop("det", "0") == "1"
     options = {names[k]: bool(int(v)) for k, v in items.items()}
 
     def fused_gemm(*args, **kwargs):
@@ -135,14 +133,16 @@ def variant(spec: str) -> ModuleType:
 @contextlib.contextmanager
 def gemm_module(module: ModuleType):
     """The operator calling another version's fused GEMM (tm looks it up as `tm.gemm`),
-    and with the variant's limit on g's partials (`variant`)."""
-    saved = tm.gemm, sg.G_PARTIALS_MAX_BYTES
+    under torch's deterministic algorithms if the variant says so (`variant`)."""
+    saved = tm.gemm, torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     tm.gemm = module
-    sg.G_PARTIALS_MAX_BYTES = getattr(module, "g_partials_max_bytes", saved[1])
+    if getattr(module, "deterministic", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        tm.gemm, sg.G_PARTIALS_MAX_BYTES = saved
+        tm.gemm = saved[0]
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
 def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType], rounds: int,
@@ -189,7 +189,7 @@ def main() -> None:
     p.add_argument("--jobs", default="1,4,16,64")
     p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
     p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS,...")
-    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; g=atomics (the operator with g by atomics)")
+    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")

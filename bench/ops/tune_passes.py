@@ -4,8 +4,8 @@ At T = 8192, 4096→4096, r = 16 (`--rank`), bf16, K jobs with uneven segments, 
 streams a whole T × 4096 tensor is timed alone from a CUDA graph (device time):
 
   shrink   h = x·Aᵀ per segment          (reads x)
-  dy pass  dB = s·dyᵀ·h and g = dy·B      (reads dy; g as partials per column tile, then their sum)
-  dya      the dy pass with g by atomics (with its g memset; `--passes dya`)
+  dy pass  dB = s·dyᵀ·h and g = dy·B      (reads dy; g by atomics; with its g memset)
+  dyp      the dy pass with g as partials per column tile, then their sum (`--passes dyp`)
   x pass   dA = s·gᵀ·x                    (reads x)
   g        g = dy·B per segment, the shrink kernel on B (reads dy; `--passes g`)
   db       the dy pass without g (dB alone; `--passes db`): db + g against dy
@@ -129,11 +129,11 @@ def main() -> None:
                     sg.seg_grads(h_ref, dy, out, off, plan, items, cfg, transposed=True, masks=x, dropout=False,
                                  precision="tf32")
                     return (out,)
-                if kind == "dy":  # g as each column tile's partial, summed in order
+                if kind == "dyp":  # g as each column tile's partial, summed in order
                     sg.seg_grads(h_ref, dy, out, off, plan, items, cfg, transposed=True, masks=x, dropout=False,
                                  precision="tf32", g=g_parts, b_cat=b_cat)
                     return out, sg.reduce_g(g_parts)
-                if kind == "dya":  # g by atomics
+                if kind == "dy":  # g by atomics
                     g.zero_()
                     sg.seg_grads(h_ref, dy, out, off, plan, items, cfg, transposed=True, masks=x, dropout=False,
                                  precision="tf32", g=g, b_cat=b_cat)
@@ -156,11 +156,11 @@ def main() -> None:
         shrink_drop = shrink_fn(**ship_shrink, dropout=True)
         g_shrink = shrink_fn(**ship_shrink, of_b=True)
         db_alone = seg_fn("db", **shipped["dy"])[0]
-        with_parts = graph_us(seg_fn("dy", **shipped["dy"])[0])
-        atomics = seg_fn("dya", **shipped["dy"])[0]
-        with_atomics = graph_us(atomics)
-        print(f"K={jobs} dy pass (shipped config): with g from partials {with_parts:.1f} us, "
-              f"by atomics {with_atomics:.1f} us (g err {rel(atomics()[1], gg_ref):.0e}); "
+        with_atomics = graph_us(seg_fn("dy", **shipped["dy"])[0])
+        parts = seg_fn("dyp", **shipped["dy"])[0]
+        with_parts = graph_us(parts)
+        print(f"K={jobs} dy pass (shipped config): with g by atomics {with_atomics:.1f} us, "
+              f"from partials {with_parts:.1f} us (g err {rel(parts()[1], gg_ref):.0e}); "
               f"dB alone {graph_us(db_alone):.1f} us + g by a shrink of dy {graph_us(g_shrink):.1f} us "
               f"(g err {rel(g_shrink(), gg_ref):.0e}, dB err {rel(db_alone()[0], db_ref):.0e})", flush=True)
         print(f"K={jobs} with dropout (shipped configs): x pass {graph_us(x_drop):.1f} us, "
@@ -173,7 +173,7 @@ def main() -> None:
             for bm, bk, warps, stages in itertools.product(*(ints(v) for v in (args.shrink_bm, args.shrink_bk,
                                                                                args.warps, args.shrink_stages))):
                 sweeps.append((kind, dict(bm=bm, bk=bk, warps=warps, stages=stages)))
-        for kind in ("x", "dy", "dya", "db"):
+        for kind in ("x", "dy", "dyp", "db"):
             if kind not in args.passes.split(","):
                 continue
             for bm, bd, warps, stages in itertools.product(*(ints(v) for v in (args.bm, args.bd, args.warps,
@@ -192,7 +192,7 @@ def main() -> None:
                     fn, progs = seg_fn(kind, **cfg)
                     outs = fn()
                     err = rel(outs[0], da_ref if kind == "x" else db_ref)
-                    if kind in ("dy", "dya"):
+                    if kind in ("dy", "dyp"):
                         err = max(err, rel(outs[1], gg_ref))
                 us = graph_us(fn)
             except Exception as exc:  # a config over the shared-memory limit: skip it
@@ -200,12 +200,12 @@ def main() -> None:
                 continue
             row = dict(jobs=jobs, kind=kind, **cfg, programs=progs, us=us, gbs=mib / us / 1e3, err=err)
             rows.append(row)
-        for kind in ("shrink", "g", "x", "dy", "dya", "db"):
+        for kind in ("shrink", "g", "x", "dy", "dyp", "db"):
             got = sorted((r for r in rows if r["jobs"] == jobs and r["kind"] == kind), key=lambda r: r["us"])
             if not got:
                 continue
             ship = (ship_shrink
-                    if kind in ("shrink", "g") else shipped["dy" if kind in ("db", "dya") else kind])
+                    if kind in ("shrink", "g") else shipped["dy" if kind in ("db", "dyp") else kind])
             mine = [r for r in got if all(r.get(k) == v for k, v in ship.items())]
             print(f"K={jobs} {kind}: shipped {mine[0]['us'] if mine else float('nan'):.1f} us; best:", flush=True)
             for r in got[:6]:

@@ -260,7 +260,8 @@ def backward_cat(
 def _db_and_g(dy: Tensor, h: Tensor, b_cat: Tensor, flat_b: Tensor, off_b: Tensor, st: _CallState, masks: Tensor,
               precision: str) -> Tensor:
     """The dy pass: every slot's dB into flat_b, and g = dy·B [T, R] in fp32, from the
-    pass's per-column-tile partials, its atomics, or a shrink of dy (`seg_grads.g_mode`).
+    pass's atomics, its per-column-tile partials (torch's deterministic algorithms on),
+    or a shrink of dy (`seg_grads.g_mode`).
     Rows of uncovered tokens are never read and may hold anything."""
     plan = st.plan
     tokens, d_out = dy.shape
@@ -268,7 +269,7 @@ def _db_and_g(dy: Tensor, h: Tensor, b_cat: Tensor, flat_b: Tensor, off_b: Tenso
         return torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=dy.device)
     cfg = grads.dy_pass(dy.element_size(), plan.rank_pad)
     items = _items(st, d_out, cfg)
-    mode = grads.g_mode(plan.rank_pad, tokens, d_out, cfg.block_d)
+    mode = grads.g_mode(plan.rank_pad, tokens, d_out, cfg.block_d, torch.are_deterministic_algorithms_enabled())
     if mode == "shrink":
         grads.seg_grads(h, dy, flat_b, off_b, plan, items, cfg, transposed=True, masks=masks, dropout=False,
                         precision=precision)

@@ -7,10 +7,10 @@ One program per (work item, column tile of BLOCK_D): it loops over its item's to
 pieces in BLOCK_M rows, accumulating a [R, BLOCK_D] fp32 tile, so no atomics are
 needed for the gradients and their result does not depend on scheduling. The dB
 pass reads dy anyway, so at rank 16 it also computes g = dy·B_i on the way (`g_mode`):
-each column tile's [BLOCK_M, R] share of the reduction over d_out is either stored
-as that tile's fp32 partial of g, which `reduce_g` then sums over the column tiles in
-order (deterministic), or, where those partials would take too much memory, added
-into g with relaxed atomics (whose order may vary between runs at fp32 rounding).
+each column tile adds its [BLOCK_M, R] share of the reduction over d_out into g with
+relaxed fp32 atomics (the only atomics in the operator: g's summation order may vary
+between runs at fp32 rounding), or, under torch's deterministic algorithms, stores it
+as that tile's fp32 partial of g, which `reduce_g` then sums over the tiles in order.
 Above rank 16 both cost more than reading dy again: g is then a shrink of dy by B
 (`shrink.shrink_b`) and this pass computes dB alone.
 """
@@ -46,23 +46,27 @@ G_IN_DY_PASS_MAX_RANK = 16
 G_PARTIALS_MAX_BYTES = 64 << 20
 
 
-def g_mode(rank_pad: int, tokens: int, d_out: int, block_d: int) -> str:
-    """How g = dy·B is computed: "partials" or "atomics" (in the dy pass), or "shrink".
+def g_mode(rank_pad: int, tokens: int, d_out: int, block_d: int, deterministic: bool = False) -> str:
+    """How g = dy·B is computed: "atomics" or "partials" (in the dy pass), or "shrink".
 
     In the dy pass each column tile holds a [T, R] share of g. Added up by atomics
     (T·R per column tile, scalar fp32 reductions at L2) they cost more than the pass's
-    reads: H200, 4096², T = 8192, K = 1 / 64 jobs (bench/ops/tune_passes.py --rank R),
-    dB + g by atomics against dB alone plus a shrink of dy, in us: R = 16 43 / 58
-    against 48 / 61; R = 32 74 / 105 against 54 / 72; R = 64 153 / 177 against 65 / 84;
-    R = 128 219 / 275 against 88 / 144. Stored as partials ([d_out / BLOCK_D, T, R]
-    fp32, plain stores) and summed by `reduce_g` they cost a write and a read of that
-    buffer and give the same g on every run; they are used while the buffer stays under
-    `G_PARTIALS_MAX_BYTES` (8 MiB at T = 8192, d_out = 4096; 28 MiB at d_out = 14336)."""
+    reads above R = 16: H200, 4096², T = 8192, K = 1 / 64 jobs (bench/ops/tune_passes.py
+    --rank R), dB + g by atomics against dB alone plus a shrink of dy, in us: R = 16
+    43 / 58 against 48 / 61; R = 32 74 / 105 against 54 / 72; R = 64 153 / 177 against
+    65 / 84; R = 128 219 / 275 against 88 / 144. The atomics' order, hence g at fp32
+    rounding, may vary between runs; with `deterministic` (torch's
+    `use_deterministic_algorithms`) the shares are stored as partials ([d_out / BLOCK_D,
+    T, R] fp32) and summed in order by `reduce_g`, or, past `G_PARTIALS_MAX_BYTES`,
+    g is the shrink. Partials cost more than atomics: R = 16, dy pass 45 / 62 us
+    against 42 / 58, the operator 1.17-1.26x the base GEMMs against 1.14-1.22x."""
     if rank_pad > G_IN_DY_PASS_MAX_RANK:
         return "shrink"
+    if not deterministic:
+        return "atomics"
     if g_partials_bytes(rank_pad, tokens, d_out, block_d) <= G_PARTIALS_MAX_BYTES:
         return "partials"
-    return "atomics"
+    return "shrink"
 
 
 def g_partials_bytes(rank_pad: int, tokens: int, d_out: int, block_d: int) -> int:
