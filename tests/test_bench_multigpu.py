@@ -58,7 +58,7 @@ def test_trace_sync_patch(bench, monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
     for name in ("_forward", "_backward", "_optimizer_step"):
         monkeypatch.setattr(stage_worker.StageWorker, name, lambda self, action, n=name: calls.append(n))
-    bench.patch_trace_sync()
+    bench.workers.patch_trace_sync()
     worker = object.__new__(stage_worker.StageWorker)
     worker._forward("a")
     worker._backward("a")
