@@ -96,7 +96,7 @@ def main() -> None:
         ranks = (rank,) * jobs
         a_cat = torch.randn(rank * jobs, D, device=dev, dtype=bf, generator=gen) * D**-0.5
         b_cat = torch.randn(D, rank * jobs, device=dev, dtype=bf, generator=gen) * rank**-0.5
-        scales, drop, has = (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs
+        scales, drop = (2.0,) * jobs, (0.0,) * jobs
         off, ends = _offset_table(ranks, D, dev)
 
         def shrink_fn(bm, bk, warps, stages, dropout=False, of_b=False):
