@@ -15,7 +15,8 @@ since), copies the tensors to the host and writes the files, in the order handed
   written the same way, by its own save function (`submit_folder`).
 - A checkpoint's tensors are a copy made on the GPU in stream order (`snapshot`), since
   the job's next steps update the originals in place: for a moment the job's optimizer
-  state is on the GPU twice. The folder is renamed into place when complete, as before.
+  state is on the GPU twice. The folder is renamed into place when complete, as before;
+  a pipeline stage writes its own slice the same way (`submit_stage_slice`).
 
 A failed write is raised in the trainer's thread, naming the job and folder; `close`
 waits for every write still going, even when the run fails.
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from mlora.model.peft_io import AdapterMeta, save_adapter
-from mlora.runtime.checkpoint import write_checkpoint
+from mlora.runtime.checkpoint import write_checkpoint, write_stage_slice
 
 
 class WriteError(RuntimeError):
@@ -92,6 +93,11 @@ class BackgroundWriter:
         """Run `write`, which reads the finished job's tensors and writes its folder (a
         MeteoRA job's), once the work queued so far has run; collected like an adapter."""
         self._submit(job, "adapter", folder, None, lambda _: (write(), time.time())[1])
+
+    def submit_stage_slice(self, job: str, folder: Path, stage: int, stage_state: dict[str, Any]) -> None:
+        """Write a pipeline stage's slice of a checkpoint; `stage_state` as for
+        `submit_checkpoint`. The folder counts as complete once every slice is there."""
+        self._submit(job, "checkpoint", folder, stage_state, lambda host: write_stage_slice(folder, stage, host))
 
     def submit_checkpoint(self, job: str, out_dir: Path, step: int, stage_state: dict[str, Any],
                           state: dict[str, Any]) -> None:

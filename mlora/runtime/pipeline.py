@@ -34,6 +34,7 @@ from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import Targets
 from mlora.model.peft_io import save_adapter
 from mlora.model.stage import StageBounds, base_linear_shapes, load_stage, read_config
+from mlora.runtime.background_writer import BackgroundWriter, snapshot
 from mlora.runtime.batch import collate, make_layout, padded_length
 from mlora.runtime.checkpoint import (
     STATE,
@@ -41,7 +42,6 @@ from mlora.runtime.checkpoint import (
     read_stage_slice,
     read_state,
     step_dir,
-    write_stage_slice,
 )
 from mlora.runtime.meteora_jobs import (
     check_meteora_inputs,
@@ -335,11 +335,14 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         assert packed is not None
         return Targets(packed[0], packed[1], packed[2], len(plan.plans[mb].batch.slices))
 
+    writer = BackgroundWriter(device)  # this stage's checkpoint slices go to disk beside the pipeline
+
     def on_step(job: str, step: int) -> None:
+        writer.collect()  # a failed earlier write stops this stage here
         save_steps = specs[job].save_steps
         if save_steps and (step + 1) % save_steps == 0 and step + 1 < plan.total_steps[job]:
             folder = step_dir(Path(spec.run.output_dir), job, step + 1)
-            write_stage_slice(folder, rank, optimizers[job].state_dict())
+            writer.submit_stage_slice(job, folder, rank, snapshot(optimizers[job].state_dict()))
             if monitor is not None:
                 monitor.checkpoint(job, step + 1, folder)
 
@@ -347,19 +350,23 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         monitor.start()
     events: list[Any] = []
     clock = None
-    for names, schedule in plan.phases:
-        start_jobs(names)
-        worker = StageWorker(
-            rank, n_ranks, stage, optimizers, plan.job_ids, transport, plan.plans,
-            token_ids=token_ids if rank == 0 else None,
-            targets=recv_targets if rank == last else None,
-            send_targets=send_targets if rank == 0 else None,
-            on_loss=monitor.loss if monitor is not None else None,
-            on_step=on_step,
-        )
-        clock = worker.clock = clock or worker.clock  # one clock for the whole run's trace
-        events += worker.run(schedule.stages[rank])
-    transport.flush_sends()
+    try:
+        for names, schedule in plan.phases:
+            start_jobs(names)
+            worker = StageWorker(
+                rank, n_ranks, stage, optimizers, plan.job_ids, transport, plan.plans,
+                token_ids=token_ids if rank == 0 else None,
+                targets=recv_targets if rank == last else None,
+                send_targets=send_targets if rank == 0 else None,
+                on_loss=monitor.loss if monitor is not None else None,
+                on_step=on_step,
+            )
+            clock = worker.clock = clock or worker.clock  # one clock for the whole run's trace
+            events += worker.run(schedule.stages[rank])
+        transport.flush_sends()
+        writer.collect(block=True)
+    finally:
+        writer.close()
 
     slices = {name: stage_slice(stage.routing.adapters[name]) for name in plan.active}
     gathered: list[Any] = [None] * n_ranks if rank == 0 else []
@@ -437,6 +444,7 @@ class PipelineMonitor:
     def checkpoint(self, job_name: str, step: int, folder: Path) -> None:
         job = self.driver.jobs[job_name]
         state = {"step": step, "tokens": job.tokens, "losses": job.losses[:step]}
+        folder.mkdir(parents=True, exist_ok=True)  # the stages' slices may still be on their way
         tmp = folder / f".{STATE}.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, folder / STATE)
