@@ -128,8 +128,10 @@ def check_direct(case: Case, dtype: torch.dtype, device: str, seed: int, tol: fl
     y_ref = reference_forward(up[0], up[1], up[2], a32, b32, masks, call)
     assert y.dtype == dtype and rel(y, y_ref) < tol, (case.name, "y", rel(y, y_ref))
     dx_ref, da_ref, db_ref = reference_backward(up[3], up[0], up[1], a32, b32, masks, call, True)
+    dxs = []
     for saved in (h, None):  # h kept from forward, and recomputed
         dx, da, db = tm.backward(dy, x, w, a, bb, masks, call, True, h=saved, use_tma=case.use_tma)
+        dxs.append(dx)
         assert rel(dx, dx_ref) < tol, (case.name, "dx", rel(dx, dx_ref))
         for i in range(len(case.ranks)):
             assert da[i].shape == a[i].shape and db[i].shape == bb[i].shape
@@ -143,8 +145,8 @@ def check_direct(case: Case, dtype: torch.dtype, device: str, seed: int, tol: fl
     dx_none, da2, db2 = tm.backward(dy, x, w, a, bb, masks, call, False, h=h, use_tma=case.use_tma)
     assert dx_none is None and all(torch.equal(p, q) for p, q in zip(db, db2))
     assert all(rel(p, q) < tol for p, q in zip(da2, da_ref) if q.abs().max() > 0)
-    if g_mode(case, dtype) != "atomics":
-        assert all(torch.equal(p, q) for p, q in zip(da, da2)), case.name
+    if g_mode(case, dtype) != "atomics":  # and dx too, which reads g
+        assert torch.equal(dxs[0], dxs[1]) and all(torch.equal(p, q) for p, q in zip(da, da2)), case.name
 
 
 def g_mode(case: Case, dtype: torch.dtype) -> str:
