@@ -88,9 +88,9 @@ def shrink_shared(dt: str, precision: str, rank_pad: int, of_b: bool) -> dict:
     return _shared(shrink.shrink_kernel, types, consts, cfg.warps, cfg.stages)
 
 
-def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_tiles: bool = True) -> dict:
+def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_tiles: bool = False) -> dict:
     """The reduction pass with the launch shape the operator picks for this dtype and rank
-    (the dy pass with g, as partials or by atomics, up to rank 16, else dB alone)."""
+    (the dy pass with g up to rank 16, by atomics or, with g_tiles, as partials; else dB alone)."""
     size = 4 if dt == "fp32" else 2
     cfg = seg_grads.dy_pass(size, rank_pad) if dy_pass else seg_grads.x_pass(size, rank_pad, precision)
     shrink_g = dy_pass and rank_pad <= seg_grads.G_IN_DY_PASS_MAX_RANK
@@ -138,10 +138,10 @@ def main() -> None:
                 kind = ("dB+g" if with_g else "dB") if dy_pass else "dA"
                 rows.append(dict(kernel="seg_grads", config=f"{kind}/R{rank_pad}", dtype=dt,
                                  precision=precision, **seg_grads_shared(dt, precision, dy_pass, rank_pad)))
-                if with_g:  # g by atomics, where its partials would be too large
-                    rows.append(dict(kernel="seg_grads", config=f"dB+g atomics/R{rank_pad}", dtype=dt,
+                if with_g:  # g as column-tile partials, under torch's deterministic algorithms
+                    rows.append(dict(kernel="seg_grads", config=f"dB+g partials/R{rank_pad}", dtype=dt,
                                      precision=precision,
-                                     **seg_grads_shared(dt, precision, dy_pass, rank_pad, g_tiles=False)))
+                                     **seg_grads_shared(dt, precision, dy_pass, rank_pad, g_tiles=True)))
     print(json.dumps(rows))
 
 

@@ -31,7 +31,7 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kinds = {(r["kernel"], r["dtype"], r["precision"]) for r in rows}
     # 3 precisions × (GEMM configs + 2 at R = 128 + 2 shrinks (h, g) × 4 ranks + 2 reductions × 4 ranks
-    # + the dy pass with g by atomics at R = 16): 6 GEMM configs (3 tiles × forward, dx) in bf16 and
+    # + the dy pass with g as partials at R = 16): 6 GEMM configs (3 tiles × forward, dx) in bf16 and
     # TF32, 2 in true fp32 (its one tile)
     assert len(kinds) == 9 and len(rows) == 71
     too_big = [r for r in rows if not 0 < r["shared"] <= HOPPER_SMEM]
