@@ -256,6 +256,28 @@ def test_autograd_triton_backend(case: Case) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("case", [c for c in CPU_CASES if c.name in ("one-job", "many")], ids=lambda c: c.name)
+def test_kernels_match_reference_with_split_gemms(case: Case, monkeypatch) -> None:
+    """The operator with its GEMMs split (the LoRA part from Triton, the base product from
+    torch's addmm_) instead of fused (the default: one Triton GEMM for both)."""
+    from mlora.ops import triton_multi_lora as tm
+
+    monkeypatch.setenv("MLORA_TRITON_BASE", "split")
+    assert tm.base_gemm() == "split"
+    check_direct(case, torch.float32, "cpu", seed=1, tol=1e-5)
+
+
+def test_the_base_gemm_is_fused_unless_asked_otherwise(monkeypatch) -> None:
+    from mlora.ops import triton_multi_lora as tm
+
+    monkeypatch.delenv("MLORA_TRITON_BASE", raising=False)
+    assert tm.base_gemm() == "fused"
+    monkeypatch.setenv("MLORA_TRITON_BASE", "cublas")
+    with pytest.raises(ValueError, match="MLORA_TRITON_BASE='cublas': use one of fused, split"):
+        tm.base_gemm()
+
+
+@interpreted
 def test_half_precision_interpreted() -> None:
     check_direct(CPU_CASES[0], torch.float16, "cpu", seed=3, tol=1e-2)
 
@@ -324,6 +346,14 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
 
 @interpreted
 @pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
+def test_the_split_gemm_matches_the_contract(w_kn: bool) -> None:
+    """The same contract split in two: the kernel with no K loop writes the LoRA part (with
+    bias; masked in dx), and torch's addmm_ adds the base product onto it."""
+    _check_gemm_contract(w_kn, False, torch.float32, split=True)
+
+
+@interpreted
+@pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
 @pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
 def test_the_true_fp32_tile_matches_the_contract(w_kn: bool, use_tma: bool, monkeypatch) -> None:
     """The GEMM at the tile true fp32 launches on a GPU (`IEEE_SHAPE`, 32 × 64 × 32):
@@ -335,7 +365,7 @@ def test_the_true_fp32_tile_matches_the_contract(w_kn: bool, use_tma: bool, monk
     _check_gemm_contract(w_kn, use_tma, torch.float32)
 
 
-def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype) -> None:
+def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: bool = False) -> None:
     from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
@@ -362,8 +392,11 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype) -> None:
     a, w, v_cat = a.to(dtype), w.to(dtype), v_cat.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     u = u if w_kn else u.to(dtype)  # g stays fp32, as the operator passes it
-    out = fg.fused_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee",
-                        use_tma=use_tma)
+    if split:
+        out = fg.split_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee")
+    else:
+        out = fg.fused_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee",
+                            use_tma=use_tma)
     assert out.dtype == dtype
     ref = _expand_reference(a, w, bias, u, v_cat, masks, plan, w_kn, any(has))
     tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp16: the output's and u·s's rounding
@@ -396,6 +429,18 @@ def run_cuda_checks() -> None:
     check_direct(CUDA_CASES[2], torch.float32, "cuda", seed=6, tol=1e-4)
     check_autograd(CUDA_CASES[0], torch.bfloat16, "cuda", seed=7, tol=1e-2)
     print("ok fp16, fp32 and autograd", flush=True)
+    saved = os.environ.get("MLORA_TRITON_BASE")
+    os.environ["MLORA_TRITON_BASE"] = "split"  # the default fuses the GEMMs; the split ones too
+    try:
+        for case in CUDA_CASES[:3]:
+            check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
+        check_direct(CUDA_CASES[1], torch.float32, "cuda", seed=6, tol=1e-4)
+    finally:
+        if saved is None:
+            os.environ.pop("MLORA_TRITON_BASE")
+        else:
+            os.environ["MLORA_TRITON_BASE"] = saved
+    print("ok split GEMMs", flush=True)
     with deterministic():  # g summed in order: dA bit for bit between two backward passes
         for case in CUDA_CASES[3:5]:
             assert g_mode(case, torch.bfloat16) == "partials"

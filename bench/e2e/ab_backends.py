@@ -8,7 +8,9 @@ Here one model and one set of 4 jobs (4 × 512 tokens each, r = 16 on all 7
 projections, bf16) keep one CUDA graph per arm, and the arms take turns, so drift of
 clocks or host affects them alike. Each round times `--steps` replays (collate and the
 four optimizer steps included, synchronised each step) and reports the median.
-Arms (`--arms`): the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1) and untuned.
+Arms (`--arms`): the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1) and untuned,
+and the Triton path with its GEMMs split (`triton-split`: the LoRA part
+from the Triton kernel, the base product added by cuBLAS; MLORA_TRITON_BASE).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -37,7 +39,9 @@ from mlora.runtime.batch import collate  # noqa: E402
 from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
 from mlora.runtime.trainer import make_adapter  # noqa: E402
 
-ARMS = {"dense": ("torch", "0"), "triton-tuned": ("triton", "1"), "triton": ("triton", "0")}  # backend, autotune
+# backend, autotune, MLORA_TRITON_BASE (split: the LoRA part from Triton, the base product from cuBLAS)
+ARMS = {"dense": ("torch", "0", "fused"), "triton-tuned": ("triton", "1", "fused"), "triton": ("triton", "0", "fused"),
+        "triton-split": ("triton", "0", "split")}
 
 
 def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int,
@@ -62,7 +66,7 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
     graphs = {arm: StepGraphs(stage) for arm in arms}
 
     def step(arm: str) -> None:
-        stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"] = ARMS[arm]
+        stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"] = ARMS[arm]
         batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
         if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture
             hidden = stage(batch.input_ids, batch.layout)

@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,12 +110,12 @@ class Skeleton:
     on every projection), the step's input and its logits' gradient, fixed in memory so a
     step can be recorded once and replayed.
 
-    `variant` says how a projection runs: "cublas" x·Wᵀ alone (the floor), "triton" or
-    "dense" mlora's multi-LoRA operator on that backend with the jobs' adapters over
-    their tokens, "triton-nolora" the Triton operator with one slot and no tokens in it
-    (its GEMMs with no LoRA work: the fused GEMM's own cost against cuBLAS),
-    "triton-cublas" the Triton operator with cuBLAS adding the base product onto the
-    LoRA part (`bench/ops/tune_gemm.py`'s `cublas_base`)."""
+    `variant` says how a projection runs: "cublas" x·Wᵀ alone (the floor); "triton-split",
+    "triton-fused" or "dense" mlora's multi-LoRA operator with the jobs' adapters over
+    their tokens, on the Triton backend with its GEMMs split (the LoRA part from Triton,
+    the base product from cuBLAS) or fused (one Triton GEMM; MLORA_TRITON_BASE), or on
+    the dense backend; "triton-nolora" the fused Triton GEMMs with one slot and no tokens
+    in it (no LoRA work: that GEMM's own cost against cuBLAS)."""
 
     def __init__(self, d: Dims, device: torch.device, dtype: torch.dtype, variant: str = "cublas",
                  jobs: int = 4, rank: int = 16, base: Skeleton | None = None) -> None:
@@ -148,13 +150,21 @@ class Skeleton:
                        [(torch.randn(wt.shape[0], rank, device=device) * 0.01).requires_grad_() for _ in range(slots)])
                 for name, wt in layer.items()})
 
-    def context(self) -> contextlib.AbstractContextManager:
-        """What the step runs under while it is warmed up and recorded."""
-        if self.variant != "triton-cublas":
-            return contextlib.nullcontext()
-        from bench.ops.tune_gemm import cublas_base, gemm_module
-
-        return gemm_module(cublas_base())
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """What the step runs under while it is warmed up and recorded: the Triton
+        variants' MLORA_TRITON_BASE."""
+        base = {"triton-split": "split", "triton-fused": "fused", "triton-nolora": "fused"}.get(self.variant)
+        saved = os.environ.get("MLORA_TRITON_BASE")
+        if base is not None:
+            os.environ["MLORA_TRITON_BASE"] = base
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("MLORA_TRITON_BASE", None)
+            else:
+                os.environ["MLORA_TRITON_BASE"] = saved
 
     def params(self) -> list[Tensor]:
         return [t for layer in self.adapters for a, b in layer.values() for t in (*a, *b)]
@@ -263,8 +273,8 @@ def run_shape(shape: str, variants: list[str], args: argparse.Namespace, peak: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="7b,1.1b")
-    parser.add_argument("--variants", default="cublas,triton,dense,triton-nolora,triton-cublas",
-                        help="how the projections run: cublas (the floor), triton, dense, triton-nolora, triton-cublas")
+    parser.add_argument("--variants", default="cublas,triton-split,triton-fused,triton-nolora,dense",
+                        help="how the projections run: cublas (the floor), triton-split, triton-fused, triton-nolora, dense")
     parser.add_argument("--seconds", type=float, default=6.0, help="replay time of one variant in one round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=4, help="jobs whose adapters the operator variants train")

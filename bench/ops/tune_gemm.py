@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -113,24 +114,15 @@ def shaped(cfg: str) -> ModuleType:
     return module
 
 
-EXPAND_SHAPE = (128, 256, 16, 1, 8)  # the expand-only launch: no K loop, so one small stage
-
-
-def cublas_base() -> ModuleType:
-    """The operator's GEMMs split in two: the fused kernel with an empty K loop writes the
-    LoRA part alone (plus bias; masked in the dx GEMM), and cuBLAS adds the base product
-    onto it in place (`addmm_`, beta = 1: the LoRA part is read in cuBLAS's epilogue)."""
-    module = ModuleType("fused_gemm_cublas_base")
+def base_module(base: str) -> ModuleType:
+    """The operator's GEMMs one way (`triton_multi_lora.base_gemm`): "fused" (one Triton
+    GEMM) or "split" (the LoRA part from the Triton kernel, the base product from cuBLAS)."""
+    module = ModuleType(f"fused_gemm_{base}")
 
     def fused_gemm(a, weight, bias, u, v_cat, masks, plan, w_kn, dropout, precision, use_tma=None):
-        saved = fg.SHAPES
-        fg.SHAPES = [EXPAND_SHAPE]
-        try:
-            out = fg.fused_gemm(a[:, :0], weight[:0] if w_kn else weight[:, :0], bias, u, v_cat, masks, plan,
-                                w_kn, dropout, precision, use_tma=False)
-        finally:
-            fg.SHAPES = saved
-        return out.addmm_(a, weight if w_kn else weight.t())
+        if base == "split":
+            return fg.split_gemm(a, weight, bias, u, v_cat, masks, plan, w_kn, dropout, precision)
+        return fg.fused_gemm(a, weight, bias, u, v_cat, masks, plan, w_kn, dropout, precision, use_tma=use_tma)
 
     module.fused_gemm = fused_gemm
     return module
@@ -140,9 +132,9 @@ def variant(spec: str) -> ModuleType:
     """This version's fused GEMM with other launch options, `tma=0`: whether the main loop
     reads (and the tile is written) through TMA descriptors; or this operator under torch's
     deterministic algorithms, `det=1` (g = dy·B from partials summed in order; operator rows);
-    or `base=cublas`, the base product from cuBLAS added onto the LoRA part (`cublas_base`)."""
-    if spec == "base=cublas":
-        return cublas_base()
+    or `base=fused` / `base=split`, the operator's GEMMs one way or the other (`base_module`)."""
+    if spec.startswith("base="):
+        return base_module(spec.split("=")[1])
     names = dict(tma="use_tma")
     items = dict(item.split("=") for item in spec.split("+"))
     module = ModuleType(f"fused_gemm_{spec}")
@@ -161,13 +153,20 @@ def gemm_module(module: ModuleType):
     """The operator calling another version's fused GEMM (tm looks it up as `tm.gemm`),
     under torch's deterministic algorithms if the variant says so (`variant`)."""
     saved = tm.gemm, torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    saved_base = os.environ.get("MLORA_TRITON_BASE")
     tm.gemm = module
+    if module is not fg:  # a stand-in module: the operator calls its fused_gemm for both GEMMs
+        os.environ["MLORA_TRITON_BASE"] = "fused"
     if getattr(module, "deterministic", False):
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         tm.gemm = saved[0]
+        if saved_base is None:
+            os.environ.pop("MLORA_TRITON_BASE", None)
+        else:
+            os.environ["MLORA_TRITON_BASE"] = saved_base
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
@@ -215,7 +214,7 @@ def main() -> None:
     p.add_argument("--jobs", default="1,4,16,64")
     p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
     p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS,...")
-    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=cublas (cuBLAS adds the base product onto the LoRA part)")
+    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=fused or base=split (the operator's GEMMs one way or the other; this version runs MLORA_TRITON_BASE's, split by default)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")

@@ -1,11 +1,13 @@
 """The multi-LoRA operator on Triton: same signatures and results as the reference.
 
 forward:   h = drop(x)·Aᵀ per segment (shrink), then y = x·Wᵀ + bias + s·h·Bᵀ in one
-           GEMM whose tiles add the LoRA expand as extra reduction steps.
+           GEMM whose tiles add the LoRA expand as extra reduction steps (fused, the
+           default), or the expand alone from Triton with cuBLAS adding x·Wᵀ onto it
+           in its epilogue (split; `base_gemm`).
 backward:  one pass over dy gives dB (= s·dyᵀ·h per slot) and g = dy·B (at ranks
            above 16, g is a second shrink of dy instead: see seg_grads.g_mode); then
-           dx = dy·W + drop(s·g·A) in one GEMM, then one pass over x gives
-           dA = s·gᵀ·drop(x) (optionally beside the GEMM on a side stream).
+           dx = dy·W + drop(s·g·A) the same way (fused or split), then one pass over x
+           gives dA = s·gᵀ·drop(x) (optionally beside the GEMM on a side stream).
 
 h (T × padded rank) is kept from forward for backward; g is T × padded rank in fp32.
 The adapters arrive concatenated (A_cat [Σr, d_in], B_cat [d_out, Σr], each slot padded
@@ -18,6 +20,7 @@ graph record the operator. See docs/kernels.md.
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -182,9 +185,33 @@ def forward_cat(
     dropout = mask_rows is not None
     masks = mask_rows if dropout else x
     h = shrink_mod.shrink(x, a_cat, masks, st.plan, dropout, precision)
-    y = gemm.fused_gemm(x, weight, bias, h, b_cat, masks, st.plan,
-                        w_kn=False, dropout=False, precision=precision, use_tma=use_tma)
+    if _split_base():
+        y = gemm.split_gemm(x, weight, bias, h, b_cat, masks, st.plan, w_kn=False, dropout=False, precision=precision)
+    else:
+        y = gemm.fused_gemm(x, weight, bias, h, b_cat, masks, st.plan,
+                            w_kn=False, dropout=False, precision=precision, use_tma=use_tma)
     return y, h
+
+
+BASE_GEMMS = ("fused", "split")
+
+
+def base_gemm() -> str:
+    """How the operator's two GEMMs run: "fused" (the default) runs the base product and
+    the LoRA part in one Triton GEMM; "split" writes the LoRA part from the Triton kernel
+    and lets cuBLAS add the base product onto it (`fused_gemm.split_gemm`).
+    MLORA_TRITON_BASE picks one. Both give the same sums. On an H200 at its power limit
+    they tied on the operator alone; split was 1-3.5 % faster in a skeleton of a training
+    step (projections and attention only) but 1.6 % slower in the trainer's own 7B step,
+    so fused stays the default (bench/README.md, 2026-12-03, fifth session)."""
+    name = os.environ.get("MLORA_TRITON_BASE", "fused")
+    if name not in BASE_GEMMS:
+        raise ValueError(f"MLORA_TRITON_BASE={name!r}: use one of {', '.join(BASE_GEMMS)}")
+    return name
+
+
+def _split_base() -> bool:
+    return base_gemm() == "split"
 
 
 def backward_cat(
@@ -234,6 +261,9 @@ def backward_cat(
                             masks=masks, dropout=dropout, precision=precision)
 
     def grad_x() -> Tensor:
+        if _split_base():
+            return gemm.split_gemm(dy, weight, None, g, a_cat, masks, plan, w_kn=True, dropout=dropout,
+                                   precision=precision)
         return gemm.fused_gemm(dy, weight, None, g, a_cat, masks, plan, w_kn=True, dropout=dropout,
                                precision=precision, use_tma=use_tma)
 

@@ -96,14 +96,23 @@ def fitted(element_size: int, budget: int = SMEM_BYTES,
     return out
 
 
-def launch_configs(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32") -> list[tuple[dict, int, int]]:
-    """The configs a launch may take: `fitted` SHAPES, or the one IEEE_SHAPE for true fp32."""
-    return fitted(element_size, budget, [IEEE_SHAPE] if precision == "ieee" else SHAPES)
+# The LoRA part alone (`split_gemm`): no K loop, so one small stage and a light block.
+EXPAND_SHAPE = (128, 256, 16, 1, 8)
 
 
-def fixed_config(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32") -> tuple[dict, int, int]:
+def launch_configs(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32",
+                   expand_only: bool = False) -> list[tuple[dict, int, int]]:
+    """The configs a launch may take: `fitted` SHAPES, the one IEEE_SHAPE for true fp32,
+    or EXPAND_SHAPE for a launch without a K loop."""
+    if precision == "ieee":
+        return fitted(element_size, budget, [IEEE_SHAPE])
+    return fitted(element_size, budget, [EXPAND_SHAPE] if expand_only else SHAPES)
+
+
+def fixed_config(element_size: int, budget: int = SMEM_BYTES, precision: str = "tf32",
+                 expand_only: bool = False) -> tuple[dict, int, int]:
     """The config launched without tuning: the first one that fits. (meta, stages, warps)"""
-    return launch_configs(element_size, budget, precision)[0]
+    return launch_configs(element_size, budget, precision, expand_only)[0]
 
 
 def _configs() -> list[triton.Config]:
@@ -376,8 +385,8 @@ def fused_gemm(
         use_tma = (os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda
                    and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight))
     meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
-    if meta is None and not _autotune():
-        meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device), precision)
+    if meta is None and (k == 0 or not _autotune()):
+        meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device), precision, expand_only=k == 0)
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
         a_src = TensorDescriptor.from_tensor(a, block)
@@ -408,3 +417,23 @@ def fused_gemm(
 
         _tuned[grid](*args, **flags)
     return out
+
+
+def split_gemm(
+    a: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    u: Tensor,
+    v_cat: Tensor,
+    masks: Tensor,
+    plan: SegmentPlan,
+    w_kn: bool,
+    dropout: bool,
+    precision: str,
+) -> Tensor:
+    """fused_gemm's result in two launches: the kernel with an empty K loop writes the LoRA
+    part alone (plus bias; masked when dropout), then cuBLAS adds the base product onto it
+    in place (`addmm_`, beta = 1: the LoRA part is read in cuBLAS's epilogue)."""
+    lora = fused_gemm(a[:, :0], weight[:0] if w_kn else weight[:, :0], bias, u, v_cat, masks, plan, w_kn, dropout,
+                      precision, use_tma=False)
+    return lora.addmm_(a, weight if w_kn else weight.t())
