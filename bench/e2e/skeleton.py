@@ -7,14 +7,19 @@ mlora) must at least run, for the e2e benchmark's batch (4 jobs × 4 rows × 512
 gradients (dy·W; none for layer 0's q, k and v, whose input needs no gradient), the
 causal attention forward and backward; and the LM head forward and backward. This
 script records exactly those kernels (cuBLAS through `torch.mm`, torch's SDPA) as one
-CUDA graph and replays it back to back for `--seconds`, and reports the step time
-at the start (the GPU at its boost clock) and sustained (where a 700 W part settles
-under a dense load), and the tokens/s that floor allows. No LoRA, norm, activation,
-loss, residual add or optimizer is in it, so a real step cannot be faster; divided by
-a PEFT run's tokens/s on the same machine it bounds the ratio any LoRA trainer can
-reach there.
+CUDA graph and replays it back to back, and reports the step time at the start (the
+GPU at its boost clock) and sustained (where a 700 W part settles under a dense load),
+and the tokens/s that floor allows. No LoRA, norm, activation, loss, residual add or
+optimizer is in it, so a real step cannot be faster; divided by a PEFT run's tokens/s
+on the same machine it bounds the ratio any LoRA trainer can reach there.
 
-    PYTHONPATH=. python3 bench/e2e/skeleton.py --shapes 7b,1.1b --seconds 20 --out skeleton.json
+Beside the floor (`--variants`), the same skeleton with every projection through
+mlora's multi-LoRA operator (each job's adapters over its tokens) shows what the
+operator adds; all variants are recorded over one set of weights and replayed in
+rounds of `--seconds`, the order rotated each round.
+
+    PYTHONPATH=. python3 bench/e2e/skeleton.py --shapes 7b,1.1b --variants cublas --seconds 20 --rounds 1
+    PYTHONPATH=. python3 bench/e2e/skeleton.py --shapes 7b --seconds 5 --rounds 3 --out skeleton.json
 """
 
 from __future__ import annotations
