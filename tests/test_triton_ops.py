@@ -429,17 +429,12 @@ def run_cuda_checks() -> None:
     check_direct(CUDA_CASES[2], torch.float32, "cuda", seed=6, tol=1e-4)
     check_autograd(CUDA_CASES[0], torch.bfloat16, "cuda", seed=7, tol=1e-2)
     print("ok fp16, fp32 and autograd", flush=True)
-    saved = os.environ.get("MLORA_TRITON_BASE")
-    os.environ["MLORA_TRITON_BASE"] = "split"  # the default fuses the GEMMs; the split ones too
-    try:
+    from mlora.ops import triton_multi_lora as tm
+
+    with tm.base_gemm_set("split"):  # the default fuses the GEMMs; the split ones too
         for case in CUDA_CASES[:3]:
             check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
         check_direct(CUDA_CASES[1], torch.float32, "cuda", seed=6, tol=1e-4)
-    finally:
-        if saved is None:
-            os.environ.pop("MLORA_TRITON_BASE")
-        else:
-            os.environ["MLORA_TRITON_BASE"] = saved
     print("ok split GEMMs", flush=True)
     with deterministic():  # g summed in order: dA bit for bit between two backward passes
         for case in CUDA_CASES[3:5]:

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,21 +153,12 @@ class Skeleton:
                        [(torch.randn(wt.shape[0], rank, device=device) * 0.01).requires_grad_() for _ in range(slots)])
                 for name, wt in layer.items()})
 
-    @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
+    def context(self) -> contextlib.AbstractContextManager:
         """What the step runs under while it is warmed up and recorded: the Triton
         variants' MLORA_TRITON_BASE."""
-        base = {"triton-split": "split", "triton-fused": "fused", "triton-nolora": "fused"}.get(self.variant)
-        saved = os.environ.get("MLORA_TRITON_BASE")
-        if base is not None:
-            os.environ["MLORA_TRITON_BASE"] = base
-        try:
-            yield
-        finally:
-            if saved is None:
-                os.environ.pop("MLORA_TRITON_BASE", None)
-            else:
-                os.environ["MLORA_TRITON_BASE"] = saved
+        from mlora.ops.triton_multi_lora import base_gemm_set
+
+        return base_gemm_set({"triton-split": "split", "triton-fused": "fused", "triton-nolora": "fused"}.get(self.variant))
 
     def params(self) -> list[Tensor]:
         return [t for layer in self.adapters for a, b in layer.values() for t in (*a, *b)]

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -153,20 +152,15 @@ def gemm_module(module: ModuleType):
     """The operator calling another version's fused GEMM (tm looks it up as `tm.gemm`),
     under torch's deterministic algorithms if the variant says so (`variant`)."""
     saved = tm.gemm, torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    saved_base = os.environ.get("MLORA_TRITON_BASE")
     tm.gemm = module
-    if module is not fg:  # a stand-in module: the operator calls its fused_gemm for both GEMMs
-        os.environ["MLORA_TRITON_BASE"] = "fused"
     if getattr(module, "deterministic", False):
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield
+        # a stand-in module: the operator calls its fused_gemm for both GEMMs
+        with tm.base_gemm_set(None if module is fg else "fused"):
+            yield
     finally:
         tm.gemm = saved[0]
-        if saved_base is None:
-            os.environ.pop("MLORA_TRITON_BASE", None)
-        else:
-            os.environ["MLORA_TRITON_BASE"] = saved_base
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 

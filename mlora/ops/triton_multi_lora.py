@@ -19,11 +19,12 @@ graph record the operator. See docs/kernels.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -208,6 +209,22 @@ def base_gemm() -> str:
     if name not in BASE_GEMMS:
         raise ValueError(f"MLORA_TRITON_BASE={name!r}: use one of {', '.join(BASE_GEMMS)}")
     return name
+
+
+@contextlib.contextmanager
+def base_gemm_set(name: str | None) -> Iterator[None]:
+    """MLORA_TRITON_BASE set to `name` inside the block (None: left as it is) and restored
+    after: how benchmarks and the GPU checks run one base or the other in one process."""
+    saved = os.environ.get("MLORA_TRITON_BASE")
+    if name is not None:
+        os.environ["MLORA_TRITON_BASE"] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLORA_TRITON_BASE", None)
+        else:
+            os.environ["MLORA_TRITON_BASE"] = saved
 
 
 def _split_base() -> bool:
