@@ -71,7 +71,7 @@ def main() -> None:
         batch = collate(micros, examples, list(range(args.jobs)), 0, device, loss_weights=inv)
         if graphs is None or graphs.step(batch, adapters) is None:  # graphs: eager, capture, then replays
             hidden = stage(batch.input_ids, batch.layout)
-            (job_loss_sums(stage.lm_head, hidden, batch.targets) * batch.loss_weights).sum().backward()
+            (job_loss_sums(stage.lm_head, hidden, batch.targets, stage.fused_loss) * batch.loss_weights).sum().backward()
         for opt in opts:
             opt.step(opt.grad_sq_norm().sqrt())
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mlora.ops import fused_cross_entropy
+
 IGNORE = -100
 
 
@@ -43,11 +45,18 @@ class Targets:
         return Targets(self.index.pin_memory(), self.token.pin_memory(), self.slot.pin_memory(), self.n_slots)
 
 
-def job_loss_sums(lm_head: nn.Module, hidden: Tensor, targets: Targets) -> Tensor:
-    """Sum of next-token cross-entropy per micro-batch slot; hidden is [B, L, d]."""
+def job_loss_sums(lm_head: nn.Module, hidden: Tensor, targets: Targets, fused: bool = True) -> Tensor:
+    """Sum of next-token cross-entropy per micro-batch slot; hidden is [B, L, d].
+
+    On CUDA (and `fused`, the stage's `fused_loss`) the loss reads the logits in their
+    own dtype (`fused_cross_entropy`); otherwise PyTorch's, on an fp32 copy.
+    """
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets.index)
-    logits = lm_head(picked).float()
-    losses = nn.functional.cross_entropy(logits, targets.token, reduction="none")
+    logits = lm_head(picked)
+    if fused and fused_cross_entropy.usable(logits):
+        losses = fused_cross_entropy.cross_entropy_rows(logits, targets.token)
+    else:
+        losses = nn.functional.cross_entropy(logits.float(), targets.token, reduction="none")
     sums = torch.zeros(targets.n_slots, dtype=torch.float32, device=hidden.device)
     return sums.index_add_(0, targets.slot, losses)
 

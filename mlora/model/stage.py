@@ -106,7 +106,9 @@ class StageModel(nn.Module):
         fused_ops: bool = True,
     ):
         """`fused_ops`: RMSNorm and SwiGLU through one Triton kernel each way on CUDA
-        (mlora.ops.fused_block); off only to measure what they save."""
+        (mlora.ops.fused_block), the residual adds folded into the norms
+        (mlora.ops.fused_residual, `fused_residual`), the loss on the logits' own dtype
+        (mlora.ops.fused_cross_entropy, `fused_loss`); off only to measure what they save."""
         super().__init__()
         self.config, self.bounds = config, bounds
         self.embed_tokens = parts.get(EMBED)
@@ -128,12 +130,16 @@ class StageModel(nn.Module):
                 wrapped = MultiLoraLinear(getattr(parent, child), path, global_index, self.routing)
                 setattr(parent, child, wrapped)
                 self.lora_linears[path] = wrapped
+        self.fused_residual = False
+        self.fused_loss = fused_ops  # read by the callers of model.loss.job_loss_sums
         if fused_ops:
             from mlora.ops.fused_block import fuse_block_ops
+            from mlora.ops.fused_residual import fusable
 
             for part in (*self.layers, self.norm):
                 if part is not None:
                     fuse_block_ops(part)
+            self.fused_residual = fusable(self.layers, self.norm if bounds.last else None)
 
     def linear_shapes(self, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
         """(d_in, d_out) of every linear of this stage that one of `targets` names."""
@@ -177,9 +183,14 @@ class StageModel(nn.Module):
         run_backend = self.routing.backend
         if backend is not None:
             self.routing.backend = backend
+        kwargs = dict(attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         try:
+            if self.fused_residual and hidden.is_cuda:
+                from mlora.ops.fused_residual import run_layers
+
+                return run_layers(self.layers, hidden, self.norm if self.bounds.last else None, **kwargs)
             for layer in self.layers:
-                hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+                hidden = layer(hidden, **kwargs)
         finally:
             self.routing.layout = None
             self.routing.op_cache = {}

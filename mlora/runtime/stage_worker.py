@@ -201,7 +201,7 @@ class StageWorker:
             self.state.gate_losses[action.mb] = gate_loss
         if self.last:
             targets = self.state.targets.pop(action.mb)
-            sums = job_loss_sums(self.stage.lm_head, hidden, targets)
+            sums = job_loss_sums(self.stage.lm_head, hidden, targets, self.stage.fused_loss)
             self.state.losses[action.mb] = sums * self.state.weights.pop(action.mb)
         else:
             self.state.outputs[action.mb] = hidden

@@ -137,7 +137,7 @@ def static_step(stage: StageModel, c: StaticStep) -> None:
     """
     n = len(c.weights)
     hidden = stage(c.ids, c.layout, op_cache=c.op_cache, generators=c.generators, backend=c.backend)
-    sums = job_loss_sums(stage.lm_head, hidden, Targets(c.index, c.token, c.slot, n + 1))
+    sums = job_loss_sums(stage.lm_head, hidden, Targets(c.index, c.token, c.slot, n + 1), stage.fused_loss)
     per_job = sums[:n] * c.weights
     grads = torch.autograd.grad(per_job.sum(), c.params)
     torch._foreach_add_(c.grads, list(grads))

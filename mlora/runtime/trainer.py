@@ -343,7 +343,7 @@ class Trainer:
             per_job = graphed
         else:
             hidden = self.stage(batch.input_ids, batch.layout)
-            per_job = job_loss_sums(self.stage.lm_head, hidden, batch.targets) * batch.loss_weights
+            per_job = job_loss_sums(self.stage.lm_head, hidden, batch.targets, self.stage.fused_loss) * batch.loss_weights
             total = per_job.sum()
             for k, (job, micro) in enumerate(zip(jobs, chosen)):
                 if job.spec.kind == "meteora":
@@ -444,7 +444,7 @@ class Trainer:
             hidden = self.stage(batch.input_ids, batch.layout)
             if job.spec.kind == "meteora":
                 self.stage.routing.adapters[job.name].take_gate_logits()  # not trained on here
-            total += job_loss_sums(self.stage.lm_head, hidden, batch.targets)[0]
+            total += job_loss_sums(self.stage.lm_head, hidden, batch.targets, self.stage.fused_loss)[0]
             count += sum(target_count(e.labels) for e in exs)
         return float(total) / max(1, count)
 
