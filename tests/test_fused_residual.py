@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
-from mlora.ops.fused_residual import add_rms_norm, fusable, run_layers  # noqa: E402
+from mlora.ops.fused_residual import add_rms_norm, fusable, run_layers, unhooked  # noqa: E402
 
 DEVICE = torch.device("cuda" if COMPILED else "cpu")
 SHAPES = [(4096, 4096), (1000, 2048)] if COMPILED else [(5, 37), (3, 300)]
@@ -144,6 +144,22 @@ def test_only_known_blocks_with_frozen_norms_are_fusable(tiny_models):
     assert not fusable(inner.layers, inner.norm)
     inner.layers[0].post_attention_layernorm.weight.requires_grad_(True)
     assert not fusable(inner.layers, None)
+
+
+def test_hooks_on_blocks_or_norms_keep_the_blocks_own_forward(tiny_models):
+    inner = _blocks(tiny_models["llama"], torch.float32).model
+    assert unhooked(inner.layers, inner.norm)
+    for module in (inner.layers[1], inner.layers[0].post_attention_layernorm, inner.norm):
+        handle = module.register_forward_hook(lambda *args: None)
+        assert not unhooked(inner.layers, inner.norm)
+        handle.remove()
+    handle = inner.layers[0].register_forward_pre_hook(lambda *args: None)
+    assert not unhooked(inner.layers)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert not unhooked(inner.layers)
+    handle.remove()
+    assert unhooked(inner.layers, inner.norm)
 
 
 @pytest.mark.skipif(not COMPILED, reason="a stage takes the fused path only on CUDA")

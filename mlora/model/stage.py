@@ -186,9 +186,11 @@ class StageModel(nn.Module):
         kwargs = dict(attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         try:
             if self.fused_residual and hidden.is_cuda:
-                from mlora.ops.fused_residual import run_layers
+                from mlora.ops.fused_residual import run_layers, unhooked
 
-                return run_layers(self.layers, hidden, self.norm if self.bounds.last else None, **kwargs)
+                final = self.norm if self.bounds.last else None
+                if unhooked(self.layers, final):  # a hook on a block or norm needs the module's own forward
+                    return run_layers(self.layers, hidden, final, **kwargs)
             for layer in self.layers:
                 hidden = layer(hidden, **kwargs)
         finally:

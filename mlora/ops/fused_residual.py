@@ -137,12 +137,24 @@ def fusable(layers: Sequence[nn.Module], final_norm: nn.Module | None) -> bool:
     return blocks_ok and (final_norm is None or _frozen_rms(final_norm))
 
 
+def unhooked(layers: Sequence[nn.Module], final_norm: nn.Module | None = None) -> bool:
+    """No forward hooks on the blocks or their norms (nor global ones): `run_layers` calls
+    neither, so it is used only when no hook would be skipped."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    skipped = [m for layer in layers for m in (layer, layer.input_layernorm, layer.post_attention_layernorm)]
+    skipped += [final_norm] if final_norm is not None else []
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in skipped)
+
+
 def run_layers(layers: Sequence[nn.Module], hidden: Tensor, final_norm: nn.Module | None, **layer_kwargs: Any) -> Tensor:
     """The blocks' forward, each residual add fused into the norm after it.
 
     Returns what the blocks return, normed by `final_norm` if one is given. Only for
-    blocks `fusable` accepts; `layer_kwargs` go to each block's attention as the block
-    passes them.
+    blocks `fusable` accepts and with no hooks on them (`unhooked`); `layer_kwargs` go
+    to each block's attention as the block passes them.
     """
     pending: Tensor | None = None  # the last MLP's output, not yet added to the stream
     for layer in layers:
