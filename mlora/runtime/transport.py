@@ -99,14 +99,18 @@ class Transport:
         if tensor is not None:
             parts.append(tensor.detach().contiguous())
         for part in parts:
-            self._pending.append((dist.isend(part, dst, group=group), [part]))
+            try:
+                work = dist.isend(part, dst, group=group)
+            except RuntimeError as exc:  # gloo raises when posting to a peer that is gone
+                raise PipelineError(f"{self.describe(self.rank)}: lost {self.describe(dst)} while sending: {exc}") from exc
+            self._pending.append((work, [part]))
         self._reap()
 
     def recv(self, src: int, expect_mb: int, what: str, channel: str = "act") -> tuple[Tensor | None, list[Note]]:
         """Blocking receive of one message from `src` on `channel`; checks it is micro-batch expect_mb."""
         group = self.channels.get(channel)
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, src, group=group), src, what)
+        self._recv_into(header, src, group, what)
         h = header.tolist()
         if h[0] != MAGIC:
             raise PipelineError(f"{self.describe(self.rank)}: garbled header from {self.describe(src)} ({what})")
@@ -118,13 +122,24 @@ class Transport:
         notes: list[Note] = []
         if n_notes:
             buf = torch.empty(n_notes, 4, dtype=torch.float64, device=self.device)
-            self._wait(dist.irecv(buf, src, group=group), src, what)
+            self._recv_into(buf, src, group, what)
             notes = [Note(int(k), int(j), int(s), float(v)) for k, j, s, v in buf.tolist()]
         tensor = None
         if dtype_code >= 0:
             tensor = torch.empty(tuple(h[5 : 5 + ndim]), dtype=DTYPES[dtype_code], device=self.device)
-            self._wait(dist.irecv(tensor, src, group=group), src, what)
+            self._recv_into(tensor, src, group, what)
         return tensor, notes
+
+    def _recv_into(self, buf: Tensor, src: int, group: dist.ProcessGroup | None, what: str) -> None:
+        """irecv into buf and wait for it; a peer that is gone is a PipelineError naming it,
+        whether the posting itself fails (gloo, once the connection is closed) or the wait."""
+        try:
+            work = dist.irecv(buf, src, group=group)
+        except RuntimeError as exc:
+            raise PipelineError(
+                f"{self.describe(self.rank)}: lost {self.describe(src)} while receiving {what}: {exc}"
+            ) from exc
+        self._wait(work, src, what)
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
