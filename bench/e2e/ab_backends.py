@@ -12,8 +12,7 @@ Arms (`--arms`): the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1)
 the Triton path with its GEMMs split (`triton-split`: the LoRA part
 from the Triton kernel, the base product added by cuBLAS; MLORA_TRITON_BASE), and the Triton
 path with the residual adds and the loss as Hugging Face and PyTorch run them
-(`triton-adds`: no `fused_residual`, no `fused_cross_entropy`) or with the adds fused but
-q/k/v and gate/up reading one tensor (`triton-1view`: autograd sums their input gradients).
+(`triton-adds`: no `fused_residual`, no `fused_cross_entropy`).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -43,11 +42,10 @@ from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
 from mlora.runtime.trainer import make_adapter  # noqa: E402
 
 # backend, autotune, MLORA_TRITON_BASE (split: the LoRA part from Triton, the base product from
-# cuBLAS), whether the residual adds are fused into the norms and the loss reads bf16 logits,
-# and whether q/k/v and gate/up read their own views of the norm (their input gradients summed in it)
-ARMS = {"dense": ("torch", "0", "fused", True, True), "triton-tuned": ("triton", "1", "fused", True, True),
-        "triton": ("triton", "0", "fused", True, True), "triton-split": ("triton", "0", "split", True, True),
-        "triton-adds": ("triton", "0", "fused", False, False), "triton-1view": ("triton", "0", "fused", True, False)}
+# cuBLAS), and whether the residual adds are fused into the norms and the loss reads bf16 logits
+ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", "fused", True),
+        "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
+        "triton-adds": ("triton", "0", "fused", False)}
 
 
 def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int,
@@ -72,9 +70,8 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
     graphs = {arm: StepGraphs(stage) for arm in arms}
 
     def step(arm: str) -> None:
-        stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"], fused, views = ARMS[arm]
+        stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"], fused = ARMS[arm]
         stage.fused_residual = stage.fused_loss = fused
-        stage.split_readers = views
         batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
         if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture
             hidden = stage(batch.input_ids, batch.layout)

@@ -131,7 +131,6 @@ class StageModel(nn.Module):
                 setattr(parent, child, wrapped)
                 self.lora_linears[path] = wrapped
         self.fused_residual = False
-        self.split_readers = True  # q/k/v and gate/up read their own views of a norm (fused_residual.run_layers)
         self.fused_loss = fused_ops  # read by the callers of model.loss.job_loss_sums
         if fused_ops:
             from mlora.ops.fused_block import fuse_block_ops
@@ -191,7 +190,7 @@ class StageModel(nn.Module):
 
                 final = self.norm if self.bounds.last else None
                 if unhooked(self.layers, final):  # a hook on a block or norm needs the module's own forward
-                    return run_layers(self.layers, hidden, final, self.split_readers, **kwargs)
+                    return run_layers(self.layers, hidden, final, **kwargs)
             for layer in self.layers:
                 hidden = layer(hidden, **kwargs)
         finally:

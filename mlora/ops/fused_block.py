@@ -162,18 +162,10 @@ def _fused_norm_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
     return type(self).forward(self, hidden_states)
 
 
-def _fused_mlp_forward(self: nn.Module, x: Tensor, up_input: Tensor | None = None) -> Tensor:
-    """`up_input`: the same values as x in their own tensor for up_proj (a second view of
-    a norm's output, `fused_residual.add_rms_norm`), so the two projections' input
-    gradients reach the norm apart; ignored off CUDA."""
+def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     if usable(x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x if up_input is None else up_input)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
     return type(self).forward(self, x)
-
-
-def takes_up_input(mlp: nn.Module) -> bool:
-    """Whether this MLP runs `_fused_mlp_forward` (and so accepts `up_input`)."""
-    return getattr(mlp.forward, "__func__", None) is _fused_mlp_forward
 
 
 def fuse_block_ops(model: nn.Module) -> dict[str, int]:

@@ -54,18 +54,12 @@ if triton is not None:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
-    def _add_rms_bwd(DS, DY, DY2, DY3, X, W, RSTD, DX, stride_ds, stride_dy, stride_dy2, stride_dy3, stride_x,
-                     stride_dx, N, HAS_DS: tl.constexpr, NUM_DY: tl.constexpr, BLOCK: tl.constexpr):
-        """dx = [ds +] rms_norm's backward of dy (+ dy2 (+ dy3)): the normed value's
-        gradients from up to three readers, summed here instead of by autograd's adds."""
+    def _add_rms_bwd(DS, DY, X, W, RSTD, DX, stride_ds, stride_dy, stride_x, stride_dx, N,
+                     HAS_DS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        if NUM_DY >= 2:
-            dy += tl.load(DY2 + row * stride_dy2 + cols, mask=mask, other=0.0).to(tl.float32)
-        if NUM_DY >= 3:
-            dy += tl.load(DY3 + row * stride_dy3 + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
@@ -82,13 +76,9 @@ def _rows(t: Tensor, n: int) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-MAX_READERS = 3  # q, k and v read one normed value
-
-
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, residual: Tensor, delta: Tensor, weight: Tensor, eps: float,  # type: ignore[override]
-                readers: int) -> tuple[Tensor, ...]:
+    def forward(ctx, residual: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         ctx.set_materialize_grads(False)  # a sum nobody reads (the last one) gets no gradient pass
         shape, n = residual.shape, residual.shape[-1]
         r2, d2 = _rows(residual, n), _rows(delta, n)
@@ -100,41 +90,32 @@ class _AddRMSNorm(torch.autograd.Function):
                                      n, eps, BLOCK=block, num_warps=_warps(block))
         ctx.save_for_backward(s, weight, rstd)
         ctx.shape = shape
-        return (s.view(shape), *(y.view(shape) for _ in range(readers)))
+        return s.view(shape), y.view(shape)
 
     @staticmethod
-    def backward(ctx, ds: Tensor | None, *dys: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        given = [_rows(d, ctx.shape[-1]) for d in dys if d is not None]
-        if not given:
-            return ds, ds, None, None, None
+    def backward(ctx, ds: Tensor | None, dy: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        if dy is None:
+            return ds, ds, None, None
         s, weight, rstd = ctx.saved_tensors
         n = s.shape[1]
-        ds2 = _rows(ds, n) if ds is not None else given[0]  # any pointer: not read without HAS_DS
-        dy1, dy2, dy3 = (given + given[:1] * MAX_READERS)[:MAX_READERS]  # unread past NUM_DY
+        dy2 = _rows(dy, n)
+        ds2 = _rows(ds, n) if ds is not None else dy2  # any pointer: not read without HAS_DS
         dx = torch.empty_like(s)
         block = triton.next_power_of_2(n)
-        _add_rms_bwd[(s.shape[0],)](ds2, dy1, dy2, dy3, s, weight, rstd, dx, ds2.stride(0), dy1.stride(0),
-                                    dy2.stride(0), dy3.stride(0), s.stride(0), dx.stride(0), n,
-                                    HAS_DS=ds is not None, NUM_DY=len(given), BLOCK=block, num_warps=_warps(block))
+        _add_rms_bwd[(s.shape[0],)](ds2, dy2, s, weight, rstd, dx, ds2.stride(0), dy2.stride(0), s.stride(0),
+                                    dx.stride(0), n, HAS_DS=ds is not None, BLOCK=block, num_warps=_warps(block))
         dx = dx.view(ctx.shape)
-        return dx, dx, None, None, None  # the sum's gradient reaches both addends
+        return dx, dx, None, None  # the sum's gradient reaches both addends
 
 
-def add_rms_norm(residual: Tensor, delta: Tensor, weight: Tensor, eps: float, readers: int = 1) -> tuple[Tensor, ...]:
-    """(s, y, …) for s = residual + delta and y = weight · s / rms(s), in one kernel each way.
-
-    `readers` > 1 returns y that many times (views of one tensor), one per module that
-    reads it (q, k and v; gate and up): their gradients then reach the backward kernel
-    separately and are summed there, not by autograd's adds over the whole tensor.
-    """
+def add_rms_norm(residual: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(s, weight · s / rms(s)) for s = residual + delta, in one kernel each way."""
     if residual.shape != delta.shape or residual.dtype != delta.dtype:
         raise ValueError(f"add_rms_norm takes a residual and a delta of one shape and dtype, got "
                          f"{tuple(residual.shape)} {residual.dtype} and {tuple(delta.shape)} {delta.dtype}")
     if weight.requires_grad:
         raise ValueError("the fused RMSNorm is for frozen weights (it computes no weight gradient)")
-    if not 1 <= readers <= MAX_READERS:
-        raise ValueError(f"add_rms_norm gives its normed value to 1 to {MAX_READERS} readers, not {readers}")
-    return _AddRMSNorm.apply(residual, delta, weight, eps, readers)
+    return _AddRMSNorm.apply(residual, delta, weight, eps)
 
 
 def _frozen_rms(norm: Any) -> bool:
@@ -168,38 +149,24 @@ def unhooked(layers: Sequence[nn.Module], final_norm: nn.Module | None = None) -
     return not any(m._forward_hooks or m._forward_pre_hooks for m in skipped)
 
 
-def run_layers(layers: Sequence[nn.Module], hidden: Tensor, final_norm: nn.Module | None, split_readers: bool = True,
-               **layer_kwargs: Any) -> Tensor:
+def run_layers(layers: Sequence[nn.Module], hidden: Tensor, final_norm: nn.Module | None, **layer_kwargs: Any) -> Tensor:
     """The blocks' forward, each residual add fused into the norm after it.
 
     Returns what the blocks return, normed by `final_norm` if one is given. Only for
     blocks `fusable` accepts and with no hooks on them (`unhooked`); `layer_kwargs` go
-    to each block's attention as the block passes them. Where the attention and MLP run
-    mlora's fused forwards (and `split_readers`, off only to measure it), q, k, v (and
-    gate, up) each get their own view of the normed value (`add_rms_norm`'s readers).
+    to each block's attention as the block passes them.
     """
-    from mlora.ops.fused_block import takes_up_input
-    from mlora.ops.fused_rope import takes_qkv_inputs
-
     pending: Tensor | None = None  # the last MLP's output, not yet added to the stream
     for layer in layers:
-        norm, attention, mlp = layer.input_layernorm, layer.self_attn, layer.mlp
-        extra: dict[str, Any] = {}
+        norm = layer.input_layernorm
         if pending is None:
             normed = rms_norm(hidden, norm.weight, norm.variance_epsilon)
-        elif split_readers and takes_qkv_inputs(attention):
-            hidden, normed, k_in, v_in = add_rms_norm(hidden, pending, norm.weight, norm.variance_epsilon, readers=3)
-            extra["qkv_inputs"] = (normed, k_in, v_in)
         else:
             hidden, normed = add_rms_norm(hidden, pending, norm.weight, norm.variance_epsilon)
-        attn, _ = attention(hidden_states=normed, **extra, **layer_kwargs)
+        attn, _ = layer.self_attn(hidden_states=normed, **layer_kwargs)
         norm = layer.post_attention_layernorm
-        if split_readers and takes_up_input(mlp):
-            hidden, normed, up_in = add_rms_norm(hidden, attn, norm.weight, norm.variance_epsilon, readers=2)
-            pending = mlp(normed, up_input=up_in)
-        else:
-            hidden, normed = add_rms_norm(hidden, attn, norm.weight, norm.variance_epsilon)
-            pending = mlp(normed)
+        hidden, normed = add_rms_norm(hidden, attn, norm.weight, norm.variance_epsilon)
+        pending = layer.mlp(normed)
     if final_norm is None:
         return hidden if pending is None else hidden + pending
     if pending is None:

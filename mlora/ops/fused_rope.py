@@ -123,23 +123,17 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
 
 
 def fused_attention_forward(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                            attention_mask: Tensor | None, qkv_inputs: tuple[Tensor, Tensor, Tensor] | None = None,
-                            **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    """The forward of `FUSABLE_ATTENTION` without a KV cache, rotary through `rotary`.
-
-    `qkv_inputs`: hidden_states's values in three tensors, one for each of q_proj, k_proj
-    and v_proj (views of a norm's output, `fused_residual.add_rms_norm`), so their input
-    gradients reach the norm apart instead of being summed by autograd."""
+                            attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """The forward of `FUSABLE_ATTENTION` without a KV cache, rotary through `rotary`."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    q_in, k_in, v_in = qkv_inputs if qkv_inputs is not None else (hidden_states,) * 3
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
-    q = module.q_proj(q_in).view(hidden_shape)
-    k = module.k_proj(k_in).view(hidden_shape)
+    q = module.q_proj(hidden_states).view(hidden_shape)
+    k = module.k_proj(hidden_states).view(hidden_shape)
     if hasattr(module, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
         q, k = module.q_norm(q), module.k_norm(k)
-    v = module.v_proj(v_in).view(hidden_shape).transpose(1, 2)
+    v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = rotary(q, k, cos, sin)
     if hasattr(module, "sliding_window"):  # Qwen2 / Qwen3: per layer
@@ -154,21 +148,14 @@ def fused_attention_forward(module: nn.Module, hidden_states: Tensor, position_e
 
 
 def _fused_attention_method(self: nn.Module, hidden_states: Tensor, position_embeddings: Any = None,
-                            attention_mask: Tensor | None = None, *args: Any,
-                            qkv_inputs: tuple[Tensor, Tensor, Tensor] | None = None, **kwargs: Any) -> Any:
+                            attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if (triton is None or not hidden_states.is_cuda or args or cache is not None or position_embeddings is None
             or self.config._attn_implementation == "eager"):
-        # the module's own forward reads hidden_states alone (qkv_inputs hold its values)
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     kwargs.pop("past_key_values", None)
     kwargs.pop("cache", None)
-    return fused_attention_forward(self, hidden_states, position_embeddings, attention_mask, qkv_inputs, **kwargs)
-
-
-def takes_qkv_inputs(attention: nn.Module) -> bool:
-    """Whether this attention runs `_fused_attention_method` (and so accepts `qkv_inputs`)."""
-    return getattr(attention.forward, "__func__", None) is _fused_attention_method
+    return fused_attention_forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
 
 
 def fuse_attention(module: nn.Module) -> bool:
