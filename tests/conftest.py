@@ -20,6 +20,12 @@ if "MLORA_COMPILED_RERUN" not in os.environ and os.environ.get("MLORA_TRITON_COM
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def rel(a, b) -> float:  # type: ignore[no-untyped-def]
+    """Relative error ‖a − b‖ / ‖b‖ of two tensors, in fp32 (the kernel tests' measure)."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random llama and qwen2 (q/k/v bias), each with a real tokenizer."""

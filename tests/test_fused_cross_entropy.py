@@ -21,16 +21,14 @@ pytest.importorskip("triton")
 
 from mlora.ops.fused_cross_entropy import BLOCK_V, cross_entropy_rows  # noqa: E402
 
+from conftest import rel  # noqa: E402
+
 DEVICE = torch.device("cuda" if COMPILED else "cpu")
 SHAPES = [(4096, 32000), (333, 151936)] if COMPILED else [(7, 37), (3, BLOCK_V + 123)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if COMPILED else [torch.float32, torch.bfloat16]
 if COMPILED and not torch.cuda.is_available():
     pytest.skip("MLORA_TRITON_COMPILED=1 needs a CUDA device", allow_module_level=True)
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("rows, vocab", SHAPES)

@@ -25,16 +25,14 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
 from mlora.ops.fused_residual import add_rms_norm, fusable, run_layers, unhooked  # noqa: E402
 
+from conftest import rel  # noqa: E402
+
 DEVICE = torch.device("cuda" if COMPILED else "cpu")
 SHAPES = [(4096, 4096), (1000, 2048)] if COMPILED else [(5, 37), (3, 300)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if COMPILED else [torch.float32, torch.bfloat16]
 if COMPILED and not torch.cuda.is_available():
     pytest.skip("MLORA_TRITON_COMPILED=1 needs a CUDA device", allow_module_level=True)
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def frozen_norm(width: int, dtype: torch.dtype, gen: torch.Generator) -> LlamaRMSNorm:

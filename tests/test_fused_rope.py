@@ -26,6 +26,8 @@ from transformers.models.qwen3 import modeling_qwen3  # noqa: E402
 
 from mlora.ops import fused_rope  # noqa: E402
 
+from conftest import rel  # noqa: E402
+
 DEVICE = torch.device("cuda" if COMPILED else "cpu")
 if COMPILED and not torch.cuda.is_available():
     pytest.skip("MLORA_TRITON_COMPILED=1 needs a CUDA device", allow_module_level=True)
@@ -53,10 +55,6 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, slack: float = 1.0) -> No
     else:
         assert rel(got, want) < slack * ROUNDING[got.dtype], rel(got, want)
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm())
 
 
 def _cos_sin(batch: int, seq: int, dim: int, dtype: torch.dtype, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,13 @@ if triton is not None:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
+    def rms_row_grad(dy, x, w, rstd, N):
+        """fp32 rows: d(w · x · rstd)/dx applied to dy, rstd = 1/rms(x) (the weight frozen)."""
+        dn = dy * w
+        n = x * rstd
+        return rstd * (dn - n * (tl.sum(dn * n, axis=0) / N))
+
+    @triton.jit
     def _rms_bwd(DY, X, W, RSTD, DX, stride_dy, stride_x, stride_dx, N, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -52,10 +59,7 @@ if triton is not None:
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        dn = dy * w
-        n = x * rstd
-        dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / N))
+        dx = rms_row_grad(dy, x, w, tl.load(RSTD + row), N)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
     @triton.jit

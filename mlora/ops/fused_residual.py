@@ -36,6 +36,7 @@ FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer
 
 
 if triton is not None:
+    from mlora.ops.fused_block import rms_row_grad
 
     @triton.jit
     def _add_rms_fwd(R, D, W, S, Y, RSTD, stride_r, stride_d, stride_s, stride_y, N, eps, BLOCK: tl.constexpr):
@@ -62,10 +63,7 @@ if triton is not None:
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        dn = dy * w
-        n = x * rstd
-        dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / N))
+        dx = rms_row_grad(dy, x, w, tl.load(RSTD + row), N)
         if HAS_DS:
             dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
