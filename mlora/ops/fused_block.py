@@ -45,21 +45,22 @@ if triton is not None:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
-    def rms_row_grad(dy, x, w, rstd, N):
-        """fp32 rows: d(w · x · rstd)/dx applied to dy, rstd = 1/rms(x) (the weight frozen)."""
-        dn = dy * w
-        n = x * rstd
-        return rstd * (dn - n * (tl.sum(dn * n, axis=0) / N))
-
-    @triton.jit
-    def _rms_bwd(DY, X, W, RSTD, DX, stride_dy, stride_x, stride_dx, N, BLOCK: tl.constexpr):
+    def _rms_bwd(DS, DY, X, W, RSTD, DX, stride_ds, stride_dy, stride_x, stride_dx, N,
+                 HAS_DS: tl.constexpr, BLOCK: tl.constexpr):
+        """dx of y = w · x/rms(x) (the weight frozen), plus DS when HAS_DS: the gradient a
+        sum s = residual + delta gets from its other reader (`fused_residual`)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dx = rms_row_grad(dy, x, w, tl.load(RSTD + row), N)
+        rstd = tl.load(RSTD + row)
+        dn = dy * w
+        n = x * rstd
+        dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / N))
+        if HAS_DS:
+            dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -111,8 +112,8 @@ class _RMSNorm(torch.autograd.Function):
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
         block = triton.next_power_of_2(n)
-        _rms_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, dy2.stride(0), x2.stride(0), dx.stride(0), n,
-                                 BLOCK=block, num_warps=_warps(block))
+        _rms_bwd[(x2.shape[0],)](dy2, dy2, x2, weight, rstd, dx, dy2.stride(0), dy2.stride(0), x2.stride(0),
+                                 dx.stride(0), n, HAS_DS=False, BLOCK=block, num_warps=_warps(block))
         return dx.view(ctx.shape), None, None
 
 

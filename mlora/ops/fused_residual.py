@@ -36,7 +36,7 @@ FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer
 
 
 if triton is not None:
-    from mlora.ops.fused_block import rms_row_grad
+    from mlora.ops.fused_block import _rms_bwd  # with HAS_DS: the norm's and the sum's gradients in one pass
 
     @triton.jit
     def _add_rms_fwd(R, D, W, S, Y, RSTD, stride_r, stride_d, stride_s, stride_y, N, eps, BLOCK: tl.constexpr):
@@ -53,20 +53,6 @@ if triton is not None:
         w = tl.load(W + cols, mask=mask, other=0.0)
         tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
-
-    @triton.jit
-    def _add_rms_bwd(DS, DY, X, W, RSTD, DX, stride_ds, stride_dy, stride_x, stride_dx, N,
-                     HAS_DS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < N
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dx = rms_row_grad(dy, x, w, tl.load(RSTD + row), N)
-        if HAS_DS:
-            dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
@@ -100,8 +86,8 @@ class _AddRMSNorm(torch.autograd.Function):
         ds2 = _rows(ds, n) if ds is not None else dy2  # any pointer: not read without HAS_DS
         dx = torch.empty_like(s)
         block = triton.next_power_of_2(n)
-        _add_rms_bwd[(s.shape[0],)](ds2, dy2, s, weight, rstd, dx, ds2.stride(0), dy2.stride(0), s.stride(0),
-                                    dx.stride(0), n, HAS_DS=ds is not None, BLOCK=block, num_warps=_warps(block))
+        _rms_bwd[(s.shape[0],)](ds2, dy2, s, weight, rstd, dx, ds2.stride(0), dy2.stride(0), s.stride(0),
+                                dx.stride(0), n, HAS_DS=ds is not None, BLOCK=block, num_warps=_warps(block))
         dx = dx.view(ctx.shape)
         return dx, dx, None, None  # the sum's gradient reaches both addends
 
