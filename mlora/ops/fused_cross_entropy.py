@@ -72,8 +72,8 @@ class _CrossEntropy(torch.autograd.Function):
         loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
         if rows:
-            _ce_fwd[(rows,)](logits, token, loss, lse, logits.stride(0), vocab, BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)),
-                             num_warps=8)
+            block = min(BLOCK_V, triton.next_power_of_2(vocab))
+            _ce_fwd[(rows,)](logits, token, loss, lse, logits.stride(0), vocab, BLOCK=block, num_warps=8)
         ctx.save_for_backward(logits, token, lse)
         return loss
 

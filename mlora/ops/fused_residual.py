@@ -51,7 +51,8 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
         normed = (x * rstd).to(S.dtype.element_ty)
         w = tl.load(W + cols, mask=mask, other=0.0)
-        tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
+        y = normed.to(tl.float32) * w.to(tl.float32)
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
 
 
@@ -62,7 +63,9 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, residual: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, residual: Tensor, delta: Tensor, weight: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # a sum nobody reads (the last one) gets no gradient pass
         shape, n = residual.shape, residual.shape[-1]
         r2, d2 = _rows(residual, n), _rows(delta, n)
@@ -77,7 +80,9 @@ class _AddRMSNorm(torch.autograd.Function):
         return s.view(shape), y.view(shape)
 
     @staticmethod
-    def backward(ctx, ds: Tensor | None, dy: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx, ds: Tensor | None, dy: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
         if dy is None:
             return ds, ds, None, None
         s, weight, rstd = ctx.saved_tensors
@@ -133,7 +138,9 @@ def unhooked(layers: Sequence[nn.Module], final_norm: nn.Module | None = None) -
     return not any(m._forward_hooks or m._forward_pre_hooks for m in skipped)
 
 
-def run_layers(layers: Sequence[nn.Module], hidden: Tensor, final_norm: nn.Module | None, **layer_kwargs: Any) -> Tensor:
+def run_layers(
+    layers: Sequence[nn.Module], hidden: Tensor, final_norm: nn.Module | None, **layer_kwargs: Any
+) -> Tensor:
     """The blocks' forward, each residual add fused into the norm after it.
 
     Returns what the blocks return, normed by `final_norm` if one is given. Only for

@@ -102,7 +102,9 @@ class Transport:
             try:
                 work = dist.isend(part, dst, group=group)
             except RuntimeError as exc:  # gloo raises when posting to a peer that is gone
-                raise PipelineError(f"{self.describe(self.rank)}: lost {self.describe(dst)} while sending: {exc}") from exc
+                raise PipelineError(
+                    f"{self.describe(self.rank)}: lost {self.describe(dst)} while sending: {exc}"
+                ) from exc
             self._pending.append((work, [part]))
         self._reap()
 
