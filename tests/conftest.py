@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ import yaml
 # GPU checks run in fresh processes that set one of these markers.
 if "MLORA_COMPILED_RERUN" not in os.environ and os.environ.get("MLORA_TRITON_COMPILED") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rel(a, b) -> float:  # type: ignore[no-untyped-def]

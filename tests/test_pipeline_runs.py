@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from mlora.config import load_run_file
 from mlora.runtime.trainer import train
 
-from conftest import write_run
+from conftest import free_port, write_run
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,6 @@ JOBS = [
     {"name": "copy2", "dataset": "copy", "lora_r": 16, "lora_alpha": 8, "target_modules": ["o_proj", "k_proj"], "micro_batch_size": 4,
      "max_grad_norm": 0.02, "seed": 9},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, max_steps: int = 4, **run) -> Path:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def _rank(rank: int, port: int, results) -> None:  # type: ignore[no-untyped-def]
