@@ -12,7 +12,9 @@ Arms (`--arms`): the dense path, the Triton path tuned (MLORA_TRITON_AUTOTUNE=1)
 the Triton path with its GEMMs split (`triton-split`: the LoRA part
 from the Triton kernel, the base product added by cuBLAS; MLORA_TRITON_BASE), and the Triton
 path with the residual adds and the loss as Hugging Face and PyTorch run them
-(`triton-adds`: no `fused_residual`, no `fused_cross_entropy`).
+(`triton-adds`: no `fused_residual`, no `fused_cross_entropy`), and the Triton path launched
+as before 2026-12-03's seventh session (`triton-g8`: the GEMM's row tiles in groups of 8,
+the dy pass at 2 stages and 2 programs per SM; `earlier_launches`).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -21,6 +23,7 @@ the i-th rank (cycled).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -37,6 +40,7 @@ from mlora.config.schema import ALL_TARGET_MODULES  # noqa: E402
 from mlora.jobs import JobOptimizer, PendingMicro  # noqa: E402
 from mlora.model.loss import job_loss_sums  # noqa: E402
 from mlora.model.stage import StageModel, stage_from_model  # noqa: E402
+from mlora.ops.kernels import fused_gemm, seg_grads  # noqa: E402
 from mlora.runtime.batch import collate  # noqa: E402
 from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
 from mlora.runtime.trainer import make_adapter  # noqa: E402
@@ -45,7 +49,29 @@ from mlora.runtime.trainer import make_adapter  # noqa: E402
 # cuBLAS), and whether the residual adds are fused into the norms and the loss reads bf16 logits
 ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", "fused", True),
         "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
-        "triton-adds": ("triton", "0", "fused", False)}
+        "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True)}
+
+
+@contextlib.contextmanager
+def earlier_launches(arm: str):
+    """For `triton-g8`, the GEMM's and the dy pass's launch shapes as they were before the
+    seventh session of 2026-12-03 (row tiles in groups of 8; dy pass 2 stages, 2 programs
+    per SM). A graph keeps the launches it recorded, so this only matters until capture."""
+    if arm != "triton-g8":
+        yield
+        return
+    shapes, dy_pass = fused_gemm.SHAPES, seg_grads.dy_pass
+    fused_gemm.SHAPES = [shape[:5] + (8,) for shape in shapes]
+
+    def before(element_size: int, rank_pad: int) -> seg_grads.PassConfig:
+        cfg = dy_pass(element_size, rank_pad)
+        return seg_grads.PassConfig(cfg.block_m, cfg.block_d, cfg.warps, 2, 2) if cfg.block_d == 256 else cfg
+
+    seg_grads.dy_pass = before
+    try:
+        yield
+    finally:
+        fused_gemm.SHAPES, seg_grads.dy_pass = shapes, dy_pass
 
 
 def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int,
@@ -73,9 +99,11 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
         stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"], fused = ARMS[arm]
         stage.fused_residual = stage.fused_loss = fused
         batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
-        if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture
-            hidden = stage(batch.input_ids, batch.layout)
-            (job_loss_sums(stage.lm_head, hidden, batch.targets, stage.fused_loss) * batch.loss_weights).sum().backward()
+        with earlier_launches(arm):
+            if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture
+                hidden = stage(batch.input_ids, batch.layout)
+                (job_loss_sums(stage.lm_head, hidden, batch.targets, stage.fused_loss)
+                 * batch.loss_weights).sum().backward()
         for opt in opts:
             opt.step(opt.grad_sq_norm().sqrt())
 

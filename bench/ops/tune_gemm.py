@@ -1,6 +1,6 @@
 """The fused GEMM alone and the whole operator, against cuBLAS and another version, one GPU.
 
-At T = 8192, 4096→4096, r = 16 (`--rank`), bf16, K jobs with uneven segments, each GEMM of the
+At T = 8192, 4096→4096 (`--dims IN`x`OUT`, e.g. 4096x11008), r = 16 (`--rank`), bf16, K jobs with uneven segments, each GEMM of the
 fused operator (forward y = x·Wᵀ + expand, backward dx = dy·W + expand) is timed alone
 from a CUDA graph (device time) next to cuBLAS's product without the LoRA part; then
 the whole operator's forward + backward (`forward_cat` + `backward_cat`, no autograd)
@@ -36,7 +36,7 @@ from mlora.ops.kernels import shrink as sh  # noqa: E402
 from mlora.ops.kernels.plan import segment_plan  # noqa: E402
 from mlora.ops.multi_lora import LoraCall  # noqa: E402
 
-T, D = 8192, 4096
+T = 8192
 
 
 def load_module(path: str) -> ModuleType:
@@ -61,18 +61,19 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
     """Forward and dx GEMMs alone, each version, for one K; with `dropout` also the dx
     GEMM of jobs that all have LoRA dropout (p = 0.1: its expand masked element-wise)."""
     dev = x.device
+    d_in, d_out = x.shape[1], dy.shape[1]
     segs = uneven_segments(T, jobs, seed=jobs)
     ranks = (rank,) * jobs
     rows_per_tile = sh.block_m(rank)
     plan = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, ranks, T, dev, rows_per_tile)
     masked = segment_plan(tuple(segs), (2.0,) * jobs, (0.1,) * jobs, (True,) * len(segs), ranks, T, dev,
                           rows_per_tile)
-    keep = (torch.rand(T, D, device=dev) > 0.1).to(torch.int8)
+    keep = (torch.rand(T, d_in, device=dev) > 0.1).to(torch.int8)
     gen = torch.Generator(device=dev).manual_seed(jobs)
     h = torch.randn(T, plan.rank_pad, device=dev, dtype=x.dtype, generator=gen)
     g = torch.randn(T, plan.rank_pad, device=dev, dtype=torch.float32, generator=gen)
-    b_cat = torch.randn(D, rank * jobs, device=dev, dtype=x.dtype, generator=gen) * 0.05
-    a_cat = torch.randn(rank * jobs, D, device=dev, dtype=x.dtype, generator=gen) * 0.05
+    b_cat = torch.randn(d_out, rank * jobs, device=dev, dtype=x.dtype, generator=gen) * 0.05
+    a_cat = torch.randn(rank * jobs, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.05
     rows = []
     gemms = [("forward", x, h, b_cat, False, lambda: x @ w.t(), plan, None),
              ("dx", dy, g, a_cat, True, lambda: dy @ w, plan, None)]
@@ -86,11 +87,18 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
                                          dropout=masks is not None, precision="tf32")
             fns[label] = run
         ref = fns["this"]()
-        row = dict(jobs=jobs, gemm=name, **{f"{k} err": rel(fns[k](), ref) for k in versions if k != "this"})
+        errs = {}
+        for k in [k for k in versions if k != "this"]:
+            try:
+                errs[f"{k} err"] = rel(fns[k](), ref)
+            except Exception as exc:  # a config that does not compile or launch here: left out
+                print(f"K={jobs:3d} {name:8s} {k}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                del fns[k]
+        row = dict(jobs=jobs, gemm=name, **errs)
         row.update(rounds_us(fns, rounds))
         rows.append(row)
         print(f"K={jobs:3d} {name:8s} cuBLAS {row['cublas']:7.1f} us  "
-              + "  ".join(f"{k} {row[k]:7.1f}" for k in versions)
+              + "  ".join(f"{k} {row[k]:7.1f}" for k in versions if k in row)
               + "".join(f"  ({k} {row[k]:.0e})" for k in row if k.endswith(" err")), flush=True)
     return rows
 
@@ -169,18 +177,19 @@ def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType
     """forward_cat + backward_cat with each version's GEMM, against the base GEMMs; with
     `dropout` every job has LoRA dropout p = 0.1 (keep-masks on all its tokens)."""
     dev = x.device
+    d_in, d_out = x.shape[1], dy.shape[1]
     rows = []
     for jobs in [0, *jobs_list]:
         segs = uneven_segments(T, jobs, seed=jobs) if jobs else []
         n = max(jobs, 1)
         gen = torch.Generator(device=dev).manual_seed(100 + jobs)
-        a = [torch.randn(rank, D, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
-        b = [torch.randn(D, rank, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
+        a = [torch.randn(rank, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
+        b = [torch.randn(d_out, rank, device=dev, dtype=x.dtype, generator=gen) * 0.02 for _ in range(n)]
         ranks = (rank,) * n
         a_cat, b_cat = tm.concat(a, b, x.dtype)
         p = 0.1 if dropout else 0.0
         call = LoraCall(tuple(segs), (2.0,) * n, (p,) * n, (dropout,) * len(segs))
-        keep = [(torch.rand(s.end - s.start, D, device=dev, generator=gen) > p) for s in segs] if dropout else []
+        keep = [(torch.rand(s.end - s.start, d_in, device=dev, generator=gen) > p) for s in segs] if dropout else []
         masks = tm.stack_masks(keep, x, ranks, call) if dropout and segs else None
 
         def operator(module: ModuleType):
@@ -207,11 +216,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", default="1,4,16,64")
     p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
-    p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS,...")
+    p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS[xGROUP_M],...")
+    p.add_argument("--dims", default="4096x4096", help="d_in x d_out of the weights, comma-separated: each its own rows")
     p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=fused or base=split (the operator's GEMMs one way or the other; this version runs MLORA_TRITON_BASE's, fused by default)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")
+    p.add_argument("--skip-operator", action="store_true", help="GEMM rows only")
     p.add_argument("--rank", type=int, default=16, help="every job's LoRA rank")
     p.add_argument("--dropout", action="store_true",
                    help="dx GEMM with every job's dropout mask too; operator with dropout")
@@ -222,9 +233,6 @@ def main() -> None:
     dev = torch.device("cuda")
     bf = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(T, D, device=dev, dtype=bf, generator=gen)
-    dy = torch.randn(T, D, device=dev, dtype=bf, generator=gen)
-    w = torch.randn(D, D, device=dev, dtype=bf, generator=gen) * D**-0.5
     versions = {"this": fg}
     for path in filter(None, args.against.split(",")):
         versions[Path(path).stem] = load_module(path)
@@ -234,12 +242,25 @@ def main() -> None:
         versions[spec] = variant(spec)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     jobs = ints(args.jobs)
-    gemms = [] if args.skip_gemm else [
-        r for k in jobs for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout, args.rank)]
-    ops = operator_rows(jobs, x, w, dy, versions, args.rounds, args.dropout, args.rank)
+    gemms, ops = [], []
+    for dims in args.dims.split(","):
+        d_in, d_out = (int(v) for v in dims.split("x"))
+        print(f"{d_in} -> {d_out}", flush=True)
+        x = torch.randn(T, d_in, device=dev, dtype=bf, generator=gen)
+        dy = torch.randn(T, d_out, device=dev, dtype=bf, generator=gen)
+        w = torch.randn(d_out, d_in, device=dev, dtype=bf, generator=gen) * d_in**-0.5
+        shape = dict(d_in=d_in, d_out=d_out)
+        if not args.skip_gemm:
+            gemms += [dict(shape, **r) for k in jobs
+                      for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout, args.rank)]
+        if not args.skip_operator:
+            ops += [dict(shape, **r) for r in operator_rows(jobs, x, w, dy, versions, args.rounds, args.dropout,
+                                                            args.rank)]
+        del x, dy, w
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                                   against=args.against, variants=args.variants, rank=args.rank,
+                                                  configs=args.configs,
                                                   gemm=gemms, operator=ops), indent=1))
 
 

@@ -1,6 +1,6 @@
 """Launch-config sweep of the fused operator's memory-bound passes, one GPU.
 
-At T = 8192, 4096→4096, r = 16 (`--rank`), bf16, K jobs with uneven segments, each pass that
+At T = 8192, 4096→4096 (`--width`), r = 16 (`--rank`), bf16, K jobs with uneven segments, each pass that
 streams a whole T × 4096 tensor is timed alone from a CUDA graph (device time):
 
   shrink   h = x·Aᵀ per segment          (reads x)
@@ -42,7 +42,7 @@ from mlora.ops.kernels import shrink as sh  # noqa: E402
 from mlora.ops.kernels.plan import item_plan, segment_plan  # noqa: E402
 from mlora.ops.triton_multi_lora import PARTIAL_BUDGET_BYTES, _offset_table  # noqa: E402
 
-T, D = 8192, 4096
+T = 8192
 
 
 def graph_us(fn) -> float:
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--stages", default="2,3,4", help="reduction stage counts")
     p.add_argument("--mult", default="2,4,8,16", help="reduction programs aimed at, per SM")
     p.add_argument("--rank", type=int, default=16, help="every job's LoRA rank")
+    p.add_argument("--width", type=int, default=4096, help="columns of the streamed x and dy (11008: a 7B MLP's)")
     p.add_argument("--shrink-bm", default="16,32,64", help="shrink BLOCK_M values")
     p.add_argument("--shrink-bk", default="64,128,256", help="shrink BLOCK_K values")
     p.add_argument("--shrink-stages", default="3,4,5")
@@ -78,6 +79,7 @@ def main() -> None:
     if args.rank % 8:
         p.error("--rank: a multiple of 8 (the adapters are built unpadded here; see plan.padded_rank)")
     t_start = time.perf_counter()
+    D = args.width
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     bf = torch.bfloat16

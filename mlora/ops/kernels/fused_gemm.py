@@ -50,7 +50,11 @@ def _set_block_shapes(nargs: dict) -> None:
         nargs["out_src"].block_shape = [bm, bn]
 
 
-SHAPES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]  # BM, BN, BK, stages, warps
+# BM, BN, BK, stages, warps, GROUP_M. Row tiles in groups of 16 rather than 8: the tiles
+# one wave runs then read about 4,200 rows of a and W between them instead of 5,200 (at
+# 132 SMs; 16 is near the square root of 132·BN/BM), and on an H200 every GEMM of a 7B
+# layer (T = 8192, 4 jobs) was 0.5-2 % faster (bench/README.md, 2026-12-03, seventh session).
+SHAPES = [(128, 256, 64, 3, 8, 16), (128, 128, 64, 4, 8, 16), (256, 128, 64, 3, 8, 16)]
 # Shared memory a block may take: Hopper allows 227 KiB; the pipeline buffers are
 # stages × (BM·BK + BK·BN) elements, the rest (barriers, epilogue) is tens of bytes.
 # Compiled for sm_90, the configs below ask for at most 196,632 bytes in fp32 and
@@ -85,14 +89,14 @@ IEEE_SHAPE = (32, 64, 32, 3, 4)
 
 
 def fitted(element_size: int, budget: int = SMEM_BYTES,
-           shapes: list[tuple[int, int, int, int, int]] = SHAPES) -> list[tuple[dict, int, int]]:
+           shapes: list[tuple[int, ...]] = SHAPES) -> list[tuple[dict, int, int]]:
     """`shapes` as (meta, stages, warps), each with as many pipeline stages as fit in
     `budget` bytes of shared memory for this element size (fp32 tiles are twice bf16's)."""
     out = []
-    for bm, bn, bk, stages, warps in shapes:
+    for bm, bn, bk, stages, warps, *group in shapes:  # GROUP_M, when given, sixth (else 8)
         per_stage = (bm * bk + bk * bn) * element_size
-        out.append((dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), max(1, min(stages, budget // per_stage)),
-                    warps))
+        out.append((dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group[0] if group else 8),
+                    max(1, min(stages, budget // per_stage)), warps))
     return out
 
 
@@ -118,9 +122,8 @@ def fixed_config(element_size: int, budget: int = SMEM_BYTES, precision: str = "
 def _configs() -> list[triton.Config]:
     """A few H100 bf16 shapes for the autotuner; `_fit_stages` trims them per dtype."""
     return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=nw,
-                      pre_hook=_set_block_shapes)
-        for bm, bn, bk, st, nw in SHAPES
+        triton.Config(meta, num_stages=st, num_warps=nw, pre_hook=_set_block_shapes)
+        for meta, st, nw in fitted(2)
     ]
 
 
