@@ -101,7 +101,7 @@ def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_ti
                  part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
                  slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32", G_ROWS="i32")
     consts = dict(R=rank_pad, OUT_T=dy_pass, DROPOUT=not dy_pass, SHRINK_G=shrink_g, G_TILES=shrink_g and g_tiles,
-                  PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+                  PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major)
     return _shared(seg_grads.seg_grad_kernel, types, consts, cfg.warps, cfg.stages)
 
 

@@ -14,7 +14,8 @@ from the Triton kernel, the base product added by cuBLAS; MLORA_TRITON_BASE), an
 path with the residual adds and the loss as Hugging Face and PyTorch run them
 (`triton-adds`: no `fused_residual`, no `fused_cross_entropy`), and the Triton path launched
 as before 2026-12-03's seventh session (`triton-g8`: the GEMM's row tiles in groups of 8,
-the dy pass at 2 stages and 2 programs per SM; `earlier_launches`).
+the dy pass at 2 stages and 2 programs per SM accumulating [R, BLOCK_D]; `triton-rd`: the
+last only; `earlier_launches`).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -49,23 +51,28 @@ from mlora.runtime.trainer import make_adapter  # noqa: E402
 # cuBLAS), and whether the residual adds are fused into the norms and the loss reads bf16 logits
 ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", "fused", True),
         "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
-        "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True)}
+        "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True),
+        "triton-rd": ("triton", "0", "fused", True)}
 
 
 @contextlib.contextmanager
 def earlier_launches(arm: str):
-    """For `triton-g8`, the GEMM's and the dy pass's launch shapes as they were before the
-    seventh session of 2026-12-03 (row tiles in groups of 8; dy pass 2 stages, 2 programs
-    per SM). A graph keeps the launches it recorded, so this only matters until capture."""
-    if arm != "triton-g8":
+    """Launch shapes as they were before the seventh session of 2026-12-03: for `triton-g8`
+    the GEMM's row tiles in groups of 8 and the dy pass at 2 stages, 2 programs per SM,
+    accumulating [R, BLOCK_D]; for `triton-rd` only the last of these. A graph keeps the
+    launches it recorded, so this only matters until capture."""
+    if arm not in ("triton-g8", "triton-rd"):
         yield
         return
     shapes, dy_pass = fused_gemm.SHAPES, seg_grads.dy_pass
-    fused_gemm.SHAPES = [shape[:5] + (8,) for shape in shapes]
+    if arm == "triton-g8":
+        fused_gemm.SHAPES = [shape[:5] + (8,) for shape in shapes]
 
     def before(element_size: int, rank_pad: int) -> seg_grads.PassConfig:
         cfg = dy_pass(element_size, rank_pad)
-        return seg_grads.PassConfig(cfg.block_m, cfg.block_d, cfg.warps, 2, 2) if cfg.block_d == 256 else cfg
+        if arm == "triton-g8" and cfg.block_d == 256:
+            cfg = seg_grads.PassConfig(cfg.block_m, cfg.block_d, cfg.warps, 2, 2)
+        return dataclasses.replace(cfg, d_major=False)
 
     seg_grads.dy_pass = before
     try:

@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="2,3,4", help="reduction stage counts")
     p.add_argument("--mult", default="2,4,8,16", help="reduction programs aimed at, per SM")
+    p.add_argument("--d-major", default="0,1", help="reductions accumulating [BLOCK_D, R] (1) or [R, BLOCK_D] (0)")
     p.add_argument("--rank", type=int, default=16, help="every job's LoRA rank")
     p.add_argument("--width", type=int, default=4096, help="columns of the streamed x and dy (11008: a 7B MLP's)")
     p.add_argument("--shrink-bm", default="16,32,64", help="shrink BLOCK_M values")
@@ -117,8 +118,8 @@ def main() -> None:
                 return h
             return run
 
-        def seg_fn(kind, bm, bd, warps, stages, mult, dropout=False):
-            cfg = sg.PassConfig(block_m=bm, block_d=bd, warps=warps, stages=stages, per_sm=mult)
+        def seg_fn(kind, bm, bd, warps, stages, mult, dropout=False, d_major=False):
+            cfg = sg.PassConfig(block_m=bm, block_d=bd, warps=warps, stages=stages, per_sm=mult, d_major=d_major)
             drop_p = (0.1,) * jobs if dropout else drop
             plan = segment_plan(segs, scales, drop_p, (dropout,) * jobs, ranks, T, dev, sh.block_m(rank))
             items = item_plan(segs, D, rank, dev, bm, bd, mult * sms, PARTIAL_BUDGET_BYTES)
@@ -150,7 +151,8 @@ def main() -> None:
         ship_shrink = dict(zip(("bm", "bk", "warps", "stages"), astuple(sh.launch_config(rank, 2))))
         h_ref = shrink_fn(**ship_shrink)().clone()
         g_ref = torch.randn(T, rank, device=dev, dtype=torch.float32, generator=gen)
-        shipped = {kind: dict(bm=c.block_m, bd=c.block_d, warps=c.warps, stages=c.stages, mult=c.per_sm)
+        shipped = {kind: dict(bm=c.block_m, bd=c.block_d, warps=c.warps, stages=c.stages, mult=c.per_sm,
+                              d_major=c.d_major)
                    for kind, c in (("x", sg.x_pass(2, rank)), ("dy", sg.dy_pass(2, rank)))}
         da_ref = seg_fn("x", **shipped["x"])[0]()[0].clone()
         db_ref, gg_ref = (t.clone() for t in seg_fn("dy", **shipped["dy"])[0]())
@@ -178,10 +180,11 @@ def main() -> None:
         for kind in ("x", "dy", "dyp", "db"):
             if kind not in args.passes.split(","):
                 continue
-            for bm, bd, warps, stages in itertools.product(*(ints(v) for v in (args.bm, args.bd, args.warps,
-                                                                                 args.stages))):
+            for bm, bd, warps, stages, d_major in itertools.product(*(ints(v) for v in (
+                    args.bm, args.bd, args.warps, args.stages, args.d_major))):
                 for mult in ints(args.mult):
-                    sweeps.append((kind, dict(bm=bm, bd=bd, warps=warps, stages=stages, mult=mult)))
+                    sweeps.append((kind, dict(bm=bm, bd=bd, warps=warps, stages=stages, mult=mult,
+                                              d_major=bool(d_major))))
         for kind, cfg in sweeps:
             if time.perf_counter() - t_start > args.budget_s:
                 print(f"budget reached: stopped before {kind} {cfg}", flush=True)

@@ -17,6 +17,7 @@ Above rank 16 both cost more than reading dy again: g is then a shrink of dy by 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +31,17 @@ from mlora.ops.kernels.plan import ItemPlan, SegmentPlan
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Launch shape of one reduction pass. per_sm: programs the item plan aims at, per SM."""
+    """Launch shape of one reduction pass. per_sm: programs the item plan aims at, per SM.
+    d_major: the dy pass accumulates dBᵀ as [BLOCK_D, R] = dyᵀ·h, so dy's tile is the
+    left operand of both its products (dBᵀ and g = dy·B) and is read from shared memory
+    by both, rather than also loaded into registers as the right operand of hᵀ·dy."""
 
     block_m: int
     block_d: int
     warps: int
     stages: int
     per_sm: int
+    d_major: bool = False
 
 
 INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
@@ -79,15 +84,15 @@ def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
     shared memory, so wide ranks and fp32 take narrower tiles (all fit Hopper:
     tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64 jobs:
     39 / 73 us, 4 warps and 2 stages 43 / 113)."""
-    if INTERPRET:
-        return INTERPRET_PASS
+    if INTERPRET:  # the interpreter checks the d-major form here, the other in the x pass
+        return dataclasses.replace(INTERPRET_PASS, d_major=True)
     if rank_pad > G_IN_DY_PASS_MAX_RANK:
         return PassConfig(block_m=64 if element_size <= 2 else 32, block_d=128, warps=8, stages=3, per_sm=2)
     row_bytes = rank_pad * element_size
     if row_bytes <= 128 and element_size <= 2:  # one program per SM, 3 stages: 50.6 / 103.9 us against
         # 52.6 / 114.5 with 2 per SM and 2 stages at d_out 4096 / 11008 (4 jobs, H200); at 11008
         # a slot is then one item, so no partials to sum
-        return PassConfig(block_m=64, block_d=256, warps=8, stages=3, per_sm=1)
+        return PassConfig(block_m=64, block_d=256, warps=8, stages=3, per_sm=1, d_major=True)
     if row_bytes <= 128:
         return PassConfig(block_m=64, block_d=256, warps=8, stages=2, per_sm=2)
     if row_bytes <= 256:
@@ -117,6 +122,7 @@ def seg_grad_kernel(
     D, RT, G_ROWS,
     R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
     G_TILES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_MAJOR: tl.constexpr,
 ):
     item = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
@@ -135,7 +141,7 @@ def seg_grad_kernel(
         b_tile = tl.zeros((BLOCK_D, R), dtype=right_ptr.dtype.element_ty)
     if G_TILES:  # this column tile's own [G_ROWS, R] partial of g
         g_ptr += tl.program_id(1).to(tl.int64) * G_ROWS * R
-    acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D, R) if D_MAJOR else (R, BLOCK_D), dtype=tl.float32)
     for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
         p0 = tl.load(piece_start + p)
         p1 = tl.load(piece_end + p)
@@ -151,32 +157,37 @@ def seg_grad_kernel(
         # was not: on an H200 the x pass with masks took 77-94 us at 4096², now 51-58).
         if mask_row >= 0:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M)
+                         rr, r_ok, D, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M, D_MAJOR)
         else:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, 0, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M)
+                         rr, r_ok, D, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M, D_MAJOR)
     acc = acc * tl.load(slot_scale + slot)
     part = tl.load(item_part + item)
+    if D_MAJOR:  # acc is [BLOCK_D, R]: index it by (column, rank)
+        d_idx, r_idx, tile_ok = dd[:, None], rr[None, :], d_ok[:, None] & r_ok[None, :]
+    else:  # acc is [R, BLOCK_D]
+        d_idx, r_idx, tile_ok = dd[None, :], rr[:, None], r_ok[:, None] & d_ok[None, :]
     if part < 0:
         base = out_ptr + tl.load(out_off + slot)
         if OUT_T:  # dB_i is [D, rank]
-            out_ptrs = base + dd[None, :].to(tl.int64) * rank + rr[:, None]
+            out_ptrs = base + d_idx.to(tl.int64) * rank + r_idx
         else:  # dA_i is [rank, D]
-            out_ptrs = base + rr[:, None].to(tl.int64) * D + dd[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
-    else:
-        part_ptrs = part_ptr + part.to(tl.int64) * R * D + rr[:, None] * D + dd[None, :]
-        tl.store(part_ptrs, acc, mask=d_ok[None, :])
+            out_ptrs = base + r_idx.to(tl.int64) * D + d_idx
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    else:  # partials are [R, D] either way
+        part_ptrs = part_ptr + part.to(tl.int64) * R * D + r_idx * D + d_idx
+        tl.store(part_ptrs, acc, mask=d_idx < D)
 
 
 @triton.jit
 def _piece(
     acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok, rr, r_ok, D,
     R: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr, MASKED: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, D_MAJOR: tl.constexpr,
 ):
-    """acc + leftᵀ·drop(right) over the rows [p0, p1) of one piece; with SHRINK_G also
-    right·B_i into g[rows]: stored as the column tile's partial (G_TILES) or added by atomics."""
+    """acc + leftᵀ·drop(right) ([R, BLOCK_D]; D_MAJOR: acc + drop(right)ᵀ·left, [BLOCK_D, R])
+    over the rows [p0, p1) of one piece; with SHRINK_G also right·B_i into g[rows]: stored
+    as the column tile's partial (G_TILES) or added by atomics."""
     dtype = right_ptr.dtype.element_ty
     for m0 in range(p0, p1, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -188,7 +199,10 @@ def _piece(
             kept = tl.load(mask_ptr + (rows64 + mask_base)[:, None] * D + dd[None, :], mask=tile_ok, other=0)
             right = tl.where(kept != 0, right.to(tl.float32) * keep, 0.0).to(dtype)
         left = tl.load(left_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
-        acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
+        if D_MAJOR:
+            acc = tl.dot(tl.trans(right), left.to(dtype), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
         if SHRINK_G:
             g_part = tl.dot(right, b_tile, input_precision=PRECISION)
             if G_TILES:  # every column past the rank is 0 (b_tile's): store whole rows
@@ -289,7 +303,7 @@ def seg_grads(
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
         width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0,
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if items.n_reduce:
         reduce_partials_kernel[(items.n_reduce, triton.cdiv(r * width, REDUCE_BLOCK))](
