@@ -14,7 +14,7 @@ from the Triton kernel, the base product added by cuBLAS; MLORA_TRITON_BASE), an
 path with the residual adds and the loss as Hugging Face and PyTorch run them
 (`triton-adds`: no `fused_residual`, no `fused_cross_entropy`), and the Triton path launched
 as before 2026-12-03's seventh session (`triton-g8`: the GEMM's row tiles in groups of 8,
-the dy pass at 2 stages and 2 programs per SM accumulating [R, BLOCK_D]; `triton-rd`: the
+the dy pass at 2 stages, both reductions accumulating [R, BLOCK_D]; `triton-rd`: the
 last only; `earlier_launches`).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
@@ -58,13 +58,13 @@ ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", 
 @contextlib.contextmanager
 def earlier_launches(arm: str):
     """Launch shapes as they were before the seventh session of 2026-12-03: for `triton-g8`
-    the GEMM's row tiles in groups of 8 and the dy pass at 2 stages, 2 programs per SM,
+    the GEMM's row tiles in groups of 8, the dy pass at 2 stages, and both reductions
     accumulating [R, BLOCK_D]; for `triton-rd` only the last of these. A graph keeps the
     launches it recorded, so this only matters until capture."""
     if arm not in ("triton-g8", "triton-rd"):
         yield
         return
-    shapes, dy_pass = fused_gemm.SHAPES, seg_grads.dy_pass
+    shapes, dy_pass, x_pass = fused_gemm.SHAPES, seg_grads.dy_pass, seg_grads.x_pass
     if arm == "triton-g8":
         fused_gemm.SHAPES = [shape[:5] + (8,) for shape in shapes]
 
@@ -75,10 +75,11 @@ def earlier_launches(arm: str):
         return dataclasses.replace(cfg, d_major=False)
 
     seg_grads.dy_pass = before
+    seg_grads.x_pass = lambda *args: dataclasses.replace(x_pass(*args), d_major=False)
     try:
         yield
     finally:
-        fused_gemm.SHAPES, seg_grads.dy_pass = shapes, dy_pass
+        fused_gemm.SHAPES, seg_grads.dy_pass, seg_grads.x_pass = shapes, dy_pass, x_pass
 
 
 def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, steps: int,

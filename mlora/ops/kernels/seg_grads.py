@@ -32,9 +32,10 @@ from mlora.ops.kernels.plan import ItemPlan, SegmentPlan
 @dataclass(frozen=True)
 class PassConfig:
     """Launch shape of one reduction pass. per_sm: programs the item plan aims at, per SM.
-    d_major: the dy pass accumulates dBᵀ as [BLOCK_D, R] = dyᵀ·h, so dy's tile is the
-    left operand of both its products (dBᵀ and g = dy·B) and is read from shared memory
-    by both, rather than also loaded into registers as the right operand of hᵀ·dy."""
+    d_major: accumulate the transposed gradient, [BLOCK_D, R] = rightᵀ·left, so the
+    streamed tile (dy, or x) is the left operand of its products (in the dy pass also of
+    g = dy·B): Hopper's wgmma reads it from shared memory, transposed or not, where the
+    [R, BLOCK_D] form (M = R, too small for wgmma) loads it into registers for mma.sync."""
 
     block_m: int
     block_d: int
@@ -48,6 +49,7 @@ INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
 
 
 G_IN_DY_PASS_MAX_RANK = 16
+D_MAJOR_MAX_RANK = 16  # the d-major form was measured at R = 16 only (bench/README.md, 2026-12-03)
 G_PARTIALS_MAX_BYTES = 64 << 20
 
 
@@ -84,15 +86,14 @@ def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
     shared memory, so wide ranks and fp32 take narrower tiles (all fit Hopper:
     tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64 jobs:
     39 / 73 us, 4 warps and 2 stages 43 / 113)."""
-    if INTERPRET:  # the interpreter checks the d-major form here, the other in the x pass
-        return dataclasses.replace(INTERPRET_PASS, d_major=True)
+    if INTERPRET:  # d-major where the GPU takes it for bf16 (R <= 16), so tests meet both forms
+        return dataclasses.replace(INTERPRET_PASS, d_major=rank_pad <= D_MAJOR_MAX_RANK)
     if rank_pad > G_IN_DY_PASS_MAX_RANK:
         return PassConfig(block_m=64 if element_size <= 2 else 32, block_d=128, warps=8, stages=3, per_sm=2)
     row_bytes = rank_pad * element_size
-    if row_bytes <= 128 and element_size <= 2:  # one program per SM, 3 stages: 50.6 / 103.9 us against
-        # 52.6 / 114.5 with 2 per SM and 2 stages at d_out 4096 / 11008 (4 jobs, H200); at 11008
-        # a slot is then one item, so no partials to sum
-        return PassConfig(block_m=64, block_d=256, warps=8, stages=3, per_sm=1, d_major=True)
+    if row_bytes <= 128 and element_size <= 2:  # d-major, 3 stages: 49.9 / 94.5 us against 52.6 /
+        # 114.5 [R, BLOCK_D] with 2 stages at d_out 4096 / 11008 (4 jobs, H200)
+        return PassConfig(block_m=64, block_d=256, warps=8, stages=3, per_sm=2, d_major=True)
     if row_bytes <= 128:
         return PassConfig(block_m=64, block_d=256, warps=8, stages=2, per_sm=2)
     if row_bytes <= 256:
@@ -106,9 +107,12 @@ def x_pass(element_size: int, rank_pad: int, precision: str = "tf32") -> PassCon
     [R, BLOCK_D] accumulator in registers) narrows the tile as R grows: 128 columns
     spilled 0.3 / 5.4 / 10.9 KB a thread at R = 32 / 64 / 128 (tests/kernel_smem.py)."""
     if INTERPRET:
-        return INTERPRET_PASS
+        return dataclasses.replace(INTERPRET_PASS, d_major=rank_pad <= D_MAJOR_MAX_RANK)
     block_d = max(16, 2048 // rank_pad) if precision == "ieee" else 128
-    return PassConfig(block_m=32, block_d=block_d, warps=4, stages=4 if rank_pad <= 32 else 3, per_sm=2)
+    # d-major at R = 16 in bf16: 24.4 / 51.5 us against 25.5 / 56.5 at width 4096 / 11008
+    d_major = element_size <= 2 and precision != "ieee" and rank_pad <= D_MAJOR_MAX_RANK
+    return PassConfig(block_m=32, block_d=block_d, warps=4, stages=4 if rank_pad <= 32 else 3, per_sm=2,
+                      d_major=d_major)
 
 
 REDUCE_BLOCK = 64 if INTERPRET else 1024
