@@ -4,7 +4,8 @@
     dB_iᵀ = s_i · Σ_{t ∈ slot i} h[t]ᵀ · dy[t]             (left = h,  right = dy)
 
 One program per (work item, column tile of BLOCK_D): it loops over its item's token
-pieces in BLOCK_M rows, accumulating a [R, BLOCK_D] fp32 tile, so no atomics are
+pieces in BLOCK_M rows, accumulating a [R, BLOCK_D] fp32 tile (or its transpose,
+[BLOCK_D, R] = rightᵀ·left: `PassConfig.d_major`, bf16 at R ≤ 16), so no atomics are
 needed for the gradients and their result does not depend on scheduling. The dB
 pass reads dy anyway, so at rank 16 it also computes g = dy·B_i on the way (`g_mode`):
 each column tile adds its [BLOCK_M, R] share of the reduction over d_out into g with
