@@ -1,8 +1,9 @@
 """The fused GEMM alone and the whole operator, against cuBLAS and another version, one GPU.
 
-At T = 8192, 4096→4096 (`--dims IN`x`OUT`, e.g. 4096x11008), r = 16 (`--rank`), bf16, K jobs with uneven segments, each GEMM of the
-fused operator (forward y = x·Wᵀ + expand, backward dx = dy·W + expand) is timed alone
-from a CUDA graph (device time) next to cuBLAS's product without the LoRA part; then
+At T = 8192, 4096→4096 (`--dims 4096x11008,...` for other weights), r = 16 (`--rank`), bf16,
+K jobs with uneven segments, each GEMM of the fused operator (forward y = x·Wᵀ + expand,
+backward dx = dy·W + expand) is timed alone from a CUDA graph (device time) next to
+cuBLAS's product without the LoRA part; then
 the whole operator's forward + backward (`forward_cat` + `backward_cat`, no autograd)
 next to the two base GEMMs. `--against FILE` also times another version of
 `mlora/ops/kernels/fused_gemm.py` (for example `git show REV:mlora/ops/kernels/fused_gemm.py

@@ -1,7 +1,7 @@
 """Launch-config sweep of the fused operator's memory-bound passes, one GPU.
 
-At T = 8192, 4096→4096 (`--width`), r = 16 (`--rank`), bf16, K jobs with uneven segments, each pass that
-streams a whole T × 4096 tensor is timed alone from a CUDA graph (device time):
+At T = 8192, 4096→4096 (`--width` for other widths), r = 16 (`--rank`), bf16, K jobs with
+uneven segments, each pass that streams a whole T × 4096 tensor is timed alone from a CUDA graph (device time):
 
   shrink   h = x·Aᵀ per segment          (reads x)
   dy pass  dB = s·dyᵀ·h and g = dy·B      (reads dy; g by atomics; with its g memset)
