@@ -69,10 +69,10 @@ def earlier_launches(arm: str):
         fused_gemm.SHAPES = [shape[:5] + (8,) for shape in shapes]
 
     def before(element_size: int, rank_pad: int) -> seg_grads.PassConfig:
-        cfg = dy_pass(element_size, rank_pad)
+        cfg = dataclasses.replace(dy_pass(element_size, rank_pad), d_major=False)
         if arm == "triton-g8" and cfg.block_d == 256:
-            cfg = seg_grads.PassConfig(cfg.block_m, cfg.block_d, cfg.warps, 2, 2)
-        return dataclasses.replace(cfg, d_major=False)
+            cfg = dataclasses.replace(cfg, stages=2, per_sm=2)
+        return cfg
 
     seg_grads.dy_pass = before
     seg_grads.x_pass = lambda *args: dataclasses.replace(x_pass(*args), d_major=False)

@@ -94,7 +94,8 @@ def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
     row_bytes = rank_pad * element_size
     if row_bytes <= 128 and element_size <= 2:  # d-major, 3 stages: 49.9 / 94.5 us against 52.6 /
         # 114.5 [R, BLOCK_D] with 2 stages at d_out 4096 / 11008 (4 jobs, H200)
-        return PassConfig(block_m=64, block_d=256, warps=8, stages=3, per_sm=2, d_major=True)
+        return PassConfig(block_m=64, block_d=256, warps=8, stages=3, per_sm=2,
+                          d_major=rank_pad <= D_MAJOR_MAX_RANK)
     if row_bytes <= 128:
         return PassConfig(block_m=64, block_d=256, warps=8, stages=2, per_sm=2)
     if row_bytes <= 256:
