@@ -414,3 +414,30 @@ def test_a_step_that_cannot_be_recorded_turns_graphs_off_and_trains_on(tmp_path,
     # The failed recording must not leave the CUDA generator marked as capturing (it
     # did: every later random op on CUDA in the process raised).
     assert torch.randn(16, device="cuda").isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="auto records the Triton path on Hopper GPUs")
+def test_the_first_sighting_compiles_the_recorded_steps_kernels_ahead(tmp_path):
+    """On an empty Triton cache, the first sighting of a shape compiles the kernels of its
+    recorded step on threads; the eager step, the recording and the replay that follow
+    compile nothing more, and the throwaway step left no gradient behind."""
+    import json
+    import subprocess
+
+    from mlora.ops.kernels import compile_ahead
+
+    assert compile_ahead.available(), "this Triton lacks the async compile mode compile_ahead uses"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    (tmp_path / "triton").mkdir()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_ahead_check.py"))], env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["after_ahead"] > got["before"] + 5, got  # the operator's and the fused ops' kernels
+    assert got["after_steps"] == got["after_ahead"], got
+    assert got["grads_untouched"] and got["captures"] == 1 and got["replays"] == 1, got
+    assert got["replayed"] == got["recorded"], got
+    eager, recorded = torch.tensor(got["eager"]), torch.tensor(got["recorded"])
+    assert torch.isfinite(recorded).all() and rel(recorded, eager) < 5e-2, got

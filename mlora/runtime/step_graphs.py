@@ -129,19 +129,24 @@ class StaticStep:
             gen.manual_seed(dropout_seed_of(rows[job], index))
 
 
+def step_grads(stage: StageModel, c: StaticStep) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Each micro-batch's weighted loss sum and the parameters' gradients, over the static buffers."""
+    n = len(c.weights)
+    hidden = stage(c.ids, c.layout, op_cache=c.op_cache, generators=c.generators, backend=c.backend)
+    sums = job_loss_sums(stage.lm_head, hidden, Targets(c.index, c.token, c.slot, n + 1), stage.fused_loss)
+    per_job = sums[:n] * c.weights
+    return per_job.detach(), torch.autograd.grad(per_job.sum(), c.params)
+
+
 def static_step(stage: StageModel, c: StaticStep) -> None:
     """The step over static buffers: what the warm-up runs and the graph records.
 
     Same math as the trainer's eager step; gradients are added into `.grad` explicitly
     (autograd's own accumulation may swap in a new tensor, which a graph cannot follow).
     """
-    n = len(c.weights)
-    hidden = stage(c.ids, c.layout, op_cache=c.op_cache, generators=c.generators, backend=c.backend)
-    sums = job_loss_sums(stage.lm_head, hidden, Targets(c.index, c.token, c.slot, n + 1), stage.fused_loss)
-    per_job = sums[:n] * c.weights
-    grads = torch.autograd.grad(per_job.sum(), c.params)
+    per_job, grads = step_grads(stage, c)
     torch._foreach_add_(c.grads, list(grads))
-    c.out.copy_(per_job.detach())
+    c.out.copy_(per_job)
 
 
 def warm_up(stage: StageModel, c: StaticStep, batch: FusedBatch, eager_backend: str) -> str | None:
@@ -182,6 +187,7 @@ class StepGraphs:
         self.captures = 0
         self.off: str | None = None  # why graphs were turned off for the run, if they were
         self.kernels_failed: str | None = None  # why recorded steps fell back to the dense path, if they did
+        self.compiled_ahead = False  # the first new shape's kernels were compiled side by side (`compile_ahead`)
 
     def step(self, batch: FusedBatch, adapters: Sequence[StageAdapter]) -> Tensor | None:
         """Forward + backward of `batch` with every job's gradient added into its `.grad`.
@@ -203,6 +209,9 @@ class StepGraphs:
             if len(self.seen) >= MAX_SEEN:
                 self.seen.clear()
             self.seen.add(key)
+            if not self.compiled_ahead:
+                self.compiled_ahead = True
+                self.compile_ahead(batch, [p for a in adapters for p in a.parameters()])
             return None
         return self._capture(key, batch, [p for a in adapters for p in a.parameters()])
 
@@ -216,6 +225,32 @@ class StepGraphs:
             # on an H200 when every graph of a run held the first job to finish): new pool.
             self.pool = torch.cuda.graph_pool_handle()
         self.seen = {k for k in self.seen if all(j[0] != job for j in k.jobs)}
+
+    def compile_ahead(self, batch: FusedBatch, params: list[Tensor]) -> None:
+        """Compile every Triton kernel the recorded step of `batch` will launch (and the
+        eager steps before it: the fused norms, SwiGLU, rotary and loss are the same
+        variants), side by side on threads, by running that step with launches turned
+        into compiles (`compile_ahead.compile_only`); its results are dropped, nothing is
+        added to `.grad`. On an empty Triton cache the kernels compiled one by one as the
+        first steps met them (bench/README.md, 2026-12-03, seventh session). Skipped with
+        the GEMM autotuner on (it would time launches that do not run) and under Triton's
+        interpreter (nothing compiles there); a failure here is left to the warm-up, which meets it again and falls back (`warm_up`)."""
+        try:
+            from mlora.ops.kernels import compile_ahead, fused_gemm
+            from mlora.ops.kernels.interpret import INTERPRET
+        except ImportError:  # no Triton: nothing to compile
+            return
+        if INTERPRET or fused_gemm.autotuning() or not compile_ahead.available():
+            return
+        c = StaticStep.allocate(batch, params)
+        c.backend = resolve_backend(self.stage.routing.backend) if self.kernels_failed else graphed_backend(
+            self.stage.routing.backend, batch.input_ids.device, self.stage.compute_dtype)
+        c.fill(batch)
+        try:
+            with compile_ahead.compile_only():
+                step_grads(self.stage, c)
+        except Exception:  # noqa: BLE001 - the warm-up reports it (or falls back) when it meets it
+            pass
 
     def _capture(self, key: GraphKey, batch: FusedBatch, params: list[Tensor]) -> Tensor:
         """Run this batch eagerly on the side stream (the warm-up the capture needs), then record it."""

@@ -65,7 +65,7 @@ SMEM_BYTES = 220 * 1024
 SMEM_HEADROOM = 7 * 1024
 
 
-def _autotune() -> bool:
+def autotuning() -> bool:
     """Off unless MLORA_TRITON_AUTOTUNE=1: the tuner picked the first shape at every
     benchmarked shape, and tuning cannot be cached on disk (the TMA pre-hook), so every
     run would pay it again (a few seconds at the start of a 1.1B run)."""
@@ -388,7 +388,7 @@ def fused_gemm(
         use_tma = (os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda
                    and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight))
     meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
-    if meta is None and (k == 0 or not _autotune()):
+    if meta is None and (k == 0 or not autotuning()):
         meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device), precision, expand_only=k == 0)
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)

@@ -1,0 +1,58 @@
+"""Compile the Triton kernels a step launches side by side, before the step runs.
+
+With Triton's disk cache empty (a fresh container, a new cluster node) a run's first
+steps compile each kernel variant when it is first launched, one after another, while
+the GPU waits: about 9 s of a 7B run's start on an H200 (bench/README.md, 2026-12-03).
+Triton's compiler releases the GIL, so variants compiled on threads take about as long
+as the slowest one. `compile_only` runs a block in which every Triton launch hands its
+kernel to a thread pool (Triton's async compile mode) and launches nothing; leaving the
+block waits for the compiles and puts the kernels in Triton's caches. Running a step
+inside it compiles exactly the variants the real step then finds cached: same
+arguments, hence same specializations. Nothing a launch would have written is written,
+so whatever the step computes in the block is garbage and must be thrown away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+
+def available() -> bool:
+    """Whether this Triton has the async compile mode and the launch entry point patched here."""
+    try:
+        from triton.runtime import _async_compile
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    return (hasattr(_async_compile, "AsyncCompileMode")
+            and {"grid", "warmup"} <= set(inspect.signature(JITFunction.run).parameters))
+
+
+def default_workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def compile_only(workers: int | None = None) -> Iterator[None]:
+    """Inside: Triton launches compile on `workers` threads and run nothing; on leaving,
+    every compile has finished (or raised). Meant for the trainer's own thread at a
+    run's start: a Triton launch from another thread meanwhile would not run either."""
+    from triton.runtime import _async_compile
+    from triton.runtime.jit import JITFunction
+
+    launch = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):  # type: ignore[no-untyped-def]
+        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+
+    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="triton-compile") as pool:
+        JITFunction.run = compile_instead
+        try:
+            with _async_compile.AsyncCompileMode(pool):
+                yield
+        finally:
+            JITFunction.run = launch
