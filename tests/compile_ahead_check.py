@@ -1,8 +1,8 @@
 """A recorded Triton step after `StepGraphs.compile_ahead` compiles nothing more (one GPU).
 
 Run by tests/test_step_graphs.py in a fresh process whose TRITON_CACHE_DIR is an empty
-folder, without Triton's interpreter: each kernel variant Triton compiles adds an entry
-there, so the entries after the first sighting (where the step's kernels are compiled
+folder, without Triton's interpreter: each kernel variant Triton compiles, and each
+launcher it builds, adds an entry there, so the entries after the first sighting (where the step's kernels are compiled
 side by side) must be all there will be after an eager step, a recorded one and a
 replay. Prints one JSON line: the entry counts, the compile-ahead's seconds, the losses.
 """
@@ -68,6 +68,10 @@ def main() -> None:
     hidden = stage(batch.input_ids, batch.layout)
     eager = (job_loss_sums(stage.lm_head, hidden, batch.targets, stage.fused_loss) * batch.loss_weights)
     eager.sum().backward()
+    # Drop the eager step's autograd graph before the recording: nodes it kept alive were
+    # made on the default stream, and the capture on its side stream failed on them.
+    eager = eager.detach()
+    del hidden
     recorded = graphs.step(batch, adapters)  # warm-up on the Triton path, then the recording
     replayed = graphs.step(batch, adapters)
     torch.cuda.synchronize()

@@ -28,6 +28,7 @@ Everything else, shapes seen once, and CPU runs go the eager way; the math is th
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -233,14 +234,17 @@ class StepGraphs:
         into compiles (`compile_ahead.compile_only`); its results are dropped, nothing is
         added to `.grad`. On an empty Triton cache the kernels compiled one by one as the
         first steps met them (bench/README.md, 2026-12-03, seventh session). Skipped with
-        the GEMM autotuner on (it would time launches that do not run) and under Triton's
-        interpreter (nothing compiles there); a failure here is left to the warm-up, which meets it again and falls back (`warm_up`)."""
+        the GEMM autotuner on (it would time launches that do not run), under Triton's
+        interpreter (nothing compiles there) and with MLORA_COMPILE_AHEAD=0 (to measure
+        it); a failure here is left to the warm-up, which meets it again and falls back
+        (`warm_up`)."""
         try:
             from mlora.ops.kernels import compile_ahead, fused_gemm
             from mlora.ops.kernels.interpret import INTERPRET
         except ImportError:  # no Triton: nothing to compile
             return
-        if INTERPRET or fused_gemm.autotuning() or not compile_ahead.available():
+        if (INTERPRET or fused_gemm.autotuning() or not compile_ahead.available()
+                or os.environ.get("MLORA_COMPILE_AHEAD", "1") == "0"):
             return
         c = StaticStep.allocate(batch, params)
         c.backend = resolve_backend(self.stage.routing.backend) if self.kernels_failed else graphed_backend(

@@ -3,13 +3,17 @@
 With Triton's disk cache empty (a fresh container, a new cluster node) a run's first
 steps compile each kernel variant when it is first launched, one after another, while
 the GPU waits: about 9 s of a 7B run's start on an H200 (bench/README.md, 2026-12-03).
-Triton's compiler releases the GIL, so variants compiled on threads take about as long
-as the slowest one. `compile_only` runs a block in which every Triton launch hands its
-kernel to a thread pool (Triton's async compile mode) and launches nothing; leaving the
-block waits for the compiles and puts the kernels in Triton's caches. Running a step
-inside it compiles exactly the variants the real step then finds cached: same
-arguments, hence same specializations. Nothing a launch would have written is written,
-so whatever the step computes in the block is garbage and must be thrown away.
+Each first launch also builds the kernel's launcher: with Triton 3.6 a C module per
+signature, compiled by the host's C compiler (11 of them, 0.25-0.4 s each, for a tiny
+model's step on an H200). `compile_only` runs a block in which every Triton launch hands
+its kernel to a thread pool (Triton's async compile mode) and launches nothing; leaving
+the block waits for the compiles, then builds every compiled kernel's launcher on the
+same threads, so both land in Triton's caches. The compilers run as subprocesses (ptxas,
+the C compiler) and release the GIL there; the Python and MLIR parts of a compile do
+not all run in parallel. Running a step inside the block compiles exactly the variants
+the real step then finds cached: same arguments, hence same specializations. Nothing a
+launch would have written is written, so whatever the step computes in the block is
+garbage and must be thrown away.
 """
 
 from __future__ import annotations
@@ -52,7 +56,25 @@ def compile_only(workers: int | None = None) -> Iterator[None]:
     with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="triton-compile") as pool:
         JITFunction.run = compile_instead
         try:
-            with _async_compile.AsyncCompileMode(pool):
+            with _async_compile.AsyncCompileMode(pool) as mode:
                 yield
         finally:
             JITFunction.run = launch
+        kernels = [future.kernel for future in mode.future_kernels.values() if future.kernel is not None]
+        for done in [pool.submit(build_launcher, kernel) for kernel in kernels]:
+            done.result()
+
+
+def build_launcher(kernel: object) -> None:
+    """Build a compiled kernel's launcher now, so that its first launch finds it in
+    Triton's cache. Best effort: a launcher that cannot be built here is built (and its
+    error raised) at that launch, as without this."""
+    from triton.runtime import driver
+
+    src, metadata = getattr(kernel, "src", None), getattr(kernel, "metadata", None)
+    if src is None or metadata is None:
+        return
+    try:
+        driver.active.launcher_cls(src, metadata)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
