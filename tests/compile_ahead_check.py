@@ -30,8 +30,15 @@ from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
 from mlora.runtime.trainer import make_adapter  # noqa: E402
 
 
-def entries() -> int:
-    return len(os.listdir(os.environ["TRITON_CACHE_DIR"]))
+def entries() -> list[str]:
+    """Each cache entry as its folder name and the files that name what it holds (a
+    kernel's binary, a launcher's module), sorted."""
+    root = os.environ["TRITON_CACHE_DIR"]
+    out = []
+    for name in sorted(os.listdir(root)):
+        files = [f for f in os.listdir(os.path.join(root, name)) if f.endswith((".cubin", ".so"))]
+        out.append(f"{name[:8]}:{','.join(sorted(files))}")
+    return out
 
 
 def main() -> None:
@@ -60,6 +67,19 @@ def main() -> None:
     params = [p for a in adapters for p in a.parameters()]
 
     before = entries()
+    from mlora.ops.kernels import compile_ahead
+
+    failed: list[str] = []  # launchers the compile-ahead could not build, and why
+
+    def build_launcher(kernel: object) -> None:
+        from triton.runtime import driver
+
+        try:
+            driver.active.launcher_cls(kernel.src, kernel.metadata)
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON line
+            failed.append(f"{getattr(kernel, 'name', kernel)}: {type(exc).__name__}: {exc}"[:300])
+
+    compile_ahead.build_launcher = build_launcher
     start = time.perf_counter()
     assert graphs.step(batch, adapters) is None  # first sighting: compiled ahead, then run eagerly
     ahead_s = time.perf_counter() - start
@@ -75,7 +95,9 @@ def main() -> None:
     recorded = graphs.step(batch, adapters)  # warm-up on the Triton path, then the recording
     replayed = graphs.step(batch, adapters)
     torch.cuda.synchronize()
-    print(json.dumps(dict(before=before, after_ahead=after_ahead, after_steps=entries(), ahead_s=ahead_s,
+    after_steps = entries()
+    print(json.dumps(dict(before=len(before), after_ahead=len(after_ahead), after_steps=len(after_steps),
+                          later=sorted(set(after_steps) - set(after_ahead)), launchers_failed=failed, ahead_s=ahead_s,
                           grads_untouched=untouched, captures=graphs.captures, replays=graphs.replays,
                           eager=eager.tolist(), recorded=recorded.tolist(), replayed=replayed.tolist())))
 

@@ -420,8 +420,9 @@ def test_a_step_that_cannot_be_recorded_turns_graphs_off_and_trains_on(tmp_path,
                     reason="auto records the Triton path on Hopper GPUs")
 def test_the_first_sighting_compiles_the_recorded_steps_kernels_ahead(tmp_path):
     """On an empty Triton cache, the first sighting of a shape compiles the kernels of its
-    recorded step on threads; the eager step, the recording and the replay that follow
-    compile nothing more, and the throwaway step left no gradient behind."""
+    recorded step (the backward's too, launched from autograd's thread) and builds their
+    launchers on threads; the eager step, the recording and the replay that follow
+    compile and build nothing more, and the throwaway step left no gradient behind."""
     import json
     import subprocess
 
@@ -436,7 +437,8 @@ def test_the_first_sighting_compiles_the_recorded_steps_kernels_ahead(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["after_ahead"] > got["before"] + 5, got  # the operator's and the fused ops' kernels
-    assert got["after_steps"] == got["after_ahead"], got
+    assert got["later"] == [] and got["after_steps"] == got["after_ahead"], got  # launchers included
+    assert got["launchers_failed"] == [], got
     assert got["grads_untouched"] and got["captures"] == 1 and got["replays"] == 1, got
     assert got["replayed"] == got["recorded"], got
     eager, recorded = torch.tensor(got["eager"]), torch.tensor(got["recorded"])

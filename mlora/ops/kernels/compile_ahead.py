@@ -8,12 +8,14 @@ signature, compiled by the host's C compiler (11 of them, 0.25-0.4 s each, for a
 model's step on an H200). `compile_only` runs a block in which every Triton launch hands
 its kernel to a thread pool (Triton's async compile mode) and launches nothing; leaving
 the block waits for the compiles, then builds every compiled kernel's launcher on the
-same threads, so both land in Triton's caches. The compilers run as subprocesses (ptxas,
-the C compiler) and release the GIL there; the Python and MLIR parts of a compile do
-not all run in parallel. Running a step inside the block compiles exactly the variants
-the real step then finds cached: same arguments, hence same specializations. Nothing a
-launch would have written is written, so whatever the step computes in the block is
-garbage and must be thrown away.
+same threads, so both land in Triton's caches. The mode is a context variable, so it is
+set again in autograd's backward thread (the backward's kernels compiled one by one
+there without it). The compilers run as subprocesses (ptxas, the C compiler) and
+release the GIL there; the Python and MLIR parts of a compile do not all run in
+parallel. Running a step inside the block compiles exactly the variants the real step
+then finds cached: same arguments, hence same specializations. Nothing a launch would
+have written is written, so whatever the step computes in the block is garbage and must
+be thrown away.
 """
 
 from __future__ import annotations
@@ -42,21 +44,31 @@ def default_workers() -> int:
 
 @contextlib.contextmanager
 def compile_only(workers: int | None = None) -> Iterator[None]:
-    """Inside: Triton launches compile on `workers` threads and run nothing; on leaving,
-    every compile has finished (or raised). Meant for the trainer's own thread at a
-    run's start: a Triton launch from another thread meanwhile would not run either."""
+    """Inside: Triton launches, from any thread (autograd's included), compile on
+    `workers` threads and run nothing; on leaving, every compile has finished (or
+    raised) and the launchers are built. Meant for the trainer's own thread at a run's
+    start: a Triton launch from another thread meanwhile would not run either."""
     from triton.runtime import _async_compile
     from triton.runtime.jit import JITFunction
 
     launch = JITFunction.run
+    pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="triton-compile")
+    mode = _async_compile.AsyncCompileMode(pool)
 
     def compile_instead(self, *args, grid, warmup, **kwargs):  # type: ignore[no-untyped-def]
-        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+        # The async mode is a context variable, set in the thread that entered the block;
+        # autograd runs a CUDA backward on its own thread, where it must be set again.
+        token = _async_compile.active_mode.set(mode) if _async_compile.active_mode.get() is None else None
+        try:
+            return launch(self, *args, grid=grid, warmup=True, **kwargs)
+        finally:
+            if token is not None:
+                _async_compile.active_mode.reset(token)
 
-    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="triton-compile") as pool:
+    with pool:
         JITFunction.run = compile_instead
         try:
-            with _async_compile.AsyncCompileMode(pool) as mode:
+            with mode:
                 yield
         finally:
             JITFunction.run = launch
