@@ -440,6 +440,8 @@ def test_the_first_sighting_compiles_the_recorded_steps_kernels_ahead(tmp_path):
     assert got["later"] == [] and got["after_steps"] == got["after_ahead"], got  # launchers included
     assert got["launchers_failed"] == [], got
     assert got["grads_untouched"] and got["captures"] == 1 and got["replays"] == 1, got
-    assert got["replayed"] == got["recorded"], got
+    # The replay recomputes the recorded step: equal but for the order of the loss sums'
+    # atomic adds (`index_add_`), a few ulp of fp32 (7.6e-8 apart on the H200).
+    assert rel(torch.tensor(got["replayed"]), torch.tensor(got["recorded"])) < 1e-6, got
     eager, recorded = torch.tensor(got["eager"]), torch.tensor(got["recorded"])
     assert torch.isfinite(recorded).all() and rel(recorded, eager) < 5e-2, got
