@@ -2,9 +2,11 @@
 
 Run by tests/test_step_graphs.py in a fresh process whose TRITON_CACHE_DIR is an empty
 folder, without Triton's interpreter: each kernel variant Triton compiles, and each
-launcher it builds, adds an entry there, so the entries after the first sighting (where the step's kernels are compiled
-side by side) must be all there will be after an eager step, a recorded one and a
-replay. Prints one JSON line: the entry counts, the compile-ahead's seconds, the losses.
+launcher it builds, adds an entry there, so the entries after the first sighting (where
+the step's kernels are compiled side by side) must be all there will be after an eager
+step, a recorded one and a replay. Prints one JSON line: the entry counts, the entries
+made later, the launchers that could not be built ahead, the first sighting's seconds,
+the losses.
 """
 
 from __future__ import annotations
