@@ -72,14 +72,13 @@ def main() -> None:
     from mlora.ops.kernels import compile_ahead
 
     failed: list[str] = []  # launchers the compile-ahead could not build, and why
+    build = compile_ahead.build_launcher
 
-    def build_launcher(kernel: object) -> None:
-        from triton.runtime import driver
-
-        try:
-            driver.active.launcher_cls(kernel.src, kernel.metadata)
-        except Exception as exc:  # noqa: BLE001 - reported in the JSON line
-            failed.append(f"{getattr(kernel, 'name', kernel)}: {type(exc).__name__}: {exc}"[:300])
+    def build_launcher(kernel: object) -> str | None:
+        error = build(kernel)
+        if error is not None:
+            failed.append(error[:300])
+        return error
 
     compile_ahead.build_launcher = build_launcher
     start = time.perf_counter()

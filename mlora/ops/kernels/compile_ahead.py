@@ -77,16 +77,17 @@ def compile_only(workers: int | None = None) -> Iterator[None]:
             done.result()
 
 
-def build_launcher(kernel: object) -> None:
+def build_launcher(kernel: object) -> str | None:
     """Build a compiled kernel's launcher now, so that its first launch finds it in
     Triton's cache. Best effort: a launcher that cannot be built here is built (and its
-    error raised) at that launch, as without this."""
+    error raised) at that launch, as without this; returns why it failed, if it did."""
     from triton.runtime import driver
 
     src, metadata = getattr(kernel, "src", None), getattr(kernel, "metadata", None)
     if src is None or metadata is None:
-        return
+        return f"{kernel!r}: no source or metadata to build a launcher from"
     try:
         driver.active.launcher_cls(src, metadata)
-    except Exception:  # noqa: BLE001 - see the docstring
-        pass
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        return f"{getattr(kernel, 'name', kernel)}: {type(exc).__name__}: {exc}"
+    return None
