@@ -247,8 +247,7 @@ class StepGraphs:
                 or os.environ.get("MLORA_COMPILE_AHEAD", "1") == "0"):
             return
         c = StaticStep.allocate(batch, params)
-        c.backend = resolve_backend(self.stage.routing.backend) if self.kernels_failed else graphed_backend(
-            self.stage.routing.backend, batch.input_ids.device, self.stage.compute_dtype)
+        c.backend = self._recorded_backend(batch)
         c.fill(batch)
         try:
             with compile_ahead.compile_only():
@@ -256,12 +255,18 @@ class StepGraphs:
         except Exception:  # noqa: BLE001 - the warm-up reports it (or falls back) when it meets it
             pass
 
+    def _recorded_backend(self, batch: FusedBatch) -> str:
+        """The operator path a recorded step takes: `graphed_backend`'s pick, or the eager
+        path once the picked kernels have failed in this run."""
+        if self.kernels_failed:
+            return resolve_backend(self.stage.routing.backend)
+        return graphed_backend(self.stage.routing.backend, batch.input_ids.device, self.stage.compute_dtype)
+
     def _capture(self, key: GraphKey, batch: FusedBatch, params: list[Tensor]) -> Tensor:
         """Run this batch eagerly on the side stream (the warm-up the capture needs), then record it."""
         c = StaticStep.allocate(batch, params)
         eager = resolve_backend(self.stage.routing.backend)
-        c.backend = eager if self.kernels_failed else graphed_backend(
-            self.stage.routing.backend, batch.input_ids.device, self.stage.compute_dtype)
+        c.backend = self._recorded_backend(batch)
         c.fill(batch)
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)
