@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from mlora.ops import Segment, multi_lora_linear
+from mlora.ops.multi_lora import resolve_backend
 
 
 @dataclass(frozen=True)
@@ -214,3 +215,59 @@ class MultiLoraLinear(nn.Module):
             pad = torch.zeros(n_rows, layout.seq_len - rows.seq_len, self.in_features, dtype=torch.bool, device=device)
             keep = torch.cat([keep, pad], dim=1)
         return keep.view(-1, self.in_features)
+
+
+def project_shared(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor]:
+    """Each of `modules` applied to x (a block's q, k, v, or gate and up). Where they are
+    MultiLoraLinears of one stage on the recorded Triton path whose LoRA jobs all adapt
+    every one of them, at one rank, without dropout, they run as one shared-input call
+    (`mlora.ops.shared_input`: one shrink and one pass over x for all of them, one dx);
+    otherwise one by one, as their own forward would."""
+    shared = _shared_call(x, modules)
+    return shared if shared is not None else [m(x) for m in modules]
+
+
+def _shared_call(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor] | None:
+    from torch.nn.modules import module as nn_module
+
+    from mlora.ops.kernels.fused_gemm import autotuning
+    from mlora.ops.shared_input import fits, shared_input_enabled, shared_input_lora
+    from mlora.ops.triton_multi_lora import base_gemm
+
+    first = modules[0] if modules else None
+    if not (isinstance(first, MultiLoraLinear) and len(modules) >= 2 and shared_input_enabled()):
+        return None
+    routing, layout = first.routing, first.routing.layout
+    if (layout is None or resolve_backend(routing.backend) != "triton" or base_gemm() != "fused"
+            or torch.are_deterministic_algorithms_enabled() or autotuning()):
+        return None
+    for m in modules:  # calling the operator directly skips the modules' hooks: only without any
+        if (not isinstance(m, MultiLoraLinear) or m.routing is not routing or m.in_features != first.in_features
+                or m._forward_hooks or m._forward_pre_hooks):
+            return None
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return None
+    active: list[tuple[JobRows, StageAdapter]] = []
+    for rows in layout.jobs:
+        adapter = routing.adapters.get(rows.job)
+        if isinstance(adapter, StageAdapter):
+            adapts = [m.path in adapter.a for m in modules]
+            if not any(adapts):
+                continue
+            if not all(adapts) or (layout.training and adapter.dropout > 0):
+                return None
+            active.append((rows, adapter))
+        elif adapter is not None and any(m.path in adapter.gates for m in modules):
+            return None  # a MeteoRA job's mixture goes through the modules' own forward
+    if not active or not fits([adapter.a[first.path].shape[0] for _, adapter in active], len(modules)):
+        return None
+    lead = x.shape[:-1]
+    segments = [Segment(slot, rows.row_start * layout.seq_len, rows.row_end * layout.seq_len)
+                for slot, (rows, _) in enumerate(active)]
+    ys = shared_input_lora(
+        x.reshape(-1, first.in_features), [m.weight for m in modules], [m.bias for m in modules],
+        [[adapter.a[m.path] for _, adapter in active] for m in modules],
+        [[adapter.b[m.path] for _, adapter in active] for m in modules],
+        [adapter.scale for _, adapter in active], segments, cache=routing.op_cache,
+    )
+    return [y.view(*lead, m.out_features) for y, m in zip(ys, modules)]

@@ -169,7 +169,9 @@ def _fused_norm_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
 
 def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     if usable(x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        from mlora.model.lora_linear import project_shared  # gate and up read one input: one LoRA call
+
+        return self.down_proj(swiglu(*project_shared(x, (self.gate_proj, self.up_proj))))
     return type(self).forward(self, x)
 
 

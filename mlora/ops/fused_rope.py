@@ -127,13 +127,15 @@ def fused_attention_forward(module: nn.Module, hidden_states: Tensor, position_e
     """The forward of `FUSABLE_ATTENTION` without a KV cache, rotary through `rotary`."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from mlora.model.lora_linear import project_shared  # q, k, v read one input: one LoRA call where it can
+
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
-    q = module.q_proj(hidden_states).view(hidden_shape)
-    k = module.k_proj(hidden_states).view(hidden_shape)
+    q, k, v = project_shared(hidden_states, (module.q_proj, module.k_proj, module.v_proj))
+    q, k = q.view(hidden_shape), k.view(hidden_shape)
     if hasattr(module, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
         q, k = module.q_norm(q), module.k_norm(k)
-    v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    v = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = rotary(q, k, cos, sin)
     if hasattr(module, "sliding_window"):  # Qwen2 / Qwen3: per layer

@@ -42,7 +42,7 @@ PARTIAL_BUDGET_BYTES = 16 << 20  # fp32 partials of split slots, per gradient pa
 # H100 (bench/ops, 2026-11-24) it saved nothing, the GEMM slowing by what it hid.
 OVERLAP_GRAD_A = False
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-_BY_CALL: OrderedDict[int, _CallState] = OrderedDict()
+_BY_CALL: OrderedDict[tuple[int, tuple[int, ...]], _CallState] = OrderedDict()
 _BY_CALL_MAX = 2048  # a forward of every adapted linear of a model, then their backwards
 
 
@@ -63,14 +63,15 @@ class _CallState:
 
 
 def _state(x: Tensor, ranks: tuple[int, ...], call: LoraCall, keep: dict | None) -> _CallState:
-    """Per-call state, found by identity (cheap) before the per-layout cache (hashes segments)."""
-    st = _BY_CALL.get(id(call))
+    """Per-call state, found by identity (cheap) before the per-layout cache (hashes segments).
+    Keyed by the ranks too: a shared-input call plans its stacked slots beside the members'."""
+    st = _BY_CALL.get((id(call), ranks))
     if not (st is not None and st.call is call and st.tokens == x.shape[0] and st.device == x.device
             and st.ranks == ranks):
         plan = segment_plan(call.segments, call.scales, call.dropout, call.has_masks, ranks, x.shape[0], x.device,
                             shrink_mod.block_m(rank_block(ranks)))
         st = _CallState(call, x.shape[0], x.device, ranks, plan)
-        _BY_CALL[id(call)] = st
+        _BY_CALL[(id(call), ranks)] = st
         if len(_BY_CALL) > _BY_CALL_MAX:
             _BY_CALL.popitem(last=False)
     if keep is not None:

@@ -141,10 +141,10 @@ def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object
 def fused_gemm_kernel(
     a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, mask_ptr,
     tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-    M, N, K, M_BUCKET, RT,
+    M, N, K, M_BUCKET, RT, U_STRIDE,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -169,7 +169,8 @@ def fused_gemm_kernel(
         # masked product needs a second accumulator, and beside the first one ptxas
         # spilled: that dx GEMM took 2.7 ms instead of 0.44 at 4096² on an H200.
         acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, True, PRECISION, V_ALIGNED)
+                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, True, PRECISION,
+                      V_ALIGNED)
         mask_rows = _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row)
         kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
                        mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
@@ -195,9 +196,16 @@ def fused_gemm_kernel(
 
     if not DROPOUT:
         acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, False, PRECISION, V_ALIGNED)
+                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, False, PRECISION,
+                      V_ALIGNED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ACCUMULATE:  # out += this product: several products' input gradients summed in place
+        if TMA_STORE:
+            acc += out_src.load([m0, n0]).to(tl.float32)
+        else:
+            acc += tl.load(out_ptr + rows64[:, None] * N + cols64[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
     if TMA_STORE:  # staged in the main loop's (then free) shared memory, edges clipped
         out_src.store([m0, n0], acc.to(dtype))
     else:
@@ -218,25 +226,25 @@ PAIRED_RANK: tl.constexpr = tl.constexpr(32)
 
 @triton.jit
 def _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
-            seg_scale, seg_keep, seg_mask_row, RT, dtype, R: tl.constexpr, W_KN: tl.constexpr,
+            seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
             DROPOUT: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
     """acc + Σ_{segments lo..hi-1} (s_j·u[rows ∈ j])·V_j: up to PAIRED_RANK the first two
     as one product, the rest in turn."""
     first = lo
     if R <= PAIRED_RANK:
         u2, v2 = _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                                seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, DROPOUT, V_ALIGNED)
+                                seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, DROPOUT, V_ALIGNED)
         if lo < hi:
             acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
         first = lo + 2
     return _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                         seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R, W_KN, DROPOUT, PRECISION,
+                         seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, DROPOUT, PRECISION,
                          V_ALIGNED)
 
 
 @triton.jit
 def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
-                   seg_scale, seg_keep, seg_mask_row, RT, dtype, R: tl.constexpr, W_KN: tl.constexpr,
+                   seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
                    DROPOUT: tl.constexpr, V_ALIGNED: tl.constexpr):
     """The tile's first two segments as the operands of one product of depth 2R: u's
     columns [0, R) hold segment lo's scaled rows and [R, 2R) segment lo+1's (zero
@@ -258,7 +266,7 @@ def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_st
                           tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
     rr = cc % R
     in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
-    u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg, other=0.0)
+    u = tl.load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], mask=in_seg, other=0.0)
     u = (u.to(tl.float32) * scale[None, :]).to(dtype)
     if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
         v_row = v_cat + (off + rr) * N
@@ -300,7 +308,7 @@ def _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexp
 
 @triton.jit
 def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                  seg_rank, seg_scale, seg_keep, seg_mask_row, RT, dtype, R: tl.constexpr, W_KN: tl.constexpr,
+                  seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
     """acc + one [BLOCK_M, R]·[R, BLOCK_N] product per segment first..hi-1, in turn: tiles
     holding a whole short segment meet more than two, and above PAIRED_RANK every
@@ -316,7 +324,7 @@ def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
         if DROPOUT:
             scale *= tl.where(tl.load(seg_mask_row + j) >= 0, tl.load(seg_keep + j), 1.0)
         in_seg = (rows >= s0) & (rows < s1)
-        u = tl.load(u_ptr + rows64[:, None] * R + rr[None, :], mask=in_seg[:, None], other=0.0)
+        u = tl.load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], mask=in_seg[:, None], other=0.0)
         u = (u.to(tl.float32) * scale).to(dtype)
         if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
             v_ptr = v_cat + off * N
@@ -371,24 +379,36 @@ def fused_gemm(
     dropout: bool,
     precision: str,
     use_tma: bool | None = None,
+    add_to: Tensor | None = None,
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
-    v_cat is B_cat [N, Σr] (w_kn False) or A_cat [Σr, N] (w_kn True); masks the stacked
-    int8 keep-masks [rows, N] (read only when dropout). use_tma None picks descriptors
-    when the device and the shapes allow them (and MLORA_TRITON_TMA is not 0); a bf16 or
-    fp16 output is then written through a descriptor too where its rows are aligned.
+    v_cat is B_cat [N, Σr] (w_kn False) or A_cat [Σr, N] (w_kn True); u [M, R] may be a
+    column slice of a wider tensor (its rows contiguous); masks the stacked int8
+    keep-masks [rows, N] (read only when dropout). `add_to` (a contiguous [M, N] in a's
+    dtype): the result is added into it (in fp32, rounded once) and it is returned. use_tma
+    None picks descriptors when the device and the shapes allow them (and
+    MLORA_TRITON_TMA is not 0); a bf16 or fp16 output is then written through a
+    descriptor too where its rows are aligned.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
-    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if u.stride(1) != 1 and u.shape[1] > 1:
+        raise ValueError(f"fused_gemm: u's rows must be contiguous, got strides {u.stride()}")
+    if add_to is not None:
+        if tuple(add_to.shape) != (m, n) or add_to.dtype != a.dtype or not add_to.is_contiguous():
+            raise ValueError(f"fused_gemm: add_to must be a contiguous [{m}, {n}] in {a.dtype}, got "
+                             f"{list(add_to.shape)} in {add_to.dtype}")
+        out = add_to
+    else:
+        out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     if use_tma is None:
         use_tma = (os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda
                    and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight))
     meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
-    if meta is None and (k == 0 or not autotuning()):
+    if meta is None and (k == 0 or not autotuning() or add_to is not None):  # tuning reruns: it would add twice
         meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device), precision, expand_only=k == 0)
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
@@ -403,13 +423,14 @@ def fused_gemm(
         a_src, w_src, out, out_src, bias if bias is not None else out, u, v_cat, masks,
         plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
         plan.seg_keep, plan.seg_mask_row,
-        m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1),
+        m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1), u.stride(0),
     )
     # V's rows start 16-byte aligned: A_cat's rows (dx), or B_cat's columns of every slot
     # (forward: slots start at multiples of 8 columns, `plan.padded_rank`)
     v_aligned = v_cat.data_ptr() % 16 == 0 and (not w_kn or (n * v_cat.element_size()) % 16 == 0)
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
-                 PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor))
+                 PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor),
+                 ACCUMULATE=add_to is not None)
     if meta is not None:
         _set_block_shapes({"a_src": a_src, "w_src": w_src, "out_src": out_src, "W_KN": w_kn, **meta})
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

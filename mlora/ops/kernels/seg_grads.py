@@ -125,7 +125,7 @@ def seg_grad_kernel(
     left_ptr, right_ptr, out_ptr, part_ptr, g_ptr, b_cat, mask_ptr,
     item_slot, item_lo, item_hi, item_part, piece_start, piece_end, piece_seg,
     seg_start, seg_mask_row, out_off, slot_rank, slot_off, slot_scale, slot_keep,
-    D, RT, G_ROWS,
+    D, RT, G_ROWS, LEFT_STRIDE, G_STRIDE,
     R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
     G_TILES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     D_MAJOR: tl.constexpr,
@@ -146,7 +146,7 @@ def seg_grad_kernel(
     else:
         b_tile = tl.zeros((BLOCK_D, R), dtype=right_ptr.dtype.element_ty)
     if G_TILES:  # this column tile's own [G_ROWS, R] partial of g
-        g_ptr += tl.program_id(1).to(tl.int64) * G_ROWS * R
+        g_ptr += tl.program_id(1).to(tl.int64) * G_ROWS * G_STRIDE
     acc = tl.zeros((BLOCK_D, R) if D_MAJOR else (R, BLOCK_D), dtype=tl.float32)
     for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
         p0 = tl.load(piece_start + p)
@@ -163,10 +163,10 @@ def seg_grad_kernel(
         # was not: on an H200 the x pass with masks took 77-94 us at 4096², now 51-58).
         if mask_row >= 0:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M, D_MAJOR)
+                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M, D_MAJOR)
         else:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, 0, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M, D_MAJOR)
+                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M, D_MAJOR)
     acc = acc * tl.load(slot_scale + slot)
     part = tl.load(item_part + item)
     if D_MAJOR:  # acc is [BLOCK_D, R]: index it by (column, rank)
@@ -187,8 +187,8 @@ def seg_grad_kernel(
 
 @triton.jit
 def _piece(
-    acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok, rr, r_ok, D,
-    R: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr, MASKED: tl.constexpr,
+    acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok, rr, r_ok, D, LEFT_STRIDE,
+    G_STRIDE, R: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr, MASKED: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, D_MAJOR: tl.constexpr,
 ):
     """acc + leftᵀ·drop(right) ([R, BLOCK_D]; D_MAJOR: acc + drop(right)ᵀ·left, [BLOCK_D, R])
@@ -204,7 +204,7 @@ def _piece(
         if MASKED:
             kept = tl.load(mask_ptr + (rows64 + mask_base)[:, None] * D + dd[None, :], mask=tile_ok, other=0)
             right = tl.where(kept != 0, right.to(tl.float32) * keep, 0.0).to(dtype)
-        left = tl.load(left_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
+        left = tl.load(left_ptr + rows64[:, None] * LEFT_STRIDE + rr[None, :], mask=row_ok[:, None], other=0.0)
         if D_MAJOR:
             acc = tl.dot(tl.trans(right), left.to(dtype), acc, input_precision=PRECISION)
         else:
@@ -212,9 +212,9 @@ def _piece(
         if SHRINK_G:
             g_part = tl.dot(right, b_tile, input_precision=PRECISION)
             if G_TILES:  # every column past the rank is 0 (b_tile's): store whole rows
-                tl.store(g_ptr + rows64[:, None] * R + rr[None, :], g_part, mask=row_ok[:, None])
+                tl.store(g_ptr + rows64[:, None] * G_STRIDE + rr[None, :], g_part, mask=row_ok[:, None])
             else:
-                tl.atomic_add(g_ptr + rows64[:, None] * R + rr[None, :], g_part,
+                tl.atomic_add(g_ptr + rows64[:, None] * G_STRIDE + rr[None, :], g_part,
                               mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
     return acc
 
@@ -290,8 +290,13 @@ def seg_grads(
     `items` must have been planned with cfg's block sizes. `g` and `b_cat` ([D, Σr])
     given: also compute g = right·B_slot (right is dy): a [T, R] g is added into by
     atomics, a [cdiv(D, cfg.block_d), T, R] one gets each column tile's partial (then
-    `reduce_g`). `masks`: the stacked int8 keep-masks, read only when dropout.
+    `reduce_g`). `left` and g may be column slices of wider tensors (their rows
+    contiguous, R columns read or added into). `masks`: the stacked int8 keep-masks,
+    read only when dropout.
     """
+    for name, t in (("left", left), ("g", g)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"seg_grads: {name}'s rows must be contiguous, got strides {t.stride()}")
     if items.n_items == 0:
         return
     width = right.shape[1]
@@ -307,7 +312,7 @@ def seg_grads(
         items.piece_start, items.piece_end, items.piece_seg,
         plan.seg_start, plan.seg_mask_row, out_off,
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
-        width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0,
+        width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0, left.stride(0), g.stride(-2) if shrink_g else r,
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major, num_warps=cfg.warps, num_stages=cfg.stages,
     )
