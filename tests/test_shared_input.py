@@ -192,3 +192,52 @@ def test_compiled_bf16_at_a_1b_layers_shapes() -> None:
         assert rel(dx, ref[1]) < 1e-2
         for g, g_ref in zip(grads, ref[2]):
             assert rel(g, g_ref) < 1e-2
+
+
+@compiled
+def test_a_fused_stage_step_gives_the_same_gradients_shared_or_not(monkeypatch) -> None:
+    """A tiny GQA Llama stage on CUDA (fused attention and MLP, fp32 Triton path): every
+    block's q, k, v and gate, up go through the shared call, and every adapter gradient
+    and the input's equal those of the projections called one by one."""
+    import mlora.ops.shared_input as shared_mod
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mlora.config.schema import ALL_TARGET_MODULES
+    from mlora.model.stage import stage_from_model
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    stage = stage_from_model(LlamaForCausalLM(config).to("cuda"))
+    stage.routing.backend = "triton"
+    adapters = []
+    for j, job in enumerate(("a", "b")):
+        adapter = StageAdapter.create(job, 16, 32, 0.0, False, stage.linear_shapes(ALL_TARGET_MODULES), seed=j,
+                                      device="cuda")
+        for b in adapter.b.values():
+            nn.init.normal_(b, std=0.05)
+        stage.routing.adapters[job] = adapter
+        adapters.append(adapter)
+    layout = BatchLayout(rows=4, seq_len=64, jobs=(JobRows("a", 0, 1, 64, 0), JobRows("b", 1, 4, 64, 1)))
+    ids = torch.randint(0, 512, (4, 64), device="cuda")
+    calls = []
+    real = shared_mod.shared_input_lora
+    monkeypatch.setattr(shared_mod, "shared_input_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def grads(shared: str) -> list[torch.Tensor]:
+        monkeypatch.setenv("MLORA_SHARED_INPUT", shared)
+        params = [p for adapter in adapters for p in adapter.parameters()]
+        for p in params:
+            p.grad = None
+        stage(ids, layout).float().square().mean().backward()
+        return [p.grad.clone() for p in params]
+
+    shared = grads("1")
+    assert len(calls) == 2 * config.num_hidden_layers  # q, k, v and gate, up in every block
+    calls.clear()
+    alone = grads("0")
+    assert not calls
+    for g, g_ref in zip(shared, alone):
+        assert g_ref.abs().max() > 0
+        assert rel(g, g_ref) < 1e-4
