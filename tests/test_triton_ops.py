@@ -365,7 +365,29 @@ def test_the_true_fp32_tile_matches_the_contract(w_kn: bool, use_tma: bool, monk
     _check_gemm_contract(w_kn, use_tma, torch.float32)
 
 
-def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: bool = False) -> None:
+@interpreted
+@pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+def test_the_fused_gemm_sums_further_products_and_reads_u_from_a_slice(w_kn: bool, use_tma: bool) -> None:
+    """Two further (a_i, W_i) pairs of other depths (40 + 24 + 8: the last K loop shorter
+    than a block) join the sum in one launch, as the shared-input call's dx does, and u is
+    read as a column slice of a wider tensor."""
+    _check_gemm_contract(w_kn, use_tma, torch.float32, more=(24, 8), u_slice=True)
+    a, w = torch.randn(8, 16), torch.randn(16, 16)
+    from mlora.ops.kernels import fused_gemm as fg
+    from mlora.ops.kernels.plan import segment_plan
+
+    plan = segment_plan((Segment(0, 0, 8),), (1.0,), (0.0,), (False,), (16,), 8, torch.device("cpu"), 16)
+    with pytest.raises(ValueError, match="a further product must be a contiguous"):
+        fg.fused_gemm(a, w, None, torch.zeros(8, 16), torch.zeros(16, 16), a, plan, w_kn=True, dropout=False,
+                      precision="ieee", more=[(torch.randn(8, 4), torch.randn(5, 16))])
+    with pytest.raises(ValueError, match="at most 3 products"):
+        fg.fused_gemm(a, w, None, torch.zeros(8, 16), torch.zeros(16, 16), a, plan, w_kn=True, dropout=False,
+                      precision="ieee", more=[(a, w)] * 3)
+
+
+def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: bool = False,
+                         more: tuple[int, ...] = (), u_slice: bool = False) -> None:
     from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
@@ -384,6 +406,11 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
     w = torch.randn(k, n, generator=gen) if w_kn else torch.randn(n, k, generator=gen)
     bias = None if w_kn else torch.randn(n, generator=gen)
     u = torch.randn(tokens, plan.rank_pad, generator=gen)  # columns past a slot's rank too: V's padding is zero
+    if u_slice:  # columns 8.. of a wider tensor, as a member's h or g in the shared-input call
+        u = torch.cat([torch.randn(tokens, 8, generator=gen), u, torch.randn(tokens, 8, generator=gen)], 1)[:, 8:-8]
+    pairs = [(torch.randn(tokens, k_i, generator=gen).to(dtype),
+              (torch.randn(k_i, n, generator=gen) if w_kn else torch.randn(n, k_i, generator=gen)).to(dtype))
+             for k_i in more]
     blocks = [torch.randn(r, n, generator=gen) for r in ranks]
     a_cat, b_cat = tm.concat(blocks, [v.T for v in blocks], torch.float32)  # slots at multiples of 8 rows
     v_cat = a_cat if w_kn else b_cat
@@ -396,9 +423,11 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
         out = fg.split_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee")
     else:
         out = fg.fused_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee",
-                            use_tma=use_tma)
+                            use_tma=use_tma, more=pairs)
     assert out.dtype == dtype
     ref = _expand_reference(a, w, bias, u, v_cat, masks, plan, w_kn, any(has))
+    for a_i, w_i in pairs:
+        ref += a_i.double() @ (w_i.double() if w_kn else w_i.double().T)
     tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp16: the output's and u·s's rounding
     assert rel(out, ref) < tol, rel(out, ref)
 

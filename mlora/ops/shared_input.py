@@ -5,9 +5,10 @@ its GEMM (the shrink forward, the dA pass backward), and autograd then adds thei
 input gradients with two more passes over [T, d_in]. Here every slot's A's of all the
 members are stacked (member m at rows m·P of the slot, P the members' rank block), so one
 shrink writes every member's h and one pass over x gives every member's dA. Each member
-keeps its own GEMMs and dy pass: its forward GEMM reads its P columns of the shared h,
-its dy pass adds its g into its P columns of one shared g, and the members' dx GEMMs add
-into one dx in their epilogues (`fused_gemm(..., add_to=)`), rounded once.
+keeps its forward GEMM, which reads its P columns of the shared h, and its dy pass, which
+adds its g into its P columns of one shared g; then one dx GEMM sums every member's dy·W in
+its K loop (`fused_gemm(..., more=)`) and their LoRA parts as one expand of the stacked A
+by that g, so dx is written once and no partial input gradient goes through memory.
 
 Same sums as calling `multi_lora_linear` per member (dx is rounded once instead of once
 per member). Used only where it applies (`fits`): Triton with the base product fused,
@@ -85,7 +86,7 @@ class _SharedInputFunction(torch.autograd.Function):
         )
         ctx.call, ctx.cache, ctx.members, ctx.ranks, ctx.p = call, cache, members, ranks, p
         ctx.param_dtypes = [t.dtype for t in params]
-        ctx.save_for_backward(x, h_all, *weights, *(t for cat in cats for t in cat))
+        ctx.save_for_backward(x, h_all, a_stack.view(n * members * p, d_in), *weights, *(b for _, b in cats))
         return ys
 
     @staticmethod
@@ -96,8 +97,8 @@ class _SharedInputFunction(torch.autograd.Function):
 
         call: LoraCall = ctx.call
         members, ranks, p, n = ctx.members, ctx.ranks, ctx.p, call.n_slots
-        x, h_all, *rest = ctx.saved_tensors
-        weights, cats = rest[:members], rest[members:]
+        x, h_all, a_stack, *rest = ctx.saved_tensors
+        weights, b_cats = [w.contiguous() for w in rest[:members]], rest[members:]
         tokens, d_in = x.shape
         st = tm._state(x, ranks, call, ctx.cache)
         st_group = tm._state(x, (members * p,) * n, call, ctx.cache)
@@ -116,14 +117,13 @@ class _SharedInputFunction(torch.autograd.Function):
                 cfg = grads.dy_pass(dy.element_size(), p)
                 grads.seg_grads(h_all[:, m * p : (m + 1) * p], dy, flat_b, off_b, st.plan, tm._items(st, d_out, cfg),
                                 cfg, transposed=True, masks=x, dropout=False, precision=precision,
-                                g=g_all[:, m * p : (m + 1) * p], b_cat=cats[2 * m + 1])
+                                g=g_all[:, m * p : (m + 1) * p], b_cat=b_cats[m])
             d_b.append(tm._split(flat_b, ranks, ends_b, False, d_out))
 
         dx = None
-        if ctx.needs_input_grad[0]:
-            for m, (dy, w) in enumerate(zip(dys, weights)):
-                dx = gemm.fused_gemm(dy, w.contiguous(), None, g_all[:, m * p : (m + 1) * p], cats[2 * m], x, st.plan,
-                                     w_kn=True, dropout=False, precision=precision, add_to=dx)
+        if ctx.needs_input_grad[0]:  # Σ_m dy_m·W_m + s·g·A_stack: one K loop over the members, one expand
+            dx = gemm.fused_gemm(dys[0], weights[0], None, g_all, a_stack, x, st_group.plan, w_kn=True,
+                                 dropout=False, precision=precision, more=list(zip(dys[1:], weights[1:])))
 
         off_a, ends_a = tm._offsets(st_group, d_in)
         flat_a = alloc(ends_a[-1], dtype=grad_dtype, device=x.device)

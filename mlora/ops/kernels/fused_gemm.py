@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Sequence
 
 import torch
 import triton
@@ -37,15 +38,17 @@ from mlora.ops.kernels.interpret import INTERPRET
 from mlora.ops.kernels.plan import SegmentPlan
 
 INTERPRET_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+MAX_SOURCES = 3  # (a, W) pairs one launch sums: q, k and v's input gradients
 
 
 def _set_block_shapes(nargs: dict) -> None:
     """Descriptors carry their block shape: set it to the config being run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    if isinstance(nargs["a_src"], TensorDescriptor):
-        nargs["a_src"].block_shape = [bm, bk]
-    if isinstance(nargs["w_src"], TensorDescriptor):
-        nargs["w_src"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
+    for a_name, w_name in (("a_src", "w_src"), ("a1_src", "w1_src"), ("a2_src", "w2_src")):
+        if isinstance(nargs[a_name], TensorDescriptor):
+            nargs[a_name].block_shape = [bm, bk]
+        if isinstance(nargs[w_name], TensorDescriptor):
+            nargs[w_name].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
     if isinstance(nargs["out_src"], TensorDescriptor):
         nargs["out_src"].block_shape = [bm, bn]
 
@@ -141,10 +144,10 @@ def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object
 def fused_gemm_kernel(
     a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, mask_ptr,
     tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-    M, N, K, M_BUCKET, RT, U_STRIDE,
+    M, N, K, M_BUCKET, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -175,6 +178,30 @@ def fused_gemm_kernel(
         kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
                        mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
         acc = tl.where(kept != 0, acc, 0.0)
+    acc = _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION, BLOCK_K)
+    if SOURCES > 1:  # further (a, W) pairs: the same output's sum continues over their K
+        acc = _k_loop(acc, a1_src, w1_src, K1, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
+                      BLOCK_K)
+    if SOURCES > 2:
+        acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
+                      BLOCK_K)
+
+    if not DROPOUT:
+        acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
+                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, False, PRECISION,
+                      V_ALIGNED)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if TMA_STORE:  # staged in the main loop's (then free) shared memory, edges clipped
+        out_src.store([m0, n0], acc.to(dtype))
+    else:
+        tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN: tl.constexpr, USE_TMA: tl.constexpr,
+            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a[rows, :K]·W over K (W [K, N] if W_KN, else [N, K] read transposed)."""
     for k0 in range(0, K, BLOCK_K):
         if USE_TMA:
             a = a_src.load([m0, k0])
@@ -193,23 +220,7 @@ def fused_gemm_kernel(
                 w = tl.load(w_src + cols64[None, :] * K + kk[:, None],
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-
-    if not DROPOUT:
-        acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, False, PRECISION,
-                      V_ALIGNED)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if ACCUMULATE:  # out += this product: several products' input gradients summed in place
-        if TMA_STORE:
-            acc += out_src.load([m0, n0]).to(tl.float32)
-        else:
-            acc += tl.load(out_ptr + rows64[:, None] * N + cols64[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
-    if TMA_STORE:  # staged in the main loop's (then free) shared memory, edges clipped
-        out_src.store([m0, n0], acc.to(dtype))
-    else:
-        tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+    return acc
 
 
 @triton.jit
@@ -357,7 +368,7 @@ def _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row):
 
 
 _tuned = None if INTERPRET else triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "N", "K", "W_KN", "DROPOUT"], prune_configs_by={"early_config_prune": _fit_stages}
+    configs=_configs(), key=["M_BUCKET", "N", "K", "W_KN", "DROPOUT", "SOURCES"], prune_configs_by={"early_config_prune": _fit_stages}
 )(fused_gemm_kernel)
 
 
@@ -379,60 +390,71 @@ def fused_gemm(
     dropout: bool,
     precision: str,
     use_tma: bool | None = None,
-    add_to: Tensor | None = None,
+    more: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
     v_cat is B_cat [N, Σr] (w_kn False) or A_cat [Σr, N] (w_kn True); u [M, R] may be a
     column slice of a wider tensor (its rows contiguous); masks the stacked int8
-    keep-masks [rows, N] (read only when dropout). `add_to` (a contiguous [M, N] in a's
-    dtype): the result is added into it (in fp32, rounded once) and it is returned. use_tma
-    None picks descriptors when the device and the shapes allow them (and
-    MLORA_TRITON_TMA is not 0); a bf16 or fp16 output is then written through a
-    descriptor too where its rows are aligned.
+    keep-masks [rows, N] (read only when dropout). `more`: up to two further (a_i, W_i)
+    pairs whose products join the sum in the same K loop (a_i [M, K_i]; W_i shaped as W
+    for its K_i): the input gradient of several projections of one input, one output
+    rounded once. use_tma None picks descriptors when the device and the shapes allow
+    them (and MLORA_TRITON_TMA is not 0); a bf16 or fp16 output is then written through
+    a descriptor too where its rows are aligned.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
     if u.stride(1) != 1 and u.shape[1] > 1:
         raise ValueError(f"fused_gemm: u's rows must be contiguous, got strides {u.stride()}")
-    if add_to is not None:
-        if tuple(add_to.shape) != (m, n) or add_to.dtype != a.dtype or not add_to.is_contiguous():
-            raise ValueError(f"fused_gemm: add_to must be a contiguous [{m}, {n}] in {a.dtype}, got "
-                             f"{list(add_to.shape)} in {add_to.dtype}")
-        out = add_to
-    else:
-        out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if len(more) > MAX_SOURCES - 1:
+        raise ValueError(f"fused_gemm sums at most {MAX_SOURCES} products, got {1 + len(more)}")
+    for a_i, w_i in more:
+        k_i = a_i.shape[1]
+        if (a_i.shape[0] != m or tuple(w_i.shape) != ((k_i, n) if w_kn else (n, k_i)) or a_i.dtype != a.dtype
+                or w_i.dtype != weight.dtype or not (a_i.is_contiguous() and w_i.is_contiguous())):
+            raise ValueError(f"fused_gemm: a further product must be a contiguous [{m}, K_i] by "
+                             f"{'[K_i, ' + str(n) + ']' if w_kn else '[' + str(n) + ', K_i]'} in a's and W's dtypes, "
+                             f"got {list(a_i.shape)} {a_i.dtype} by {list(w_i.shape)} {w_i.dtype}")
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     if use_tma is None:
         use_tma = (os.environ.get("MLORA_TRITON_TMA", "1") != "0" and a.is_cuda
-                   and torch.cuda.get_device_capability(a.device)[0] >= 9 and _tma_ok(a) and _tma_ok(weight))
+                   and torch.cuda.get_device_capability(a.device)[0] >= 9
+                   and all(_tma_ok(t) for t in (a, weight, *(t for pair in more for t in pair))))
     meta, stages, warps = (INTERPRET_META, 1, 4) if INTERPRET else (None, 0, 0)
-    if meta is None and (k == 0 or not autotuning() or add_to is not None):  # tuning reruns: it would add twice
+    if meta is None and (k == 0 or not autotuning()):
         meta, stages, warps = fixed_config(a.element_size(), smem_budget(a.device), precision, expand_only=k == 0)
+    pairs = [(a, weight), *more]
     if use_tma:
         block = [16, 16]  # replaced by each config's pre-hook (or below when interpreting)
-        a_src = TensorDescriptor.from_tensor(a, block)
-        w_src = TensorDescriptor.from_tensor(weight, block)
+        srcs = [(TensorDescriptor.from_tensor(a_i, block), TensorDescriptor.from_tensor(w_i, block))
+                for a_i, w_i in pairs]
         # fp32 tiles keep plain stores: with dropout their staging buffer no longer shared
         # the pipeline's memory and the block asked for 256 KiB (tests/kernel_smem.py)
         out_src = TensorDescriptor.from_tensor(out, block) if _tma_ok(out) and out.element_size() <= 2 else out
     else:
-        a_src, w_src, out_src = a, weight, out
+        srcs, out_src = pairs, out
+    ks = [a_i.shape[1] for a_i, _ in pairs]
+    while len(srcs) < MAX_SOURCES:  # unused sources: the first again, with no K
+        srcs, ks = [*srcs, srcs[0]], [*ks, 0]
     args = (
-        a_src, w_src, out, out_src, bias if bias is not None else out, u, v_cat, masks,
+        srcs[0][0], srcs[0][1], out, out_src, bias if bias is not None else out, u, v_cat, masks,
         plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
         plan.seg_keep, plan.seg_mask_row,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1), u.stride(0),
+        srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2],
     )
     # V's rows start 16-byte aligned: A_cat's rows (dx), or B_cat's columns of every slot
     # (forward: slots start at multiples of 8 columns, `plan.padded_rank`)
     v_aligned = v_cat.data_ptr() % 16 == 0 and (not w_kn or (n * v_cat.element_size()) % 16 == 0)
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
                  PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor),
-                 ACCUMULATE=add_to is not None)
+                 SOURCES=len(pairs))
     if meta is not None:
-        _set_block_shapes({"a_src": a_src, "w_src": w_src, "out_src": out_src, "W_KN": w_kn, **meta})
+        _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
+                           "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
