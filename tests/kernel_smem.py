@@ -58,20 +58,23 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
     return dict(shared=int(kernel.metadata.shared), stack=_stack(kernel.asm["cubin"]))
 
 
-def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16) -> dict:
+def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16,
+                sources: int = 1) -> dict:
     """The GEMM's shared memory and spill stack as `fused_gemm` launches it (TMA store of
-    bf16 tiles; the dx GEMM compiled with dropout)."""
+    bf16 tiles; the dx GEMM compiled with dropout, except when it sums several products:
+    the shared-input call's dx has none)."""
     size = 4 if dt == "fp32" else 2
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
     types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
-    types.update({n: "i32" for n in ("M", "N", "K", "M_BUCKET", "RT")})
+    types.update({n: "i32" for n in ("M", "N", "K", "M_BUCKET", "RT", "U_STRIDE", "K1", "K2")})
+    a_desc = f"tensordesc<{dt}[{bm}, {bk}]>"
+    w_desc = f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>"
     types.update(out_ptr=f"*{dt}", bias_ptr=f"*{dt}", v_cat=f"*{dt}", mask_ptr="*i8",
-                 u_ptr="*fp32" if w_kn else f"*{dt}",
-                 a_src=f"tensordesc<{dt}[{bm}, {bk}]>", out_src=f"tensordesc<{dt}[{bm}, {bn}]>",
-                 w_src=f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>")
-    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn, USE_TMA=True, PRECISION=precision,
-                  V_ALIGNED=True, TMA_STORE=size == 2, **meta)
+                 u_ptr="*fp32" if w_kn else f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn}]>",
+                 a_src=a_desc, a1_src=a_desc, a2_src=a_desc, w_src=w_desc, w1_src=w_desc, w2_src=w_desc)
+    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn and sources == 1, USE_TMA=True,
+                  PRECISION=precision, V_ALIGNED=True, TMA_STORE=size == 2, SOURCES=sources, **meta)
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
 
@@ -99,7 +102,8 @@ def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_ti
                                  "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
     types.update(left_ptr=f"*{left}", right_ptr=f"*{dt}", out_ptr="*fp32",
                  part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
-                 slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32", G_ROWS="i32")
+                 slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32", G_ROWS="i32", LEFT_STRIDE="i32",
+                 G_STRIDE="i32")
     consts = dict(R=rank_pad, OUT_T=dy_pass, DROPOUT=not dy_pass, SHRINK_G=shrink_g, G_TILES=shrink_g and g_tiles,
                   PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major)
     return _shared(seg_grads.seg_grad_kernel, types, consts, cfg.warps, cfg.stages)
@@ -128,6 +132,10 @@ def main() -> None:
             config = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R128"
             rows.append(dict(kernel="fused_gemm", config=config, dtype=dt, precision=precision, w_kn=w_kn,
                              **gemm_shared(dt, precision, meta, warps, stages, w_kn, rank_pad=128)))
+        # the shared-input call's dx: q, k and v's products in one launch, the stacked expand at R = 64
+        rows.append(dict(kernel="fused_gemm", config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
+                         "/R64x3", dtype=dt, precision=precision, w_kn=True,
+                         **gemm_shared(dt, precision, meta, warps, stages, True, rank_pad=64, sources=3)))
         for rank_pad in RANKS:
             for of_b in (False, True):
                 rows.append(dict(kernel="shrink", config=f"{'g' if of_b else 'h'}/R{rank_pad}", dtype=dt,

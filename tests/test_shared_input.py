@@ -24,7 +24,9 @@ from torch import nn  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import rel  # noqa: E402
-from mlora.model.lora_linear import BatchLayout, JobRows, MultiLoraLinear, Routing, StageAdapter, project_shared  # noqa: E402
+from mlora.model.lora_linear import (  # noqa: E402
+    BatchLayout, JobRows, MultiLoraLinear, Routing, StageAdapter, project_shared,
+)
 from mlora.ops import Segment, multi_lora_linear  # noqa: E402
 from mlora.ops.shared_input import fits, shared_input_lora  # noqa: E402
 
@@ -50,7 +52,8 @@ def _inputs(tokens: int, d_in: int, d_outs: list[int], rank: int, slots: int, bi
     return x, weights, biases, lora_a, lora_b, scales, dys
 
 
-def _run(shared: bool, x, weights, biases, lora_a, lora_b, scales, segments, dys, backend: str = "loop"):  # type: ignore[no-untyped-def]
+def _run(shared: bool, x, weights, biases, lora_a, lora_b, scales, segments, dys,  # type: ignore[no-untyped-def]
+         backend: str = "loop"):
     x = x.detach().clone().requires_grad_()
     for t in (*sum(lora_a, []), *sum(lora_b, [])):
         t.grad = None
@@ -115,6 +118,13 @@ def test_fits_only_one_small_rank_for_every_slot() -> None:
     with pytest.raises(ValueError, match="cannot share one call"):
         shared_input_lora(x, w, [None, None], [[torch.randn(16, 16)], [torch.randn(8, 16)]],
                           [[torch.randn(16, 16)], [torch.randn(16, 8)]], [1.0], [Segment(0, 0, 8)])
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(ValueError, match="adds g by atomics"):
+            shared_input_lora(x, w, [None, None], [[torch.randn(16, 16)]] * 2, [[torch.randn(16, 16)]] * 2, [1.0],
+                              [Segment(0, 0, 8)])
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def _stage_modules(d_in: int, d_outs: list[int], jobs: dict[str, tuple[int, float, list[str]]], tokens_per_job: int,

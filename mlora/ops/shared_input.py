@@ -166,6 +166,9 @@ def shared_input_lora(
     if x.dim() != 2 or any(w.shape[1] != x.shape[1] for w in weights):
         raise ValueError(f"shared_input_lora takes x [T, d_in] and weights [d_out, d_in], got {tuple(x.shape)} and "
                          f"{[tuple(w.shape) for w in weights]}")
+    if torch.are_deterministic_algorithms_enabled():
+        raise ValueError("shared_input_lora adds g by atomics: call the members one by one under torch's "
+                         "deterministic algorithms")
     call = LoraCall(segments=tuple(segments), scales=tuple(float(s) for s in scales), dropout=(0.0,) * n,
                     has_masks=(False,) * len(segments))
     call.validate(x.shape[0])

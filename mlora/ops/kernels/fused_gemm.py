@@ -244,7 +244,8 @@ def _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_star
     first = lo
     if R <= PAIRED_RANK:
         u2, v2 = _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                                seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, DROPOUT, V_ALIGNED)
+                                seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, DROPOUT,
+                                V_ALIGNED)
         if lo < hi:
             acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
         first = lo + 2

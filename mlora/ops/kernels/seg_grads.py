@@ -50,7 +50,10 @@ INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
 
 
 G_IN_DY_PASS_MAX_RANK = 16
-D_MAJOR_MAX_RANK = 16  # the d-major form was measured at R = 16 only (bench/README.md, 2026-12-03)
+D_MAJOR_MAX_RANK = 16  # the dy pass's d-major form was measured at R = 16 only (bench/README.md, 2026-12-03)
+# The x pass's at R = 32 and 64 too (4 jobs, 4096 wide, H200): 27.1 / 31.7 us against 38.6 / 50.1
+# for [R, BLOCK_D] at the same shapes (bench/README.md, 2026-12-04; the shared-input call's stacks)
+X_D_MAJOR_MAX_RANK = 64
 G_PARTIALS_MAX_BYTES = 64 << 20
 
 
@@ -109,10 +112,10 @@ def x_pass(element_size: int, rank_pad: int, precision: str = "tf32") -> PassCon
     [R, BLOCK_D] accumulator in registers) narrows the tile as R grows: 128 columns
     spilled 0.3 / 5.4 / 10.9 KB a thread at R = 32 / 64 / 128 (tests/kernel_smem.py)."""
     if INTERPRET:
-        return dataclasses.replace(INTERPRET_PASS, d_major=rank_pad <= D_MAJOR_MAX_RANK)
+        return dataclasses.replace(INTERPRET_PASS, d_major=rank_pad <= X_D_MAJOR_MAX_RANK)
     block_d = max(16, 2048 // rank_pad) if precision == "ieee" else 128
     # d-major at R = 16 in bf16: 24.4 / 51.5 us against 25.5 / 56.5 at width 4096 / 11008
-    d_major = element_size <= 2 and precision != "ieee" and rank_pad <= D_MAJOR_MAX_RANK
+    d_major = element_size <= 2 and precision != "ieee" and rank_pad <= X_D_MAJOR_MAX_RANK
     return PassConfig(block_m=32, block_d=block_d, warps=4, stages=4 if rank_pad <= 32 else 3, per_sm=2,
                       d_major=d_major)
 
