@@ -51,7 +51,7 @@ INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
 
 G_IN_DY_PASS_MAX_RANK = 16
 D_MAJOR_MAX_RANK = 16  # the dy pass's d-major form was measured at R = 16 only (bench/README.md, 2026-12-03)
-# The x pass's at R = 32 and 64 too (4 jobs, 4096 wide, H200): 27.1 / 31.7 us against 38.6 / 50.1
+# The x pass's at R = 32 and 64 too (4 jobs, 4096 wide, H200): 27.1 / 32.8 us against 38.6 / 50.1
 # for [R, BLOCK_D] at the same shapes (bench/README.md, 2026-12-04; the shared-input call's stacks)
 X_D_MAJOR_MAX_RANK = 64
 G_PARTIALS_MAX_BYTES = 64 << 20
