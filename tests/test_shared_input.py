@@ -35,7 +35,7 @@ compiled = pytest.mark.skipif(not (COMPILED and torch.cuda.is_available()),
                               reason="compiled cases need MLORA_TRITON_COMPILED=1 and a CUDA device")
 
 
-def _inputs(tokens: int, d_in: int, d_outs: list[int], rank: int, slots: int, bias: bool, dtype: torch.dtype,
+def _inputs(tokens: int, d_in: int, d_outs: list[int], ranks: list[int], bias: bool, dtype: torch.dtype,
             device: str, seed: int) -> tuple:
     gen = torch.Generator().manual_seed(seed)
 
@@ -45,9 +45,9 @@ def _inputs(tokens: int, d_in: int, d_outs: list[int], rank: int, slots: int, bi
     x = rnd(tokens, d_in).to(dtype)
     weights = [rnd(d, d_in, scale=d_in ** -0.5).to(dtype) for d in d_outs]
     biases = [rnd(d).to(dtype) if bias and m != 1 else None for m, d in enumerate(d_outs)]
-    lora_a = [[rnd(rank, d_in, scale=d_in ** -0.5).requires_grad_() for _ in range(slots)] for _ in d_outs]
-    lora_b = [[rnd(d, rank, scale=0.1).requires_grad_() for _ in range(slots)] for d in d_outs]
-    scales = [2.0 - 0.25 * j for j in range(slots)]
+    lora_a = [[rnd(r, d_in, scale=d_in ** -0.5).requires_grad_() for r in ranks] for _ in d_outs]
+    lora_b = [[rnd(d, r, scale=0.1).requires_grad_() for r in ranks] for d in d_outs]
+    scales = [2.0 - 0.25 * j for j in range(len(ranks))]
     dys = [rnd(tokens, d).to(dtype) for d in d_outs]
     return x, weights, biases, lora_a, lora_b, scales, dys
 
@@ -74,6 +74,8 @@ CPU_CASES = {
     "gate_up": dict(tokens=37, d_in=16, d_outs=[40, 40], rank=4, lengths=[17, 20, 0], bias=False),
     # rank 12 (padded to 16 in the slots and the stack), one slot
     "one_slot": dict(tokens=29, d_in=32, d_outs=[16, 16, 16], rank=12, lengths=[29], bias=False),
+    # slots of ranks 4, 16 and 8: each padded to 16 in the stack, the slots of A_cat at 8, 16 and 8 rows
+    "mixed": dict(tokens=50, d_in=24, d_outs=[24, 8, 8], rank=(4, 16, 8), lengths=[9, 25, -4, 12], bias=False),
 }
 
 
@@ -93,8 +95,9 @@ def _segments(lengths: list[int]) -> tuple[list[Segment], int]:
 def test_the_shared_call_gives_what_the_members_give_one_by_one(name: str) -> None:
     case = CPU_CASES[name]
     segments, slots = _segments(case["lengths"])
+    ranks = list(case["rank"]) if isinstance(case["rank"], tuple) else [case["rank"]] * slots
     x, weights, biases, lora_a, lora_b, scales, dys = _inputs(
-        case["tokens"], case["d_in"], case["d_outs"], case["rank"], slots, case["bias"], torch.float32, "cpu", seed=3)
+        case["tokens"], case["d_in"], case["d_outs"], ranks, case["bias"], torch.float32, "cpu", seed=3)
     ys, dx, grads = _run(True, x, weights, biases, lora_a, lora_b, scales, segments, dys)
     ys_ref, dx_ref, grads_ref = _run(False, x, weights, biases, lora_a, lora_b, scales, segments, dys)
     for y, y_ref in zip(ys, ys_ref):
@@ -108,9 +111,8 @@ def test_the_shared_call_gives_what_the_members_give_one_by_one(name: str) -> No
 
 
 def test_fits_only_one_small_rank_for_every_slot() -> None:
-    assert fits([16, 16, 16], 3) and fits([4], 2) and fits([8, 8], 4)
-    assert not fits([16, 8], 3)  # mixed ranks
-    assert not fits([32, 32], 2)  # g by a shrink of dy above rank 16
+    assert fits([16, 16, 16], 3) and fits([4], 2) and fits([8, 8], 4) and fits([16, 4, 8], 3)
+    assert not fits([32, 32], 2) and not fits([16, 20], 2)  # g by a shrink of dy above rank 16
     assert not fits([16], 5)  # 80 stacked ranks: past the measured shapes
     assert not fits([16], 1)  # nothing to share
     x = torch.randn(8, 16)
@@ -174,7 +176,8 @@ def test_project_shared_takes_the_shared_call_only_where_it_applies(monkeypatch)
     check({"a": (8, 0.0, all_paths), "b": (8, 0.0, []), "c": (8, 0.0, all_paths)}, True)  # b adapts none: base rows
     check({"a": (16, 0.0, all_paths), "b": (16, 0.0, all_paths[:2])}, False)  # b adapts two of three
     check({"a": (16, 0.0, all_paths), "b": (16, 0.1, all_paths)}, False)  # dropout draws a mask per member
-    check({"a": (16, 0.0, all_paths), "b": (8, 0.0, all_paths)}, False)  # mixed ranks
+    check({"a": (16, 0.0, all_paths), "b": (8, 0.0, all_paths)}, True)  # mixed ranks, padded in the stack
+    check({"a": (16, 0.0, all_paths), "b": (32, 0.0, all_paths)}, False)  # rank block 32: g by a shrink
     check({"a": (16, 0.0, all_paths)}, False, backend="auto")  # eager steps stay dense
     monkeypatch.setenv("MLORA_SHARED_INPUT", "0")
     check({"a": (16, 0.0, all_paths)}, False)
@@ -192,7 +195,7 @@ def test_compiled_bf16_at_a_1b_layers_shapes() -> None:
     lengths = [2048, 2048, 2048, 2048]
     segments, slots = _segments(lengths)
     for d_outs in ([2048, 256, 256], [5632, 5632]):
-        x, weights, biases, lora_a, lora_b, scales, dys = _inputs(8192, 2048, d_outs, 16, slots, False,
+        x, weights, biases, lora_a, lora_b, scales, dys = _inputs(8192, 2048, d_outs, [16] * slots, False,
                                                                    torch.bfloat16, "cuda", seed=5)
         ys, dx, grads = _run(True, x, weights, biases, lora_a, lora_b, scales, segments, dys)
         ref = _run(False, x.float(), [w.float() for w in weights], biases, lora_a, lora_b, scales, segments,

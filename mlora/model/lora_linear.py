@@ -220,7 +220,7 @@ class MultiLoraLinear(nn.Module):
 def project_shared(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor]:
     """Each of `modules` applied to x (a block's q, k, v, or gate and up). Where they are
     MultiLoraLinears of one stage on the recorded Triton path whose LoRA jobs all adapt
-    every one of them, at one rank, without dropout, they run as one shared-input call
+    every one of them, at ranks up to 16, without dropout, they run as one shared-input call
     (`mlora.ops.shared_input`: one shrink and one pass over x for all of them, one dx);
     otherwise one by one, as their own forward would."""
     shared = _shared_call(x, modules)

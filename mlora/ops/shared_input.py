@@ -12,8 +12,8 @@ by that g, so dx is written once and no partial input gradient goes through memo
 
 Same sums as calling `multi_lora_linear` per member (dx is rounded once instead of once
 per member). Used only where it applies (`fits`): Triton with the base product fused,
-every slot of one rank with P ≤ 16 (g by the dy pass's atomics) and M·P ≤ 64, no dropout
-masks, torch's deterministic algorithms off; `shared_input_enabled` turns it off.
+slot ranks with P ≤ 16 (g by the dy pass's atomics) and M·P ≤ 64, no dropout masks,
+torch's deterministic algorithms off; `shared_input_enabled` turns it off.
 See docs/kernels.md, "Projections sharing an input".
 """
 
@@ -36,13 +36,13 @@ def shared_input_enabled() -> bool:
 
 
 def fits(ranks: Sequence[int], members: int) -> bool:
-    """Whether the members' adapters of these slot ranks can share one call: one rank for
-    every slot, its rank block P small enough that the dy pass adds g by atomics, and the
-    stacked block M·P within the shapes the shrink and x pass were measured at."""
+    """Whether the members' adapters of these slot ranks can share one call: the slots'
+    rank block P small enough that the dy pass adds g by atomics, and the stacked block
+    M·P within the shapes the shrink and x pass were measured at."""
     from mlora.ops.kernels import seg_grads
     from mlora.ops.kernels.plan import rank_block
 
-    if members < 2 or not ranks or len(set(ranks)) != 1:
+    if members < 2 or not ranks:
         return False
     p = rank_block(ranks)
     return p <= seg_grads.G_IN_DY_PASS_MAX_RANK and members * p <= MAX_STACKED_RANK
@@ -65,15 +65,21 @@ class _SharedInputFunction(torch.autograd.Function):
         a_of = [params[2 * n * m : 2 * n * m + n] for m in range(members)]
         b_of = [params[2 * n * m + n : 2 * n * (m + 1)] for m in range(members)]
         ranks = tuple(a.shape[0] for a in a_of[0])
-        p, pr, d_in = rank_block(ranks), padded_rank(ranks[0]), x.shape[1]
+        p, pads, d_in = rank_block(ranks), [padded_rank(r) for r in ranks], x.shape[1]
         cats = [tm.concat(a_of[m], b_of[m], x.dtype) for m in range(members)]
         for w, (a_cat, b_cat) in zip(weights, cats):
             tm._check(x, w.contiguous(), a_cat, b_cat, w.shape[0], ranks)
-        # slot j's stacked A: member m's rows at j·M·P + m·P (zeros past each rank)
-        stack = x.new_zeros if pr < p else x.new_empty
-        a_stack = stack(n, members, p, d_in)
+        # slot j's stacked A: member m's rows at j·M·P + m·P, zeros past each rank (the
+        # members' GEMMs read all P columns of their h)
+        a_stack = (x.new_empty if set(pads) == {p} else x.new_zeros)(n, members, p, d_in)
         for m, (a_cat, _) in enumerate(cats):
-            a_stack[:, m, :pr].copy_(a_cat.view(n, pr, d_in))
+            if len(set(pads)) == 1:
+                a_stack[:, m, : pads[0]].copy_(a_cat.view(n, pads[0], d_in))
+            else:  # A_cat's slots lie at their padded ranks, one after another
+                at = 0
+                for j, pr in enumerate(pads):
+                    a_stack[j, m, :pr].copy_(a_cat[at : at + pr])
+                    at += pr
         group_ranks = (members * p,) * n
         st_group = tm._state(x, group_ranks, call, cache)
         st = tm._state(x, ranks, call, cache)
@@ -162,7 +168,8 @@ def shared_input_lora(
     ranks = [a.shape[0] for a in lora_a[0]]
     if any([a.shape[0] for a in member] != ranks for member in lora_a) or not fits(ranks, members):
         raise ValueError(f"members of ranks {[[a.shape[0] for a in member] for member in lora_a]} cannot share "
-                         f"one call (one rank ≤ 16 for every slot and member, at most {MAX_STACKED_RANK} stacked)")
+                         f"one call (every member the same slot ranks, each ≤ 16, at most {MAX_STACKED_RANK} "
+                         f"stacked)")
     if x.dim() != 2 or any(w.shape[1] != x.shape[1] for w in weights):
         raise ValueError(f"shared_input_lora takes x [T, d_in] and weights [d_out, d_in], got {tuple(x.shape)} and "
                          f"{[tuple(w.shape) for w in weights]}")
