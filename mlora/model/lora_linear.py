@@ -230,7 +230,6 @@ def project_shared(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor]:
 def _shared_call(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor] | None:
     from torch.nn.modules import module as nn_module
 
-    from mlora.ops.kernels.fused_gemm import autotuning
     from mlora.ops.shared_input import fits, shared_input_enabled, shared_input_lora
     from mlora.ops.triton_multi_lora import base_gemm
 
@@ -239,7 +238,7 @@ def _shared_call(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor] | None
         return None
     routing, layout = first.routing, first.routing.layout
     if (layout is None or resolve_backend(routing.backend) != "triton" or base_gemm() != "fused"
-            or torch.are_deterministic_algorithms_enabled() or autotuning()):
+            or torch.are_deterministic_algorithms_enabled()):
         return None
     for m in modules:  # calling the operator directly skips the modules' hooks: only without any
         if (not isinstance(m, MultiLoraLinear) or m.routing is not routing or m.in_features != first.in_features
