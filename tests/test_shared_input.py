@@ -254,3 +254,15 @@ def test_a_fused_stage_step_gives_the_same_gradients_shared_or_not(monkeypatch) 
     for g, g_ref in zip(shared, alone):
         assert g_ref.abs().max() > 0
         assert rel(g, g_ref) < 1e-4
+
+
+@interpreted
+def test_a_strided_input_gives_what_a_contiguous_one_gives() -> None:
+    segments, slots = _segments([20, 13])
+    x, weights, biases, lora_a, lora_b, scales, _ = _inputs(33, 16, [16, 8], [8, 8], False, torch.float32, "cpu",
+                                                           seed=4)
+    strided = x.t().contiguous().t()  # same values, column-major
+    assert not strided.is_contiguous()
+    for y, y_ref in zip(shared_input_lora(strided, weights, biases, lora_a, lora_b, scales, segments),
+                        shared_input_lora(x, weights, biases, lora_a, lora_b, scales, segments)):
+        assert torch.equal(y, y_ref)

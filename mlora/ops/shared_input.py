@@ -60,6 +60,7 @@ class _SharedInputFunction(torch.autograd.Function):
         from mlora.ops.kernels.plan import padded_rank, rank_block
 
         n = call.n_slots
+        x = x.contiguous()  # the kernels read rows of d_in elements
         weights, biases = tensors[:members], tensors[members : 2 * members]
         params = tensors[2 * members :]
         a_of = [params[2 * n * m : 2 * n * m + n] for m in range(members)]
