@@ -31,6 +31,10 @@ class JobRows:
     seq_len: int  # the job's own padded length: dropout masks are drawn at this size
     dropout_seed: int  # distinct per (job, step, micro-batch); layers add their index
 
+    def tokens(self, batch_seq_len: int) -> tuple[int, int]:
+        """The job's token range [start, end) in the flattened [rows · batch_seq_len] batch."""
+        return self.row_start * batch_seq_len, self.row_end * batch_seq_len
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -165,7 +169,7 @@ class MultiLoraLinear(nn.Module):
         for rows, mixture in mixtures:
             # A MeteoRA job's rows get its routed mixture on top of the frozen output
             # (the slice add is autograd-safe: the base GEMM does not save its output).
-            start, end = rows.row_start * layout.seq_len, rows.row_end * layout.seq_len
+            start, end = rows.tokens(layout.seq_len)
             y[start:end] += mixture.delta(self.path, flat[start:end])
         return y.view(*lead, self.out_features)
 
@@ -179,7 +183,7 @@ class MultiLoraLinear(nn.Module):
             scales.append(adapter.scale)
             p = adapter.dropout if layout.training else 0.0
             drops.append(p)
-            start, end = rows.row_start * layout.seq_len, rows.row_end * layout.seq_len
+            start, end = rows.tokens(layout.seq_len)
             segments.append(Segment(slot, start, end))
             masks.append(self._dropout_mask(rows, layout, p, flat.device) if p > 0 else None)
         return multi_lora_linear(
@@ -261,8 +265,7 @@ def _shared_call(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor] | None
     if not active or not fits([adapter.a[first.path].shape[0] for _, adapter in active], len(modules)):
         return None
     lead = x.shape[:-1]
-    segments = [Segment(slot, rows.row_start * layout.seq_len, rows.row_end * layout.seq_len)
-                for slot, (rows, _) in enumerate(active)]
+    segments = [Segment(slot, *rows.tokens(layout.seq_len)) for slot, (rows, _) in enumerate(active)]
     ys = shared_input_lora(
         x.reshape(-1, first.in_features), [m.weight for m in modules], [m.bias for m in modules],
         [[adapter.a[m.path] for _, adapter in active] for m in modules],

@@ -61,15 +61,15 @@ class _SharedInputFunction(torch.autograd.Function):
 
         n = call.n_slots
         x = x.contiguous()  # the kernels read rows of d_in elements
-        weights, biases = tensors[:members], tensors[members : 2 * members]
-        params = tensors[2 * members :]
+        weights = [w.contiguous() for w in tensors[:members]]
+        biases, params = tensors[members : 2 * members], tensors[2 * members :]
         a_of = [params[2 * n * m : 2 * n * m + n] for m in range(members)]
         b_of = [params[2 * n * m + n : 2 * n * (m + 1)] for m in range(members)]
         ranks = tuple(a.shape[0] for a in a_of[0])
         p, pads, d_in = rank_block(ranks), [padded_rank(r) for r in ranks], x.shape[1]
         cats = [tm.concat(a_of[m], b_of[m], x.dtype) for m in range(members)]
         for w, (a_cat, b_cat) in zip(weights, cats):
-            tm._check(x, w.contiguous(), a_cat, b_cat, w.shape[0], ranks)
+            tm._check(x, w, a_cat, b_cat, w.shape[0], ranks)
         # slot j's stacked A: member m's rows at j·M·P + m·P, zeros past each rank (the
         # members' GEMMs read all P columns of their h)
         a_stack = (x.new_empty if set(pads) == {p} else x.new_zeros)(n, members, p, d_in)
@@ -87,7 +87,7 @@ class _SharedInputFunction(torch.autograd.Function):
         precision = tm._precision(x)
         h_all = shrink_mod.shrink(x, a_stack.view(n * members * p, d_in), x, st_group.plan, False, precision)
         ys = tuple(
-            gemm.fused_gemm(x, w.contiguous(), bias, h_all[:, m * p : (m + 1) * p], cats[m][1], x, st.plan,
+            gemm.fused_gemm(x, w, bias, h_all[:, m * p : (m + 1) * p], cats[m][1], x, st.plan,
                             w_kn=False, dropout=False, precision=precision)
             for m, (w, bias) in enumerate(zip(weights, biases))
         )
@@ -105,7 +105,7 @@ class _SharedInputFunction(torch.autograd.Function):
         call: LoraCall = ctx.call
         members, ranks, p, n = ctx.members, ctx.ranks, ctx.p, call.n_slots
         x, h_all, a_stack, *rest = ctx.saved_tensors
-        weights, b_cats = [w.contiguous() for w in rest[:members]], rest[members:]
+        weights, b_cats = rest[:members], rest[members:]
         tokens, d_in = x.shape
         st = tm._state(x, ranks, call, ctx.cache)
         st_group = tm._state(x, (members * p,) * n, call, ctx.cache)

@@ -414,9 +414,9 @@ def fused_gemm(
         k_i = a_i.shape[1]
         if (a_i.shape[0] != m or tuple(w_i.shape) != ((k_i, n) if w_kn else (n, k_i)) or a_i.dtype != a.dtype
                 or w_i.dtype != weight.dtype or not (a_i.is_contiguous() and w_i.is_contiguous())):
-            raise ValueError(f"fused_gemm: a further product must be a contiguous [{m}, K_i] by "
-                             f"{'[K_i, ' + str(n) + ']' if w_kn else '[' + str(n) + ', K_i]'} in a's and W's dtypes, "
-                             f"got {list(a_i.shape)} {a_i.dtype} by {list(w_i.shape)} {w_i.dtype}")
+            w_shape = f"[K_i, {n}]" if w_kn else f"[{n}, K_i]"
+            raise ValueError(f"fused_gemm: a further product must be a contiguous [{m}, K_i] by {w_shape} in a's and "
+                             f"W's dtypes, got {list(a_i.shape)} {a_i.dtype} by {list(w_i.shape)} {w_i.dtype}")
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
