@@ -266,3 +266,84 @@ def test_a_strided_input_gives_what_a_contiguous_one_gives() -> None:
     for y, y_ref in zip(shared_input_lora(strided, weights, biases, lora_a, lora_b, scales, segments),
                         shared_input_lora(x, weights, biases, lora_a, lora_b, scales, segments)):
         assert torch.equal(y, y_ref)
+
+
+def _run_swiglu(shared: bool, x, weights, lora_a, lora_b, scales, segments, d_act,  # type: ignore[no-untyped-def]
+                backend: str = "loop"):
+    """silu(gate)·up through the shared call's combination, or its members one by one and torch."""
+    x = x.detach().clone().requires_grad_()
+    for t in (*sum(lora_a, []), *sum(lora_b, [])):
+        t.grad = None
+    if shared:
+        (act,) = shared_input_lora(x, weights, [None, None], lora_a, lora_b, scales, segments, combine="swiglu")
+    else:
+        gate, up = (multi_lora_linear(x, w, None, a, b, scales, segments, backend=backend)
+                    for w, a, b in zip(weights, lora_a, lora_b))
+        act = torch.nn.functional.silu(gate).to(gate.dtype) * up  # silu rounded first, as Hugging Face
+    act.backward(d_act)
+    return act.detach(), x.grad, [t.grad.clone() for t in (*sum(lora_a, []), *sum(lora_b, []))]
+
+
+SWIGLU_CASES = {
+    # every token in a segment: the SwiGLU's backward and both dy passes as one pass
+    "covered": dict(tokens=41, lengths=[17, 24], rank=(16, 16), fused=True),
+    # ranks 4 and 8 (padded in the slots), a slot without tokens, every token covered
+    "mixed": dict(tokens=30, lengths=[13, 0, 17], rank=(4, 16, 8), fused=True),
+    # a gap of uncovered tokens: the SwiGLU's own backward, then the dy passes
+    "gap": dict(tokens=35, lengths=[12, -5, 18], rank=(16, 16), fused=False),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("name", sorted(SWIGLU_CASES))
+@pytest.mark.parametrize("one_pass", ["1", "0"])
+def test_the_swiglu_combination_gives_what_its_members_and_torch_give(name: str, one_pass: str, monkeypatch) -> None:
+    import mlora.ops.kernels.swiglu_grads as swiglu_mod
+
+    calls = []
+    real = swiglu_mod.swiglu_dy_pass
+    monkeypatch.setattr(swiglu_mod, "swiglu_dy_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("MLORA_SWIGLU_PASS", one_pass)
+    case = SWIGLU_CASES[name]
+    segments, slots = _segments(case["lengths"])
+    x, weights, _, lora_a, lora_b, scales, _ = _inputs(case["tokens"], 24, [40, 40], list(case["rank"]), False,
+                                                       torch.float32, "cpu", seed=6)
+    d_act = torch.randn(case["tokens"], 40, generator=torch.Generator().manual_seed(7))
+    act, dx, grads = _run_swiglu(True, x, weights, lora_a, lora_b, scales, segments, d_act)
+    assert len(calls) == int(case["fused"] and one_pass == "1")
+    act_ref, dx_ref, grads_ref = _run_swiglu(False, x, weights, lora_a, lora_b, scales, segments, d_act)
+    assert rel(act, act_ref) < 1e-5
+    assert rel(dx, dx_ref) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref.abs().max() == 0:  # the slot without tokens
+            assert torch.equal(g, g_ref)
+        else:
+            assert rel(g, g_ref) < 1e-5
+
+
+def test_the_swiglu_combination_takes_gate_and_up_of_one_shape() -> None:
+    x = torch.randn(8, 16)
+    a, b = [[torch.randn(16, 16)]] * 2, [[torch.randn(16, 16)], [torch.randn(8, 16)]]
+    with pytest.raises(ValueError, match="combine='swiglu': the one combination is 'swiglu', of two members of one "
+                                         r"shape \(gate and up\), got \[\(16, 16\), \(8, 16\)\]"):
+        shared_input_lora(x, [torch.randn(16, 16), torch.randn(8, 16)], [None, None], a, b, [1.0],
+                          [Segment(0, 0, 8)], combine="swiglu")
+    with pytest.raises(ValueError, match="the one combination is 'swiglu'"):
+        shared_input_lora(x, [torch.randn(16, 16)] * 2, [None, None], a, [[torch.randn(16, 16)]] * 2, [1.0],
+                          [Segment(0, 0, 8)], combine="gelu")
+
+
+@compiled
+def test_compiled_bf16_swiglu_combination_at_a_1b_layers_shapes() -> None:
+    """gate, up (2048 -> 5632) and the SwiGLU, 4 jobs of 2,048 tokens: one pass backward."""
+    segments, slots = _segments([2048, 2048, 2048, 2048])
+    x, weights, _, lora_a, lora_b, scales, _ = _inputs(8192, 2048, [5632, 5632], [16] * slots, False,
+                                                       torch.bfloat16, "cuda", seed=8)
+    d_act = torch.randn(8192, 5632, device="cuda", dtype=torch.bfloat16)
+    act, dx, grads = _run_swiglu(True, x, weights, lora_a, lora_b, scales, segments, d_act)
+    ref = _run_swiglu(False, x.float(), [w.float() for w in weights], lora_a, lora_b, scales, segments,
+                      d_act.float(), backend="torch")
+    assert rel(act, ref[0]) < 1e-2
+    assert rel(dx, ref[1]) < 1e-2
+    for g, g_ref in zip(grads, ref[2]):
+        assert rel(g, g_ref) < 1e-2

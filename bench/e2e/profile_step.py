@@ -9,7 +9,10 @@ CUDA kernels and CPU ops, so that a slow step can be traced to its cause.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import statistics
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -42,6 +45,9 @@ def main() -> None:
     parser.add_argument("--hf-rotary", action="store_true",
                         help="with fused ops, the attention's rotary as Hugging Face runs it (not mlora.ops.fused_rope)")
     parser.add_argument("--graphs", action="store_true", help="replay the step as a CUDA graph, as the trainer does")
+    parser.add_argument("--timeline", type=int, default=0, metavar="N",
+                        help="also profile N steps issued back to back, as the trainer runs them, and report the GPU's "
+                             "idle time between kernels (where a step's time goes beyond its kernels)")
     parser.add_argument("--by-shape", action="store_true",
                         help="also the aten ops that ran kernels, by input shape (which op a small kernel belongs to)")
     args = parser.parse_args()
@@ -108,11 +114,54 @@ def main() -> None:
     if not args.summary:
         print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
         print(averages.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    if args.timeline:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(args.timeline):
+                step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        print_idle(prof, args.timeline, wall)
     if args.by_shape:
         ops = [e for e in prof.key_averages(group_by_input_shape=True)
                if e.device_type == cpu and e.self_device_time_total > 0 and e.key.startswith("aten::")]
         for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:30]:
             print(f"{e.key:34} {e.count:5d} {e.self_device_time_total / 1000:8.2f} ms  {str(e.input_shapes)[:100]}")
+
+
+def print_idle(prof: torch.profiler.profile, steps: int, wall: float) -> None:
+    """The GPU's busy and idle time over steps issued back to back, and the largest gaps
+    with the kernels on either side (a CUDA graph's replays show here as one timeline)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    busy, end, last, gaps = 0.0, spans[0][0], spans[0][2], []
+    for s, e, name in spans:
+        if s > end:
+            gaps.append((s - end, last, name))
+        busy += max(0.0, e - max(s, end))
+        if e > end:
+            end, last = e, name
+    span = end - spans[0][0]
+    idle = span - busy
+    print(f"timeline, {steps} steps back to back: wall {1000 * wall / steps:.1f} ms a step, GPU span "
+          f"{span / 1000 / steps:.1f} ms, busy {busy / 1000 / steps:.1f} ms, idle {idle / 1000 / steps:.1f} ms a step "
+          f"({len(gaps)} gaps, {len(spans)} kernels)")
+    bins = collections.Counter()
+    for g, _, _ in gaps:
+        bins[next(b for b in (2, 5, 20, 100, 1000, float("inf")) if g < b)] += g
+    print("  idle by gap length (us): " + ", ".join(f"<{b}: {t / 1000 / steps:.2f} ms" for b, t in sorted(bins.items())))
+    by_pair = collections.Counter()
+    for g, a, b in gaps:
+        by_pair[(a[:50], b[:50])] += g
+    print("  idle by the kernels around it (ms a step):")
+    for (a, b), t in by_pair.most_common(15):
+        print(f"    {t / 1000 / steps:7.2f}  {a}  ->  {b}")
+    print("  largest gaps (us):")
+    for g, a, b in sorted(gaps, reverse=True)[:10]:
+        print(f"    {g:9.1f}  {a[:50]}  ->  {b[:50]}")
 
 
 if __name__ == "__main__":
