@@ -45,7 +45,7 @@ from mlora.config.schema import ALL_TARGET_MODULES  # noqa: E402
 from mlora.jobs import JobOptimizer, PendingMicro  # noqa: E402
 from mlora.model.loss import job_loss_sums  # noqa: E402
 from mlora.model.stage import StageModel, stage_from_model  # noqa: E402
-from mlora.ops.kernels import fused_gemm, seg_grads  # noqa: E402
+from mlora.ops.kernels import fused_gemm, seg_grads, swiglu_grads  # noqa: E402
 from mlora.runtime.batch import collate  # noqa: E402
 from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
 from mlora.runtime.trainer import make_adapter  # noqa: E402
@@ -152,7 +152,13 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="every job's lora_dropout")
     parser.add_argument("--rank", default="16", help="every job's LoRA rank, or one per job (comma-separated, cycled)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)}")
+    parser.add_argument("--swiglu-shape", default=None, metavar="BMxBD/wW/sS/pP",
+                        help="the SwiGLU pass's launch shape for every arm (as bench_swiglu_pass.py names them)")
     args = parser.parse_args()
+    if args.swiglu_shape:
+        bm, bd, w, st, per_sm = (int(v.lstrip("wsp")) for v in args.swiglu_shape.replace("x", "/").split("/")[:5])
+        cfg = seg_grads.PassConfig(bm, bd, w, st, per_sm, True)
+        swiglu_grads.pass_config = lambda *_: cfg
     arms = tuple(args.arms.split(","))
     ranks = tuple(int(r) for r in args.rank.split(","))
     if unknown := [a for a in arms if a not in ARMS]:

@@ -82,7 +82,7 @@ def case(jobs: int, width: int, rank: int, sweep: list[sg.PassConfig], device: s
     ref = outs["apart"]
     shipped = swiglu_grads.pass_config(2, plan.rank_pad)
     for cfg in [shipped, *[c for c in sweep if c != shipped]]:
-        name = f"{cfg.block_m}x{cfg.block_d}/w{cfg.warps}/s{cfg.stages}/{'d' if cfg.d_major else 'r'}"
+        name = f"{cfg.block_m}x{cfg.block_d}/w{cfg.warps}/s{cfg.stages}/p{cfg.per_sm}/{'d' if cfg.d_major else 'r'}"
         try:
             us = graph_us(one_pass(cfg, name))
         except Exception as exc:  # noqa: BLE001 - a config past the SM's resources: reported, not fatal
@@ -101,15 +101,16 @@ def main() -> None:
     parser.add_argument("--jobs", default="4")
     parser.add_argument("--width", default="11008,5632")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--bm", default="16,32,64")
+    parser.add_argument("--bm", default="32,64")
     parser.add_argument("--bd", default="128,256")
     parser.add_argument("--warps", default="4,8")
-    parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--stages", default="2")
+    parser.add_argument("--per-sm", default="2,4,8", help="programs the item plan aims at, per SM")
     parser.add_argument("--d-major", default="1")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    sweep = [sg.PassConfig(bm, bd, w, s, 2, bool(dm)) for bm, bd, w, s, dm in itertools.product(
-        ints(args.bm), ints(args.bd), ints(args.warps), ints(args.stages), ints(args.d_major))]
+    sweep = [sg.PassConfig(bm, bd, w, s, per_sm, bool(dm)) for bm, bd, w, s, per_sm, dm in itertools.product(
+        ints(args.bm), ints(args.bd), ints(args.warps), ints(args.stages), ints(args.per_sm), ints(args.d_major))]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, T = {T}, r = {args.rank}, bf16")
     results = []
     for jobs in ints(args.jobs):

@@ -57,16 +57,21 @@ def swiglu_dy_kernel(
     acc0 = tl.zeros((BLOCK_D, R) if D_MAJOR else (R, BLOCK_D), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_D, R) if D_MAJOR else (R, BLOCK_D), dtype=tl.float32)
     for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
+        p0 = tl.load(piece_start + p)
         p1 = tl.load(piece_end + p)
-        for m0 in range(tl.load(piece_start + p), p1, BLOCK_M):
+        # The tiles feed elementwise math, not a dot, so Triton's pipeliner does not
+        # prefetch them: the next row block's loads are issued before this one's math.
+        dh, gate, up = _tiles(dh_ptr, gate_ptr, up_ptr, p0, p1, dd, d_ok, D, BLOCK_M)
+        for m0 in range(p0, p1, BLOCK_M):
+            dh_next, gate_next, up_next = _tiles(dh_ptr, gate_ptr, up_ptr, m0 + BLOCK_M, p1, dd, d_ok, D, BLOCK_M)
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < p1
             rows64 = rows.to(tl.int64)
             tile = rows64[:, None] * D + dd[None, :]
             tile_ok = row_ok[:, None] & d_ok[None, :]
-            dh = tl.load(dh_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            gate = tl.load(gate_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            up = tl.load(up_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            dh = dh.to(tl.float32)
+            gate = gate.to(tl.float32)
+            up = up.to(tl.float32)
             sig = tl.sigmoid(gate)
             d_up = (dh * (gate * sig)).to(dtype)  # as fused_block's _swiglu_bwd
             d_gate = (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype)
@@ -85,6 +90,7 @@ def swiglu_dy_kernel(
             g_ok = row_ok[:, None] & r_ok[None, :]
             tl.atomic_add(g0_ptr + g_rows, tl.dot(d_gate, b0, input_precision=PRECISION), mask=g_ok, sem="relaxed")
             tl.atomic_add(g1_ptr + g_rows, tl.dot(d_up, b1, input_precision=PRECISION), mask=g_ok, sem="relaxed")
+            dh, gate, up = dh_next, gate_next, up_next
     scale = tl.load(slot_scale + slot)
     acc0 = acc0 * scale
     acc1 = acc1 * scale
@@ -101,6 +107,16 @@ def swiglu_dy_kernel(
         at = part.to(tl.int64) * R * D + r_idx * D + d_idx
         tl.store(part0_ptr + at, acc0, mask=d_idx < D)
         tl.store(part1_ptr + at, acc1, mask=d_idx < D)
+
+
+@triton.jit
+def _tiles(dh_ptr, gate_ptr, up_ptr, m0, p1, dd, d_ok, D, BLOCK_M: tl.constexpr):
+    """d_act, gate and up at rows [m0, m0 + BLOCK_M) ∩ [.., p1), zeros elsewhere."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    tile = rows.to(tl.int64)[:, None] * D + dd[None, :]
+    ok = (rows < p1)[:, None] & d_ok[None, :]
+    return (tl.load(dh_ptr + tile, mask=ok, other=0.0), tl.load(gate_ptr + tile, mask=ok, other=0.0),
+            tl.load(up_ptr + tile, mask=ok, other=0.0))
 
 
 def enabled() -> bool:
