@@ -27,7 +27,7 @@ import triton.backends.nvidia  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mlora.ops.kernels import fused_gemm, seg_grads, shrink, swiglu_grads  # noqa: E402
+from mlora.ops.kernels import fused_gemm, seg_grads, shrink  # noqa: E402
 
 HOPPER_SMEM = 232_448  # bytes a block may use on H100 / H200 (227 KiB)
 TARGET = GPUTarget("cuda", 90, 32)
@@ -109,22 +109,6 @@ def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_ti
     return _shared(seg_grads.seg_grad_kernel, types, consts, cfg.warps, cfg.stages)
 
 
-def swiglu_pass_shared(dt: str, precision: str) -> dict:
-    """The SwiGLU's backward with the gate and up dy passes, at rank block 16 (the shared
-    call's limit), with the launch shape it picks for this dtype."""
-    size = 4 if dt == "fp32" else 2
-    cfg = swiglu_grads.pass_config(size, 16)
-    types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
-                                 "slot_rank", "slot_off")}
-    types.update({n: f"*{dt}" for n in ("dh_ptr", "gate_ptr", "up_ptr", "dg_ptr", "du_ptr", "h0_ptr", "h1_ptr",
-                                        "b0_cat", "b1_cat")})
-    types.update({n: "*fp32" for n in ("g0_ptr", "g1_ptr", "out0_ptr", "out1_ptr", "part0_ptr", "part1_ptr",
-                                       "slot_scale")})
-    types.update(out_off="*i64", D="i32", RT="i32", LEFT_STRIDE="i32", G_STRIDE="i32")
-    consts = dict(R=16, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major)
-    return _shared(swiglu_grads.swiglu_dy_kernel, types, consts, cfg.warps, cfg.stages)
-
-
 RANKS = (16, 32, 64, 128)  # padded ranks: the reductions' configs change with rank × element size
 PRECISIONS = [("bf16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")]  # fp16 compiles as bf16 does
 
@@ -166,8 +150,6 @@ def main() -> None:
                     rows.append(dict(kernel="seg_grads", config=f"dB+g partials/R{rank_pad}", dtype=dt,
                                      precision=precision,
                                      **seg_grads_shared(dt, precision, dy_pass, rank_pad, g_tiles=True)))
-        rows.append(dict(kernel="swiglu_grads", config="dgate,dup+dB+g/R16", dtype=dt, precision=precision,
-                         **swiglu_pass_shared(dt, precision)))
     print(json.dumps(rows))
 
 

@@ -16,9 +16,7 @@ path with the residual adds and the loss as Hugging Face and PyTorch run them
 as before 2026-12-03's seventh session (`triton-g8`: the GEMM's row tiles in groups of 8,
 the dy pass at 2 stages, both reductions accumulating [R, BLOCK_D]; `triton-rd`: the
 last only; `earlier_launches`), and the Triton path with q, k, v and gate, up called one by
-one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call), and the Triton path with
-the MLP's SwiGLU backward and its gate and up dy passes apart (`triton-swiglu-apart`:
-MLORA_SWIGLU_PASS=0) rather than one pass.
+one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -45,7 +43,7 @@ from mlora.config.schema import ALL_TARGET_MODULES  # noqa: E402
 from mlora.jobs import JobOptimizer, PendingMicro  # noqa: E402
 from mlora.model.loss import job_loss_sums  # noqa: E402
 from mlora.model.stage import StageModel, stage_from_model  # noqa: E402
-from mlora.ops.kernels import fused_gemm, seg_grads, swiglu_grads  # noqa: E402
+from mlora.ops.kernels import fused_gemm, seg_grads  # noqa: E402
 from mlora.runtime.batch import collate  # noqa: E402
 from mlora.runtime.step_graphs import StepGraphs  # noqa: E402
 from mlora.runtime.trainer import make_adapter  # noqa: E402
@@ -55,8 +53,7 @@ from mlora.runtime.trainer import make_adapter  # noqa: E402
 ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", "fused", True),
         "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
         "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True),
-        "triton-rd": ("triton", "0", "fused", True), "triton-unshared": ("triton", "0", "fused", True),
-        "triton-swiglu-apart": ("triton", "0", "fused", True)}
+        "triton-rd": ("triton", "0", "fused", True), "triton-unshared": ("triton", "0", "fused", True)}
 
 
 @contextlib.contextmanager
@@ -111,7 +108,6 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
         stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"], fused = ARMS[arm]
         stage.fused_residual = stage.fused_loss = fused
         os.environ["MLORA_SHARED_INPUT"] = "0" if arm == "triton-unshared" else "1"
-        os.environ["MLORA_SWIGLU_PASS"] = "0" if arm == "triton-swiglu-apart" else "1"
         batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
         with earlier_launches(arm):
             if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture
@@ -152,13 +148,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="every job's lora_dropout")
     parser.add_argument("--rank", default="16", help="every job's LoRA rank, or one per job (comma-separated, cycled)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)}")
-    parser.add_argument("--swiglu-shape", default=None, metavar="BMxBD/wW/sS/pP",
-                        help="the SwiGLU pass's launch shape for every arm (as bench_swiglu_pass.py names them)")
     args = parser.parse_args()
-    if args.swiglu_shape:
-        bm, bd, w, st, per_sm = (int(v.lstrip("wsp")) for v in args.swiglu_shape.replace("x", "/").split("/")[:5])
-        cfg = seg_grads.PassConfig(bm, bd, w, st, per_sm, True)
-        swiglu_grads.pass_config = lambda *_: cfg
     arms = tuple(args.arms.split(","))
     ranks = tuple(int(r) for r in args.rank.split(","))
     if unknown := [a for a in arms if a not in ARMS]:

@@ -231,17 +231,7 @@ def project_shared(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor]:
     return shared if shared is not None else [m(x) for m in modules]
 
 
-def project_swiglu(x: Tensor, gate: nn.Module, up: nn.Module) -> Tensor:
-    """silu(gate(x))·up(x), a SiLU-gated MLP's input to its down projection. Where gate and
-    up share a call (`project_shared`) the call also takes the SwiGLU, so that backward its
-    gradient and both projections' dy passes are one pass (`kernels.swiglu_grads`)."""
-    from mlora.ops.fused_block import swiglu
-
-    shared = _shared_call(x, (gate, up), combine="swiglu")
-    return shared[0] if shared is not None else swiglu(gate(x), up(x))
-
-
-def _shared_call(x: Tensor, modules: Sequence[nn.Module], combine: str | None = None) -> list[Tensor] | None:
+def _shared_call(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor] | None:
     from torch.nn.modules import module as nn_module
 
     from mlora.ops.shared_input import fits, shared_input_enabled, shared_input_lora
@@ -252,8 +242,7 @@ def _shared_call(x: Tensor, modules: Sequence[nn.Module], combine: str | None = 
         return None
     routing, layout = first.routing, first.routing.layout
     if (layout is None or resolve_backend(routing.backend) != "triton" or base_gemm() != "fused"
-            or torch.are_deterministic_algorithms_enabled()
-            or (combine is not None and len({m.out_features for m in modules}) != 1)):
+            or torch.are_deterministic_algorithms_enabled()):
         return None
     for m in modules:  # calling the operator directly skips the modules' hooks: only without any
         if (not isinstance(m, MultiLoraLinear) or m.routing is not routing or m.in_features != first.in_features
@@ -281,6 +270,6 @@ def _shared_call(x: Tensor, modules: Sequence[nn.Module], combine: str | None = 
         x.reshape(-1, first.in_features), [m.weight for m in modules], [m.bias for m in modules],
         [[adapter.a[m.path] for _, adapter in active] for m in modules],
         [[adapter.b[m.path] for _, adapter in active] for m in modules],
-        [adapter.scale for _, adapter in active], segments, cache=routing.op_cache, combine=combine,
+        [adapter.scale for _, adapter in active], segments, cache=routing.op_cache,
     )
-    return [y.view(*lead, y.shape[-1]) for y in ys]
+    return [y.view(*lead, m.out_features) for y, m in zip(ys, modules)]

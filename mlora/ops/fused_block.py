@@ -121,29 +121,20 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:  # type: ignore[override]
         gate, up = gate.contiguous(), up.contiguous()
+        h = torch.empty_like(gate)
+        n = gate.numel()
+        _swiglu_fwd[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](gate, up, h, n, BLOCK=_ELEMENTWISE_BLOCK)
         ctx.save_for_backward(gate, up)
-        return swiglu_values(gate, up)
+        return h
 
     @staticmethod
     def backward(ctx, dh: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return swiglu_grads(dh, *ctx.saved_tensors)
-
-
-def swiglu_values(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate)·up of contiguous gate and up, one kernel (no autograd)."""
-    h = torch.empty_like(gate)
-    n = gate.numel()
-    _swiglu_fwd[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](gate, up, h, n, BLOCK=_ELEMENTWISE_BLOCK)
-    return h
-
-
-def swiglu_grads(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """(d_gate, d_up) of silu(gate)·up for its gradient dh, one kernel (gate, up contiguous)."""
-    dh = dh.contiguous()
-    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-    n = gate.numel()
-    _swiglu_bwd[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](dh, gate, up, d_gate, d_up, n, BLOCK=_ELEMENTWISE_BLOCK)
-    return d_gate, d_up
+        gate, up = ctx.saved_tensors
+        dh = dh.contiguous()
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _swiglu_bwd[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](dh, gate, up, d_gate, d_up, n, BLOCK=_ELEMENTWISE_BLOCK)
+        return d_gate, d_up
 
 
 def _warps(block: int) -> int:
@@ -178,9 +169,9 @@ def _fused_norm_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
 
 def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     if usable(x):
-        from mlora.model.lora_linear import project_swiglu  # gate and up read one input: one LoRA call
+        from mlora.model.lora_linear import project_shared  # gate and up read one input: one LoRA call
 
-        return self.down_proj(project_swiglu(x, self.gate_proj, self.up_proj))
+        return self.down_proj(swiglu(*project_shared(x, (self.gate_proj, self.up_proj))))
     return type(self).forward(self, x)
 
 

@@ -25,7 +25,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mlora.ops.kernels import swiglu_grads
 from mlora.ops.multi_lora import LoraCall, Segment
 
 MAX_STACKED_RANK = 64  # the shrink's and x pass's launch shapes were measured up to R = 64
@@ -49,16 +48,12 @@ def fits(ranks: Sequence[int], members: int) -> bool:
     return p <= seg_grads.G_IN_DY_PASS_MAX_RANK and members * p <= MAX_STACKED_RANK
 
 
-COMBINES = ("swiglu",)
-
-
 class _SharedInputFunction(torch.autograd.Function):
-    """Inputs after (x, call, cache, M, combine): M weights, M biases (or None), then for each
-    member its n A's and n B's (fp32 masters or x's dtype; cast here, gradients cast back).
-    combine "swiglu" (gate, up): the one output silu(y_0)·y_1 instead of the members' y."""
+    """Inputs after (x, call, cache, M): M weights, M biases (or None), then for each
+    member its n A's and n B's (fp32 masters or x's dtype; cast here, gradients cast back)."""
 
     @staticmethod
-    def forward(ctx, x, call, cache, members, combine, *tensors):  # type: ignore[override]
+    def forward(ctx, x, call, cache, members, *tensors):  # type: ignore[override]
         from mlora.ops import triton_multi_lora as tm
         from mlora.ops.kernels import fused_gemm as gemm
         from mlora.ops.kernels import shrink as shrink_mod
@@ -97,13 +92,8 @@ class _SharedInputFunction(torch.autograd.Function):
             for m, (w, bias) in enumerate(zip(weights, biases))
         )
         ctx.call, ctx.cache, ctx.members, ctx.ranks, ctx.p = call, cache, members, ranks, p
-        ctx.param_dtypes, ctx.combine = [t.dtype for t in params], combine
-        ctx.save_for_backward(x, h_all, a_stack.view(n * members * p, d_in), *weights, *(b for _, b in cats),
-                              *(ys if combine else ()))
-        if combine == "swiglu":
-            from mlora.ops.fused_block import swiglu_values
-
-            return (swiglu_values(*ys),)
+        ctx.param_dtypes = [t.dtype for t in params]
+        ctx.save_for_backward(x, h_all, a_stack.view(n * members * p, d_in), *weights, *(b for _, b in cats))
         return ys
 
     @staticmethod
@@ -115,46 +105,27 @@ class _SharedInputFunction(torch.autograd.Function):
         call: LoraCall = ctx.call
         members, ranks, p, n = ctx.members, ctx.ranks, ctx.p, call.n_slots
         x, h_all, a_stack, *rest = ctx.saved_tensors
-        weights, b_cats, outputs = rest[:members], rest[members : 2 * members], rest[2 * members :]
+        weights, b_cats = rest[:members], rest[members:]
         tokens, d_in = x.shape
         st = tm._state(x, ranks, call, ctx.cache)
         st_group = tm._state(x, (members * p,) * n, call, ctx.cache)
         precision = tm._precision(x)
         grad_dtype = ctx.param_dtypes[0]
         alloc = torch.empty if all(st.plan.slot_used) else torch.zeros  # a slot without tokens gets zeros
+        dys = [dy.contiguous() for dy in dys]
+
         g_all = torch.zeros(tokens, st_group.plan.rank_pad, dtype=torch.float32, device=x.device)
         d_b: list[list[Tensor]] = []
-        h_of = [h_all[:, m * p : (m + 1) * p] for m in range(members)]
-        g_of = [g_all[:, m * p : (m + 1) * p] for m in range(members)]
-
-        def flat_b(d_out: int) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        for m, dy in enumerate(dys):
+            d_out = dy.shape[1]
             off_b, ends_b = tm._offsets(st, d_out)
-            return alloc(ends_b[-1], dtype=grad_dtype, device=x.device), off_b, ends_b
-
-        if ctx.combine == "swiglu" and swiglu_grads.enabled() and swiglu_grads.covers_every_token(call.segments,
-                                                                                                  tokens):
-            # the SwiGLU's backward and both dy passes in one pass over d_act, gate and up
-            d_out = outputs[0].shape[1]
-            (out0, off_b, ends_b), (out1, _, _) = flat_b(d_out), flat_b(d_out)
-            cfg = swiglu_grads.pass_config(outputs[0].element_size(), p)
-            dys = swiglu_grads.swiglu_dy_pass(dys[0].contiguous(), *outputs, (h_of[0], h_of[1]), (g_of[0], g_of[1]),
-                                              (b_cats[0], b_cats[1]), (out0, out1), off_b, st.plan,
-                                              tm._items(st, d_out, cfg), cfg, precision)
-            d_b = [tm._split(out0, ranks, ends_b, False, d_out), tm._split(out1, ranks, ends_b, False, d_out)]
-        else:
-            if ctx.combine == "swiglu":
-                from mlora.ops.fused_block import swiglu_grads as swiglu_backward
-
-                dys = swiglu_backward(dys[0], *outputs)
-            dys = [dy.contiguous() for dy in dys]
-            for m, dy in enumerate(dys):
-                d_out = dy.shape[1]
-                out, off_b, ends_b = flat_b(d_out)
-                if st.plan.n_segments:
-                    cfg = grads.dy_pass(dy.element_size(), p)
-                    grads.seg_grads(h_of[m], dy, out, off_b, st.plan, tm._items(st, d_out, cfg), cfg, transposed=True,
-                                    masks=x, dropout=False, precision=precision, g=g_of[m], b_cat=b_cats[m])
-                d_b.append(tm._split(out, ranks, ends_b, False, d_out))
+            flat_b = alloc(ends_b[-1], dtype=grad_dtype, device=x.device)
+            if st.plan.n_segments:
+                cfg = grads.dy_pass(dy.element_size(), p)
+                grads.seg_grads(h_all[:, m * p : (m + 1) * p], dy, flat_b, off_b, st.plan, tm._items(st, d_out, cfg),
+                                cfg, transposed=True, masks=x, dropout=False, precision=precision,
+                                g=g_all[:, m * p : (m + 1) * p], b_cat=b_cats[m])
+            d_b.append(tm._split(flat_b, ranks, ends_b, False, d_out))
 
         dx = None
         if ctx.needs_input_grad[0]:  # Σ_m dy_m·W_m + s·g·A_stack: one K loop over the members, one expand
@@ -173,7 +144,7 @@ class _SharedInputFunction(torch.autograd.Function):
             grads_out += [stacked[j, m, : ranks[j]] for j in range(n)]
             grads_out += d_b[m]
         grads_out = [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads_out, ctx.param_dtypes)]
-        return (dx, None, None, None, None, *([None] * (2 * members)), *grads_out)
+        return (dx, None, None, None, *([None] * (2 * members)), *grads_out)
 
 
 def shared_input_lora(
@@ -185,16 +156,11 @@ def shared_input_lora(
     scales: Sequence[float],
     segments: Sequence[Segment],
     cache: dict | None = None,
-    combine: str | None = None,
 ) -> tuple[Tensor, ...]:
     """Every member's `multi_lora_linear(x, weights[m], biases[m], lora_a[m], lora_b[m],
     scales, segments)` (no dropout) as one call on the Triton kernels; members share the
-    slots, their scales and segments. Raises ValueError where `fits` does not hold.
-    combine="swiglu" (two members of one width, gate and up): returns (silu(y_0)·y_1,)."""
+    slots, their scales and segments. Raises ValueError where `fits` does not hold."""
     members = len(weights)
-    if combine is not None and (combine not in COMBINES or members != 2 or weights[0].shape != weights[1].shape):
-        raise ValueError(f"combine={combine!r}: the one combination is 'swiglu', of two members of one shape "
-                         f"(gate and up), got {[tuple(w.shape) for w in weights]}")
     if not (len(biases) == len(lora_a) == len(lora_b) == members):
         raise ValueError("shared_input_lora takes one weight, bias, lora_a list and lora_b list per member")
     n = len(scales)
@@ -215,4 +181,4 @@ def shared_input_lora(
                     has_masks=(False,) * len(segments))
     call.validate(x.shape[0])
     params = [t for a, b in zip(lora_a, lora_b) for t in (*a, *b)]
-    return _SharedInputFunction.apply(x, call, cache, members, combine, *weights, *biases, *params)
+    return _SharedInputFunction.apply(x, call, cache, members, *weights, *biases, *params)
