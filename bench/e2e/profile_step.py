@@ -12,8 +12,8 @@ import argparse
 import collections
 import json
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,9 +134,12 @@ def print_idle(prof: torch.profiler.profile, steps: int, wall: float) -> None:
     with the kernels on either side (a CUDA graph's replays show here as one timeline)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
     spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    if not spans:
+        print("timeline: the profiler recorded no kernels")
+        return
     busy, end, last, gaps = 0.0, spans[0][0], spans[0][2], []
     for s, e, name in spans:
         if s > end:
