@@ -59,7 +59,7 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
 
 
 def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16,
-                sources: int = 1, epilogue: int = 0) -> dict:
+                sources: int = 1) -> dict:
     """The GEMM's shared memory and spill stack as `fused_gemm` launches it (TMA store of
     bf16 tiles; the dx GEMM compiled with dropout, except when it sums several products:
     the shared-input call's dx has none)."""
@@ -72,14 +72,9 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
     w_desc = f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>"
     types.update(out_ptr=f"*{dt}", bias_ptr=f"*{dt}", v_cat=f"*{dt}", mask_ptr="*i8",
                  u_ptr="*fp32" if w_kn else f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn}]>",
-                 a_src=a_desc, a1_src=a_desc, a2_src=a_desc, w_src=w_desc, w1_src=w_desc, w2_src=w_desc,
-                 e0_ptr=f"*{dt}", e1_ptr=f"*{dt}", e2_ptr=f"*{dt}")
-    if epilogue:  # the SwiGLU epilogues read and write half tiles through descriptors
-        half = f"tensordesc<{dt}[{bm}, {bn // 2}]>"
-        types.update(out_src=half, e0_ptr=half, e1_ptr=half, e2_ptr=half)
-    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn and sources == 1 and not epilogue, USE_TMA=True,
-                  PRECISION=precision, V_ALIGNED=True, TMA_STORE=size == 2, SOURCES=sources, EPILOGUE=epilogue,
-                  **meta)
+                 a_src=a_desc, a1_src=a_desc, a2_src=a_desc, w_src=w_desc, w1_src=w_desc, w2_src=w_desc)
+    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=False, DROPOUT=w_kn and sources == 1, USE_TMA=True,
+                  PRECISION=precision, V_ALIGNED=True, TMA_STORE=size == 2, SOURCES=sources, **meta)
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
 

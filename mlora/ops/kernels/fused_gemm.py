@@ -39,7 +39,6 @@ from mlora.ops.kernels.plan import SegmentPlan
 
 INTERPRET_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 MAX_SOURCES = 3  # (a, W) pairs one launch sums: q, k and v's input gradients
-MAX_AUX = 3  # tensors a SwiGLU epilogue reads or writes besides the output
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -50,11 +49,8 @@ def _set_block_shapes(nargs: dict) -> None:
             nargs[a_name].block_shape = [bm, bk]
         if isinstance(nargs[w_name], TensorDescriptor):
             nargs[w_name].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
-    # the SwiGLU epilogues store half a tile at a time, their operands beside the output
-    out_block = [bm, bn // 2] if nargs.get("EPILOGUE", 0) else [bm, bn]
-    for name in ("out_src", "e0_ptr", "e1_ptr", "e2_ptr"):
-        if isinstance(nargs.get(name), TensorDescriptor):
-            nargs[name].block_shape = out_block
+    if isinstance(nargs["out_src"], TensorDescriptor):
+        nargs["out_src"].block_shape = [bm, bn]
 
 
 # BM, BN, BK, stages, warps, GROUP_M. Row tiles in groups of 16 rather than 8: the tiles
@@ -148,10 +144,10 @@ def _fit_stages(configs: list[triton.Config], named_args: dict, **kwargs: object
 def fused_gemm_kernel(
     a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, mask_ptr,
     tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-    M, N, K, M_BUCKET, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2, e0_ptr, e1_ptr, e2_ptr,
+    M, N, K, M_BUCKET, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr,
-    SOURCES: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -196,73 +192,10 @@ def fused_gemm_kernel(
                       V_ALIGNED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE != 0 and TMA_STORE:
-        _swiglu_store(acc, out_src, e0_ptr, e1_ptr, e2_ptr, m0, n0, rows64, row_ok, N, dtype, EPILOGUE, True,
-                      BLOCK_M, BLOCK_N)
-    elif EPILOGUE != 0:
-        _swiglu_store(acc, out_ptr, e0_ptr, e1_ptr, e2_ptr, m0, n0, rows64, row_ok, N, dtype, EPILOGUE, False,
-                      BLOCK_M, BLOCK_N)
-    elif TMA_STORE:  # staged in the main loop's (then free) shared memory, edges clipped
+    if TMA_STORE:  # staged in the main loop's (then free) shared memory, edges clipped
         out_src.store([m0, n0], acc.to(dtype))
     else:
         tl.store(out_ptr + rows64[:, None] * N + cols64[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
-
-
-EPILOGUES = {"none": 0, "swiglu": 1, "swiglu_bwd": 2}
-
-
-@triton.jit
-def _swiglu_store(acc, out_src, e0_src, e1_src, e2_src, m0, n0, rows64, row_ok, N, dtype, EPILOGUE: tl.constexpr,
-                  DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store the tile with the MLP's SwiGLU applied in registers (`_swiglu_half`), so gate,
-    up or dh make no further round trip through memory. Half a tile at a time, the
-    operands through TMA descriptors where the shapes allow (DESC): the whole tile's
-    operands beside the accumulator, or pointer loads' 64-bit addresses, spilled
-    (tests/kernel_smem.py)."""
-    halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-    left, right = tl.split(halves)
-    _swiglu_half(left, out_src, e0_src, e1_src, e2_src, m0, n0, rows64, row_ok, N, dtype, EPILOGUE, DESC,
-                 BLOCK_N // 2)
-    _swiglu_half(right, out_src, e0_src, e1_src, e2_src, m0, n0 + BLOCK_N // 2, rows64, row_ok, N, dtype, EPILOGUE,
-                 DESC, BLOCK_N // 2)
-
-
-@triton.jit
-def _swiglu_half(acc, out_src, e0_src, e1_src, e2_src, m0, c0, rows64, row_ok, N, dtype, EPILOGUE: tl.constexpr,
-                 DESC: tl.constexpr, WIDTH: tl.constexpr):
-    """`fused_block`'s SwiGLU numerics, every operand rounded to the output dtype first as
-    the GEMM would have stored it, on columns c0.. of the tile.
-    1 (forward, acc = up): out = up, e1 = h = silu(gate)·up (gate read from e0).
-    2 (backward, acc = dh): out = d_gate, e2 = d_up = dh·silu(gate) (gate, up from e0, e1)."""
-    cols64 = (c0 + tl.arange(0, WIDTH)).to(tl.int64)
-    at = rows64[:, None] * N + cols64[None, :]
-    ok = row_ok[:, None] & (cols64 < N)[None, :]
-    value = acc.to(dtype)
-    if DESC:
-        gate = e0_src.load([m0, c0]).to(tl.float32)
-    else:
-        gate = tl.load(e0_src + at, mask=ok, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    if EPILOGUE == 1:
-        act = (gate * sig).to(dtype).to(tl.float32)  # as HF: silu rounded before the product
-        side = (act * value.to(tl.float32)).to(dtype)
-        main = value
-        side_dst = e1_src
-    else:
-        dh = value.to(tl.float32)
-        if DESC:
-            up = e1_src.load([m0, c0]).to(tl.float32)
-        else:
-            up = tl.load(e1_src + at, mask=ok, other=0.0).to(tl.float32)
-        side = (dh * (gate * sig)).to(dtype)
-        main = (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype)
-        side_dst = e2_src
-    if DESC:
-        side_dst.store([m0, c0], side)
-        out_src.store([m0, c0], main)
-    else:
-        tl.store(side_dst + at, side, mask=ok)
-        tl.store(out_src + at, main, mask=ok)
 
 
 @triton.jit
@@ -436,7 +369,7 @@ def _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row):
 
 
 _tuned = None if INTERPRET else triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "N", "K", "W_KN", "DROPOUT", "SOURCES", "EPILOGUE"], prune_configs_by={"early_config_prune": _fit_stages}
+    configs=_configs(), key=["M_BUCKET", "N", "K", "W_KN", "DROPOUT", "SOURCES"], prune_configs_by={"early_config_prune": _fit_stages}
 )(fused_gemm_kernel)
 
 
@@ -459,8 +392,6 @@ def fused_gemm(
     precision: str,
     use_tma: bool | None = None,
     more: Sequence[tuple[Tensor, Tensor]] = (),
-    epilogue: str = "none",
-    aux: Sequence[Tensor] = (),
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
@@ -472,9 +403,6 @@ def fused_gemm(
     rounded once. use_tma None picks descriptors when the device and the shapes allow
     them (and MLORA_TRITON_TMA is not 0); a bf16 or fp16 output is then written through
     a descriptor too where its rows are aligned.
-    `epilogue` "swiglu" (aux = gate, h; the output is up): also writes h = silu(gate)·up;
-    "swiglu_bwd" (aux = gate, up, d_up; the product is dh): writes d_up and returns
-    d_gate (`_swiglu_store`). aux tensors are contiguous [M, N] in a's dtype.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -489,13 +417,6 @@ def fused_gemm(
             w_shape = f"[K_i, {n}]" if w_kn else f"[{n}, K_i]"
             raise ValueError(f"fused_gemm: a further product must be a contiguous [{m}, K_i] by {w_shape} in a's and "
                              f"W's dtypes, got {list(a_i.shape)} {a_i.dtype} by {list(w_i.shape)} {w_i.dtype}")
-    want_aux = {"none": 0, "swiglu": 2, "swiglu_bwd": 3}.get(epilogue)
-    if want_aux is None:
-        raise ValueError(f"fused_gemm: epilogue {epilogue!r} is not one of {', '.join(EPILOGUES)}")
-    if len(aux) != want_aux or any(t.shape != (m, n) or t.dtype != a.dtype or t.device != a.device
-                                   or not t.is_contiguous() for t in aux):
-        raise ValueError(f"fused_gemm: epilogue {epilogue!r} takes {want_aux} contiguous [{m}, {n}] {a.dtype} tensors, "
-                         f"got {[(list(t.shape), t.dtype) for t in aux]}")
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
@@ -513,13 +434,9 @@ def fused_gemm(
                 for a_i, w_i in pairs]
         # fp32 tiles keep plain stores: with dropout their staging buffer no longer shared
         # the pipeline's memory and the block asked for 256 KiB (tests/kernel_smem.py)
-        out_src = (TensorDescriptor.from_tensor(out, block)
-                   if all(_tma_ok(t) for t in (out, *aux)) and out.element_size() <= 2 else out)
+        out_src = TensorDescriptor.from_tensor(out, block) if _tma_ok(out) and out.element_size() <= 2 else out
     else:
         srcs, out_src = pairs, out
-    aux_args = [*aux, *[out] * (MAX_AUX - len(aux))]
-    if isinstance(out_src, TensorDescriptor):  # the epilogue's operands as descriptors too, when they all fit
-        aux_args = [TensorDescriptor.from_tensor(t, block) if t is not out else out_src for t in aux_args]
     ks = [a_i.shape[1] for a_i, _ in pairs]
     while len(srcs) < MAX_SOURCES:  # unused sources: the first again, with no K
         srcs, ks = [*srcs, srcs[0]], [*ks, 0]
@@ -528,19 +445,17 @@ def fused_gemm(
         plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
         plan.seg_keep, plan.seg_mask_row,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1), u.stride(0),
-        srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2], *aux_args,
+        srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2],
     )
     # V's rows start 16-byte aligned: A_cat's rows (dx), or B_cat's columns of every slot
     # (forward: slots start at multiples of 8 columns, `plan.padded_rank`)
     v_aligned = v_cat.data_ptr() % 16 == 0 and (not w_kn or (n * v_cat.element_size()) % 16 == 0)
     flags = dict(R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, DROPOUT=dropout, USE_TMA=use_tma,
                  PRECISION=precision, V_ALIGNED=v_aligned, TMA_STORE=isinstance(out_src, TensorDescriptor),
-                 SOURCES=len(pairs), EPILOGUE=EPILOGUES[epilogue])
+                 SOURCES=len(pairs))
     if meta is not None:
         _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
-                           "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn,
-                           "e0_ptr": aux_args[0], "e1_ptr": aux_args[1], "e2_ptr": aux_args[2],
-                           "EPILOGUE": EPILOGUES[epilogue], **meta})
+                           "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
