@@ -449,9 +449,22 @@ CUDA_CASES = [
 
 def run_cuda_checks() -> None:
     """Compiled kernels on the GPU; called in a process without the interpreter."""
+    from mlora.ops.kernels import seg_grads
+
+    # sm_90 adds g two elements an instruction (inline PTX; ranks 7 and 1 below mask half a pair)
+    assert seg_grads.paired_red(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
     for case in CUDA_CASES:
         check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
         print("ok bf16", case.name, flush=True)
+    os.environ["MLORA_PAIRED_RED"] = "0"  # one element an atomic, as on GPUs before sm_90
+    seg_grads.paired_red.cache_clear()
+    try:
+        for case in CUDA_CASES[:2]:
+            check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
+    finally:
+        del os.environ["MLORA_PAIRED_RED"]
+        seg_grads.paired_red.cache_clear()
+    print("ok bf16, g by scalar atomics", flush=True)
     check_direct(CUDA_CASES[0], torch.float16, "cuda", seed=6, tol=1e-2)
     check_direct(CUDA_CASES[1], torch.float32, "cuda", seed=6, tol=1e-4)
     # fp32 at rank 128: the shrink's stages fitted to shared memory (4 of them would take 320 KiB)

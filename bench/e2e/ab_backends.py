@@ -16,7 +16,9 @@ path with the residual adds and the loss as Hugging Face and PyTorch run them
 as before 2026-12-03's seventh session (`triton-g8`: the GEMM's row tiles in groups of 8,
 the dy pass at 2 stages, both reductions accumulating [R, BLOCK_D]; `triton-rd`: the
 last only; `earlier_launches`), and the Triton path with q, k, v and gate, up called one by
-one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call).
+one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call), and the Triton path with
+the dy pass's g added one element an atomic, as before 2026-12-04's third session
+(`triton-unpaired`: MLORA_PAIRED_RED=0).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -53,7 +55,8 @@ from mlora.runtime.trainer import make_adapter  # noqa: E402
 ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", "fused", True),
         "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
         "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True),
-        "triton-rd": ("triton", "0", "fused", True), "triton-unshared": ("triton", "0", "fused", True)}
+        "triton-rd": ("triton", "0", "fused", True), "triton-unshared": ("triton", "0", "fused", True),
+        "triton-unpaired": ("triton", "0", "fused", True)}
 
 
 @contextlib.contextmanager
@@ -108,6 +111,8 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
         stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"], fused = ARMS[arm]
         stage.fused_residual = stage.fused_loss = fused
         os.environ["MLORA_SHARED_INPUT"] = "0" if arm == "triton-unshared" else "1"
+        os.environ["MLORA_PAIRED_RED"] = "0" if arm == "triton-unpaired" else "1"
+        seg_grads.paired_red.cache_clear()
         batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
         with earlier_launches(arm):
             if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture

@@ -10,8 +10,9 @@ needed for the gradients and their result does not depend on scheduling. The dB
 pass reads dy anyway, so at rank 16 it also computes g = dy·B_i on the way (`g_mode`):
 each column tile adds its [BLOCK_M, R] share of the reduction over d_out into g with
 relaxed fp32 atomics (the only atomics in the operator: g's summation order may vary
-between runs at fp32 rounding), or, under torch's deterministic algorithms, stores it
-as that tile's fp32 partial of g, which `reduce_g` then sums over the tiles in order.
+between runs at fp32 rounding; on sm_90 two elements an instruction, `_red_add_pairs`),
+or, under torch's deterministic algorithms, stores it as that tile's fp32 partial of g,
+which `reduce_g` then sums over the tiles in order.
 Above rank 16 both cost more than reading dy again: g is then a shrink of dy by B
 (`shrink.shrink_b`) and this pass computes dB alone.
 """
@@ -19,6 +20,8 @@ Above rank 16 both cost more than reading dy again: g is then a shrink of dy by 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +134,7 @@ def seg_grad_kernel(
     D, RT, G_ROWS, LEFT_STRIDE, G_STRIDE,
     R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
     G_TILES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_MAJOR: tl.constexpr,
+    D_MAJOR: tl.constexpr, PAIRED_RED: tl.constexpr,
 ):
     item = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
@@ -166,10 +169,12 @@ def seg_grad_kernel(
         # was not: on an H200 the x pass with masks took 77-94 us at 4096², now 51-58).
         if mask_row >= 0:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M, D_MAJOR)
+                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M, D_MAJOR,
+                         PAIRED_RED)
         else:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, 0, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M, D_MAJOR)
+                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M,
+                         D_MAJOR, PAIRED_RED)
     acc = acc * tl.load(slot_scale + slot)
     part = tl.load(item_part + item)
     if D_MAJOR:  # acc is [BLOCK_D, R]: index it by (column, rank)
@@ -192,7 +197,7 @@ def seg_grad_kernel(
 def _piece(
     acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok, rr, r_ok, D, LEFT_STRIDE,
     G_STRIDE, R: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr, MASKED: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, D_MAJOR: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, D_MAJOR: tl.constexpr, PAIRED_RED: tl.constexpr,
 ):
     """acc + leftᵀ·drop(right) ([R, BLOCK_D]; D_MAJOR: acc + drop(right)ᵀ·left, [BLOCK_D, R])
     over the rows [p0, p1) of one piece; with SHRINK_G also right·B_i into g[rows]: stored
@@ -216,10 +221,47 @@ def _piece(
             g_part = tl.dot(right, b_tile, input_precision=PRECISION)
             if G_TILES:  # every column past the rank is 0 (b_tile's): store whole rows
                 tl.store(g_ptr + rows64[:, None] * G_STRIDE + rr[None, :], g_part, mask=row_ok[:, None])
+            elif PAIRED_RED:
+                _red_add_pairs(g_ptr + rows64[:, None] * G_STRIDE + rr[None, :], g_part,
+                               row_ok[:, None] & r_ok[None, :])
             else:
                 tl.atomic_add(g_ptr + rows64[:, None] * G_STRIDE + rr[None, :], g_part,
                               mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
     return acc
+
+
+@triton.jit
+def _red_add_pairs(ptrs, values, mask):
+    """values added into ptrs by relaxed fp32 reductions at L2, two elements a thread holds
+    side by side (the wgmma accumulator's column pairs) in one `red.v2` where their
+    addresses are adjacent and 8-byte aligned, one at a time otherwise. `tl.atomic_add`
+    emits one scalar `red` per element, and first moves the tile into another register
+    layout through shared memory; this keeps the product's layout (sm_90: `red.v2.f32`).
+    Operands: $0-$1 outputs (unused), $2-$3 addresses, $4-$5 values, $6-$7 masks."""
+    tl.inline_asm_elementwise(
+        """{
+        .reg .pred pv, p0, p1, t;
+        .reg .b64 e;
+        setp.ne.b32 p0, $6, 0;
+        setp.ne.b32 p1, $7, 0;
+        add.s64 e, $2, 4;
+        setp.eq.s64 pv, $3, e;
+        and.b64 e, $2, 7;
+        setp.eq.s64 t, e, 0;
+        and.pred pv, pv, t;
+        and.pred pv, pv, p0;
+        and.pred pv, pv, p1;
+        @pv red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5};
+        not.pred pv, pv;
+        and.pred t, pv, p0;
+        @t red.relaxed.gpu.global.add.f32 [$2], $4;
+        and.pred t, pv, p1;
+        @t red.relaxed.gpu.global.add.f32 [$3], $5;
+        mov.b32 $0, 0;
+        mov.b32 $1, 0;
+        }""",
+        "=r,=r,l,l,f,f,r,r", [ptrs.to(tl.int64, bitcast=True), values, mask.to(tl.int32)], dtype=tl.int32,
+        is_pure=False, pack=2)
 
 
 @triton.jit
@@ -260,6 +302,16 @@ def reduce_g_kernel(part_ptr, g_ptr, n, tiles, BLOCK: tl.constexpr):
     for c in range(tiles):
         acc += tl.load(part_ptr + c * n + offs, mask=ok, other=0.0)
     tl.store(g_ptr + offs, acc, mask=ok)
+
+
+@functools.lru_cache(maxsize=8)
+def paired_red(device: torch.device) -> bool:
+    """Whether the dy pass adds g two elements an instruction (`_red_add_pairs`): compiled
+    for sm_90 or later (`red.v2.f32`), unless MLORA_PAIRED_RED=0. On an H200 the 7B
+    layer's dy passes took 17-34 % less time (bench/README.md, 2026-12-04, third session)."""
+    if INTERPRET or device.type != "cuda" or os.environ.get("MLORA_PAIRED_RED", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def reduce_g(parts: Tensor) -> Tensor:
@@ -317,7 +369,8 @@ def seg_grads(
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
         width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0, left.stride(0), g.stride(-2) if shrink_g else r,
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major, num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major, PAIRED_RED=paired_red(right.device),
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if items.n_reduce:
         reduce_partials_kernel[(items.n_reduce, triton.cdiv(r * width, REDUCE_BLOCK))](
