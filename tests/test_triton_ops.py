@@ -447,6 +447,44 @@ CUDA_CASES = [
 ]
 
 
+def check_g_by_launch_shape() -> None:
+    """g = dy·B_slot from the dy pass's atomics against torch, at the shipped launch shape
+    and others: 32-row tiles at 8 warps hold fewer elements than threads (copies), where the
+    paired reductions must stay off (`seg_grads.pairs_fit`); a rank of 7 masks half a pair."""
+    from mlora.ops import triton_multi_lora as tm
+    from mlora.ops.kernels import seg_grads as sg
+    from mlora.ops.kernels import shrink as sh
+    from mlora.ops.kernels.plan import item_plan, padded_rank, segment_plan
+
+    dev, tokens, width, ranks = torch.device("cuda"), 1000, 768, (16, 7)
+    gen = torch.Generator(device=dev).manual_seed(9)
+    segs = (Segment(0, 3, 400), Segment(1, 400, 410), Segment(0, 420, 997))  # rows 0-2, 410-419, 997-999 in none
+    plan = segment_plan(segs, (2.0, 0.5), (0.0, 0.0), (False,) * 3, ranks, tokens, dev, sh.block_m(16))
+    dy = torch.randn(tokens, width, device=dev, generator=gen).bfloat16()
+    h = torch.randn(tokens, plan.rank_pad, device=dev, generator=gen).bfloat16()
+    b = [torch.randn(width, r, device=dev, generator=gen).bfloat16() for r in ranks]
+    _, b_cat = tm.concat([torch.zeros(r, 1, device=dev) for r in ranks], b, torch.bfloat16)
+    want = torch.zeros(tokens, plan.rank_pad, device=dev)
+    offs = [0, padded_rank(ranks[0])]
+    for seg in segs:
+        r = ranks[seg.slot]
+        b_slot = b_cat[:, offs[seg.slot]:offs[seg.slot] + r].float()
+        want[seg.start:seg.end, :r] = dy[seg.start:seg.end].float() @ b_slot
+    off, ends = tm._offset_table(ranks, width, dev)
+    shipped = sg.dy_pass(2, plan.rank_pad)
+    for cfg in (shipped, sg.PassConfig(64, 256, 8, 3, 2, True), sg.PassConfig(32, 128, 8, 3, 2, True),
+                sg.PassConfig(32, 128, 4, 3, 2, True), sg.PassConfig(128, 128, 8, 3, 1, True)):
+        items = item_plan(segs, width, plan.rank_pad, dev, cfg.block_m, cfg.block_d, 132 * cfg.per_sm,
+                          tm.PARTIAL_BUDGET_BYTES)
+        g = torch.zeros(tokens, plan.rank_pad, device=dev)
+        d_b = torch.empty(ends[-1], device=dev)
+        sg.seg_grads(h, dy, d_b, off, plan, items, cfg, transposed=True, masks=dy, dropout=False, precision="tf32",
+                     g=g, b_cat=b_cat)
+        assert rel(g, want) < 1e-5, (cfg, sg.pairs_fit(cfg, plan.rank_pad), rel(g, want))
+    assert sg.pairs_fit(shipped, plan.rank_pad) and not sg.pairs_fit(sg.PassConfig(32, 128, 8, 3, 2, True), 16)
+    print("ok g at five launch shapes", flush=True)
+
+
 def run_cuda_checks() -> None:
     """Compiled kernels on the GPU; called in a process without the interpreter."""
     from mlora.ops.kernels import seg_grads
@@ -456,6 +494,7 @@ def run_cuda_checks() -> None:
     for case in CUDA_CASES:
         check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
         print("ok bf16", case.name, flush=True)
+    check_g_by_launch_shape()
     os.environ["MLORA_PAIRED_RED"] = "0"  # one element an atomic, as on GPUs before sm_90
     seg_grads.paired_red.cache_clear()
     try:

@@ -17,8 +17,8 @@ as before 2026-12-03's seventh session (`triton-g8`: the GEMM's row tiles in gro
 the dy pass at 2 stages, both reductions accumulating [R, BLOCK_D]; `triton-rd`: the
 last only; `earlier_launches`), and the Triton path with q, k, v and gate, up called one by
 one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call), and the Triton path with
-the dy pass's g added one element an atomic, as before 2026-12-04's third session
-(`triton-unpaired`: MLORA_PAIRED_RED=0).
+the dy pass as before 2026-12-04's third session (`triton-unpaired`: g added one element an
+atomic, MLORA_PAIRED_RED=0, and its launch at 8 warps, two programs per SM).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -65,10 +65,17 @@ def earlier_launches(arm: str):
     the GEMM's row tiles in groups of 8, the dy pass at 2 stages, and both reductions
     accumulating [R, BLOCK_D]; for `triton-rd` only the last of these. A graph keeps the
     launches it recorded, so this only matters until capture."""
-    if arm not in ("triton-g8", "triton-rd"):
+    if arm not in ("triton-g8", "triton-rd", "triton-unpaired"):
         yield
         return
     shapes, dy_pass, x_pass = fused_gemm.SHAPES, seg_grads.dy_pass, seg_grads.x_pass
+    if arm == "triton-unpaired":  # the dy pass's launch before g's atomics went in pairs
+        seg_grads.dy_pass = lambda *args: dataclasses.replace(dy_pass(*args), warps=8, per_sm=2)
+        try:
+            yield
+        finally:
+            seg_grads.dy_pass = dy_pass
+        return
     if arm == "triton-g8":
         fused_gemm.SHAPES = [shape[:5] + (8,) for shape in shapes]
 

@@ -99,8 +99,10 @@ def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
         return PassConfig(block_m=64 if element_size <= 2 else 32, block_d=128, warps=8, stages=3, per_sm=2)
     row_bytes = rank_pad * element_size
     if row_bytes <= 128 and element_size <= 2:  # d-major, 3 stages: 49.9 / 94.5 us against 52.6 /
-        # 114.5 [R, BLOCK_D] with 2 stages at d_out 4096 / 11008 (4 jobs, H200)
-        return PassConfig(block_m=64, block_d=256, warps=8, stages=3, per_sm=2,
+        # 114.5 [R, BLOCK_D] with 2 stages at d_out 4096 / 11008 (4 jobs, H200). With g's atomics
+        # in pairs, 4 warps and one program per SM: 34.8 / 67.2 us against 41.0 / 78.1 at 8 warps,
+        # two per SM (the best of 64 shapes at 11008, within 0.5 us of the best at 4096)
+        return PassConfig(block_m=64, block_d=256, warps=4, stages=3, per_sm=1,
                           d_major=rank_pad <= D_MAJOR_MAX_RANK)
     if row_bytes <= 128:
         return PassConfig(block_m=64, block_d=256, warps=8, stages=2, per_sm=2)
@@ -304,6 +306,14 @@ def reduce_g_kernel(part_ptr, g_ptr, n, tiles, BLOCK: tl.constexpr):
     tl.store(g_ptr + offs, acc, mask=ok)
 
 
+def pairs_fit(cfg: PassConfig, rank_pad: int) -> bool:
+    """Whether g's [BLOCK_M, R] share gives every thread at least one wgmma fragment (4
+    elements): with fewer, threads hold copies of one another's elements, and
+    `_red_add_pairs` (unlike `tl.atomic_add`, which masks the copies) would add each copy
+    (BLOCK_M = 32 at 8 warps gave g twice over on an H200)."""
+    return cfg.block_m * rank_pad >= 4 * 32 * cfg.warps
+
+
 @functools.lru_cache(maxsize=8)
 def paired_red(device: torch.device) -> bool:
     """Whether the dy pass adds g two elements an instruction (`_red_add_pairs`): compiled
@@ -369,8 +379,8 @@ def seg_grads(
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
         width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0, left.stride(0), g.stride(-2) if shrink_g else r,
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major, PAIRED_RED=paired_red(right.device),
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major,
+        PAIRED_RED=paired_red(right.device) and pairs_fit(cfg, r), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if items.n_reduce:
         reduce_partials_kernel[(items.n_reduce, triton.cdiv(r * width, REDUCE_BLOCK))](
