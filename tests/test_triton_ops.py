@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,19 @@ def test_cpu_cases_reach_every_reduction_path() -> None:
         if masked == {True, False}:
             seen.add("masked and unmasked")
     assert seen == {"pieces", "partials", "masked and unmasked"}
+
+
+def test_g_goes_in_pairs_only_compiled_and_where_no_thread_holds_copies() -> None:
+    """The paired reductions are sm_90 PTX: never interpreted or off CUDA, and only at
+    launch shapes where each thread holds whole wgmma fragments of g's share (the GPU
+    checks measure g at such shapes and one without)."""
+    from mlora.ops.kernels import seg_grads as sg
+
+    assert not sg.paired_red(torch.device("cpu"))
+    shipped = sg.PassConfig(block_m=64, block_d=256, warps=4, stages=3, per_sm=1, d_major=True)
+    assert sg.pairs_fit(shipped, 16) and sg.pairs_fit(dataclasses.replace(shipped, warps=8), 16)
+    assert not sg.pairs_fit(dataclasses.replace(shipped, block_m=32, warps=8), 16)  # 2 elements a thread
+    assert not sg.pairs_fit(dataclasses.replace(shipped, warps=8), 8)
 
 
 def test_concat_pads_each_slot_to_a_multiple_of_8() -> None:
