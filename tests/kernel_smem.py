@@ -91,12 +91,14 @@ def shrink_shared(dt: str, precision: str, rank_pad: int, of_b: bool) -> dict:
     return _shared(shrink.shrink_kernel, types, consts, cfg.warps, cfg.stages)
 
 
-def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_tiles: bool = False) -> dict:
+def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_tiles: bool = False,
+                     paired: bool = False) -> dict:
     """The reduction pass with the launch shape the operator picks for this dtype and rank
-    (the dy pass with g up to rank 16, by atomics or, with g_tiles, as partials; else dB alone)."""
+    (the dy pass with g up to rank 16, or 32 when `paired`, by atomics or, with g_tiles, as
+    partials; else dB alone)."""
     size = 4 if dt == "fp32" else 2
-    cfg = seg_grads.dy_pass(size, rank_pad) if dy_pass else seg_grads.x_pass(size, rank_pad, precision)
-    shrink_g = dy_pass and rank_pad <= seg_grads.G_IN_DY_PASS_MAX_RANK
+    cfg = seg_grads.dy_pass(size, rank_pad, paired) if dy_pass else seg_grads.x_pass(size, rank_pad, precision)
+    shrink_g = dy_pass and (rank_pad <= seg_grads.G_IN_DY_PASS_MAX_RANK or paired)
     left = "fp32" if not dy_pass else dt
     types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
                                  "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
@@ -147,6 +149,11 @@ def main() -> None:
                 kind = ("dB+g" if with_g else "dB") if dy_pass else "dA"
                 rows.append(dict(kernel="seg_grads", config=f"{kind}/R{rank_pad}", dtype=dt,
                                  precision=precision, **seg_grads_shared(dt, precision, dy_pass, rank_pad)))
+                paired_g = seg_grads.G_IN_DY_PASS_MAX_RANK < rank_pad <= seg_grads.G_PAIRED_MAX_RANK
+                if dy_pass and dt == "bf16" and paired_g:
+                    rows.append(dict(kernel="seg_grads", config=f"dB+g pairs/R{rank_pad}", dtype=dt,
+                                     precision=precision, **seg_grads_shared(dt, precision, True, rank_pad,
+                                                                             paired=True)))
                 if with_g:  # g as column-tile partials, under torch's deterministic algorithms
                     rows.append(dict(kernel="seg_grads", config=f"dB+g partials/R{rank_pad}", dtype=dt,
                                      precision=precision,

@@ -156,8 +156,10 @@ def g_mode(case: Case, dtype: torch.dtype) -> str:
 
     r = rank_block(case.ranks)
     size = torch.tensor([], dtype=dtype).element_size()
-    return seg_grads.g_mode(r, case.tokens, case.d_out, seg_grads.dy_pass(size, r).block_d,
-                            torch.are_deterministic_algorithms_enabled())
+    paired = seg_grads.paired_red(torch.device("cuda")) if torch.cuda.is_available() else False
+    paired = paired and size <= 2
+    return seg_grads.g_mode(r, case.tokens, case.d_out, seg_grads.dy_pass(size, r, paired).block_d,
+                            torch.are_deterministic_algorithms_enabled(), paired)
 
 
 @contextmanager
@@ -309,6 +311,10 @@ def test_g_by_atomics_or_in_order_under_torchs_deterministic_algorithms() -> Non
     assert seg_grads.g_mode(16, 8192, 14336, 256, deterministic=True) == "partials"
     assert seg_grads.g_mode(16, 65536, 14336, 256, deterministic=True) == "shrink"
     assert seg_grads.g_mode(32, 8192, 4096, 128) == seg_grads.g_mode(32, 8192, 4096, 128, True) == "shrink"
+    # g's atomics in pairs (sm_90, 16-bit) pay up to R = 32, not under the deterministic algorithms
+    assert seg_grads.g_mode(32, 8192, 4096, 128, paired=True) == "atomics"
+    assert seg_grads.g_mode(32, 8192, 4096, 128, True, paired=True) == "shrink"
+    assert seg_grads.g_mode(64, 8192, 4096, 128, paired=True) == "shrink"
     assert {g_mode(c, torch.float32) for c in CPU_CASES} == {"atomics", "shrink"}
     with deterministic():
         assert {g_mode(c, torch.float32) for c in CPU_CASES} == {"partials", "shrink"}
@@ -458,6 +464,8 @@ CUDA_CASES = [
     Case("cuda-256-segments", 4100, 256, 384, tuple((4, 8, 16, 64)[i % 4] for i in range(128)),
          tuple(n for i in range(256) for n in ((-9,) if i % 50 == 3 else ()) + ((i * 37) % 31,)),
          tuple((i * 11) % 128 for i in range(256)), True, tuple(0.2 if i % 32 == 1 else 0.0 for i in range(128))),
+    # rank block 32: g by the dy pass's atomics where they go in pairs (sm_90), else a shrink of dy
+    Case("cuda-rank32", 1300, 512, 768, (32, 17, 24), (300, -20, 500, 380), (0, 1, 2), True, (0.0, 0.1, 0.0)),
 ]
 
 

@@ -315,9 +315,11 @@ def _db_and_g(dy: Tensor, h: Tensor, b_cat: Tensor, flat_b: Tensor, off_b: Tenso
     tokens, d_out = dy.shape
     if not plan.n_segments:
         return torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=dy.device)
-    cfg = grads.dy_pass(dy.element_size(), plan.rank_pad)
+    paired = grads.paired_red(dy.device) and dy.element_size() <= 2  # g's atomics pay up to R = 32
+    cfg = grads.dy_pass(dy.element_size(), plan.rank_pad, paired)
     items = _items(st, d_out, cfg)
-    mode = grads.g_mode(plan.rank_pad, tokens, d_out, cfg.block_d, torch.are_deterministic_algorithms_enabled())
+    mode = grads.g_mode(plan.rank_pad, tokens, d_out, cfg.block_d, torch.are_deterministic_algorithms_enabled(),
+                        paired)
     if mode == "shrink":
         grads.seg_grads(h, dy, flat_b, off_b, plan, items, cfg, transposed=True, masks=masks, dropout=False,
                         precision=precision)

@@ -53,6 +53,9 @@ INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
 
 
 G_IN_DY_PASS_MAX_RANK = 16
+# With g's atomics in pairs (`paired_red`, 16-bit), up to R = 32: H200, 4096 wide, K = 1 / 4 / 64,
+# 50.8 / 49.5 / 63.5 us against dB alone plus a shrink of dy 57.2 / 58.3 / 68.6 (bench/README.md)
+G_PAIRED_MAX_RANK = 32
 D_MAJOR_MAX_RANK = 16  # the dy pass's d-major form was measured at R = 16 only (bench/README.md, 2026-12-03)
 # The x pass's at R = 32 and 64 too (4 jobs, 4096 wide, H200): 27.1 / 32.8 us against 38.6 / 50.1
 # for [R, BLOCK_D] at the same shapes (bench/README.md, 2026-12-04; the shared-input call's stacks)
@@ -60,7 +63,8 @@ X_D_MAJOR_MAX_RANK = 64
 G_PARTIALS_MAX_BYTES = 64 << 20
 
 
-def g_mode(rank_pad: int, tokens: int, d_out: int, block_d: int, deterministic: bool = False) -> str:
+def g_mode(rank_pad: int, tokens: int, d_out: int, block_d: int, deterministic: bool = False,
+           paired: bool = False) -> str:
     """How g = dy·B is computed: "atomics" or "partials" (in the dy pass), or "shrink".
 
     In the dy pass each column tile holds a [T, R] share of g. Added up by atomics
@@ -73,9 +77,11 @@ def g_mode(rank_pad: int, tokens: int, d_out: int, block_d: int, deterministic: 
     `use_deterministic_algorithms`) the shares are stored as partials ([d_out / BLOCK_D,
     T, R] fp32) and summed in order by `reduce_g`, or, past `G_PARTIALS_MAX_BYTES`,
     g is the shrink. Partials cost more than atomics: R = 16, dy pass 45 / 62 us
-    against 42 / 58, the operator 1.17-1.26x the base GEMMs against 1.14-1.22x."""
+    against 42 / 58, the operator 1.17-1.26x the base GEMMs against 1.14-1.22x.
+    `paired` (16-bit, g's atomics two at a time: `paired_red`): atomics up to
+    G_PAIRED_MAX_RANK, except under `deterministic` (partials lost to the shrink there)."""
     if rank_pad > G_IN_DY_PASS_MAX_RANK:
-        return "shrink"
+        return "atomics" if paired and not deterministic and rank_pad <= G_PAIRED_MAX_RANK else "shrink"
     if not deterministic:
         return "atomics"
     if g_partials_bytes(rank_pad, tokens, d_out, block_d) <= G_PARTIALS_MAX_BYTES:
@@ -87,14 +93,17 @@ def g_partials_bytes(rank_pad: int, tokens: int, d_out: int, block_d: int) -> in
     return triton.cdiv(d_out, block_d) * tokens * rank_pad * 4
 
 
-def dy_pass(element_size: int, rank_pad: int) -> PassConfig:
-    """The dB pass, with g up to rank 16 (`g_mode`). Wide column tiles mean fewer g atomics
+def dy_pass(element_size: int, rank_pad: int, paired: bool = False) -> PassConfig:
+    """The dB pass, with g up to rank 16 (`g_mode`; 32 when `paired`). Wide column tiles mean fewer g atomics
     (H200 sweep, bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's
     shared memory, so wide ranks and fp32 take narrower tiles (all fit Hopper:
     tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64 jobs:
     39 / 73 us, 4 warps and 2 stages 43 / 113)."""
     if INTERPRET:  # d-major where the GPU takes it for bf16 (R <= 16), so tests meet both forms
         return dataclasses.replace(INTERPRET_PASS, d_major=rank_pad <= D_MAJOR_MAX_RANK)
+    if paired and element_size <= 2 and G_IN_DY_PASS_MAX_RANK < rank_pad <= G_PAIRED_MAX_RANK:
+        # dB + g at R = 32: the best shape of 32 at K = 4 and 64, within 6 us of it at K = 1
+        return PassConfig(block_m=64, block_d=128, warps=8, stages=3, per_sm=1, d_major=True)
     if rank_pad > G_IN_DY_PASS_MAX_RANK:
         return PassConfig(block_m=64 if element_size <= 2 else 32, block_d=128, warps=8, stages=3, per_sm=2)
     row_bytes = rank_pad * element_size
