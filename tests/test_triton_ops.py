@@ -15,11 +15,11 @@ fp32 reference of the same rounded inputs: relative error < 1e-2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -13,8 +13,8 @@ relaxed fp32 atomics (the only atomics in the operator: g's summation order may 
 between runs at fp32 rounding; on sm_90 two elements an instruction, `_red_add_pairs`),
 or, under torch's deterministic algorithms, stores it as that tile's fp32 partial of g,
 which `reduce_g` then sums over the tiles in order.
-Above rank 16 both cost more than reading dy again: g is then a shrink of dy by B
-(`shrink.shrink_b`) and this pass computes dB alone.
+Above rank 16 both cost more than reading dy again (above 32 with the paired atomics):
+g is then a shrink of dy by B (`shrink.shrink_b`) and this pass computes dB alone.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def g_partials_bytes(rank_pad: int, tokens: int, d_out: int, block_d: int) -> in
 
 
 def dy_pass(element_size: int, rank_pad: int, paired: bool = False) -> PassConfig:
-    """The dB pass, with g up to rank 16 (`g_mode`; 32 when `paired`). Wide column tiles mean fewer g atomics
-    (H200 sweep, bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's
+    """The dB pass, with g up to rank 16 (`g_mode`; 32 when `paired`). Wide column tiles
+    mean fewer g atomics (H200 sweep, bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's
     shared memory, so wide ranks and fp32 take narrower tiles (all fit Hopper:
     tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64 jobs:
     39 / 73 us, 4 warps and 2 stages 43 / 113)."""
