@@ -294,13 +294,15 @@ def _fixed_length_run(model: Path, out: Path, graphs: bool, expect_graphs: bool 
     return {s.name: load_file(str(out / s.name / "adapter_model.safetensors")) for s in specs}
 
 
-def _assert_same_adapters(got: dict, want: dict, rtol: float, atol: float) -> None:
-    """Every job's every adapter tensor of two runs (job -> name -> tensor) agrees."""
+def _assert_same_adapters(got: dict, want: dict, rtol: float, atol: float, context: str = "") -> None:
+    """Every job's every adapter tensor of two runs (job -> name -> tensor) agrees; a
+    mismatch names the job and tensor, and `context` (what the runs were)."""
     assert got.keys() == want.keys()
     for job, tensors in want.items():
         assert got[job].keys() == tensors.keys(), job
         for key, value in tensors.items():
-            torch.testing.assert_close(got[job][key], value, rtol=rtol, atol=atol)
+            torch.testing.assert_close(got[job][key], value, rtol=rtol, atol=atol,
+                                       msg=lambda m, job=job, key=key: f"job {job}, {key}: {m} {context}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -320,9 +322,12 @@ def test_a_graphed_run_resumes_from_its_background_checkpoints(tmp_path, tiny_mo
     monkeypatch.setattr(writer, "write_checkpoint", lambda *a, **k: (time.sleep(0.2), real(*a, **k))[1])
     _fixed_length_run(model, tmp_path / "cut", graphs=True, backend="torch", save_steps=2, stop_after=6)
     assert (tmp_path / "cut" / "a" / "checkpoints" / "step-000002" / "stage0.pt").is_file()
+    saved = sorted(str(p.relative_to(tmp_path / "cut")) for p in (tmp_path / "cut").glob("*/checkpoints/*"))
     resumed = _fixed_length_run(model, tmp_path / "cut", graphs=True, expect_graphs=False, backend="torch",
                                 save_steps=2, resume=True)
-    _assert_same_adapters(resumed, full, rtol=1e-4, atol=1e-5)
+    # (it failed twice on an H200 in full GPU test runs and passed when rerun: the message
+    # below says which job, tensor and checkpoints, for the next time)
+    _assert_same_adapters(resumed, full, rtol=1e-4, atol=1e-5, context=f"(resumed from {saved})")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
