@@ -389,7 +389,8 @@ def seg_grads(
         width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0, left.stride(0), g.stride(-2) if shrink_g else r,
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major,
-        PAIRED_RED=paired_red(right.device) and pairs_fit(cfg, r), num_warps=cfg.warps, num_stages=cfg.stages,
+        PAIRED_RED=shrink_g and not tiles and paired_red(right.device) and pairs_fit(cfg, r),
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if items.n_reduce:
         reduce_partials_kernel[(items.n_reduce, triton.cdiv(r * width, REDUCE_BLOCK))](
