@@ -156,8 +156,7 @@ def g_mode(case: Case, dtype: torch.dtype) -> str:
 
     r = rank_block(case.ranks)
     size = torch.tensor([], dtype=dtype).element_size()
-    paired = seg_grads.paired_red(torch.device("cuda")) if torch.cuda.is_available() else False
-    paired = paired and size <= 2
+    paired = torch.cuda.is_available() and seg_grads.paired_red(torch.device("cuda"), size)
     return seg_grads.g_mode(r, case.tokens, case.d_out, seg_grads.dy_pass(size, r, paired).block_d,
                             torch.are_deterministic_algorithms_enabled(), paired)
 
@@ -226,7 +225,7 @@ def test_g_goes_in_pairs_only_compiled_and_where_no_thread_holds_copies() -> Non
     checks measure g at such shapes and one without)."""
     from mlora.ops.kernels import seg_grads as sg
 
-    assert not sg.paired_red(torch.device("cpu"))
+    assert not sg.paired_red(torch.device("cpu"), 2)
     shipped = sg.PassConfig(block_m=64, block_d=256, warps=4, stages=3, per_sm=1, d_major=True)
     assert sg.pairs_fit(shipped, 16) and sg.pairs_fit(dataclasses.replace(shipped, warps=8), 16)
     assert not sg.pairs_fit(dataclasses.replace(shipped, block_m=32, warps=8), 16)  # 2 elements a thread
@@ -496,8 +495,8 @@ def check_g_by_launch_shape() -> None:
     shipped = sg.dy_pass(2, plan.rank_pad)
     for cfg in (shipped, sg.PassConfig(64, 256, 8, 3, 2, True), sg.PassConfig(32, 128, 8, 3, 2, True),
                 sg.PassConfig(32, 128, 4, 3, 2, True), sg.PassConfig(128, 128, 8, 3, 1, True)):
-        items = item_plan(segs, width, plan.rank_pad, dev, cfg.block_m, cfg.block_d, 132 * cfg.per_sm,
-                          tm.PARTIAL_BUDGET_BYTES)
+        items = item_plan(segs, width, plan.rank_pad, dev, cfg.block_m, cfg.block_d,
+                          tm._target_programs(dev, cfg.per_sm), tm.PARTIAL_BUDGET_BYTES)
         g = torch.zeros(tokens, plan.rank_pad, device=dev)
         d_b = torch.empty(ends[-1], device=dev)
         sg.seg_grads(h, dy, d_b, off, plan, items, cfg, transposed=True, masks=dy, dropout=False, precision="tf32",
@@ -512,7 +511,8 @@ def run_cuda_checks() -> None:
     from mlora.ops.kernels import seg_grads
 
     # sm_90 adds g two elements an instruction (inline PTX; ranks 7 and 1 below mask half a pair)
-    assert seg_grads.paired_red(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert seg_grads.paired_red(torch.device("cuda"), 2) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert not seg_grads.paired_red(torch.device("cuda"), 4)  # fp32: scalar atomics
     for case in CUDA_CASES:
         check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
         print("ok bf16", case.name, flush=True)

@@ -324,11 +324,13 @@ def pairs_fit(cfg: PassConfig, rank_pad: int) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def paired_red(device: torch.device) -> bool:
-    """Whether the dy pass adds g two elements an instruction (`_red_add_pairs`): compiled
-    for sm_90 or later (`red.v2.f32`), unless MLORA_PAIRED_RED=0. On an H200 the 7B
-    layer's dy passes took 17-34 % less time (bench/README.md, 2026-12-04, third session)."""
-    if INTERPRET or device.type != "cuda" or os.environ.get("MLORA_PAIRED_RED", "1") == "0":
+def paired_red(device: torch.device, element_size: int) -> bool:
+    """Whether the dy pass adds g two elements an instruction (`_red_add_pairs`): 16-bit
+    inputs (g's share then comes from wgmma, whose fragments `pairs_fit` reasons about)
+    compiled for sm_90 or later (`red.v2.f32`), unless MLORA_PAIRED_RED=0. On an H200 the
+    7B layer's dy passes took 17-34 % less time (bench/README.md, 2026-12-04, third session)."""
+    if (INTERPRET or device.type != "cuda" or element_size > 2
+            or os.environ.get("MLORA_PAIRED_RED", "1") == "0"):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -389,7 +391,7 @@ def seg_grads(
         width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0, left.stride(0), g.stride(-2) if shrink_g else r,
         R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major,
-        PAIRED_RED=shrink_g and not tiles and paired_red(right.device) and pairs_fit(cfg, r),
+        PAIRED_RED=shrink_g and not tiles and paired_red(right.device, right.element_size()) and pairs_fit(cfg, r),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if items.n_reduce:
