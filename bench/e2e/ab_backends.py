@@ -18,7 +18,11 @@ the dy pass at 2 stages, both reductions accumulating [R, BLOCK_D]; `triton-rd`:
 last only; `earlier_launches`), and the Triton path with q, k, v and gate, up called one by
 one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call), and the Triton path with
 the dy pass as before 2026-12-04's third session (`triton-unpaired`: g added one element an
-atomic, MLORA_PAIRED_RED=0, and its launch at 8 warps, two programs per SM).
+atomic, MLORA_PAIRED_RED=0, and its launch at 8 warps, two programs per SM), and the
+Triton path with every GEMM tile launched one per program (`triton-dp`: no stream-K for
+the last tiles, MLORA_TRITON_STREAM_K=0). Any arm
+may name the GEMM's tile after an `@` (`triton@128x128x64x3x8x16`: BLOCK_M x BLOCK_N x
+BLOCK_K x stages x warps x GROUP_M, as `bench/ops/tune_gemm.py --configs` takes them).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -56,7 +60,26 @@ ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", 
         "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
         "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True),
         "triton-rd": ("triton", "0", "fused", True), "triton-unshared": ("triton", "0", "fused", True),
-        "triton-unpaired": ("triton", "0", "fused", True)}
+        "triton-unpaired": ("triton", "0", "fused", True), "triton-dp": ("triton", "0", "fused", True)}
+
+
+def base_arm(arm: str) -> str:
+    """The arm's name without its GEMM tile (`triton@128x128x64x3x8x16` -> `triton`)."""
+    return arm.split("@")[0]
+
+
+@contextlib.contextmanager
+def gemm_tile(arm: str):
+    """The GEMM launched at the tile the arm names after `@`, if any (until capture)."""
+    if "@" not in arm:
+        yield
+        return
+    shapes = fused_gemm.SHAPES
+    fused_gemm.SHAPES = [tuple(int(v) for v in arm.split("@")[1].split("x"))]
+    try:
+        yield
+    finally:
+        fused_gemm.SHAPES = shapes
 
 
 @contextlib.contextmanager
@@ -115,13 +138,15 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
     graphs = {arm: StepGraphs(stage) for arm in arms}
 
     def step(arm: str) -> None:
-        stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"], fused = ARMS[arm]
+        stage.routing.backend, os.environ["MLORA_TRITON_AUTOTUNE"], os.environ["MLORA_TRITON_BASE"], fused = \
+            ARMS[base_arm(arm)]
         stage.fused_residual = stage.fused_loss = fused
-        os.environ["MLORA_SHARED_INPUT"] = "0" if arm == "triton-unshared" else "1"
-        os.environ["MLORA_PAIRED_RED"] = "0" if arm == "triton-unpaired" else "1"
+        os.environ["MLORA_SHARED_INPUT"] = "0" if base_arm(arm) == "triton-unshared" else "1"
+        os.environ["MLORA_PAIRED_RED"] = "0" if base_arm(arm) == "triton-unpaired" else "1"
+        os.environ["MLORA_TRITON_STREAM_K"] = "0" if base_arm(arm) == "triton-dp" else "1"
         seg_grads.paired_red.cache_clear()
         batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
-        with earlier_launches(arm):
+        with earlier_launches(base_arm(arm)), gemm_tile(arm):
             if graphs[arm].step(batch, adapters) is None:  # first sighting eager, then warm-up + capture
                 hidden = stage(batch.input_ids, batch.layout)
                 (job_loss_sums(stage.lm_head, hidden, batch.targets, stage.fused_loss)
@@ -163,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     arms = tuple(args.arms.split(","))
     ranks = tuple(int(r) for r in args.rank.split(","))
-    if unknown := [a for a in arms if a not in ARMS]:
+    if unknown := [a for a in arms if base_arm(a) not in ARMS]:
         raise SystemExit(f"unknown arm(s) {unknown}: use {', '.join(ARMS)}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for shape in args.shapes.split(","):

@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--timeline", type=int, default=0, metavar="N",
                         help="also profile N steps issued back to back, as the trainer runs them, and report the GPU's "
                              "idle time between kernels (where a step's time goes beyond its kernels)")
+    parser.add_argument("--by-grid", action="store_true",
+                        help="also every kernel by its launch grid, in issue order (which call of a kernel is slow)")
     parser.add_argument("--by-shape", action="store_true",
                         help="also the aten ops that ran kernels, by input shape (which op a small kernel belongs to)")
     args = parser.parse_args()
@@ -114,6 +116,8 @@ def main() -> None:
     if not args.summary:
         print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
         print(averages.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    if args.by_grid:
+        print_by_grid(prof)
     if args.timeline:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
@@ -127,6 +131,23 @@ def main() -> None:
                if e.device_type == cpu and e.self_device_time_total > 0 and e.key.startswith("aten::")]
         for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:30]:
             print(f"{e.key:34} {e.count:5d} {e.self_device_time_total / 1000:8.2f} ms  {str(e.input_shapes)[:100]}")
+
+
+def print_by_grid(prof: torch.profiler.profile) -> None:
+    """Kernel time of the profiled step by (kernel, grid, block), in the order first issued:
+    one layer's calls of one kernel differ by their grids, so each row is one of its call sites."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    rows: dict[tuple, list[float]] = {}
+    for e in sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"]):
+        args = e.get("args", {})
+        rows.setdefault((e["name"][:40], str(args.get("grid")), str(args.get("block"))), []).append(e["dur"])
+    total = sum(sum(v) for v in rows.values())
+    print(f"kernels by launch grid ({total / 1000:.1f} ms in all): calls, total ms, median us, kernel, grid, block")
+    for (name, grid, block), durs in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
+        if sum(durs) >= 0.002 * total:
+            print(f"  {len(durs):5d} {sum(durs) / 1000:8.2f} {statistics.median(durs):9.1f}  {name:40s} {grid} {block}")
 
 
 def print_idle(prof: torch.profiler.profile, steps: int, wall: float) -> None:
