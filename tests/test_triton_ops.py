@@ -405,37 +405,8 @@ def test_the_fused_gemm_sums_further_products_and_reads_u_from_a_slice(w_kn: boo
                       precision="ieee", more=[(a, w)] * 3)
 
 
-@interpreted
-@pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
-def test_the_last_tiles_shared_among_programs_sum_as_whole_tiles(w_kn: bool, use_tma: bool) -> None:
-    """Stream-K: 18 tiles of 16 × 16 on 4 programs leave the last 6 tiles' K steps (3 + 2 +
-    1 per tile: further products too) cut 9 a program, so tiles 1 and 4 of them are each
-    summed from two programs' parts; the result is the contract's, and again on a second
-    launch (the finishing programs leave the shared slots and counts zero)."""
-    from mlora.ops.kernels import fused_gemm as fg
-
-    assert fg.stream_k_split(18, 4) == (12, 6)
-    for _ in range(2):
-        _check_gemm_contract(w_kn, use_tma, torch.float32, more=(24, 8), dropout_on=False, sk_programs=4)
-    work, counts = fg._stream_k_workspace(torch.device("cpu"), 8, 16 * 16)
-    assert not work.any() and not counts.any()
-
-
-def test_stream_k_takes_the_last_two_waves_where_the_last_is_short() -> None:
-    from mlora.ops.kernels import fused_gemm as fg
-
-    assert fg.stream_k_split(1024, 132) == (792, 232)  # a 4096-wide output at T = 8192: 7.76 waves
-    assert fg.stream_k_split(1408, 132) == (1188, 220)  # 5632 wide: 10.67 waves
-    assert fg.stream_k_split(2752, 132) is None  # 11008 wide: 20.85 waves, the last nearly full
-    assert fg.stream_k_split(1056, 132) is None  # whole waves
-    assert fg.stream_k_split(200, 132) is None  # under two waves: nothing to even out
-    assert fg.stream_k_split(270, 132) == (132, 138)  # at least as many shared tiles as programs
-
-
 def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: bool = False,
-                         more: tuple[int, ...] = (), u_slice: bool = False, dropout_on: bool = True,
-                         sk_programs: int | None = None) -> None:
+                         more: tuple[int, ...] = (), u_slice: bool = False) -> None:
     from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
@@ -447,7 +418,7 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
     for i, length in enumerate(lengths):
         segs.append(Segment(i % 3, at, at + length))
         at += length
-    dropout = (0.0, 0.3, 0.0) if w_kn and dropout_on else (0.0, 0.0, 0.0)
+    dropout = (0.0, 0.3, 0.0) if w_kn else (0.0, 0.0, 0.0)
     has = tuple(dropout[s.slot] > 0 for s in segs)
     plan = segment_plan(tuple(segs), (0.5, 2.0, 1.5), dropout, has, ranks, tokens, torch.device("cpu"), 16)
     a = torch.randn(tokens, k, generator=gen)
@@ -471,7 +442,7 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
         out = fg.split_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee")
     else:
         out = fg.fused_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee",
-                            use_tma=use_tma, more=pairs, sk_programs=sk_programs)
+                            use_tma=use_tma, more=pairs)
     assert out.dtype == dtype
     ref = _expand_reference(a, w, bias, u, v_cat, masks, plan, w_kn, any(has))
     for a_i, w_i in pairs:
@@ -535,48 +506,6 @@ def check_g_by_launch_shape() -> None:
     print("ok g at five launch shapes", flush=True)
 
 
-def check_stream_k() -> None:
-    """The GEMM with its last tiles' K steps shared among programs, compiled, in bf16:
-    2,304 × 4,096 is 288 tiles, over two waves; 132 and 37 programs cut them differently.
-    Against fp64 and against the same launch without stream-K; the forward with a bias,
-    the dx GEMM summing three products (the shared-input call's), u in fp32 there. The
-    slots and counts are zero again after every launch, and a 7B layer's 4096-wide output
-    at T = 8192 takes stream-K on its own where the device has 132 SMs."""
-    from mlora.ops import triton_multi_lora as tm
-    from mlora.ops.kernels import fused_gemm as fg
-    from mlora.ops.kernels.plan import segment_plan
-
-    dev, tokens, k, n, ranks = torch.device("cuda"), 2304, 1000, 4096, (16, 8, 16)
-    gen = torch.Generator(device=dev).manual_seed(12)
-    segs = (Segment(0, 5, 700), Segment(1, 700, 1290), Segment(2, 1300, 2300))
-    plan = segment_plan(segs, (2.0, 0.5, 1.0), (0.0,) * 3, (False,) * 3, ranks, tokens, dev, 16)
-    blocks = [torch.randn(r, n, device=dev, generator=gen) * 0.1 for r in ranks]
-    a_cat, b_cat = tm.concat(blocks, [v.T for v in blocks], torch.bfloat16)
-    for w_kn in (False, True):
-        a = torch.randn(tokens, k, device=dev, generator=gen).bfloat16()
-        w = (torch.randn(k, n, device=dev, generator=gen) if w_kn else torch.randn(n, k, device=dev, generator=gen))
-        w = (w * k**-0.5).bfloat16()
-        more = [(torch.randn(tokens, k, device=dev, generator=gen).bfloat16(), w.flip(0)) for _ in range(2)] \
-            if w_kn else []
-        bias = None if w_kn else torch.randn(n, device=dev, generator=gen).bfloat16()
-        u = torch.randn(tokens, plan.rank_pad, device=dev, generator=gen)
-        u = u if w_kn else u.bfloat16()
-        v_cat = a_cat if w_kn else b_cat
-        ref = _expand_reference(a, w, bias, u, v_cat, a, plan, w_kn, False)
-        for a_i, w_i in more:
-            ref += a_i.double() @ w_i.double()
-        plain = fg.fused_gemm(a, w, bias, u, v_cat, a, plan, w_kn, False, "tf32", more=more, sk_programs=0)
-        for programs in (132, 37):
-            assert fg.stream_k_split(18 * 16, programs) is not None
-            out = fg.fused_gemm(a, w, bias, u, v_cat, a, plan, w_kn, False, "tf32", more=more, sk_programs=programs)
-            work, counts = fg._stream_k_workspace(dev, 2 * programs, 128 * 256)
-            assert rel(out, ref) < 1e-2 and rel(out, plain) < 2e-3, (w_kn, programs, rel(out, ref), rel(out, plain))
-            assert not work.any() and not counts.any()
-    if torch.cuda.get_device_properties(dev).multi_processor_count == 132:
-        assert fg.stream_k_eligible(a, False, "tf32") and fg.stream_k_split(64 * 16, 132) == (792, 232)
-    print("ok stream-K", flush=True)
-
-
 def run_cuda_checks() -> None:
     """Compiled kernels on the GPU; called in a process without the interpreter."""
     from mlora.ops.kernels import seg_grads
@@ -588,7 +517,6 @@ def run_cuda_checks() -> None:
         check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
         print("ok bf16", case.name, flush=True)
     check_g_by_launch_shape()
-    check_stream_k()
     os.environ["MLORA_PAIRED_RED"] = "0"  # one element an atomic, as on GPUs before sm_90
     seg_grads.paired_red.cache_clear()
     try:

@@ -178,25 +178,14 @@ def fused_gemm_kernel(
         kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
                        mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
         acc = tl.where(kept != 0, acc, 0.0)
-    acc = _k_loop(acc, a_src, w_src, K, 0, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
-                  BLOCK_K)
+    acc = _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION, BLOCK_K)
     if SOURCES > 1:  # further (a, W) pairs: the same output's sum continues over their K
-        acc = _k_loop(acc, a1_src, w1_src, K1, 0, K1, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA,
-                      PRECISION, BLOCK_K)
+        acc = _k_loop(acc, a1_src, w1_src, K1, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
+                      BLOCK_K)
     if SOURCES > 2:
-        acc = _k_loop(acc, a2_src, w2_src, K2, 0, K2, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA,
-                      PRECISION, BLOCK_K)
-    _finish(acc, lo, hi, m0, n0, rows, rows64, row_ok, cols, cols64, col_ok, N, out_ptr, out_src, bias_ptr, u_ptr,
-            v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R,
-            W_KN, HAS_BIAS, DROPOUT, PRECISION, V_ALIGNED, TMA_STORE)
+        acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
+                      BLOCK_K)
 
-
-@triton.jit
-def _finish(acc, lo, hi, m0, n0, rows, rows64, row_ok, cols, cols64, col_ok, N, out_ptr, out_src, bias_ptr, u_ptr,
-            v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype,
-            R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-            PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr):
-    """A tile's whole sum: the expand (here when there is no dropout), the bias, the store."""
     if not DROPOUT:
         acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
                       seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, False, PRECISION,
@@ -210,84 +199,10 @@ def _finish(acc, lo, hi, m0, n0, rows, rows64, row_ok, cols, cols64, col_ok, N, 
 
 
 @triton.jit
-def fused_gemm_sk_kernel(
-    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, work_ptr, count_ptr,
-    tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-    M, N, K, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2, TILE0, SK_TILES,
-    R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr,
-    SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """The last tiles of `fused_gemm_kernel`'s order, TILE0.., as one stretch of K steps
-    cut evenly among the programs (stream-K): program p runs steps [p·S/P, (p+1)·S/P) of
-    the S = SK_TILES · steps-per-tile, through the tiles they fall in. A tile cut between
-    two programs: each adds its part into the tile's zeroed fp32 slot and counts itself
-    in; the second to count reads the sum back (re-zeroing slot and count) and finishes
-    the tile (expand, bias, store). No program waits on another, and the finisher never
-    holds two [BLOCK_M, BLOCK_N] tiles (its own part and the other's together spilled
-    32 registers a thread). SK_TILES ≥ programs, so no tile is cut among more than two.
-    (No dropout: its masked expand goes before the K loop, a part's business.)"""
-    dtype = out_ptr.dtype.element_ty
-    p = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    s0 = tl.cdiv(K, BLOCK_K)
-    s1 = tl.cdiv(K1, BLOCK_K) if SOURCES > 1 else 0
-    s2 = tl.cdiv(K2, BLOCK_K) if SOURCES > 2 else 0
-    steps = s0 + s1 + s2
-    total = SK_TILES.to(tl.int64) * steps
-    i0 = (p * total // n_prog).to(tl.int32)
-    i1 = ((p + 1) * total // n_prog).to(tl.int32)
-    tile_area = BLOCK_M * BLOCK_N
-    for t in range(i0 // steps, (i1 - 1) // steps + 1):
-        first = tl.maximum(i0 - t * steps, 0)  # this program's steps of tile t: [first, last)
-        last = tl.minimum(i1 - t * steps, steps)
-        pid_m, pid_n = _tile_coords(TILE0 + t, grid_m, grid_n, GROUP_M)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        rows = m0 + tl.arange(0, BLOCK_M)
-        cols = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
-        rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _k_loop(acc, a_src, w_src, K, tl.minimum(first, s0) * BLOCK_K, tl.minimum(last, s0) * BLOCK_K, m0, n0,
-                      rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION, BLOCK_K)
-        if SOURCES > 1:
-            acc = _k_loop(acc, a1_src, w1_src, K1, tl.minimum(tl.maximum(first - s0, 0), s1) * BLOCK_K,
-                          tl.minimum(tl.maximum(last - s0, 0), s1) * BLOCK_K, m0, n0, rows64, row_ok, cols64, col_ok,
-                          N, W_KN, USE_TMA, PRECISION, BLOCK_K)
-        if SOURCES > 2:
-            acc = _k_loop(acc, a2_src, w2_src, K2, tl.maximum(first - s0 - s1, 0) * BLOCK_K,
-                          tl.maximum(last - s0 - s1, 0) * BLOCK_K, m0, n0, rows64, row_ok, cols64, col_ok,
-                          N, W_KN, USE_TMA, PRECISION, BLOCK_K)
-        done = (first == 0) & (last == steps)
-        if not done:  # both parts add into the tile's fp32 slot; the second to count finishes
-            slot = work_ptr + t * tile_area + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
-                + tl.arange(0, BLOCK_N)[None, :]
-            tl.atomic_add(slot, acc, sem="relaxed")
-            tl.debug_barrier()  # every thread's share added before the count releases it
-            done = tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == 1
-            if done:
-                acc = tl.load(slot, cache_modifier=".cg")
-                tl.store(slot, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))  # zero for the next launch
-                tl.store(count_ptr + t, 0)
-        if done:
-            lo = tl.load(tok_lo + m0)
-            hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
-            _finish(acc, lo, hi, m0, n0, rows, rows64, row_ok, cols, cols64, col_ok, N, out_ptr, out_src, bias_ptr,
-                    u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                    U_STRIDE, dtype, R, W_KN, HAS_BIAS, False, PRECISION, V_ALIGNED, TMA_STORE)
-
-
-@triton.jit
-def _k_loop(acc, a_src, w_src, K, k_begin, k_end, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN: tl.constexpr,
-            USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + a[rows, k_begin:k_end]·W[k_begin:k_end] (W [K, N] if W_KN, else [N, K] read
-    transposed); k_begin a multiple of BLOCK_K, K bounds the reads."""
-    for k0 in range(k_begin, k_end, BLOCK_K):
+def _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN: tl.constexpr, USE_TMA: tl.constexpr,
+            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a[rows, :K]·W over K (W [K, N] if W_KN, else [N, K] read transposed)."""
+    for k0 in range(0, K, BLOCK_K):
         if USE_TMA:
             a = a_src.load([m0, k0])
             if W_KN:
@@ -477,7 +392,6 @@ def fused_gemm(
     precision: str,
     use_tma: bool | None = None,
     more: Sequence[tuple[Tensor, Tensor]] = (),
-    sk_programs: int | None = None,
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
@@ -488,9 +402,7 @@ def fused_gemm(
     for its K_i): the input gradient of several projections of one input, one output
     rounded once. use_tma None picks descriptors when the device and the shapes allow
     them (and MLORA_TRITON_TMA is not 0); a bf16 or fp16 output is then written through
-    a descriptor too where its rows are aligned. sk_programs: the programs among which
-    the last tiles' K steps are cut (`stream_k_split`); None picks the SM count where
-    `stream_k_eligible`, 0 never cuts.
+    a descriptor too where its rows are aligned.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -544,73 +456,14 @@ def fused_gemm(
     if meta is not None:
         _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        if sk_programs is None:
-            sk_programs = _sm_count(a.device) if stream_k_eligible(a, dropout, precision) else 0
-        eligible = sk_programs and k > 0 and not dropout
-        split = stream_k_split(tiles, sk_programs) if eligible else None
-        if split is None:
-            fused_gemm_kernel[(tiles,)](*args, **flags, **meta, num_warps=warps, num_stages=stages)
-        else:
-            dp_tiles, sk_tiles = split
-            if dp_tiles:
-                fused_gemm_kernel[(dp_tiles,)](*args, **flags, **meta, num_warps=warps, num_stages=stages)
-            work, counts = _stream_k_workspace(a.device, 2 * sk_programs, meta["BLOCK_M"] * meta["BLOCK_N"])
-            fused_gemm_sk_kernel[(sk_programs,)](
-                srcs[0][0], srcs[0][1], out, out_src, bias if bias is not None else out, u, v_cat, work, counts,
-                plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
-                plan.seg_keep, plan.seg_mask_row,
-                m, n, k, max(plan.rank_total, 1), u.stride(0),
-                srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2], dp_tiles, sk_tiles,
-                **{f: v for f, v in flags.items() if f != "DROPOUT"}, **meta, num_warps=warps, num_stages=stages,
-            )
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
         def grid(cfg: dict) -> tuple[int]:
             return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
         _tuned[grid](*args, **flags)
     return out
-
-
-# Stream-K where the last wave of tiles would leave at least a fifth of the SMs idle: at
-# T = 8192 a 4096-wide output is 1,024 tiles of 128 × 256, 7.76 waves on 132 SMs.
-STREAM_K_MAX_TAIL = 0.8
-
-
-def stream_k_split(tiles: int, programs: int) -> tuple[int, int] | None:
-    """(tiles launched one per program, tiles whose K steps `programs` programs share),
-    or None where the last wave is full enough (or there are under two waves). The
-    ordinary launch keeps all but the last two waves' worth, so the shared stretch is
-    one to two tiles a program and every program ends at about the same time."""
-    full, tail = divmod(tiles, programs)
-    if full < 2 or tail == 0 or tail > STREAM_K_MAX_TAIL * programs:
-        return None
-    ordinary = (full - 1) * programs
-    return ordinary, tiles - ordinary
-
-
-def stream_k_eligible(a: Tensor, dropout: bool, precision: str) -> bool:
-    """Stream-K on its own: compiled 16-bit CUDA launches without dropout, outside torch's
-    deterministic algorithms (a cut tile's two parts are summed in the order they end),
-    unless MLORA_TRITON_STREAM_K=0."""
-    return (a.is_cuda and not INTERPRET and a.element_size() == 2 and not dropout and precision != "ieee"
-            and not torch.are_deterministic_algorithms_enabled()
-            and os.environ.get("MLORA_TRITON_STREAM_K", "1") != "0")
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=8)
-def _stream_k_workspace(device: torch.device, slots: int, area: int) -> tuple[Tensor, Tensor]:
-    """fp32 tile slots and their counts for the stream-K launch, zero: the program that
-    finishes a cut tile zeroes its slot and count again, so every launch finds them so
-    (one launch at a time: the GEMMs run on one stream). 2 × 132 slots of 128 × 256 on
-    an H100 or H200: 33 MiB, kept."""
-    return (torch.zeros(slots * area, dtype=torch.float32, device=device),
-            torch.zeros(slots, dtype=torch.int32, device=device))
 
 
 def split_gemm(
