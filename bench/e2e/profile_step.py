@@ -134,19 +134,29 @@ def main() -> None:
 
 
 def print_by_grid(prof: torch.profiler.profile) -> None:
-    """Kernel time of the profiled step by (kernel, grid, block), in the order first issued:
-    one layer's calls of one kernel differ by their grids, so each row is one of its call sites."""
+    """Kernel time of the profiled step by (kernel, grid, block), copies and memsets by size,
+    largest first: one layer's calls of one kernel differ by their grids, so each row is one
+    of its call sites."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.loads(Path(f.name).read_text())["traceEvents"]
     rows: dict[tuple, list[float]] = {}
-    for e in sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"]):
+    by_cat: dict[str, float] = {}
+    for e in sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e),
+                    key=lambda e: e["ts"]):
         args = e.get("args", {})
-        rows.setdefault((e["name"][:40], str(args.get("grid")), str(args.get("block"))), []).append(e["dur"])
+        if e["cat"] == "kernel":
+            key = (e["name"][:40], str(args.get("grid")), str(args.get("block")))
+        else:  # copies and memsets by size
+            key = (e["name"][:40], f"{args.get('bytes', '?')} bytes", "")
+        rows.setdefault(key, []).append(e["dur"])
+        by_cat[e["cat"]] = by_cat.get(e["cat"], 0.0) + e["dur"]
     total = sum(sum(v) for v in rows.values())
-    print(f"kernels by launch grid ({total / 1000:.1f} ms in all): calls, total ms, median us, kernel, grid, block")
+    print("  by kind: " + ", ".join(f"{cat} {t / 1000:.2f} ms" for cat, t in by_cat.items()))
+    print(f"kernels by launch grid, copies and memsets by size ({total / 1000:.1f} ms in all): calls, total ms, "
+          "median us, kernel, grid, block")
     for (name, grid, block), durs in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
-        if sum(durs) >= 0.002 * total:
+        if sum(durs) >= 0.001 * total:
             print(f"  {len(durs):5d} {sum(durs) / 1000:8.2f} {statistics.median(durs):9.1f}  {name:40s} {grid} {block}")
 
 
