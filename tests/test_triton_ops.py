@@ -405,39 +405,8 @@ def test_the_fused_gemm_sums_further_products_and_reads_u_from_a_slice(w_kn: boo
                       precision="ieee", more=[(a, w)] * 3)
 
 
-@interpreted
-@pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
-def test_the_last_waves_tiles_cut_in_two_sum_as_whole_tiles(w_kn: bool, use_tma: bool) -> None:
-    """18 tiles of 16 × 16 on 5 programs: 15 launched whole, the last 3 cut along K (6
-    steps: further products too) into heads of 4 steps, one a program, and tails that two
-    programs share (tiles 0 and 2, tile 1); every tile summed from its two parts is the
-    contract's, and again on a second launch (the finishing programs leave the counts
-    zero)."""
-    from mlora.ops.kernels import fused_gemm as fg
-
-    assert fg.tail_split(18, 5, 6) == (15, 3, 4)
-    for _ in range(2):
-        _check_gemm_contract(w_kn, use_tma, torch.float32, more=(24, 8), dropout_on=False, split_programs=5)
-    assert not fg._split_workspace(torch.device("cpu"), 5, 16 * 16)[1].any()
-
-
-def test_the_last_wave_is_cut_where_it_leaves_sms_idle() -> None:
-    from mlora.ops.kernels import fused_gemm as fg
-
-    # a 4096-wide output at T = 8192: 7.76 waves; the last 100 tiles' tails 4 to each of 32
-    # programs, so the heads take 51 of 64 steps and the wave 0.8 of a tile's time
-    assert fg.tail_split(1024, 132, 64) == (924, 100, 51)
-    assert fg.tail_split(1408, 132, 64) == (1320, 88, 43)  # 5632 wide: 2 tails a program, heads 2/3
-    assert fg.tail_split(64, 132, 32) == (0, 64, 16)  # under one wave: every tile halved
-    assert fg.tail_split(2752, 132, 64) is None  # 11008 wide: the tails' programs would take 6/7
-    assert fg.tail_split(1056, 132, 64) is None  # whole waves
-    assert fg.tail_split(100, 132, 1) is None  # one step: nothing to cut
-
-
 def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: bool = False,
-                         more: tuple[int, ...] = (), u_slice: bool = False, dropout_on: bool = True,
-                         split_programs: int | None = None) -> None:
+                         more: tuple[int, ...] = (), u_slice: bool = False) -> None:
     from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
@@ -449,7 +418,7 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
     for i, length in enumerate(lengths):
         segs.append(Segment(i % 3, at, at + length))
         at += length
-    dropout = (0.0, 0.3, 0.0) if w_kn and dropout_on else (0.0, 0.0, 0.0)
+    dropout = (0.0, 0.3, 0.0) if w_kn else (0.0, 0.0, 0.0)
     has = tuple(dropout[s.slot] > 0 for s in segs)
     plan = segment_plan(tuple(segs), (0.5, 2.0, 1.5), dropout, has, ranks, tokens, torch.device("cpu"), 16)
     a = torch.randn(tokens, k, generator=gen)
@@ -473,7 +442,7 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
         out = fg.split_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee")
     else:
         out = fg.fused_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee",
-                            use_tma=use_tma, more=pairs, split_programs=split_programs)
+                            use_tma=use_tma, more=pairs)
     assert out.dtype == dtype
     ref = _expand_reference(a, w, bias, u, v_cat, masks, plan, w_kn, any(has))
     for a_i, w_i in pairs:
@@ -537,48 +506,6 @@ def check_g_by_launch_shape() -> None:
     print("ok g at five launch shapes", flush=True)
 
 
-def check_tail_split() -> None:
-    """The GEMM with its last wave's tiles cut in two along K, compiled, in bf16: 2,304 ×
-    4,096 is 288 tiles, 24 left after two waves of 132 (halves) or 29 after seven of 37
-    (heads 4/5, four tails a program).
-    Against fp64 and against the same launch uncut; the forward with a bias,
-    the dx GEMM summing three products (the shared-input call's), u in fp32 there. The
-    counts are zero again after every launch, and a 7B layer's 4096-wide output
-    at T = 8192 is cut on its own where the device has 132 SMs."""
-    from mlora.ops import triton_multi_lora as tm
-    from mlora.ops.kernels import fused_gemm as fg
-    from mlora.ops.kernels.plan import segment_plan
-
-    dev, tokens, k, n, ranks = torch.device("cuda"), 2304, 1000, 4096, (16, 8, 16)
-    gen = torch.Generator(device=dev).manual_seed(12)
-    segs = (Segment(0, 5, 700), Segment(1, 700, 1290), Segment(2, 1300, 2300))
-    plan = segment_plan(segs, (2.0, 0.5, 1.0), (0.0,) * 3, (False,) * 3, ranks, tokens, dev, 16)
-    blocks = [torch.randn(r, n, device=dev, generator=gen) * 0.1 for r in ranks]
-    a_cat, b_cat = tm.concat(blocks, [v.T for v in blocks], torch.bfloat16)
-    for w_kn in (False, True):
-        a = torch.randn(tokens, k, device=dev, generator=gen).bfloat16()
-        w = (torch.randn(k, n, device=dev, generator=gen) if w_kn else torch.randn(n, k, device=dev, generator=gen))
-        w = (w * k**-0.5).bfloat16()
-        more = [(torch.randn(tokens, k, device=dev, generator=gen).bfloat16(), w.flip(0)) for _ in range(2)] \
-            if w_kn else []
-        bias = None if w_kn else torch.randn(n, device=dev, generator=gen).bfloat16()
-        u = torch.randn(tokens, plan.rank_pad, device=dev, generator=gen)
-        u = u if w_kn else u.bfloat16()
-        v_cat = a_cat if w_kn else b_cat
-        ref = _expand_reference(a, w, bias, u, v_cat, a, plan, w_kn, False)
-        for a_i, w_i in more:
-            ref += a_i.double() @ w_i.double()
-        plain = fg.fused_gemm(a, w, bias, u, v_cat, a, plan, w_kn, False, "tf32", more=more, split_programs=0)
-        for programs in (132, 37):
-            assert fg.tail_split(18 * 16, programs, 16 * (3 if w_kn else 1)) is not None
-            out = fg.fused_gemm(a, w, bias, u, v_cat, a, plan, w_kn, False, "tf32", more=more, split_programs=programs)
-            assert rel(out, ref) < 1e-2 and rel(out, plain) < 2e-3, (w_kn, programs, rel(out, ref), rel(out, plain))
-            assert not fg._split_workspace(dev, programs, 128 * 256)[1].any()
-    if torch.cuda.get_device_properties(dev).multi_processor_count == 132:
-        assert fg.split_eligible(a, False, "tf32") and fg.tail_split(64 * 16, 132, 64) == (924, 100, 51)
-    print("ok the last wave cut in two", flush=True)
-
-
 def run_cuda_checks() -> None:
     """Compiled kernels on the GPU; called in a process without the interpreter."""
     from mlora.ops.kernels import seg_grads
@@ -590,7 +517,6 @@ def run_cuda_checks() -> None:
         check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
         print("ok bf16", case.name, flush=True)
     check_g_by_launch_shape()
-    check_tail_split()
     os.environ["MLORA_PAIRED_RED"] = "0"  # one element an atomic, as on GPUs before sm_90
     seg_grads.paired_red.cache_clear()
     try:

@@ -138,18 +138,16 @@ def base_module(base: str) -> ModuleType:
 
 def variant(spec: str) -> ModuleType:
     """This version's fused GEMM with other launch options, `tma=0`: whether the main loop
-    reads (and the tile is written) through TMA descriptors; `split=0` (or `split=P`): the
-    last wave's tiles launched whole (or cut in two among P programs, `fused_gemm.tail_split`);
-    or this operator under torch's
+    reads (and the tile is written) through TMA descriptors; or this operator under torch's
     deterministic algorithms, `det=1` (g = dy·B from partials summed in order; operator rows);
     or `base=fused` / `base=split`, the operator's GEMMs one way or the other (`base_module`)."""
     if spec.startswith("base="):
         return base_module(spec.split("=")[1])
-    names = dict(tma="use_tma", split="split_programs")
+    names = dict(tma="use_tma")
     items = dict(item.split("=") for item in spec.split("+"))
     module = ModuleType(f"fused_gemm_{spec}")
     module.deterministic = items.pop("det", "0") == "1"
-    options = {names[k]: int(v) if k == "split" else bool(int(v)) for k, v in items.items()}
+    options = {names[k]: bool(int(v)) for k, v in items.items()}
 
     def fused_gemm(*args, **kwargs):
         return fg.fused_gemm(*args, **kwargs, **options)

@@ -178,25 +178,14 @@ def fused_gemm_kernel(
         kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
                        mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
         acc = tl.where(kept != 0, acc, 0.0)
-    acc = _k_loop(acc, a_src, w_src, K, 0, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
-                  BLOCK_K)
+    acc = _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION, BLOCK_K)
     if SOURCES > 1:  # further (a, W) pairs: the same output's sum continues over their K
-        acc = _k_loop(acc, a1_src, w1_src, K1, 0, K1, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA,
-                      PRECISION, BLOCK_K)
+        acc = _k_loop(acc, a1_src, w1_src, K1, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
+                      BLOCK_K)
     if SOURCES > 2:
-        acc = _k_loop(acc, a2_src, w2_src, K2, 0, K2, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA,
-                      PRECISION, BLOCK_K)
-    _finish(acc, lo, hi, m0, n0, rows, rows64, row_ok, cols, cols64, col_ok, N, out_ptr, out_src, bias_ptr, u_ptr,
-            v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R,
-            W_KN, HAS_BIAS, DROPOUT, PRECISION, V_ALIGNED, TMA_STORE)
+        acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
+                      BLOCK_K)
 
-
-@triton.jit
-def _finish(acc, lo, hi, m0, n0, rows, rows64, row_ok, cols, cols64, col_ok, N, out_ptr, out_src, bias_ptr, u_ptr,
-            v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype,
-            R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-            PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr):
-    """A tile's whole sum: the expand (here when there is no dropout), the bias, the store."""
     if not DROPOUT:
         acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
                       seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, False, PRECISION,
@@ -210,101 +199,10 @@ def _finish(acc, lo, hi, m0, n0, rows, rows64, row_ok, cols, cols64, col_ok, N, 
 
 
 @triton.jit
-def fused_gemm_split_kernel(
-    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, work_ptr, count_ptr,
-    tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-    M, N, K, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2, TILE0, TILES, HEAD,
-    R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_TMA: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr, TMA_STORE: tl.constexpr,
-    SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """The last, short wave of `fused_gemm_kernel`'s tiles, TILE0 .. TILE0 + TILES - 1,
-    each cut in two along K so that every program ends at about the same time: program
-    t < TILES runs tile t's first HEAD steps; the other programs, j = 0, 1, ..., run the
-    remaining steps of tiles j, j + J, j + 2J, ... (J of them; `tail_split` picks HEAD so
-    that both kinds take as long). The heads start together at step 0 and the tails
-    together at step HEAD, so each kind's concurrent tiles read the same K blocks of a and
-    W, as a wave's tiles do (a stream-K cut, each program at another step, was slower
-    than no cut at all: the operands no longer met in L2). Each part of a tile stores
-    itself in fp32 and counts itself in; the second to count adds the other part and
-    finishes the tile (expand, bias, store), leaving the count zero again. No program
-    waits on another. (Adding the parts with fp32 atomics instead, one element an
-    instruction, took longer than the cut saved. No dropout: its masked expand goes
-    before the K loop.)"""
-    dtype = out_ptr.dtype.element_ty
-    p = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    s0 = tl.cdiv(K, BLOCK_K)
-    s1 = tl.cdiv(K1, BLOCK_K) if SOURCES > 1 else 0
-    s2 = tl.cdiv(K2, BLOCK_K) if SOURCES > 2 else 0
-    steps = s0 + s1 + s2
-    tile_area = BLOCK_M * BLOCK_N
-    head = p < TILES  # else tails p - TILES, + J, + 2J, ...
-    first = tl.where(head, 0, HEAD)  # the steps [first, last) of each of this program's tiles
-    last = tl.where(head, HEAD, steps)
-    for t in range(tl.where(head, p, p - TILES), TILES, tl.where(head, TILES, tl.num_programs(0) - TILES)):
-        pid_m, pid_n = _tile_coords(TILE0 + t, grid_m, grid_n, GROUP_M)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        rows = m0 + tl.arange(0, BLOCK_M)
-        cols = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
-        rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _k_loop(acc, a_src, w_src, K, tl.minimum(first, s0) * BLOCK_K, tl.minimum(last, s0) * BLOCK_K, m0, n0,
-                      rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION, BLOCK_K)
-        if SOURCES > 1:
-            acc = _k_loop(acc, a1_src, w1_src, K1, tl.minimum(tl.maximum(first - s0, 0), s1) * BLOCK_K,
-                          tl.minimum(tl.maximum(last - s0, 0), s1) * BLOCK_K, m0, n0, rows64, row_ok, cols64, col_ok,
-                          N, W_KN, USE_TMA, PRECISION, BLOCK_K)
-        if SOURCES > 2:
-            acc = _k_loop(acc, a2_src, w2_src, K2, tl.maximum(first - s0 - s1, 0) * BLOCK_K,
-                          tl.maximum(last - s0 - s1, 0) * BLOCK_K, m0, n0, rows64, row_ok, cols64, col_ok,
-                          N, W_KN, USE_TMA, PRECISION, BLOCK_K)
-        # each part stores itself in its slot (the head's 2t, the tail's 2t + 1) and counts
-        # itself in; the second to count sums both and finishes the tile
-        part = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(work_ptr + (2 * t + (first > 0).to(tl.int32)) * tile_area + part, acc)
-        tl.debug_barrier()  # every thread's share stored before the count releases it
-        if tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == 1:
-            tl.store(count_ptr + t, 0)  # zero for the next launch
-            _finish_parts(work_ptr + 2 * t * tile_area, m0, n0, M, N, tok_lo, tok_hi, out_ptr, out_src, bias_ptr,
-                          u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                          U_STRIDE, dtype, R, W_KN, HAS_BIAS, PRECISION, V_ALIGNED, BLOCK_M, BLOCK_N,
-                          min(32, BLOCK_M))
-
-
-@triton.jit
-def _finish_parts(parts, m0, n0, M, N, tok_lo, tok_hi, out_ptr, out_src, bias_ptr, u_ptr, v_cat, seg_start, seg_end,
-                  seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr,
-                  W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
-    """A cut tile's two stored parts summed and finished, SUB rows at a time: a whole
-    [BLOCK_M, BLOCK_N] part beside the finisher's own accumulator spilled 32 registers a
-    thread, and the spills reached the K loop."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    cols64 = cols.to(tl.int64)
-    for r0 in tl.static_range(0, BLOCK_M, SUB):
-        sub = (r0 + tl.arange(0, SUB))[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        acc = tl.load(parts + sub, cache_modifier=".cg") + tl.load(parts + BLOCK_M * BLOCK_N + sub, cache_modifier=".cg")
-        rows = m0 + r0 + tl.arange(0, SUB)
-        lo = tl.load(tok_lo + tl.minimum(m0 + r0, M))
-        hi = tl.load(tok_hi + tl.minimum(m0 + r0 + SUB, M))
-        _finish(acc, lo, hi, m0 + r0, n0, rows, rows.to(tl.int64), rows < M, cols, cols64, col_ok, N, out_ptr, out_src,
-                bias_ptr, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                U_STRIDE, dtype, R, W_KN, HAS_BIAS, False, PRECISION, V_ALIGNED, False)
-
-
-@triton.jit
-def _k_loop(acc, a_src, w_src, K, k_begin, k_end, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN: tl.constexpr,
-            USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + a[rows, k_begin:k_end]·W[k_begin:k_end] (W [K, N] if W_KN, else [N, K] read
-    transposed); k_begin a multiple of BLOCK_K, K bounds the reads."""
-    for k0 in range(k_begin, k_end, BLOCK_K):
+def _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN: tl.constexpr, USE_TMA: tl.constexpr,
+            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a[rows, :K]·W over K (W [K, N] if W_KN, else [N, K] read transposed)."""
+    for k0 in range(0, K, BLOCK_K):
         if USE_TMA:
             a = a_src.load([m0, k0])
             if W_KN:
@@ -494,7 +392,6 @@ def fused_gemm(
     precision: str,
     use_tma: bool | None = None,
     more: Sequence[tuple[Tensor, Tensor]] = (),
-    split_programs: int | None = None,
 ) -> Tensor:
     """a·Wᵀ (+bias) + expand (w_kn False), or a·W + masked expand (w_kn True): [M, N].
 
@@ -505,9 +402,7 @@ def fused_gemm(
     for its K_i): the input gradient of several projections of one input, one output
     rounded once. use_tma None picks descriptors when the device and the shapes allow
     them (and MLORA_TRITON_TMA is not 0); a bf16 or fp16 output is then written through
-    a descriptor too where its rows are aligned. split_programs: the programs among which
-    the last wave's tiles are cut (`tail_split`); None picks the SM count where
-    `split_eligible`, 0 never cuts.
+    a descriptor too where its rows are aligned.
     """
     m, k = a.shape
     n = weight.shape[1] if w_kn else weight.shape[0]
@@ -561,79 +456,14 @@ def fused_gemm(
     if meta is not None:
         _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        if split_programs is None:
-            split_programs = _sm_count(a.device) if split_eligible(a, dropout, precision) else 0
-        steps = sum(triton.cdiv(k_i, meta["BLOCK_K"]) for k_i in ks)
-        split = tail_split(tiles, split_programs, steps) if split_programs and k > 0 and not dropout else None
-        if split is None:
-            fused_gemm_kernel[(tiles,)](*args, **flags, **meta, num_warps=warps, num_stages=stages)
-        else:
-            whole, cut, head = split
-            if whole:
-                fused_gemm_kernel[(whole,)](*args, **flags, **meta, num_warps=warps, num_stages=stages)
-            work, counts = _split_workspace(a.device, split_programs, meta["BLOCK_M"] * meta["BLOCK_N"])
-            fused_gemm_split_kernel[(split_programs,)](
-                srcs[0][0], srcs[0][1], out, out_src, bias if bias is not None else out, u, v_cat, work, counts,
-                plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
-                plan.seg_keep, plan.seg_mask_row,
-                m, n, k, max(plan.rank_total, 1), u.stride(0),
-                srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2], whole, cut, head,
-                **{f: v for f, v in flags.items() if f != "DROPOUT"}, **meta, num_warps=warps, num_stages=stages,
-            )
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
         def grid(cfg: dict) -> tuple[int]:
             return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
         _tuned[grid](*args, **flags)
     return out
-
-
-# Cut the last wave's tiles in two along K where it would leave over a seventh of
-# the SMs idle: at T = 8192 a 4096-wide output is 1,024 tiles of 128 × 256, 7.76 waves
-# on 132 SMs (the last 100 tiles then take 0.8 of a wave instead of a whole one).
-SPLIT_MAX_LOAD = 0.85
-
-
-def tail_split(tiles: int, programs: int, steps: int) -> tuple[int, int, int] | None:
-    """(tiles launched whole, tiles cut, head steps) or None. The whole waves run as
-    usual; the last one's `cut` tiles go to `programs` programs: one head each (its first
-    `head` of `steps` K steps) for `cut` of them, and the other J = programs - cut take
-    the tails, c = ⌈cut / J⌉ each. head / steps ≈ c / (c + 1) makes both kinds end
-    together, at c / (c + 1) of a tile's time; None where that is over SPLIT_MAX_LOAD
-    (little to gain) or a tile has too few steps to cut."""
-    whole, cut = divmod(tiles, programs)
-    whole *= programs
-    if cut == 0:
-        return None
-    per_tail = -(-cut // (programs - cut))
-    head = round(steps * per_tail / (per_tail + 1))
-    if per_tail / (per_tail + 1) > SPLIT_MAX_LOAD or not 0 < head < steps:
-        return None
-    return whole, cut, head
-
-
-def split_eligible(a: Tensor, dropout: bool, precision: str) -> bool:
-    """The last wave cut on its own: compiled 16-bit CUDA launches without dropout, outside
-    torch's deterministic algorithms (a cut tile's two parts are summed in the order they
-    end), unless MLORA_TRITON_SPLIT=0."""
-    return (a.is_cuda and not INTERPRET and a.element_size() == 2 and not dropout and precision != "ieee"
-            and not torch.are_deterministic_algorithms_enabled()
-            and os.environ.get("MLORA_TRITON_SPLIT", "1") != "0")
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=8)
-def _split_workspace(device: torch.device, tiles: int, area: int) -> tuple[Tensor, Tensor]:
-    """Two fp32 slots a cut tile and its count, zero: the program that finishes a cut tile
-    zeroes its count again, so every launch finds them so (one launch at a time: the
-    GEMMs run on one stream). For 132 tiles of 128 × 256 (an H100 or H200): 33 MiB, kept."""
-    return (torch.empty(2 * tiles * area, dtype=torch.float32, device=device),
-            torch.zeros(tiles, dtype=torch.int32, device=device))
 
 
 def split_gemm(
