@@ -1,5 +1,6 @@
 """The writer thread on its own: a pipeline stage's checkpoint slice, written from a
-snapshot while the originals move on, and a failed write named by job and folder."""
+snapshot while the originals move on, a failed write named by job and folder, and the
+lock its device work holds (graph recordings take it too)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,16 @@ def test_a_failed_slice_write_names_the_job_and_folder(tmp_path):
             writer.collect(block=True)
     finally:
         writer.close()
+
+
+def test_a_folder_write_holds_the_device_lock_and_leaves_it_free(tmp_path):
+    """A MeteoRA folder's save function copies its tensors off the GPU itself, so it runs
+    holding `device_lock`, which CUDA graph recordings take (tests/test_step_graphs.py)."""
+    writer = BackgroundWriter(torch.device("cpu"))
+    held = []
+    try:
+        writer.submit_folder("m", tmp_path / "m", lambda: held.append(writer.device_lock.locked()))
+        assert [w.job for w in writer.collect(block=True)] == ["m"]
+    finally:
+        writer.close()
+    assert held == [True] and not writer.device_lock.locked()

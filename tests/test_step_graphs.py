@@ -331,6 +331,48 @@ def test_a_graphed_run_resumes_from_its_background_checkpoints(tmp_path, tiny_mo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_recordings_and_the_writers_copies_take_the_same_lock(tmp_path, tiny_models, request, monkeypatch):
+    """The trainer's graph recordings and its writer thread's copies off the GPU hold one
+    lock: CUDA refuses another thread's synchronous copy while a graph records in its global
+    capture mode (a checkpoint copied during a recording could spoil it, or fail)."""
+    if rerun_compiled(request):
+        return
+    import threading
+
+    import mlora.runtime.background_writer as writer
+
+    holders: list[str] = []
+
+    class Watched:
+        """The writer's lock, noting the thread that takes it."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+            holders.append(threading.current_thread().name)
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+        def locked(self) -> bool:
+            return self.lock.locked()
+
+    init = writer.BackgroundWriter.__init__
+
+    def watched_init(self, device):
+        init(self, device)
+        self.device_lock = Watched()
+
+    monkeypatch.setattr(writer.BackgroundWriter, "__init__", watched_init)
+    _fixed_length_run(tiny_models["llama"], tmp_path / "run", graphs=True, backend="torch", save_steps=2)
+    main = threading.main_thread().name
+    assert holders.count(main) >= 2  # the recordings (captures >= 2, checked by the run)
+    assert any(name.startswith("mlora-writer") for name in holders)  # checkpoints' and adapters' copies
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models, request):
     if rerun_compiled(request):
         return

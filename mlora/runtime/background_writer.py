@@ -17,6 +17,11 @@ since), copies the tensors to the host and writes the files, in the order handed
   the job's next steps update the originals in place: for a moment the job's optimizer
   state is on the GPU twice. The folder is renamed into place when complete, as before;
   a pipeline stage writes its own slice the same way (`submit_stage_slice`).
+- The copies off the GPU hold `device_lock`, which the trainer's CUDA graphs hold while
+  they record: CUDA refuses another thread's synchronous copy during a recording in its
+  global capture mode (and the recording may be spoiled), so the two take turns. Only
+  the copies hold it, not the disk writes (a MeteoRA folder's save function copies and
+  writes in one, so it holds it throughout).
 
 A failed write is raised in the trainer's thread, naming the job and folder; `close`
 waits for every write still going, even when the run fails.
@@ -24,6 +29,7 @@ waits for every write still going, even when the run fails.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,6 +88,7 @@ class BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlora-writer")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: list[_Pending] = []
+        self.device_lock = threading.Lock()  # held by this thread's CUDA work, and by graph recordings
 
     def submit_adapter(self, job: str, folder: Path, meta: AdapterMeta,
                        weights: dict[str, tuple[Tensor, Tensor]]) -> None:
@@ -92,7 +99,12 @@ class BackgroundWriter:
     def submit_folder(self, job: str, folder: Path, write: Callable[[], Any]) -> None:
         """Run `write`, which reads the finished job's tensors and writes its folder (a
         MeteoRA job's), once the work queued so far has run; collected like an adapter."""
-        self._submit(job, "adapter", folder, None, lambda _: (write(), time.time())[1])
+        def locked(_: Any) -> float:
+            with self.device_lock:  # it copies the tensors itself
+                write()
+            return time.time()
+
+        self._submit(job, "adapter", folder, None, locked)
 
     def submit_stage_slice(self, job: str, folder: Path, stage: int, stage_state: dict[str, Any]) -> None:
         """Write a pipeline stage's slice of a checkpoint; `stage_state` as for
@@ -117,8 +129,9 @@ class BackgroundWriter:
         if event is None:
             return write(tensors)
         with torch.cuda.stream(self._stream):  # a `submit_folder` write copies on this stream too
-            self._stream.wait_event(event)
-            tensors = _map_tensors(tensors, lambda t: t.detach().to("cpu"))
+            with self.device_lock:
+                self._stream.wait_event(event)
+                tensors = _map_tensors(tensors, lambda t: t.detach().to("cpu"))
             return write(tensors)
 
     @property

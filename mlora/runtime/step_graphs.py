@@ -29,6 +29,7 @@ Everything else, shapes seen once, and CPU runs go the eager way; the math is th
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -178,8 +179,14 @@ def warm_up(stage: StageModel, c: StaticStep, batch: FusedBatch, eager_backend: 
 class StepGraphs:
     """Runs fused forward + backward passes through CUDA graphs where it can (see module doc)."""
 
-    def __init__(self, stage: StageModel, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, stage: StageModel, max_graphs: int = MAX_GRAPHS,
+                 recording_lock: threading.Lock | None = None) -> None:
+        """`recording_lock`: held while a graph records, by whoever else in this process
+        makes CUDA calls from another thread (the background writer's copies): during a
+        recording in CUDA's global capture mode another thread's potentially unsafe
+        calls (a synchronous copy to the host) are refused, and may spoil the recording."""
         self.stage, self.max_graphs = stage, max_graphs
+        self.recording_lock = recording_lock or threading.Lock()
         self.graphs: dict[GraphKey, StaticStep] = {}
         self.seen: set[GraphKey] = set()
         self.pool = torch.cuda.graph_pool_handle()
@@ -279,7 +286,7 @@ class StepGraphs:
             for gen in c.generators.values():  # made by the warm-up; replays read their seeds
                 graph.register_generator_state(gen)
             # Recording runs nothing: the kernels only execute on replay.
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            with self.recording_lock, torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 static_step(self.stage, c)
         except RuntimeError as exc:  # the model runs something a graph cannot hold (a host sync)
             device = batch.input_ids.device

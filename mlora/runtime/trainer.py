@@ -193,12 +193,14 @@ class Trainer:
         self.optimizers: dict[str, JobOptimizer] = {}
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # streams, events and graphs belong to the current device
-        # CUDA graphs replay recurring batch shapes with one launch (mlora/runtime/step_graphs.py)
-        self.graphs = StepGraphs(self.stage) if spec.run.cuda_graphs and self.device.type == "cuda" else None
+        self.writer = BackgroundWriter(self.device)  # adapters and checkpoints go to disk beside training
+        # CUDA graphs replay recurring batch shapes with one launch (mlora/runtime/step_graphs.py);
+        # a recording and the writer's copies off the GPU take turns (`BackgroundWriter.device_lock`)
+        self.graphs = (StepGraphs(self.stage, recording_lock=self.writer.device_lock)
+                       if spec.run.cuda_graphs and self.device.type == "cuda" else None)
         self.stop_after_batches = stop_after_batches
         self._logs: deque[StepLog] = deque()
         self._in_flight: deque[torch.cuda.Event] = deque()
-        self.writer = BackgroundWriter(self.device)  # adapters and checkpoints go to disk beside training
         self.result = RunResult(self.out)
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
