@@ -49,7 +49,7 @@ def main() -> None:
                         help="also profile N steps issued back to back, as the trainer runs them, and report the GPU's "
                              "idle time between kernels (where a step's time goes beyond its kernels)")
     parser.add_argument("--by-grid", action="store_true",
-                        help="also every kernel by its launch grid, in issue order (which call of a kernel is slow)")
+                        help="also the kernels by call site (kernel, grid, block), largest first (which call of a kernel is slow)")
     parser.add_argument("--by-shape", action="store_true",
                         help="also the aten ops that ran kernels, by input shape (which op a small kernel belongs to)")
     args = parser.parse_args()

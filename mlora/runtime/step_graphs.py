@@ -181,10 +181,10 @@ class StepGraphs:
 
     def __init__(self, stage: StageModel, max_graphs: int = MAX_GRAPHS,
                  recording_lock: threading.Lock | None = None) -> None:
-        """`recording_lock`: held while a graph records, by whoever else in this process
-        makes CUDA calls from another thread (the background writer's copies): during a
-        recording in CUDA's global capture mode another thread's potentially unsafe
-        calls (a synchronous copy to the host) are refused, and may spoil the recording."""
+        """`recording_lock`: held while a graph records, and shared with whatever makes
+        CUDA calls from another thread of this process (the background writer's copies):
+        during a recording in CUDA's global capture mode another thread's potentially
+        unsafe calls (a synchronous copy to the host) are refused, and may spoil it."""
         self.stage, self.max_graphs = stage, max_graphs
         self.recording_lock = recording_lock or threading.Lock()
         self.graphs: dict[GraphKey, StaticStep] = {}
