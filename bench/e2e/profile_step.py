@@ -133,13 +133,18 @@ def main() -> None:
             print(f"{e.key:34} {e.count:5d} {e.self_device_time_total / 1000:8.2f} ms  {str(e.input_shapes)[:100]}")
 
 
+def trace_events(prof: torch.profiler.profile) -> list[dict]:
+    """The profile's events as its Chrome trace lists them (with each kernel's grid and block)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        return json.loads(Path(f.name).read_text())["traceEvents"]
+
+
 def print_by_grid(prof: torch.profiler.profile) -> None:
     """Kernel time of the profiled step by (kernel, grid, block), copies and memsets by size,
     largest first: one layer's calls of one kernel differ by their grids, so each row is one
     of its call sites."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    events = trace_events(prof)
     rows: dict[tuple, list[float]] = {}
     by_cat: dict[str, float] = {}
     for e in sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e),
@@ -163,9 +168,7 @@ def print_by_grid(prof: torch.profiler.profile) -> None:
 def print_idle(prof: torch.profiler.profile, steps: int, wall: float) -> None:
     """The GPU's busy and idle time over steps issued back to back, and the largest gaps
     with the kernels on either side (a CUDA graph's replays show here as one timeline)."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    events = trace_events(prof)
     spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
     if not spans:
