@@ -133,22 +133,22 @@ def main() -> None:
             print(f"{e.key:34} {e.count:5d} {e.self_device_time_total / 1000:8.2f} ms  {str(e.input_shapes)[:100]}")
 
 
-def trace_events(prof: torch.profiler.profile) -> list[dict]:
-    """The profile's events as its Chrome trace lists them (with each kernel's grid and block)."""
+def gpu_events(prof: torch.profiler.profile) -> list[dict]:
+    """The profile's kernels, copies and memsets as its Chrome trace lists them (each
+    kernel with its grid and block)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        return json.loads(Path(f.name).read_text())["traceEvents"]
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    return [e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e]
 
 
 def print_by_grid(prof: torch.profiler.profile) -> None:
     """Kernel time of the profiled step by (kernel, grid, block), copies and memsets by size,
     largest first: one layer's calls of one kernel differ by their grids, so each row is one
     of its call sites."""
-    events = trace_events(prof)
     rows: dict[tuple, list[float]] = {}
     by_cat: dict[str, float] = {}
-    for e in sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e),
-                    key=lambda e: e["ts"]):
+    for e in sorted(gpu_events(prof), key=lambda e: e["ts"]):
         args = e.get("args", {})
         if e["cat"] == "kernel":
             key = (e["name"][:40], str(args.get("grid")), str(args.get("block")))
@@ -168,9 +168,7 @@ def print_by_grid(prof: torch.profiler.profile) -> None:
 def print_idle(prof: torch.profiler.profile, steps: int, wall: float) -> None:
     """The GPU's busy and idle time over steps issued back to back, and the largest gaps
     with the kernels on either side (a CUDA graph's replays show here as one timeline)."""
-    events = trace_events(prof)
-    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in gpu_events(prof))
     if not spans:
         print("timeline: the profiler recorded no kernels")
         return
