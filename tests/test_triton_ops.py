@@ -390,6 +390,36 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
 
 @interpreted
 @pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
+def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> None:
+    """Where every tile meets at most two segments, without dropout or further products,
+    16-bit through descriptors, one program per SM walks the tiles (3 programs when
+    interpreting, 18 tiles here): the same contract, with bias (forward), rows outside
+    every segment, a tile meeting none, the last row tile and the last column tile (40 of
+    48 columns: its second half wholly outside) cut by the edges. With
+    MLORA_TRITON_PERSISTENT=0, or a tile meeting three segments, the tiled kernel runs."""
+    from mlora.ops.kernels import fused_gemm as fg
+
+    launched = []
+    kernel = fg.fused_gemm_persistent_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fg, "fused_gemm_persistent_kernel", Counted())
+    two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
+    _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
+    assert launched == [(3,)]
+    monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "0")
+    _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
+    monkeypatch.delenv("MLORA_TRITON_PERSISTENT")
+    _check_gemm_contract(w_kn, True, torch.float16, lengths=(14, 4, 5, 7, 20), n=40, dropout_on=False)  # rows 16-31: 3
+    assert launched == [(3,)]
+
+
+@interpreted
+@pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
 def test_the_split_gemm_matches_the_contract(w_kn: bool) -> None:
     """The same contract split in two: the kernel with no K loop writes the LoRA part (with
     bias; masked in dx), and torch's addmm_ adds the base product onto it."""
@@ -431,19 +461,23 @@ def test_the_fused_gemm_sums_further_products_and_reads_u_from_a_slice(w_kn: boo
 
 
 def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: bool = False,
-                         more: tuple[int, ...] = (), u_slice: bool = False) -> None:
+                         more: tuple[int, ...] = (), u_slice: bool = False,
+                         lengths: tuple[int, ...] = (3, 12, 2, 5, 3, 0, 30, 9, 4), n: int = 48,
+                         dropout_on: bool = True) -> None:
+    """fused_gemm (or split_gemm) against `_expand_reference` in float64. The default
+    lengths start at row 2: 16-row tiles then meet up to five segments (rows 16-31),
+    rows 80-89 none."""
     from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
 
     gen = torch.Generator().manual_seed(11)
-    tokens, k, n, ranks = 90, 40, 48, (4, 16, 8)
-    lengths = (3, 12, 2, 5, 3, 0, 30, 9, 4)  # 16-row tiles: rows 16-31 meet five, rows 80-89 none
+    tokens, k, ranks = 90, 40, (4, 16, 8)
     segs, at = [], 2
     for i, length in enumerate(lengths):
         segs.append(Segment(i % 3, at, at + length))
         at += length
-    dropout = (0.0, 0.3, 0.0) if w_kn else (0.0, 0.0, 0.0)
+    dropout = (0.0, 0.3, 0.0) if w_kn and dropout_on else (0.0, 0.0, 0.0)
     has = tuple(dropout[s.slot] > 0 for s in segs)
     plan = segment_plan(tuple(segs), (0.5, 2.0, 1.5), dropout, has, ranks, tokens, torch.device("cpu"), 16)
     a = torch.randn(tokens, k, generator=gen)

@@ -199,6 +199,56 @@ def fused_gemm_kernel(
 
 
 @triton.jit
+def fused_gemm_persistent_kernel(
+    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat,
+    tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
+    M, N, K, RT, U_STRIDE,
+    R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """fused_gemm_kernel's product for tiles meeting at most two segments, no dropout, one
+    (a, W) pair, operands and output through descriptors: one program per SM walks the
+    tiles, and Triton flattens the tile and K loops into one pipelined loop, so the next
+    tile's first loads are in flight while this tile's expand and store run (a tile per
+    program leaves the SM's tensor cores idle through them). The expand is the pair
+    product alone, unconditional (zero where the tile meets no segment); the output
+    leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the staging memory)."""
+    dtype = out_ptr.dtype.element_ty
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            a = a_src.load([m0, k0])
+            if W_KN:
+                w = w_src.load([k0, n0])
+            else:
+                w = w_src.load([n0, k0]).T
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        lo = tl.load(tok_lo + m0)
+        hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
+        u2, v2 = _pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
+                                seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
+                                U_STRIDE, dtype, R, W_KN, False, V_ALIGNED)
+        acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        out_src.store([m0, n0], left.to(dtype))
+        out_src.store([m0, n0 + BLOCK_N // 2], right.to(dtype))
+
+
+@triton.jit
 def _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN: tl.constexpr, USE_TMA: tl.constexpr,
             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + a[rows, :K]·W over K (W [K, N] if W_KN, else [N, K] read transposed)."""
@@ -373,6 +423,20 @@ _tuned = None if INTERPRET else triton.autotune(
 )(fused_gemm_kernel)
 
 
+def persistent_on() -> bool:
+    """The persistent launch (`fused_gemm_persistent_kernel`) where it applies, unless
+    MLORA_TRITON_PERSISTENT=0."""
+    return os.environ.get("MLORA_TRITON_PERSISTENT", "1") != "0"
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (3 when interpreting, so each walks tiles)."""
+    if INTERPRET or device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _tma_ok(t: Tensor) -> bool:
     """TMA needs 16-byte aligned base and row stride, and a contiguous last dim."""
     size = t.element_size()
@@ -456,7 +520,17 @@ def fused_gemm(
     if meta is not None:
         _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        if (flags["TMA_STORE"] and not more and not dropout and plan.rank_pad <= PAIRED_RANK
+                and plan.most_segments_per_tile(meta["BLOCK_M"], m) <= 2 and persistent_on()):
+            out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
+            sms = _sm_count(a.device)
+            fused_gemm_persistent_kernel[(min(sms, tiles),)](
+                srcs[0][0], srcs[0][1], out, out_src, args[4], u, v_cat, *args[8:17], m, n, k,
+                max(plan.rank_total, 1), u.stride(0), R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None,
+                PRECISION=precision, V_ALIGNED=v_aligned, NUM_SMS=sms, **meta, num_warps=warps, num_stages=stages)
+            return out
+        grid = (tiles,)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
         def grid(cfg: dict) -> tuple[int]:

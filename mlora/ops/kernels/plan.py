@@ -93,14 +93,32 @@ class SegmentPlan:
     seg_rank: Tensor  # operands are then one table read away from the tile, not two
     seg_scale: Tensor  # fp32
     seg_keep: Tensor  # fp32
+    bounds: tuple[tuple[int, int], ...] = ()  # (start, end) of each sorted segment, on the host
 
     @property
     def n_segments(self) -> int:
         return len(self.order)
 
+    def most_segments_per_tile(self, block_m: int, tokens: int) -> int:
+        """The most segments any [block_m]-row tile of a GEMM over `tokens` rows meets
+        (what tok_lo / tok_hi give the kernel), known on the host without a sync."""
+        return _most_per_tile(self.bounds, block_m, tokens)
+
     @property
     def n_shrink_tiles(self) -> int:
         return self.shrink_seg.shape[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _most_per_tile(bounds: tuple[tuple[int, int], ...], block_m: int, tokens: int) -> int:
+    if not bounds or tokens <= 0:
+        return 0
+    starts = np.array([s for s, _ in bounds])
+    ends = np.array([e for _, e in bounds])
+    m0 = np.arange(0, tokens, block_m)
+    lo = np.searchsorted(ends, m0, side="right")
+    hi = np.searchsorted(starts, np.minimum(m0 + block_m, tokens), side="left")
+    return int((hi - lo).max())
 
 
 def _sorted_nonempty(segments: Sequence[Segment]) -> list[tuple[int, Segment]]:
@@ -179,6 +197,7 @@ def segment_plan(
         mask_order=tuple(mask_order),
         **ints,
         **floats,
+        bounds=tuple((s.start, s.end) for _, s in live),
     )
 
 
