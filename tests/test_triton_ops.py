@@ -219,31 +219,6 @@ def test_cpu_cases_reach_every_reduction_path() -> None:
     assert seen == {"pieces", "partials", "masked and unmasked"}
 
 
-def test_an_item_plan_at_most_the_target_keeps_to_one_wave() -> None:
-    """The e2e batch (4 jobs of 2,048 tokens) at a 4096-wide dy pass (16 column tiles of
-    256, 132 programs wanted): planned to about the target it is 12 items (192 programs,
-    a wave and a half); `at_most` gives 8 (128), every row in exactly one item, each slot
-    split evenly. Where even one item a slot is over the target (43 column tiles), both
-    give one item a slot. Uneven slots never exceed the target with `at_most` either."""
-    from mlora.ops.kernels.plan import item_plan
-
-    cpu = torch.device("cpu")
-    segs = tuple(Segment(j, 2048 * j, 2048 * (j + 1)) for j in range(4))
-
-    def plan(width: int, at_most: bool, segments=segs):
-        return item_plan(segments, width, 16, cpu, 64, 256, 132, 64 << 20, at_most)
-
-    assert plan(4096, False).n_items == 12
-    fit = plan(4096, True)
-    assert fit.n_items == 8
-    covered = sorted(zip(fit.piece_start.tolist(), fit.piece_end.tolist()))
-    assert covered == [(1024 * i, 1024 * (i + 1)) for i in range(8)]
-    assert fit.item_slot.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and fit.n_reduce == 4
-    assert plan(11008, True).n_items == plan(11008, False).n_items == 4
-    uneven = (Segment(0, 0, 3000), Segment(1, 3000, 3100), Segment(2, 3100, 8192))
-    assert plan(4096, True, uneven).n_items * 16 <= 132 < plan(4096, False, uneven).n_items * 16
-
-
 def test_g_goes_in_pairs_only_compiled_and_where_no_thread_holds_copies() -> None:
     """The paired reductions are sm_90 PTX: never interpreted or off CUDA, and only at
     launch shapes where each thread holds whole wgmma fragments of g's share (the GPU

@@ -19,8 +19,6 @@ last only; `earlier_launches`), and the Triton path with q, k, v and gate, up ca
 one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call), and the Triton path with
 the dy pass as before 2026-12-04's third session (`triton-unpaired`: g added one element an
 atomic, MLORA_PAIRED_RED=0, and its launch at 8 warps, two programs per SM), and the Triton
-path with both reductions' items planned to at most one program per SM's worth
-(`triton-fit`: `PassConfig.at_most`, one wave instead of one and a half), and the Triton
 path with every GEMM launched a program per tile (`triton-tiled`: MLORA_TRITON_PERSISTENT=0,
 no `fused_gemm_persistent_kernel`). Any arm
 may name the GEMM's tile after an `@` (`triton@128x128x64x3x8x16`: BLOCK_M x BLOCK_N x
@@ -62,8 +60,7 @@ ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", 
         "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
         "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True),
         "triton-rd": ("triton", "0", "fused", True), "triton-unshared": ("triton", "0", "fused", True),
-        "triton-unpaired": ("triton", "0", "fused", True), "triton-fit": ("triton", "0", "fused", True),
-        "triton-tiled": ("triton", "0", "fused", True)}
+        "triton-unpaired": ("triton", "0", "fused", True), "triton-tiled": ("triton", "0", "fused", True)}
 
 
 def base_arm(arm: str) -> str:
@@ -91,18 +88,10 @@ def earlier_launches(arm: str):
     the GEMM's row tiles in groups of 8, the dy pass at 2 stages, and both reductions
     accumulating [R, BLOCK_D]; for `triton-rd` only the last of these. A graph keeps the
     launches it recorded, so this only matters until capture."""
-    if arm not in ("triton-g8", "triton-rd", "triton-unpaired", "triton-fit"):
+    if arm not in ("triton-g8", "triton-rd", "triton-unpaired"):
         yield
         return
     shapes, dy_pass, x_pass = fused_gemm.SHAPES, seg_grads.dy_pass, seg_grads.x_pass
-    if arm == "triton-fit":  # both reductions' items planned to one wave (`item_plan(at_most=True)`)
-        seg_grads.dy_pass = lambda *args: dataclasses.replace(dy_pass(*args), at_most=True)
-        seg_grads.x_pass = lambda *args: dataclasses.replace(x_pass(*args), at_most=True)
-        try:
-            yield
-        finally:
-            seg_grads.dy_pass, seg_grads.x_pass = dy_pass, x_pass
-        return
     if arm == "triton-unpaired":  # the dy pass's launch before g's atomics went in pairs
         seg_grads.dy_pass = lambda *args: dataclasses.replace(dy_pass(*args), warps=8, per_sm=2)
         try:

@@ -83,7 +83,7 @@ def _items(st: _CallState, width: int, cfg: grads.PassConfig) -> ItemPlan:
     key = (width, cfg)
     if key not in st.items:
         st.items[key] = item_plan(st.call.segments, width, st.plan.rank_pad, st.device, cfg.block_m, cfg.block_d,
-                                  _target_programs(st.device, cfg.per_sm), PARTIAL_BUDGET_BYTES, cfg.at_most)
+                                  _target_programs(st.device, cfg.per_sm), PARTIAL_BUDGET_BYTES)
     return st.items[key]
 
 

@@ -230,17 +230,6 @@ class ItemPlan:
         return self.red_slot.shape[0]
 
 
-def _chunk(covered: int, items: int, block_m: int) -> int:
-    """Rows an item aims at for `items` items over `covered` rows, a multiple of block_m."""
-    return cdiv(max(block_m, cdiv(covered, items)), block_m) * block_m
-
-
-def _cuts(rows: int, chunk: int, block_m: int) -> list[int]:
-    """A slot's rows cut into items of at most ~chunk rows, as even as block_m allows."""
-    per_item = cdiv(cdiv(rows, cdiv(rows, chunk)), block_m) * block_m
-    return [min(per_item, rows - at) for at in range(0, rows, per_item)]
-
-
 @functools.lru_cache(maxsize=64)
 def item_plan(
     segments: tuple[Segment, ...],
@@ -251,29 +240,22 @@ def item_plan(
     block_d: int,
     target_programs: int,
     partial_budget_bytes: int,
-    at_most: bool = False,
 ) -> ItemPlan:
     """Split each slot's tokens into items so items × column tiles ≈ target_programs.
 
     The number of split items is capped so the fp32 partials stay under the budget.
-    `at_most`: the most items whose programs stay within target_programs (one per slot
-    at least), so that with one program per SM the launch is one wave, not one and a
-    fraction (4 slots of 2,048 rows at 16 column tiles: 8 items, not 12).
+    (Capping items × column tiles at target_programs instead, so that the 7B batch's
+    4096-wide dy pass is 128 programs in one wave rather than 192, left the trainer's
+    step where it was: bench/README.md, 2026-12-04, fifth session.)
     """
     live = _sorted_nonempty(segments)
     by_slot: dict[int, list[tuple[int, int, int]]] = {}
     for j, (_, s) in enumerate(live):
         by_slot.setdefault(s.slot, []).append((s.start, s.end, j))
     covered = sum(s.end - s.start for _, s in live)
-    tiles = cdiv(width, block_d)
-    want = max(1, cdiv(target_programs, tiles))
+    want = max(1, cdiv(target_programs, cdiv(width, block_d)))
     want = min(want, max(1, partial_budget_bytes // (rank_pad * width * 4)))
-    chunk = _chunk(covered, want, block_m)
-    if at_most:
-        slot_rows = [sum(e - s for s, e, _ in runs) for runs in by_slot.values()]
-        while want > 1 and sum(len(_cuts(rows, chunk, block_m)) for rows in slot_rows) * tiles > target_programs:
-            want -= 1
-            chunk = _chunk(covered, want, block_m)
+    chunk = cdiv(max(block_m, cdiv(covered, want)), block_m) * block_m
 
     items: list[tuple[int, int, int, int]] = []  # slot, piece lo, piece hi, partial
     pieces: list[tuple[int, int, int]] = []
@@ -281,7 +263,8 @@ def item_plan(
     n_partials = 0
     for slot in sorted(by_slot):
         runs = by_slot[slot]
-        per_item = _cuts(sum(e - s for s, e, _ in runs), chunk, block_m)[0]
+        rows = sum(e - s for s, e, _ in runs)
+        per_item = cdiv(cdiv(rows, cdiv(rows, chunk)), block_m) * block_m
         first_part = n_partials
         cut: list[list[tuple[int, int, int]]] = [[]]
         room = per_item

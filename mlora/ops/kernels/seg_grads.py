@@ -47,7 +47,6 @@ class PassConfig:
     stages: int
     per_sm: int
     d_major: bool = False
-    at_most: bool = False  # items × column tiles at most per_sm × SMs (`plan.item_plan`)
 
 
 INTERPRET_PASS = PassConfig(block_m=16, block_d=16, warps=4, stages=1, per_sm=4)
