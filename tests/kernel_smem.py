@@ -78,6 +78,20 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
 
+def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int) -> dict:
+    """The persistent GEMM (16-bit only: its output leaves through a descriptor, in halves)."""
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
+    types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
+    types.update({n: "i32" for n in ("M", "N", "K", "RT", "U_STRIDE")})
+    types.update(a_src=f"tensordesc<{dt}[{bm}, {bk}]>",
+                 w_src=f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>",
+                 out_ptr=f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn // 2}]>", bias_ptr=f"*{dt}", v_cat=f"*{dt}",
+                 u_ptr="*fp32" if w_kn else f"*{dt}")
+    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132, **meta)
+    return _shared(fused_gemm.fused_gemm_persistent_kernel, types, consts, warps, stages)
+
+
 def shrink_shared(dt: str, precision: str, rank_pad: int, of_b: bool) -> dict:
     """The shrink as the operator launches it at this rank: h = x·Aᵀ (with dropout), or
     g = dy·B (of_b: B's columns read, fp32 out)."""
@@ -139,6 +153,11 @@ def main() -> None:
         rows.append(dict(kernel="fused_gemm", config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
                          "/R64x3", dtype=dt, precision=precision, w_kn=True,
                          **gemm_shared(dt, precision, meta, warps, stages, True, rank_pad=64, sources=3)))
+        if dt == "bf16":  # the persistent GEMM at its widest expand (R = 32, one product of depth 64)
+            for w_kn in (False, True):
+                rows.append(dict(kernel="fused_gemm_persistent", config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x"
+                                 f"{meta['BLOCK_K']}/{stages}/R32", dtype=dt, precision=precision, w_kn=w_kn,
+                                 **persistent_shared(dt, meta, warps, stages, w_kn, 32)))
         for rank_pad in RANKS:
             for of_b in (False, True):
                 rows.append(dict(kernel="shrink", config=f"{'g' if of_b else 'h'}/R{rank_pad}", dtype=dt,

@@ -209,16 +209,19 @@ def fused_gemm_persistent_kernel(
 ):
     """fused_gemm_kernel's product for tiles meeting at most two segments, no dropout, one
     (a, W) pair, operands and output through descriptors: one program per SM walks the
-    tiles, and Triton flattens the tile and K loops into one pipelined loop, so the next
-    tile's first loads are in flight while this tile's expand and store run (a tile per
-    program leaves the SM's tensor cores idle through them). The expand is the pair
+    tiles, so no program starts per tile and a tile's TMA store need not have drained
+    before the SM starts the next tile's K loop (a program per tile waits for it before
+    it exits). The K loop is `_k_loop`'s descriptor branch, as measured. The expand is the pair
     product alone, unconditional (zero where the tile meets no segment); the output
-    leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the staging memory)."""
+    leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the staging memory). The tile and
+    K loops are not flattened (`tl.range(flatten=True)`): a plain GEMM flattened ran at
+    cuBLAS's speed, but with the expand in the flattened loop's epilogue the GEMMs took
+    13-39 % longer than a program per tile (bench/README.md, 2026-12-04, fifth session)."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS):
         pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
