@@ -19,7 +19,9 @@ shapes the main loop reads a and W, and a 16-bit tile is written, through TMA te
 descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. Slots
 are laid out at multiples of 8 ranks (zeros past a slot's rank), so the forward reads
 B_cat's columns 16 bytes at a time (`_b_block`); a gather of them with unknown alignment
-spilled at R = 128.
+spilled at R = 128. Where every tile meets at most two segments (no dropout, one
+product, a 16-bit output through descriptors) one program per SM walks the tiles
+(`fused_gemm_persistent_kernel`); elsewhere a program per tile.
 """
 
 from __future__ import annotations
@@ -211,12 +213,12 @@ def fused_gemm_persistent_kernel(
     (a, W) pair, operands and output through descriptors: one program per SM walks the
     tiles, so no program starts per tile and a tile's TMA store need not have drained
     before the SM starts the next tile's K loop (a program per tile waits for it before
-    it exits). The K loop is `_k_loop`'s descriptor branch, as measured. The expand is the pair
-    product alone, unconditional (zero where the tile meets no segment); the output
-    leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the staging memory). The tile and
-    K loops are not flattened (`tl.range(flatten=True)`): a plain GEMM flattened ran at
-    cuBLAS's speed, but with the expand in the flattened loop's epilogue the GEMMs took
-    13-39 % longer than a program per tile (bench/README.md, 2026-12-04, fifth session)."""
+    it exits). The expand is the pair product alone, unconditional (zero where the tile
+    meets no segment); the output leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the
+    staging memory). The tile and K loops are not flattened (`tl.range(flatten=True)`):
+    a plain GEMM flattened ran at cuBLAS's speed, but with the expand in the flattened
+    loop's epilogue the GEMMs took 13-39 % longer than a program per tile (bench/README.md,
+    2026-12-04, fifth session)."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
