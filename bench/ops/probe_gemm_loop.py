@@ -10,6 +10,9 @@ operator's shape) as
   persist-flat the same, tile and K loops flattened by Triton (`tl.range(flatten=True)`),
                so the next tile's loads can be issued during this tile's epilogue
   +sub         the output tile stored as two 128 × 128 halves (less shared memory)
+  extra-k      persist-flat+sub plus y += U·Vᵀ (U [T, 64], V [d_out, 64]) as one more step
+               of the same loop through its own descriptors: the LoRA expand the way the
+               operator could fold it (`extra_k_kernel`; `--variants extra-k-s3`)
 
 with 3 or 4 stages, next to cuBLAS (`x @ W.t()`) and the operator's own forward GEMM
 (`mlora`: 4 jobs, r = 16, the LoRA expand inside), at T = 8192 rows. Device time from
@@ -85,6 +88,47 @@ def persistent_kernel(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.
         _store(c_desc, acc, m0, n0, BN, SUBTILE)
 
 
+@triton.jit
+def extra_k_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, M, N, K, KU, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    """persistent_kernel flattened, output in halves, plus y += U·Vᵀ as KU / BK more steps
+    of the same loop, read through their own descriptors: the LoRA expand as the
+    operator would fold it if the shrink wrote u = s·h zero outside its slot's columns
+    ([T, Σr], U here) against B_cat (V)."""
+    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    steps = k_tiles + tl.cdiv(KU, BK)
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_pos(tile, grid_m, grid_n, GROUP_M)
+        m0, n0 = pid_m * BM, pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(steps):
+            if ki < k_tiles:
+                a = a_desc.load([m0, ki * BK])
+                b = b_desc.load([n0, ki * BK])
+            else:
+                a = u_desc.load([m0, (ki - k_tiles) * BK])
+                b = v_desc.load([n0, (ki - k_tiles) * BK])
+            acc = tl.dot(a, b.T, acc)
+        _store(c_desc, acc, m0, n0, BN, True)
+
+
+def extra_k(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, stages: int, rank_total: int = 64):
+    """extra_k_kernel's launch with U [T, rank_total] and V [d_out, rank_total] (random,
+    small); returns the launch and its reference x·Wᵀ + U·Vᵀ."""
+    u = torch.randn(x.shape[0], rank_total, device=x.device, dtype=x.dtype) * 0.1
+    v = torch.randn(w.shape[0], rank_total, device=x.device, dtype=x.dtype) * 0.1
+    descs = [TensorDescriptor.from_tensor(t, block) for t, block in
+             ((x, [BM, BK]), (w, [BN, BK]), (u, [BM, BK]), (v, [BN, BK]), (out, [BM, BN // 2]))]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    M, K = x.shape
+    N = w.shape[0]
+    grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    fn = lambda: extra_k_kernel[grid](*descs, M, N, K, rank_total, BM, BN, BK, GROUP_M, sms,  # noqa: E731
+                                      num_warps=8, num_stages=stages)
+    return fn, x @ w.t() + u @ v.t()
+
+
 def shipped(x: torch.Tensor, w: torch.Tensor, jobs: int = 4, rank: int = 16):
     """The operator's forward GEMM (`fused_gemm`) for `jobs` uneven segments at `rank`."""
     from bench.ops.bench_ops import uneven_segments
@@ -140,13 +184,16 @@ def main() -> None:
         for name in args.variants.split(","):
             out = torch.empty(T, d_out, device=dev, dtype=torch.bfloat16)
             try:
-                fn = variant(name, x, w, out)
+                if name.startswith("extra-k"):
+                    fn, want = extra_k(x, w, out, int(name.rsplit("-s", 1)[1]))
+                else:
+                    fn, want = variant(name, x, w, out), ref
                 fn()
                 torch.cuda.synchronize()
             except Exception as exc:  # a shape that does not compile is a row, not the end of the run
                 print(f"{dims} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
                 continue
-            err = rel(out, ref)
+            err = rel(out, want)
             if err > 1e-2:
                 print(f"{dims} {name}: relative error {err:.2e}, left out", flush=True)
                 continue
