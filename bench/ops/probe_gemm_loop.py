@@ -15,9 +15,10 @@ operator's shape) as
                operator could fold it (`extra_k_kernel`; `--variants extra-k-s3`)
 
 with 3 or 4 stages, next to cuBLAS (`x @ W.t()`) and the operator's own forward GEMM
-(`mlora`: 4 jobs, r = 16, the LoRA expand inside), at T = 8192 rows. Device time from
-CUDA graphs, median over rounds in rotated order; every variant's output is checked
-against cuBLAS's.
+(`mlora`: 4 jobs, r = 16, the LoRA expand inside; launched as `fused_gemm` launches it
+now, one program per SM since 2026-12-04), at T = 8192 rows. Device time from CUDA
+graphs, median over rounds in rotated order; every probe variant's output is checked
+against cuBLAS's (extra-k's against x·Wᵀ + U·Vᵀ).
 
     PYTHONPATH=. python3 bench/ops/probe_gemm_loop.py --rounds 5 --out probe.json
 """
@@ -38,17 +39,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.ops.tune_passes import graph_us, rel  # noqa: E402
+from mlora.ops.kernels.fused_gemm import _tile_coords  # noqa: E402  (the operator's grouped tile order)
 
 T = 8192
 BM, BN, BK, GROUP_M = 128, 256, 64, 16
-
-
-@triton.jit
-def _tile_pos(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
-    in_group = GROUP_M * grid_n
-    first_m = (tile // in_group) * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    return first_m + (tile % in_group) % size_m, (tile % in_group) // size_m
 
 
 @triton.jit
@@ -66,7 +60,7 @@ def _store(c_desc, acc, m0, n0, BN: tl.constexpr, SUBTILE: tl.constexpr):
 @triton.jit
 def tiled_kernel(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP_M: tl.constexpr, SUBTILE: tl.constexpr):
-    pid_m, pid_n = _tile_pos(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     m0, n0 = pid_m * BM, pid_n * BN
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, K, BK):
@@ -80,7 +74,7 @@ def persistent_kernel(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
     for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=FLATTEN):
-        pid_m, pid_n = _tile_pos(tile, grid_m, grid_n, GROUP_M)
+        pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
         m0, n0 = pid_m * BM, pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):
@@ -99,7 +93,7 @@ def extra_k_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, M, N, K, KU, BM: tl.c
     k_tiles = tl.cdiv(K, BK)
     steps = k_tiles + tl.cdiv(KU, BK)
     for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = _tile_pos(tile, grid_m, grid_n, GROUP_M)
+        pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
         m0, n0 = pid_m * BM, pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(steps):

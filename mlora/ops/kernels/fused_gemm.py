@@ -228,7 +228,7 @@ def fused_gemm_persistent_kernel(
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
+        for ki in range(k_tiles):  # `_k_loop`'s descriptor branch, written out as it was measured
             k0 = ki * BLOCK_K
             a = a_src.load([m0, k0])
             if W_KN:
@@ -509,10 +509,11 @@ def fused_gemm(
     ks = [a_i.shape[1] for a_i, _ in pairs]
     while len(srcs) < MAX_SOURCES:  # unused sources: the first again, with no K
         srcs, ks = [*srcs, srcs[0]], [*ks, 0]
+    bias_arg = bias if bias is not None else out
+    tables = (plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
+              plan.seg_keep, plan.seg_mask_row)
     args = (
-        srcs[0][0], srcs[0][1], out, out_src, bias if bias is not None else out, u, v_cat, masks,
-        plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
-        plan.seg_keep, plan.seg_mask_row,
+        srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, masks, *tables,
         m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1), u.stride(0),
         srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2],
     )
@@ -531,7 +532,7 @@ def fused_gemm(
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
-                srcs[0][0], srcs[0][1], out, out_src, args[4], u, v_cat, *args[8:17], m, n, k,
+                srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, *tables, m, n, k,
                 max(plan.rank_total, 1), u.stride(0), R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None,
                 PRECISION=precision, V_ALIGNED=v_aligned, NUM_SMS=sms, **meta, num_warps=warps, num_stages=stages)
             return out
