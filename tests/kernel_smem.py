@@ -46,7 +46,8 @@ def _stack(cubin: bytes) -> int:
 
 
 def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int) -> dict:
-    """{"shared": bytes of shared memory a block takes, "stack": spill stack per thread}."""
+    """{"shared": bytes of shared memory a block takes, "stack": spill stack per thread,
+    "async_copies": the cp.async copies software pipelining made of pointer loads}."""
     names = fn.arg_names
     sig = {n: types.get(n, "constexpr") for n in names}
     consts = {(names.index(k),): v for k, v in constexprs.items()}
@@ -55,7 +56,8 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if t[0] == "*" or t == "i32"}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=aligned), target=TARGET,
                             options={"num_warps": warps, "num_stages": stages})
-    return dict(shared=int(kernel.metadata.shared), stack=_stack(kernel.asm["cubin"]))
+    return dict(shared=int(kernel.metadata.shared), stack=_stack(kernel.asm["cubin"]),
+                async_copies=kernel.asm["ttgir"].count("ttg.async_copy_global_to_local"))
 
 
 def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16,
@@ -78,8 +80,10 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
     return _shared(fused_gemm.fused_gemm_kernel, types, consts, warps, stages)
 
 
-def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int) -> dict:
-    """The persistent GEMM (16-bit only: its output leaves through a descriptor, in halves)."""
+def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int,
+                      flat: bool = False) -> dict:
+    """The persistent GEMM (16-bit only: its output leaves through a descriptor, in halves),
+    its loops nested or (flat) flattened."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
     types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
@@ -88,7 +92,8 @@ def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, 
                  w_src=f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>",
                  out_ptr=f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn // 2}]>", bias_ptr=f"*{dt}", v_cat=f"*{dt}",
                  u_ptr="*fp32" if w_kn else f"*{dt}")
-    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132, **meta)
+    consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132,
+                  FLAT=flat, **meta)
     return _shared(fused_gemm.fused_gemm_persistent_kernel, types, consts, warps, stages)
 
 
@@ -155,9 +160,11 @@ def main() -> None:
                          **gemm_shared(dt, precision, meta, warps, stages, True, rank_pad=64, sources=3)))
         if dt == "bf16":  # the persistent GEMM at its widest expand (R = 32, one product of depth 64)
             for w_kn in (False, True):
-                rows.append(dict(kernel="fused_gemm_persistent", config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x"
-                                 f"{meta['BLOCK_K']}/{stages}/R32", dtype=dt, precision=precision, w_kn=w_kn,
-                                 **persistent_shared(dt, meta, warps, stages, w_kn, 32)))
+                for flat in (False, True):
+                    rows.append(dict(kernel="fused_gemm_persistent" + ("_flat" if flat else ""),
+                                     config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32",
+                                     dtype=dt, precision=precision, w_kn=w_kn,
+                                     **persistent_shared(dt, meta, warps, stages, w_kn, 32, flat)))
         for rank_pad in RANKS:
             for of_b in (False, True):
                 rows.append(dict(kernel="shrink", config=f"{'g' if of_b else 'h'}/R{rank_pad}", dtype=dt,

@@ -371,26 +371,24 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
     interpreting, 18 tiles here): the same contract, with bias (forward), rows outside
     every segment, a tile meeting none, the last row tile and the last column tile (40 of
     48 columns: its second half wholly outside) cut by the edges. With
-    MLORA_TRITON_PERSISTENT=0, or a tile meeting three segments, the tiled kernel runs."""
-    from mlora.ops.kernels import fused_gemm as fg
-
-    launched = []
-    kernel = fg.fused_gemm_persistent_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(fg, "fused_gemm_persistent_kernel", Counted())
-    two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
-    _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
-    assert launched == [(3,)]
-    monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "0")
-    _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
-    monkeypatch.delenv("MLORA_TRITON_PERSISTENT")
-    _check_gemm_contract(w_kn, True, torch.float16, lengths=(14, 4, 5, 7, 20), n=40, dropout_on=False)  # rows 16-31: 3
-    assert launched == [(3,)]
+    MLORA_TRITON_PERSISTENT=0, or a tile meeting three segments, the tiled kernel runs;
+    "flat" (loops flattened on a GPU) launches it too, any other value is refused."""
+    with persistent_launches() as launched:
+        two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
+        _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
+        assert launched == [(3,)]
+        monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "0")
+        _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
+        monkeypatch.delenv("MLORA_TRITON_PERSISTENT")
+        three = (14, 4, 5, 7, 20)  # rows 16-31 meet three segments
+        _check_gemm_contract(w_kn, True, torch.float16, lengths=three, n=40, dropout_on=False)
+        assert launched == [(3,)]
+        monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "flat")  # flattened on a GPU; the interpreter runs it nested
+        _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
+        assert launched == [(3,), (3,)]
+        monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "yes")
+        with pytest.raises(ValueError, match="MLORA_TRITON_PERSISTENT must be one of 1, flat, 0, got 'yes'"):
+            _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
 
 
 @interpreted
@@ -438,23 +436,24 @@ def test_the_fused_gemm_sums_further_products_and_reads_u_from_a_slice(w_kn: boo
 def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: bool = False,
                          more: tuple[int, ...] = (), u_slice: bool = False,
                          lengths: tuple[int, ...] = (3, 12, 2, 5, 3, 0, 30, 9, 4), n: int = 48,
-                         dropout_on: bool = True) -> None:
-    """fused_gemm (or split_gemm) against `_expand_reference` in float64. The default
-    lengths start at row 2: 16-row tiles then meet up to five segments (rows 16-31),
-    rows 80-89 none."""
+                         dropout_on: bool = True, tokens: int = 90, k: int = 40, device: str = "cpu",
+                         tol: float | None = None) -> torch.Tensor:
+    """fused_gemm (or split_gemm) against `_expand_reference` in float64; returns the
+    output. The default lengths start at row 2: 16-row tiles then meet up to five
+    segments (rows 16-31), rows 80-89 none."""
     from mlora.ops import triton_multi_lora as tm
     from mlora.ops.kernels import fused_gemm as fg
     from mlora.ops.kernels.plan import segment_plan
 
     gen = torch.Generator().manual_seed(11)
-    tokens, k, ranks = 90, 40, (4, 16, 8)
+    ranks = (4, 16, 8)
     segs, at = [], 2
     for i, length in enumerate(lengths):
         segs.append(Segment(i % 3, at, at + length))
         at += length
     dropout = (0.0, 0.3, 0.0) if w_kn and dropout_on else (0.0, 0.0, 0.0)
     has = tuple(dropout[s.slot] > 0 for s in segs)
-    plan = segment_plan(tuple(segs), (0.5, 2.0, 1.5), dropout, has, ranks, tokens, torch.device("cpu"), 16)
+    plan = segment_plan(tuple(segs), (0.5, 2.0, 1.5), dropout, has, ranks, tokens, torch.device(device), 16)
     a = torch.randn(tokens, k, generator=gen)
     w = torch.randn(k, n, generator=gen) if w_kn else torch.randn(n, k, generator=gen)
     bias = None if w_kn else torch.randn(n, generator=gen)
@@ -469,9 +468,10 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
     v_cat = a_cat if w_kn else b_cat
     masked_rows = sum(s.end - s.start for s, m in zip(segs, has) if m)
     masks = (torch.rand(max(masked_rows, 1), n, generator=gen) > 0.3).to(torch.int8)
-    a, w, v_cat = a.to(dtype), w.to(dtype), v_cat.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    u = u if w_kn else u.to(dtype)  # g stays fp32, as the operator passes it
+    a, w, v_cat, masks = a.to(device, dtype), w.to(device, dtype), v_cat.to(device, dtype), masks.to(device)
+    bias = None if bias is None else bias.to(device, dtype)
+    u = u.to(device) if w_kn else u.to(device, dtype)  # g stays fp32, as the operator passes it
+    pairs = [(a_i.to(device), w_i.to(device)) for a_i, w_i in pairs]
     if split:
         out = fg.split_gemm(a, w, bias, u, v_cat, masks, plan, w_kn=w_kn, dropout=any(has), precision="ieee")
     else:
@@ -481,8 +481,10 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
     ref = _expand_reference(a, w, bias, u, v_cat, masks, plan, w_kn, any(has))
     for a_i, w_i in pairs:
         ref += a_i.double() @ (w_i.double() if w_kn else w_i.double().T)
-    tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp16: the output's and u·s's rounding
+    if tol is None:
+        tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp16: the output's and u·s's rounding
     assert rel(out, ref) < tol, rel(out, ref)
+    return out
 
 
 CUDA_CASES = [
@@ -500,6 +502,46 @@ CUDA_CASES = [
     # rank block 32: g by the dy pass's atomics where they go in pairs (sm_90), else a shrink of dy
     Case("cuda-rank32", 1300, 512, 768, (32, 17, 24), (300, -20, 500, 380), (0, 1, 2), True, (0.0, 0.1, 0.0)),
 ]
+
+
+@contextmanager
+def persistent_launches():
+    """The grids `fused_gemm_persistent_kernel` is launched with inside the block."""
+    from mlora.ops.kernels import fused_gemm as fg
+
+    kernel, launched = fg.fused_gemm_persistent_kernel, []
+
+    class Counted:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    fg.fused_gemm_persistent_kernel = Counted()
+    try:
+        yield launched
+    finally:
+        fg.fused_gemm_persistent_kernel = kernel
+
+
+def check_persistent_modes() -> None:
+    """The GEMM one program per SM with its tile and K loops nested (the default) and
+    flattened (the expand's loads in inline PTX), and a program per tile, each against
+    the fp64 contract: 128-row tiles meeting one or two segments, an empty segment, rows
+    outside every segment, K cut in its last step, the last column tile's second half
+    mostly outside, forward with bias and dx."""
+    lengths = (300, 0, 200, 131, 500, 129, 150)  # rows 2-1411 of 1500: no 128-row tile meets three
+    with persistent_launches() as launched:
+        for w_kn in (False, True):
+            outs = {}
+            for mode in ("1", "flat", "0"):
+                os.environ["MLORA_TRITON_PERSISTENT"] = mode
+                before = len(launched)
+                outs[mode] = _check_gemm_contract(w_kn, True, torch.bfloat16, lengths=lengths, n=648,
+                                                  dropout_on=False, tokens=1500, k=520, device="cuda", tol=1e-2)
+                assert len(launched) - before == (mode != "0"), (mode, launched)
+            print("ok persistent GEMMs", "dx" if w_kn else "forward", "flat - nested max",
+                  (outs["flat"].float() - outs["1"].float()).abs().max().item(), flush=True)
+    os.environ.pop("MLORA_TRITON_PERSISTENT", None)
 
 
 def check_g_by_launch_shape() -> None:
@@ -551,6 +593,7 @@ def run_cuda_checks() -> None:
         check_direct(case, torch.bfloat16, "cuda", seed=5, tol=1e-2)
         print("ok bf16", case.name, flush=True)
     check_g_by_launch_shape()
+    check_persistent_modes()
     os.environ["MLORA_PAIRED_RED"] = "0"  # one element an atomic, as on GPUs before sm_90
     seg_grads.paired_red.cache_clear()
     try:

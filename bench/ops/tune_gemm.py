@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -136,13 +137,36 @@ def base_module(base: str) -> ModuleType:
     return module
 
 
+def persistent_module(mode: str) -> ModuleType:
+    """This version's fused GEMM with MLORA_TRITON_PERSISTENT=mode around each call: 1 (one
+    program per SM, loops nested), flat (flattened), 0 (a program per tile)."""
+    module = ModuleType(f"fused_gemm_persistent_{mode}")
+
+    def fused_gemm(*args, **kwargs):
+        saved = os.environ.get("MLORA_TRITON_PERSISTENT")
+        os.environ["MLORA_TRITON_PERSISTENT"] = mode
+        try:
+            return fg.fused_gemm(*args, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["MLORA_TRITON_PERSISTENT"]
+            else:
+                os.environ["MLORA_TRITON_PERSISTENT"] = saved
+
+    module.fused_gemm = fused_gemm
+    return module
+
+
 def variant(spec: str) -> ModuleType:
     """This version's fused GEMM with other launch options, `tma=0`: whether the main loop
     reads (and the tile is written) through TMA descriptors; or this operator under torch's
     deterministic algorithms, `det=1` (g = dy·B from partials summed in order; operator rows);
-    or `base=fused` / `base=split`, the operator's GEMMs one way or the other (`base_module`)."""
+    or `base=fused` / `base=split`, the operator's GEMMs one way or the other (`base_module`);
+    or `persistent=1` / `flat` / `0`, how GEMMs that qualify launch (`persistent_module`)."""
     if spec.startswith("base="):
         return base_module(spec.split("=")[1])
+    if spec.startswith("persistent="):
+        return persistent_module(spec.split("=")[1])
     names = dict(tma="use_tma")
     items = dict(item.split("=") for item in spec.split("+"))
     module = ModuleType(f"fused_gemm_{spec}")
@@ -219,7 +243,7 @@ def main() -> None:
     p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
     p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS[xGROUP_M],...")
     p.add_argument("--dims", default="4096x4096", help="d_in x d_out of the weights, comma-separated: each its own rows")
-    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=fused or base=split (the operator's GEMMs one way or the other; this version runs MLORA_TRITON_BASE's, fused by default)")
+    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=fused or base=split (the operator's GEMMs one way or the other; this version runs MLORA_TRITON_BASE's, fused by default); persistent=1, flat or 0 (MLORA_TRITON_PERSISTENT around each GEMM)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")

@@ -207,7 +207,7 @@ def fused_gemm_persistent_kernel(
     M, N, K, RT, U_STRIDE,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr,
+    NUM_SMS: tl.constexpr, FLAT: tl.constexpr,
 ):
     """fused_gemm_kernel's product for tiles meeting at most two segments, no dropout, one
     (a, W) pair, operands and output through descriptors: one program per SM walks the
@@ -215,15 +215,18 @@ def fused_gemm_persistent_kernel(
     before the SM starts the next tile's K loop (a program per tile waits for it before
     it exits). The expand is the pair product alone, unconditional (zero where the tile
     meets no segment); the output leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the
-    staging memory). The tile and K loops are not flattened (`tl.range(flatten=True)`):
-    a plain GEMM flattened ran at cuBLAS's speed, but with the expand in the flattened
-    loop's epilogue the GEMMs took 13-39 % longer than a program per tile (bench/README.md,
-    2026-12-04, fifth session)."""
+    staging memory). FLAT flattens the tile and K loops into one software-pipelined loop
+    (`tl.range(flatten=True)`), so the next tile's first operands are in flight while
+    this one's expand and store run: a plain GEMM flattened ran at cuBLAS's speed. The
+    pipeliner takes every load of that loop in, the expand's too, and with the expand's
+    loads pipelined as async copies the GEMMs took 13-39 % longer than a program per tile
+    (bench/README.md, 2026-12-04, fifth session); FLAT therefore reads the expand's
+    operands and tables by inline PTX (`_load`), which it does not see."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS):
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=FLAT):
         pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
@@ -239,11 +242,11 @@ def fused_gemm_persistent_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        lo = tl.load(tok_lo + m0)
-        hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
+        lo = _load(tok_lo + m0, m0 < M, 0, FLAT)
+        hi = _load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT)
         u2, v2 = _pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
                                 seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                                U_STRIDE, dtype, R, W_KN, False, V_ALIGNED)
+                                U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
         acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -300,7 +303,7 @@ def _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_star
     if R <= PAIRED_RANK:
         u2, v2 = _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
                                 seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, DROPOUT,
-                                V_ALIGNED)
+                                V_ALIGNED, False)
         if lo < hi:
             acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
         first = lo + 2
@@ -312,65 +315,87 @@ def _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_star
 @triton.jit
 def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
                    seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
-                   DROPOUT: tl.constexpr, V_ALIGNED: tl.constexpr):
+                   DROPOUT: tl.constexpr, V_ALIGNED: tl.constexpr, HIDDEN: tl.constexpr):
     """The tile's first two segments as the operands of one product of depth 2R: u's
     columns [0, R) hold segment lo's scaled rows and [R, 2R) segment lo+1's (zero
     elsewhere), V the two adapters' rows stacked. Their table entries are fetched side
     by side, so a tile waits on three dependent round trips to memory whether it meets
     one segment or two (a segment that is not there has its loads masked off), and
-    one wgmma chain serves both."""
+    one wgmma chain serves both. HIDDEN: loads by inline PTX (`_load`), without dropout."""
     cc = tl.arange(0, 2 * R)
     second = cc >= R  # this column of u (row of V) belongs to segment lo + 1
     j = lo + second.to(tl.int32)
     live = j < hi
-    start = tl.load(seg_start + j, mask=live, other=0)
-    end = tl.load(seg_end + j, mask=live, other=0)
-    rank = tl.load(seg_rank + j, mask=live, other=0)
-    off = tl.load(seg_off + j, mask=live, other=0).to(tl.int64)
-    scale = tl.load(seg_scale + j, mask=live, other=0.0)
+    start = _load(seg_start + j, live, 0, HIDDEN)
+    end = _load(seg_end + j, live, 0, HIDDEN)
+    rank = _load(seg_rank + j, live, 0, HIDDEN)
+    off = _load(seg_off + j, live, 0, HIDDEN).to(tl.int64)
+    scale = _load(seg_scale + j, live, 0.0, HIDDEN)
     if DROPOUT:
         scale *= tl.where(tl.load(seg_mask_row + j, mask=live, other=-1) >= 0,
                           tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
     rr = cc % R
     in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
-    u = tl.load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], mask=in_seg, other=0.0)
+    u = _load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], in_seg, 0.0, HIDDEN)
     u = (u.to(tl.float32) * scale[None, :]).to(dtype)
     if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
         v_row = v_cat + (off + rr) * N
         if V_ALIGNED:
             v_row = tl.multiple_of(v_row, 16)
-        v = tl.load(v_row[:, None] + cols64[None, :], mask=(rr < rank)[:, None] & col_ok[None, :], other=0.0)
+        v = _load(v_row[:, None] + cols64[None, :], (rr < rank)[:, None] & col_ok[None, :], 0.0, HIDDEN)
     else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
         if V_ALIGNED:
-            v = _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
+            v = _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
         else:
-            v = tl.load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, mask=(rr < rank)[:, None] & col_ok[None, :],
-                        other=0.0)
+            v = _load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, (rr < rank)[:, None] & col_ok[None, :], 0.0,
+                      HIDDEN)
     return u, v
 
 
 @triton.jit
-def _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr):
+def _load(ptrs, mask, other, HIDDEN: tl.constexpr):
+    """tl.load(ptrs, mask, other) of 16- or 32-bit values; HIDDEN: the same by inline PTX,
+    one element a load, which the software pipeliner does not take into a flattened
+    loop (it pipelines every tl.load there, the epilogue's too, volatile ones as well).
+    Not in the interpreter, which runs no PTX."""
+    if HIDDEN:
+        kind: tl.constexpr = ptrs.dtype.element_ty
+        addr = ptrs.to(tl.int64, bitcast=True)
+        if kind.primitive_bitwidth == 16:
+            bits = tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.b16 $0, [$1]; }", "=h,l,r",
+                [addr, mask.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
+        else:
+            bits = tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }", "=r,l,r",
+                [addr, mask.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.where(mask, bits.to(kind, bitcast=True), other)
+    else:
+        return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr, HIDDEN: tl.constexpr):
     """The pair's V in the forward (slots at multiples of 8 ranks): each segment's
     [R, BLOCK_N] block of B_jᵀ loaded on its own, so its offset and rank are scalars the
     compiler knows are multiples of 8, and the rank-contiguous columns of B_cat load 16
     bytes at a time (one [2R, BLOCK_N] gather loaded them 2 bytes at a time: 64 loads of
     64-bit addresses per thread at R = 128, and the forward spilled), then stacked."""
-    first = _b_block(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
-    second = _b_block(lo + 1, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
+    first = _b_block(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
+    second = _b_block(lo + 1, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
     return tl.reshape(tl.permute(tl.join(first, second), (2, 0, 1)), (2 * R, cols64.shape[0]))
 
 
 @triton.jit
-def _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr):
+def _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr, HIDDEN: tl.constexpr):
     """Segment j's B_jᵀ (columns off.. of B_cat [N, RT]) as [R, BLOCK_N], zero if j is past
     the tile's last segment; its (padded) rank, offset and Σr are multiples of 8."""
     rr = tl.arange(0, R)
     live = j < hi
-    off = tl.multiple_of(tl.load(seg_off + j, mask=live, other=0), 8)
-    rank_ok = rr // 8 < tl.load(seg_rank + j, mask=live, other=0) // 8  # rr < rank, seen as constant by eights
-    return tl.load(v_cat + off + cols64[None, :] * (RT // 8 * 8) + rr[:, None], mask=rank_ok[:, None] & col_ok[None, :],
-                   other=0.0)
+    off = tl.multiple_of(_load(seg_off + j, live, 0, HIDDEN), 8)
+    rank_ok = rr // 8 < _load(seg_rank + j, live, 0, HIDDEN) // 8  # rr < rank, seen as constant by eights
+    return _load(v_cat + off + cols64[None, :] * (RT // 8 * 8) + rr[:, None], rank_ok[:, None] & col_ok[None, :], 0.0,
+                 HIDDEN)
 
 
 @triton.jit
@@ -400,7 +425,7 @@ def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
             v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=(rr < rank)[:, None] & col_ok[None, :],
                         other=0.0)
         elif V_ALIGNED:  # V = B_jᵀ, read 16 bytes at a time
-            v = _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R)
+            v = _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, False)
         else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
             v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=(rr < rank)[:, None] & col_ok[None, :],
                         other=0.0)
@@ -428,10 +453,18 @@ _tuned = None if INTERPRET else triton.autotune(
 )(fused_gemm_kernel)
 
 
-def persistent_on() -> bool:
-    """The persistent launch (`fused_gemm_persistent_kernel`) where it applies, unless
-    MLORA_TRITON_PERSISTENT=0."""
-    return os.environ.get("MLORA_TRITON_PERSISTENT", "1") != "0"
+PERSISTENT_MODES = {"1": "nested", "flat": "flat", "0": "off"}
+
+
+def persistent_mode() -> str:
+    """How a GEMM the persistent launch (`fused_gemm_persistent_kernel`) applies to runs,
+    from MLORA_TRITON_PERSISTENT: "1" (the default) with the tile and K loops nested,
+    "flat" with them flattened (FLAT; nested when interpreting, which runs no PTX), "0"
+    a program per tile."""
+    value = os.environ.get("MLORA_TRITON_PERSISTENT", "1")
+    if value not in PERSISTENT_MODES:
+        raise ValueError(f"MLORA_TRITON_PERSISTENT must be one of {', '.join(PERSISTENT_MODES)}, got {value!r}")
+    return PERSISTENT_MODES[value]
 
 
 @functools.lru_cache(maxsize=8)
@@ -527,14 +560,16 @@ def fused_gemm(
         _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        mode = persistent_mode()
         if (flags["TMA_STORE"] and not more and not dropout and plan.rank_pad <= PAIRED_RANK
-                and plan.most_segments_per_tile(meta["BLOCK_M"], m) <= 2 and persistent_on()):
+                and plan.most_segments_per_tile(meta["BLOCK_M"], m) <= 2 and mode != "off"):
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
                 srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, *tables, m, n, k,
                 max(plan.rank_total, 1), u.stride(0), R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None,
-                PRECISION=precision, V_ALIGNED=v_aligned, NUM_SMS=sms, **meta, num_warps=warps, num_stages=stages)
+                PRECISION=precision, V_ALIGNED=v_aligned, NUM_SMS=sms, FLAT=mode == "flat" and not INTERPRET, **meta,
+                num_warps=warps, num_stages=stages)
             return out
         grid = (tiles,)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
