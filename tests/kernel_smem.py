@@ -81,19 +81,20 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
 
 
 def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int,
-                      flat: bool = False) -> dict:
+                      flat: bool = False, sources: int = 1) -> dict:
     """The persistent GEMM (16-bit only: its output leaves through a descriptor, in halves),
-    its loops nested or (flat) flattened."""
+    its loops nested or (flat) flattened, summing one or more (a, W) products."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
     types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
-    types.update({n: "i32" for n in ("M", "N", "K", "RT", "U_STRIDE")})
-    types.update(a_src=f"tensordesc<{dt}[{bm}, {bk}]>",
-                 w_src=f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>",
+    types.update({n: "i32" for n in ("M", "N", "K", "RT", "U_STRIDE", "K1", "K2")})
+    a_desc = f"tensordesc<{dt}[{bm}, {bk}]>"
+    w_desc = f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>"
+    types.update(a_src=a_desc, w_src=w_desc, a1_src=a_desc, w1_src=w_desc, a2_src=a_desc, w2_src=w_desc,
                  out_ptr=f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn // 2}]>", bias_ptr=f"*{dt}", v_cat=f"*{dt}",
                  u_ptr="*fp32" if w_kn else f"*{dt}")
     consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132,
-                  FLAT=flat, **meta)
+                  FLAT=flat, SOURCES=sources, **meta)
     return _shared(fused_gemm.fused_gemm_persistent_kernel, types, consts, warps, stages)
 
 
@@ -165,6 +166,11 @@ def main() -> None:
                                      config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32",
                                      dtype=dt, precision=precision, w_kn=w_kn,
                                      **persistent_shared(dt, meta, warps, stages, w_kn, 32, flat)))
+            for sources in (2, 3):  # the shared-input dx (gate, up; q, k, v) with a stacked rank block of 32
+                rows.append(dict(kernel="fused_gemm_persistent",
+                                 config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32x{sources}",
+                                 dtype=dt, precision=precision, w_kn=True,
+                                 **persistent_shared(dt, meta, warps, stages, True, 32, sources=sources)))
         for rank_pad in RANKS:
             for of_b in (False, True):
                 rows.append(dict(kernel="shrink", config=f"{'g' if of_b else 'h'}/R{rank_pad}", dtype=dt,

@@ -59,9 +59,12 @@ def rounds_us(fns: dict, rounds: int) -> dict[str, float]:
 
 
 def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int, dropout: bool,
-              rank: int = 16) -> list[dict]:
+              rank: int = 16, sources: int = 1) -> list[dict]:
     """Forward and dx GEMMs alone, each version, for one K; with `dropout` also the dx
-    GEMM of jobs that all have LoRA dropout (p = 0.1: its expand masked element-wise)."""
+    GEMM of jobs that all have LoRA dropout (p = 0.1: its expand masked element-wise);
+    with `sources` > 1 also the shared-input call's dx summing that many members'
+    products (as gate and up's, or q, k and v's: each member's rank stacked in one slot),
+    against cuBLAS's products added in its epilogue (addmm)."""
     dev = x.device
     d_in, d_out = x.shape[1], dy.shape[1]
     segs = uneven_segments(T, jobs, seed=jobs)
@@ -81,12 +84,27 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
              ("dx", dy, g, a_cat, True, lambda: dy @ w, plan, None)]
     if dropout:
         gemms.append(("dx+mask", dy, g, a_cat, True, lambda: dy @ w, masked, keep))
+    more = [(torch.randn_like(dy), torch.randn_like(w)) for _ in range(sources - 1)]
+    if more:
+        stacked = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, (rank * sources,) * jobs,
+                               T, dev, sh.block_m(rank * sources))
+        g_all = torch.randn(T, stacked.rank_pad, device=dev, dtype=torch.float32, generator=gen)
+        a_stack = torch.randn(rank * sources * jobs, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.05
+
+        def cublas_sum():
+            out = dy @ w
+            for dy_i, w_i in more:
+                out = torch.addmm(out, dy_i, w_i)
+            return out
+
+        gemms.append((f"dx×{sources}", dy, g_all, a_stack, True, cublas_sum, stacked, None))
     for name, a, u, v, w_kn, cublas, p, masks in gemms:
         fns = {"cublas": cublas}
         for label, module in versions.items():
-            def run(module=module, a=a, u=u, v=v, w_kn=w_kn, p=p, masks=masks):
+            def run(module=module, a=a, u=u, v=v, w_kn=w_kn, p=p, masks=masks, name=name):
+                extra = {"more": more} if name.startswith("dx×") else {}
                 return module.fused_gemm(a, w, None, u, v, a if masks is None else masks, p, w_kn=w_kn,
-                                         dropout=masks is not None, precision="tf32")
+                                         dropout=masks is not None, precision="tf32", **extra)
             fns[label] = run
         ref = fns["this"]()
         errs = {}
@@ -245,6 +263,7 @@ def main() -> None:
     p.add_argument("--dims", default="4096x4096", help="d_in x d_out of the weights, comma-separated: each its own rows")
     p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=fused or base=split (the operator's GEMMs one way or the other; this version runs MLORA_TRITON_BASE's, fused by default); persistent=1, flat or 0 (MLORA_TRITON_PERSISTENT around each GEMM)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sources", type=int, default=1, help="also the shared-input dx summing this many products (2: gate, up; 3: q, k, v)")
     p.add_argument("--out", default="")
     p.add_argument("--skip-gemm", action="store_true", help="whole-operator rows only")
     p.add_argument("--skip-operator", action="store_true", help="GEMM rows only")
@@ -277,7 +296,7 @@ def main() -> None:
         shape = dict(d_in=d_in, d_out=d_out)
         if not args.skip_gemm:
             gemms += [dict(shape, **r) for k in jobs
-                      for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout, args.rank)]
+                      for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout, args.rank, args.sources)]
         if not args.skip_operator:
             ops += [dict(shape, **r) for r in operator_rows(jobs, x, w, dy, versions, args.rounds, args.dropout,
                                                             args.rank)]

@@ -19,9 +19,9 @@ shapes the main loop reads a and W, and a 16-bit tile is written, through TMA te
 descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. Slots
 are laid out at multiples of 8 ranks (zeros past a slot's rank), so the forward reads
 B_cat's columns 16 bytes at a time (`_b_block`); a gather of them with unknown alignment
-spilled at R = 128. Where every tile meets at most two segments (no dropout, one
-product, a 16-bit output through descriptors) one program per SM walks the tiles
-(`fused_gemm_persistent_kernel`); elsewhere a program per tile.
+spilled at R = 128. Where every tile meets at most two segments (no dropout, rank
+block at most 32, a 16-bit output through descriptors) one program per SM walks the
+tiles (`fused_gemm_persistent_kernel`); elsewhere a program per tile.
 """
 
 from __future__ import annotations
@@ -204,16 +204,16 @@ def fused_gemm_kernel(
 def fused_gemm_persistent_kernel(
     a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat,
     tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
-    M, N, K, RT, U_STRIDE,
+    M, N, K, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, FLAT: tl.constexpr,
+    SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLAT: tl.constexpr,
 ):
     """fused_gemm_kernel's product for tiles meeting at most two segments, no dropout, one
-    (a, W) pair, operands and output through descriptors: one program per SM walks the
-    tiles, so no program starts per tile and a tile's TMA store need not have drained
-    before the SM starts the next tile's K loop (a program per tile waits for it before
-    it exits). The expand is the pair product alone, unconditional (zero where the tile
+    to three (a, W) pairs (FLAT: one), operands and output through descriptors: one
+    program per SM walks the tiles, so no program starts per tile and a tile's TMA store
+    need not have drained before the SM starts the next tile's K loop (a program per
+    tile waits for it before it exits). The expand is the pair product alone, unconditional (zero where the tile
     meets no segment); the output leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the
     staging memory). FLAT flattens the tile and K loops into one software-pipelined loop
     (`tl.range(flatten=True)`), so the next tile's first operands are in flight while
@@ -242,6 +242,10 @@ def fused_gemm_persistent_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        if SOURCES > 1:  # further pairs (the shared-input dx): their K loops in turn, as the tiled kernel's
+            acc = _k_loop(acc, a1_src, w1_src, K1, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
+        if SOURCES > 2:
+            acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
         lo = _load(tok_lo + m0, m0 < M, 0, FLAT)
         hi = _load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT)
         u2, v2 = _pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
@@ -545,10 +549,10 @@ def fused_gemm(
     bias_arg = bias if bias is not None else out
     tables = (plan.tok_lo, plan.tok_hi, plan.seg_start, plan.seg_end, plan.seg_off, plan.seg_rank, plan.seg_scale,
               plan.seg_keep, plan.seg_mask_row)
+    further = (srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2])
     args = (
         srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, masks, *tables,
-        m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1), u.stride(0),
-        srcs[1][0], srcs[1][1], ks[1], srcs[2][0], srcs[2][1], ks[2],
+        m, n, k, triton.next_power_of_2(m), max(plan.rank_total, 1), u.stride(0), *further,
     )
     # V's rows start 16-byte aligned: A_cat's rows (dx), or B_cat's columns of every slot
     # (forward: slots start at multiples of 8 columns, `plan.padded_rank`)
@@ -561,15 +565,15 @@ def fused_gemm(
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         mode = persistent_mode()
-        if (flags["TMA_STORE"] and not more and not dropout and plan.rank_pad <= PAIRED_RANK
+        if (flags["TMA_STORE"] and not dropout and plan.rank_pad <= PAIRED_RANK
                 and plan.most_segments_per_tile(meta["BLOCK_M"], m) <= 2 and mode != "off"):
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
-                srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, *tables, m, n, k,
-                max(plan.rank_total, 1), u.stride(0), R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None,
-                PRECISION=precision, V_ALIGNED=v_aligned, NUM_SMS=sms, FLAT=mode == "flat" and not INTERPRET, **meta,
-                num_warps=warps, num_stages=stages)
+                srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, *tables, m, n, k, max(plan.rank_total, 1),
+                u.stride(0), *further, R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, PRECISION=precision,
+                V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms, FLAT=mode == "flat" and not more and not INTERPRET,
+                **meta, num_warps=warps, num_stages=stages)
             return out
         grid = (tiles,)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
