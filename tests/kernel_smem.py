@@ -81,9 +81,10 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
 
 
 def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int,
-                      flat: bool = False, sources: int = 1) -> dict:
+                      flat: bool = False, sources: int = 1, more_segments: bool = False) -> dict:
     """The persistent GEMM (16-bit only: its output leaves through a descriptor, in halves),
-    its loops nested or (flat) flattened, summing one or more (a, W) products."""
+    its loops nested or (flat) flattened, summing one or more (a, W) products, with the
+    segment loop for tiles meeting more than two segments or without."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
     types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
@@ -94,7 +95,7 @@ def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, 
                  out_ptr=f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn // 2}]>", bias_ptr=f"*{dt}", v_cat=f"*{dt}",
                  u_ptr="*fp32" if w_kn else f"*{dt}")
     consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132,
-                  FLAT=flat, SOURCES=sources, **meta)
+                  FLAT=flat, SOURCES=sources, MORE_SEGMENTS=more_segments, **meta)
     return _shared(fused_gemm.fused_gemm_persistent_kernel, types, consts, warps, stages)
 
 
@@ -161,11 +162,11 @@ def main() -> None:
                          **gemm_shared(dt, precision, meta, warps, stages, True, rank_pad=64, sources=3)))
         if dt == "bf16":  # the persistent GEMM at its widest expand (R = 32, one product of depth 64)
             for w_kn in (False, True):
-                for flat in (False, True):
+                for flat, more in ((False, False), (True, False), (False, True)):
                     rows.append(dict(kernel="fused_gemm_persistent" + ("_flat" if flat else ""),
-                                     config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32",
-                                     dtype=dt, precision=precision, w_kn=w_kn,
-                                     **persistent_shared(dt, meta, warps, stages, w_kn, 32, flat)))
+                                     config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32"
+                                     + ("/segment-loop" if more else ""), dtype=dt, precision=precision, w_kn=w_kn,
+                                     **persistent_shared(dt, meta, warps, stages, w_kn, 32, flat, more_segments=more)))
             for sources in (2, 3):  # the shared-input dx (gate, up; q, k, v) with a stacked rank block of 32
                 rows.append(dict(kernel="fused_gemm_persistent",
                                  config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32x{sources}",

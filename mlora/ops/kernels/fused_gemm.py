@@ -207,21 +207,25 @@ def fused_gemm_persistent_kernel(
     M, N, K, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
     SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLAT: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLAT: tl.constexpr, MORE_SEGMENTS: tl.constexpr,
 ):
-    """fused_gemm_kernel's product for tiles meeting at most two segments, no dropout, one
-    to three (a, W) pairs (FLAT: one), operands and output through descriptors: one
-    program per SM walks the tiles, so no program starts per tile and a tile's TMA store
-    need not have drained before the SM starts the next tile's K loop (a program per
-    tile waits for it before it exits). The expand is the pair product alone, unconditional (zero where the tile
-    meets no segment); the output leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the
-    staging memory). FLAT flattens the tile and K loops into one software-pipelined loop
-    (`tl.range(flatten=True)`), so the next tile's first operands are in flight while
-    this one's expand and store run: a plain GEMM flattened ran at cuBLAS's speed. The
-    pipeliner takes every load of that loop in, the expand's too, and with the expand's
-    loads pipelined as async copies the GEMMs took 13-39 % longer than a program per tile
-    (bench/README.md, 2026-12-04, fifth session); FLAT therefore reads the expand's
-    operands and tables by inline PTX (`_load`), which it does not see."""
+    """fused_gemm_kernel's product without dropout, rank block at most 32, one to three
+    (a, W) pairs, operands and output through descriptors: one program per SM walks the
+    tiles, so no program starts per tile and a tile's TMA store need not have drained
+    before the SM starts the next tile's K loop (a program per tile waits for it before
+    it exits). The expand is the pair product, unconditional (zero where the tile meets
+    no segment), then, where some tile meets more than two segments (MORE_SEGMENTS),
+    `_segment_loop`; the output leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the
+    staging memory).
+
+    FLAT (one pair, no tile meeting more than two segments) flattens the tile and K
+    loops into one software-pipelined loop (`tl.range(flatten=True)`), so the next
+    tile's first operands are in flight while this one's expand and store run: a plain
+    GEMM flattened ran at cuBLAS's speed. The pipeliner takes every load of that loop
+    in, the expand's too, and with the expand's loads pipelined as async copies the
+    GEMMs took 13-39 % longer than a program per tile (bench/README.md, 2026-12-04,
+    fifth session); FLAT therefore reads the expand's operands and tables by inline
+    PTX (`_load`), which it does not see."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -252,6 +256,10 @@ def fused_gemm_persistent_kernel(
                                 seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
                                 U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
         acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
+        if MORE_SEGMENTS:
+            acc = _segment_loop(acc, lo + 2, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
+                                seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE,
+                                dtype, R, W_KN, False, PRECISION, V_ALIGNED)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -565,15 +573,16 @@ def fused_gemm(
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         mode = persistent_mode()
-        if (flags["TMA_STORE"] and not dropout and plan.rank_pad <= PAIRED_RANK
-                and plan.most_segments_per_tile(meta["BLOCK_M"], m) <= 2 and mode != "off"):
+        most = plan.most_segments_per_tile(meta["BLOCK_M"], m)
+        if flags["TMA_STORE"] and not dropout and plan.rank_pad <= PAIRED_RANK and mode != "off":
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
                 srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, *tables, m, n, k, max(plan.rank_total, 1),
                 u.stride(0), *further, R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, PRECISION=precision,
-                V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms, FLAT=mode == "flat" and not more and not INTERPRET,
-                **meta, num_warps=warps, num_stages=stages)
+                V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms, MORE_SEGMENTS=most > 2,
+                FLAT=mode == "flat" and not more and most <= 2 and not INTERPRET, **meta, num_warps=warps,
+                num_stages=stages)
             return out
         grid = (tiles,)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
