@@ -81,21 +81,24 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
 
 
 def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int,
-                      flat: bool = False, sources: int = 1, more_segments: bool = False) -> dict:
+                      flat: bool = False, sources: int = 1, more_segments: bool = False,
+                      dropout: bool = False) -> dict:
     """The persistent GEMM (16-bit only: its output leaves through a descriptor, in halves),
     its loops nested or (flat) flattened, summing one or more (a, W) products, with the
-    segment loop for tiles meeting more than two segments or without."""
+    segment loop for tiles meeting more than two segments or without, with dropout (dx)
+    or without."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     types = {n: "*i32" for n in ("tok_lo", "tok_hi", "seg_start", "seg_end", "seg_off", "seg_rank", "seg_mask_row")}
     types.update({n: "*fp32" for n in ("seg_scale", "seg_keep")})
     types.update({n: "i32" for n in ("M", "N", "K", "RT", "U_STRIDE", "K1", "K2")})
+    types.update(mask_ptr="*i8")
     a_desc = f"tensordesc<{dt}[{bm}, {bk}]>"
     w_desc = f"tensordesc<{dt}[{bk}, {bn}]>" if w_kn else f"tensordesc<{dt}[{bn}, {bk}]>"
     types.update(a_src=a_desc, w_src=w_desc, a1_src=a_desc, w1_src=w_desc, a2_src=a_desc, w2_src=w_desc,
                  out_ptr=f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn // 2}]>", bias_ptr=f"*{dt}", v_cat=f"*{dt}",
                  u_ptr="*fp32" if w_kn else f"*{dt}")
     consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132,
-                  FLAT=flat, SOURCES=sources, MORE_SEGMENTS=more_segments, **meta)
+                  FLAT=flat, SOURCES=sources, MORE_SEGMENTS=more_segments, DROPOUT=dropout, **meta)
     return _shared(fused_gemm.fused_gemm_persistent_kernel, types, consts, warps, stages)
 
 
@@ -160,18 +163,21 @@ def main() -> None:
         rows.append(dict(kernel="fused_gemm", config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
                          "/R64x3", dtype=dt, precision=precision, w_kn=True,
                          **gemm_shared(dt, precision, meta, warps, stages, True, rank_pad=64, sources=3)))
-        if dt == "bf16":  # the persistent GEMM at its widest expand (R = 32, one product of depth 64)
-            for w_kn in (False, True):
-                for flat, more in ((False, False), (True, False), (False, True)):
-                    rows.append(dict(kernel="fused_gemm_persistent" + ("_flat" if flat else ""),
-                                     config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32"
-                                     + ("/segment-loop" if more else ""), dtype=dt, precision=precision, w_kn=w_kn,
-                                     **persistent_shared(dt, meta, warps, stages, w_kn, 32, flat, more_segments=more)))
-            for sources in (2, 3):  # the shared-input dx (gate, up; q, k, v) with a stacked rank block of 32
-                rows.append(dict(kernel="fused_gemm_persistent",
-                                 config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}/R32x{sources}",
-                                 dtype=dt, precision=precision, w_kn=True,
-                                 **persistent_shared(dt, meta, warps, stages, True, 32, sources=sources)))
+        if dt == "bf16":  # the persistent GEMM: nested, flattened, with the segment loop after the pair (R = 32,
+            # the widest pair), every segment looped (R = 64), with dropout (dx), and the shared-input dx
+            # (gate and up: 2 products at R = 32; q, k and v: 3 at R = 64)
+            tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
+            variants = [(w_kn, dict(rank_pad=32, flat=flat, more_segments=more))
+                        for w_kn in (False, True) for flat, more in ((False, False), (True, False), (False, True))]
+            variants += [(w_kn, dict(rank_pad=64)) for w_kn in (False, True)]
+            variants += [(True, dict(rank_pad=r, dropout=True)) for r in (32, 64)]
+            variants += [(True, dict(rank_pad=32, sources=2)), (True, dict(rank_pad=64, sources=3))]
+            for w_kn, v in variants:
+                name = (f"{tile}/R{v['rank_pad']}" + (f"x{v['sources']}" if "sources" in v else "")
+                        + ("/segment-loop" if v.get("more_segments") else "") + ("/dropout" if v.get("dropout") else ""))
+                rows.append(dict(kernel="fused_gemm_persistent" + ("_flat" if v.get("flat") else ""), config=name,
+                                 dtype=dt, precision=precision, w_kn=w_kn,
+                                 **persistent_shared(dt, meta, warps, stages, w_kn, **v)))
         for rank_pad in RANKS:
             for of_b in (False, True):
                 rows.append(dict(kernel="shrink", config=f"{'g' if of_b else 'h'}/R{rank_pad}", dtype=dt,

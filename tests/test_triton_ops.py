@@ -366,13 +366,15 @@ def test_fused_gemm_matches_its_contract(w_kn: bool, use_tma: bool, dtype: torch
 @interpreted
 @pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
 def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> None:
-    """Without dropout, 16-bit through descriptors, one program per SM walks the tiles (3
-    programs when interpreting, 18 tiles here): the same contract, with bias (forward),
-    rows outside every segment, a tile meeting none, the last row tile and the last
-    column tile (40 of 48 columns: its second half wholly outside) cut by the edges;
-    tiles meeting up to five segments (the segment loop after the pair); two and three
-    products summed. With MLORA_TRITON_PERSISTENT=0, or dropout, the tiled kernel runs;
-    "flat" (loops flattened on a GPU) launches it as well, any other value is refused."""
+    """16-bit through descriptors, one program per SM walks the tiles (3 programs when
+    interpreting, 18 tiles here): the same contract, with bias (forward), rows outside
+    every segment, a tile meeting none, the last row tile and the last column tile (40 of
+    48 columns: its second half wholly outside) cut by the edges; tiles meeting up to
+    five segments (the segment loop after the pair); a rank block of 64 (every segment
+    looped); two and three products summed; dropout masks on some segments (dx: the
+    masked expand first). With MLORA_TRITON_PERSISTENT=0, or a rank block of 128, the
+    tiled kernel runs; "flat" (loops flattened on a GPU) launches it as well, any other
+    value is refused."""
     with persistent_launches() as launched:
         two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
@@ -380,18 +382,18 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "0")
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
         monkeypatch.delenv("MLORA_TRITON_PERSISTENT")
-        if w_kn:  # dropout on some segments (dx only): the masked expand comes first, in the tiled kernel
-            _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40)
+        _check_gemm_contract(w_kn, True, torch.float16, n=40, ranks=(4, 100, 8))  # rank block 128
         assert launched == [(3,)]
         _check_gemm_contract(w_kn, True, torch.float16, n=40, dropout_on=False)  # rows 16-31 meet five segments
+        _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, ranks=(4, 40, 8))  # R 64, dropout
         # two and three (a, W) pairs summed (the shared-input dx), u a slice of a wider g
         for more in ((24,), (24, 8)):
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False, more=more,
                                  u_slice=True)
-        assert launched == [(3,)] * 4
+        assert launched == [(3,)] * 5
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "flat")  # flattened on a GPU; the interpreter runs it nested
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
-        assert launched == [(3,)] * 5
+        assert launched == [(3,)] * 6
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "yes")
         with pytest.raises(ValueError, match="MLORA_TRITON_PERSISTENT must be one of 1, flat, 0, got 'yes'"):
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
@@ -443,7 +445,7 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
                          more: tuple[int, ...] = (), u_slice: bool = False,
                          lengths: tuple[int, ...] = (3, 12, 2, 5, 3, 0, 30, 9, 4), n: int = 48,
                          dropout_on: bool = True, tokens: int = 90, k: int = 40, device: str = "cpu",
-                         tol: float | None = None) -> torch.Tensor:
+                         tol: float | None = None, ranks: tuple[int, int, int] = (4, 16, 8)) -> torch.Tensor:
     """fused_gemm (or split_gemm) against `_expand_reference` in float64; returns the
     output. The default lengths start at row 2: 16-row tiles then meet up to five
     segments (rows 16-31), rows 80-89 none."""
@@ -452,7 +454,6 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
     from mlora.ops.kernels.plan import segment_plan
 
     gen = torch.Generator().manual_seed(11)
-    ranks = (4, 16, 8)
     segs, at = [], 2
     for i, length in enumerate(lengths):
         segs.append(Segment(i % 3, at, at + length))

@@ -19,9 +19,9 @@ shapes the main loop reads a and W, and a 16-bit tile is written, through TMA te
 descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. Slots
 are laid out at multiples of 8 ranks (zeros past a slot's rank), so the forward reads
 B_cat's columns 16 bytes at a time (`_b_block`); a gather of them with unknown alignment
-spilled at R = 128. Where every tile meets at most two segments (no dropout, rank
-block at most 32, a 16-bit output through descriptors) one program per SM walks the
-tiles (`fused_gemm_persistent_kernel`); elsewhere a program per tile.
+spilled at R = 128. With a 16-bit output through descriptors and a rank block of at
+most 64, one program per SM walks the tiles (`fused_gemm_persistent_kernel`); elsewhere
+a program per tile.
 """
 
 from __future__ import annotations
@@ -173,13 +173,9 @@ def fused_gemm_kernel(
         # end (segments own disjoint rows; 1/(1-p) rides in u). After the main loop a
         # masked product needs a second accumulator, and beside the first one ptxas
         # spilled: that dx GEMM took 2.7 ms instead of 0.44 at 4096² on an H200.
-        acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, True, PRECISION,
-                      V_ALIGNED)
-        mask_rows = _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row)
-        kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
-                       mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
-        acc = tl.where(kept != 0, acc, 0.0)
+        acc = _masked_expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr, seg_start, seg_end,
+                             seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN,
+                             PRECISION, V_ALIGNED)
     acc = _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION, BLOCK_K)
     if SOURCES > 1:  # further (a, W) pairs: the same output's sum continues over their K
         acc = _k_loop(acc, a1_src, w1_src, K1, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
@@ -202,30 +198,32 @@ def fused_gemm_kernel(
 
 @triton.jit
 def fused_gemm_persistent_kernel(
-    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat,
+    a_src, w_src, out_ptr, out_src, bias_ptr, u_ptr, v_cat, mask_ptr,
     tok_lo, tok_hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
     M, N, K, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
     SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLAT: tl.constexpr, MORE_SEGMENTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    """fused_gemm_kernel's product without dropout, rank block at most 32, one to three
-    (a, W) pairs, operands and output through descriptors: one program per SM walks the
-    tiles, so no program starts per tile and a tile's TMA store need not have drained
-    before the SM starts the next tile's K loop (a program per tile waits for it before
-    it exits). The expand is the pair product, unconditional (zero where the tile meets
-    no segment), then, where some tile meets more than two segments (MORE_SEGMENTS),
-    `_segment_loop`; the output leaves in two [BLOCK_M, BLOCK_N / 2] halves (half the
-    staging memory).
+    """fused_gemm_kernel's product at rank blocks up to 64, operands and output through
+    descriptors: one program per SM walks the tiles, so no program starts per tile and a
+    tile's TMA store need not have drained before the SM starts the next tile's K loop
+    (a program per tile waits for it before it exits). The expand is the pair product up
+    to R = 32, unconditional (zero where the tile meets no segment), then, where some
+    tile meets more than two segments (MORE_SEGMENTS) or at R = 64, `_segment_loop`;
+    with dropout, `_masked_expand` before the K loop. The output leaves in two [BLOCK_M,
+    BLOCK_N / 2] halves (half the staging memory).
 
-    FLAT (one pair, no tile meeting more than two segments) flattens the tile and K
-    loops into one software-pipelined loop (`tl.range(flatten=True)`), so the next
-    tile's first operands are in flight while this one's expand and store run: a plain
-    GEMM flattened ran at cuBLAS's speed. The pipeliner takes every load of that loop
-    in, the expand's too, and with the expand's loads pipelined as async copies the
-    GEMMs took 13-39 % longer than a program per tile (bench/README.md, 2026-12-04,
-    fifth session); FLAT therefore reads the expand's operands and tables by inline
-    PTX (`_load`), which it does not see."""
+    FLAT (one pair, no tile meeting more than two segments, R <= 32, no dropout: one
+    inner loop, the expand in the epilogue) flattens the tile and K loops into one
+    software-pipelined loop (`tl.range(flatten=True)`), so the next tile's first
+    operands are in flight while this one's expand and store run: a plain GEMM flattened
+    ran at cuBLAS's speed. The pipeliner takes every load of that loop in, the expand's
+    too, and with the expand's loads pipelined as async copies the GEMMs took 13-39 %
+    longer than a program per tile (bench/README.md, 2026-12-04, fifth session); FLAT
+    therefore reads the expand's operands and tables by inline PTX (`_load`), which it
+    does not see."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -235,6 +233,14 @@ def fused_gemm_persistent_kernel(
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if DROPOUT:  # the masked expand first, as in fused_gemm_kernel (and for its reason)
+            rows = m0 + tl.arange(0, BLOCK_M)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            lo = tl.load(tok_lo + m0)
+            hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
+            acc = _masked_expand(acc, lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), cols < N, N, u_ptr, v_cat,
+                                 mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
+                                 U_STRIDE, dtype, R, W_KN, PRECISION, V_ALIGNED)
         for ki in range(k_tiles):  # `_k_loop`'s descriptor branch, written out as it was measured
             k0 = ki * BLOCK_K
             a = a_src.load([m0, k0])
@@ -250,16 +256,20 @@ def fused_gemm_persistent_kernel(
             acc = _k_loop(acc, a1_src, w1_src, K1, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
         if SOURCES > 2:
             acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
-        lo = _load(tok_lo + m0, m0 < M, 0, FLAT)
-        hi = _load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT)
-        u2, v2 = _pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
-                                seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                                U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
-        acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
-        if MORE_SEGMENTS:
-            acc = _segment_loop(acc, lo + 2, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
-                                seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE,
-                                dtype, R, W_KN, False, PRECISION, V_ALIGNED)
+        if not DROPOUT:
+            lo = _load(tok_lo + m0, m0 < M, 0, FLAT)
+            hi = _load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT)
+            first = lo
+            if R <= PAIRED_RANK:
+                u2, v2 = _pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
+                                        seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
+                                        U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
+                acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
+                first = lo + 2
+            if MORE_SEGMENTS or R > PAIRED_RANK:
+                acc = _segment_loop(acc, first, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr,
+                                    v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
+                                    U_STRIDE, dtype, R, W_KN, False, PRECISION, V_ALIGNED)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -303,6 +313,7 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
 
 
 PAIRED_RANK: tl.constexpr = tl.constexpr(32)
+PERSISTENT_MAX_RANK = 64  # the persistent GEMM's dx spilled 176 bytes a thread at R = 128 (the tiled one: none)
 
 
 @triton.jit
@@ -446,6 +457,21 @@ def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat,
 
 
 @triton.jit
+def _masked_expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr, seg_start, seg_end, seg_off,
+                   seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr,
+                   W_KN: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
+    """The expand with dropout, into an accumulator that holds nothing else yet: each
+    segment's product (1/(1-p) rides in u), then every element its keep-mask drops set
+    to zero (segments own disjoint rows, so one mask serves them all)."""
+    acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
+                  seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, True, PRECISION, V_ALIGNED)
+    mask_rows = _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row)
+    kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
+                   mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
+    return tl.where(kept != 0, acc, 0.0)
+
+
+@triton.jit
 def _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row):
     """Each row's row in the stacked keep-masks: that of the segment it is in, or -1
     where that segment has no mask (or the row is in none)."""
@@ -574,15 +600,15 @@ def fused_gemm(
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         mode = persistent_mode()
         most = plan.most_segments_per_tile(meta["BLOCK_M"], m)
-        if flags["TMA_STORE"] and not dropout and plan.rank_pad <= PAIRED_RANK and mode != "off":
+        if flags["TMA_STORE"] and plan.rank_pad <= PERSISTENT_MAX_RANK and mode != "off":
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
-                srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, *tables, m, n, k, max(plan.rank_total, 1),
+                srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, masks, *tables, m, n, k, max(plan.rank_total, 1),
                 u.stride(0), *further, R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, PRECISION=precision,
-                V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms, MORE_SEGMENTS=most > 2,
-                FLAT=mode == "flat" and not more and most <= 2 and not INTERPRET, **meta, num_warps=warps,
-                num_stages=stages)
+                V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms, MORE_SEGMENTS=most > 2, DROPOUT=dropout,
+                FLAT=(mode == "flat" and not more and most <= 2 and plan.rank_pad <= PAIRED_RANK and not dropout
+                      and not INTERPRET), **meta, num_warps=warps, num_stages=stages)
             return out
         grid = (tiles,)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
