@@ -18,7 +18,7 @@ come first, so the element-wise mask needs no second accumulator. On CUDA with a
 shapes the main loop reads a and W, and a 16-bit tile is written, through TMA tensor
 descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. Slots
 are laid out at multiples of 8 ranks (zeros past a slot's rank), so the forward reads
-B_cat's columns 16 bytes at a time (`_b_block`); a gather of them with unknown alignment
+B_cat's columns 16 bytes at a time (`tile_expand.b_block`); a gather of them with unknown alignment
 spilled at R = 128. With a 16-bit output through descriptors and a rank block of at
 most 64, one program per SM walks the tiles (`fused_gemm_persistent_kernel`); elsewhere
 a program per tile.
@@ -37,6 +37,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mlora.ops.kernels.interpret import INTERPRET
+from mlora.ops.kernels import tile_expand as te
 from mlora.ops.kernels.plan import SegmentPlan
 
 INTERPRET_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
@@ -173,9 +174,9 @@ def fused_gemm_kernel(
         # end (segments own disjoint rows; 1/(1-p) rides in u). After the main loop a
         # masked product needs a second accumulator, and beside the first one ptxas
         # spilled: that dx GEMM took 2.7 ms instead of 0.44 at 4096² on an H200.
-        acc = _masked_expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr, seg_start, seg_end,
-                             seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN,
-                             PRECISION, V_ALIGNED)
+        acc = te.masked_expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr, seg_start, seg_end,
+                               seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN,
+                               PRECISION, V_ALIGNED)
     acc = _k_loop(acc, a_src, w_src, K, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION, BLOCK_K)
     if SOURCES > 1:  # further (a, W) pairs: the same output's sum continues over their K
         acc = _k_loop(acc, a1_src, w1_src, K1, m0, n0, rows64, row_ok, cols64, col_ok, N, W_KN, USE_TMA, PRECISION,
@@ -185,9 +186,9 @@ def fused_gemm_kernel(
                       BLOCK_K)
 
     if not DROPOUT:
-        acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                      seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, False, PRECISION,
-                      V_ALIGNED)
+        acc = te.expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
+                        seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, False, PRECISION,
+                        V_ALIGNED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if TMA_STORE:  # staged in the main loop's (then free) shared memory, edges clipped
@@ -211,8 +212,8 @@ def fused_gemm_persistent_kernel(
     tile's TMA store need not have drained before the SM starts the next tile's K loop
     (a program per tile waits for it before it exits). The expand is the pair product up
     to R = 32, unconditional (zero where the tile meets no segment), then, where some
-    tile meets more than two segments (MORE_SEGMENTS) or at R = 64, `_segment_loop`;
-    with dropout, `_masked_expand` before the K loop. The output leaves in two [BLOCK_M,
+    tile meets more than two segments (MORE_SEGMENTS) or at R = 64, `segment_loop`;
+    with dropout, `masked_expand` before the K loop. The output leaves in two [BLOCK_M,
     BLOCK_N / 2] halves (half the staging memory).
 
     FLAT (one pair, no tile meeting more than two segments, R <= 32, no dropout: one
@@ -222,8 +223,8 @@ def fused_gemm_persistent_kernel(
     ran at cuBLAS's speed. The pipeliner takes every load of that loop in, the expand's
     too, and with the expand's loads pipelined as async copies the GEMMs took 13-39 %
     longer than a program per tile (bench/README.md, 2026-12-04, fifth session); FLAT
-    therefore reads the expand's operands and tables by inline PTX (`_load`), which it
-    does not see."""
+    therefore reads the expand's operands and tables by inline PTX (`tile_expand.load`),
+    which it does not see."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -238,9 +239,9 @@ def fused_gemm_persistent_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             lo = tl.load(tok_lo + m0)
             hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
-            acc = _masked_expand(acc, lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), cols < N, N, u_ptr, v_cat,
-                                 mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                                 U_STRIDE, dtype, R, W_KN, PRECISION, V_ALIGNED)
+            acc = te.masked_expand(acc, lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), cols < N, N, u_ptr, v_cat,
+                                   mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
+                                   RT, U_STRIDE, dtype, R, W_KN, PRECISION, V_ALIGNED)
         for ki in range(k_tiles):  # `_k_loop`'s descriptor branch, written out as it was measured
             k0 = ki * BLOCK_K
             a = a_src.load([m0, k0])
@@ -257,19 +258,19 @@ def fused_gemm_persistent_kernel(
         if SOURCES > 2:
             acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
         if not DROPOUT:
-            lo = _load(tok_lo + m0, m0 < M, 0, FLAT)
-            hi = _load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT)
+            lo = te.load(tok_lo + m0, m0 < M, 0, FLAT)
+            hi = te.load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT)
             first = lo
-            if R <= PAIRED_RANK:
-                u2, v2 = _pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
-                                        seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                                        U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
+            if R <= te.PAIRED_RANK:
+                u2, v2 = te.pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
+                                          seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
+                                          U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
                 acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
                 first = lo + 2
-            if MORE_SEGMENTS or R > PAIRED_RANK:
-                acc = _segment_loop(acc, first, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr,
-                                    v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                                    U_STRIDE, dtype, R, W_KN, False, PRECISION, V_ALIGNED)
+            if MORE_SEGMENTS or R > te.PAIRED_RANK:
+                acc = te.segment_loop(acc, first, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr,
+                                      v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
+                                      RT, U_STRIDE, dtype, R, W_KN, False, PRECISION, V_ALIGNED)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -312,178 +313,7 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % in_group) % group_rows, (tile % in_group) // group_rows
 
 
-PAIRED_RANK: tl.constexpr = tl.constexpr(32)
 PERSISTENT_MAX_RANK = 64  # the persistent GEMM's dx spilled 176 bytes a thread at R = 128 (the tiled one: none)
-
-
-@triton.jit
-def _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
-            seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
-            DROPOUT: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
-    """acc + Σ_{segments lo..hi-1} (s_j·u[rows ∈ j])·V_j: up to PAIRED_RANK the first two
-    as one product, the rest in turn."""
-    first = lo
-    if R <= PAIRED_RANK:
-        u2, v2 = _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                                seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, DROPOUT,
-                                V_ALIGNED, False)
-        if lo < hi:
-            acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
-        first = lo + 2
-    return _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                         seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, DROPOUT, PRECISION,
-                         V_ALIGNED)
-
-
-@triton.jit
-def _pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
-                   seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
-                   DROPOUT: tl.constexpr, V_ALIGNED: tl.constexpr, HIDDEN: tl.constexpr):
-    """The tile's first two segments as the operands of one product of depth 2R: u's
-    columns [0, R) hold segment lo's scaled rows and [R, 2R) segment lo+1's (zero
-    elsewhere), V the two adapters' rows stacked. Their table entries are fetched side
-    by side, so a tile waits on three dependent round trips to memory whether it meets
-    one segment or two (a segment that is not there has its loads masked off), and
-    one wgmma chain serves both. HIDDEN: loads by inline PTX (`_load`), without dropout."""
-    cc = tl.arange(0, 2 * R)
-    second = cc >= R  # this column of u (row of V) belongs to segment lo + 1
-    j = lo + second.to(tl.int32)
-    live = j < hi
-    start = _load(seg_start + j, live, 0, HIDDEN)
-    end = _load(seg_end + j, live, 0, HIDDEN)
-    rank = _load(seg_rank + j, live, 0, HIDDEN)
-    off = _load(seg_off + j, live, 0, HIDDEN).to(tl.int64)
-    scale = _load(seg_scale + j, live, 0.0, HIDDEN)
-    if DROPOUT:
-        scale *= tl.where(tl.load(seg_mask_row + j, mask=live, other=-1) >= 0,
-                          tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
-    rr = cc % R
-    in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
-    u = _load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], in_seg, 0.0, HIDDEN)
-    u = (u.to(tl.float32) * scale[None, :]).to(dtype)
-    if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
-        v_row = v_cat + (off + rr) * N
-        if V_ALIGNED:
-            v_row = tl.multiple_of(v_row, 16)
-        v = _load(v_row[:, None] + cols64[None, :], (rr < rank)[:, None] & col_ok[None, :], 0.0, HIDDEN)
-    else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
-        if V_ALIGNED:
-            v = _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
-        else:
-            v = _load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, (rr < rank)[:, None] & col_ok[None, :], 0.0,
-                      HIDDEN)
-    return u, v
-
-
-@triton.jit
-def _load(ptrs, mask, other, HIDDEN: tl.constexpr):
-    """tl.load(ptrs, mask, other) of 16- or 32-bit values; HIDDEN: the same by inline PTX,
-    one element a load, which the software pipeliner does not take into a flattened
-    loop (it pipelines every tl.load there, the epilogue's too, volatile ones as well).
-    Not in the interpreter, which runs no PTX."""
-    if HIDDEN:
-        kind: tl.constexpr = ptrs.dtype.element_ty
-        addr = ptrs.to(tl.int64, bitcast=True)
-        if kind.primitive_bitwidth == 16:
-            bits = tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.b16 $0, [$1]; }", "=h,l,r",
-                [addr, mask.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
-        else:
-            bits = tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }", "=r,l,r",
-                [addr, mask.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
-        return tl.where(mask, bits.to(kind, bitcast=True), other)
-    else:
-        return tl.load(ptrs, mask=mask, other=other)
-
-
-@triton.jit
-def _pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr, HIDDEN: tl.constexpr):
-    """The pair's V in the forward (slots at multiples of 8 ranks): each segment's
-    [R, BLOCK_N] block of B_jᵀ loaded on its own, so its offset and rank are scalars the
-    compiler knows are multiples of 8, and the rank-contiguous columns of B_cat load 16
-    bytes at a time (one [2R, BLOCK_N] gather loaded them 2 bytes at a time: 64 loads of
-    64-bit addresses per thread at R = 128, and the forward spilled), then stacked."""
-    first = _b_block(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
-    second = _b_block(lo + 1, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
-    return tl.reshape(tl.permute(tl.join(first, second), (2, 0, 1)), (2 * R, cols64.shape[0]))
-
-
-@triton.jit
-def _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr, HIDDEN: tl.constexpr):
-    """Segment j's B_jᵀ (columns off.. of B_cat [N, RT]) as [R, BLOCK_N], zero if j is past
-    the tile's last segment; its (padded) rank, offset and Σr are multiples of 8."""
-    rr = tl.arange(0, R)
-    live = j < hi
-    off = tl.multiple_of(_load(seg_off + j, live, 0, HIDDEN), 8)
-    rank_ok = rr // 8 < _load(seg_rank + j, live, 0, HIDDEN) // 8  # rr < rank, seen as constant by eights
-    return _load(v_cat + off + cols64[None, :] * (RT // 8 * 8) + rr[:, None], rank_ok[:, None] & col_ok[None, :], 0.0,
-                 HIDDEN)
-
-
-@triton.jit
-def _segment_loop(acc, first, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off,
-                  seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
-                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
-    """acc + one [BLOCK_M, R]·[R, BLOCK_N] product per segment first..hi-1, in turn: tiles
-    holding a whole short segment meet more than two, and above PAIRED_RANK every
-    segment comes here (two [BLOCK_M, R] and [R, BLOCK_N] pairs at R = 128 need more
-    shared memory and registers than a Hopper block has)."""
-    rr = tl.arange(0, R)
-    for j in tl.range(first, hi, num_stages=1):  # not software-pipelined: the buffers would not fit
-        s0 = tl.load(seg_start + j)
-        s1 = tl.load(seg_end + j)
-        rank = tl.load(seg_rank + j)
-        off = tl.load(seg_off + j).to(tl.int64)
-        scale = tl.load(seg_scale + j)
-        if DROPOUT:
-            scale *= tl.where(tl.load(seg_mask_row + j) >= 0, tl.load(seg_keep + j), 1.0)
-        in_seg = (rows >= s0) & (rows < s1)
-        u = tl.load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], mask=in_seg[:, None], other=0.0)
-        u = (u.to(tl.float32) * scale).to(dtype)
-        if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
-            v_ptr = v_cat + off * N
-            if V_ALIGNED:
-                v_ptr = tl.multiple_of(v_ptr, 16)
-            v = tl.load(v_ptr + rr[:, None] * N + cols64[None, :], mask=(rr < rank)[:, None] & col_ok[None, :],
-                        other=0.0)
-        elif V_ALIGNED:  # V = B_jᵀ, read 16 bytes at a time
-            v = _b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, False)
-        else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
-            v = tl.load(v_cat + off + cols64[None, :] * RT + rr[:, None], mask=(rr < rank)[:, None] & col_ok[None, :],
-                        other=0.0)
-        acc = tl.dot(u, v, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _masked_expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, mask_ptr, seg_start, seg_end, seg_off,
-                   seg_rank, seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R: tl.constexpr,
-                   W_KN: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr):
-    """The expand with dropout, into an accumulator that holds nothing else yet: each
-    segment's product (1/(1-p) rides in u), then every element its keep-mask drops set
-    to zero (segments own disjoint rows, so one mask serves them all)."""
-    acc = _expand(acc, lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
-                  seg_scale, seg_keep, seg_mask_row, RT, U_STRIDE, dtype, R, W_KN, True, PRECISION, V_ALIGNED)
-    mask_rows = _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row)
-    kept = tl.load(mask_ptr + mask_rows[:, None] * N + cols64[None, :],
-                   mask=(mask_rows >= 0)[:, None] & col_ok[None, :], other=1)
-    return tl.where(kept != 0, acc, 0.0)
-
-
-@triton.jit
-def _mask_rows(lo, hi, rows64, seg_start, seg_end, seg_mask_row):
-    """Each row's row in the stacked keep-masks: that of the segment it is in, or -1
-    where that segment has no mask (or the row is in none)."""
-    out = tl.full(rows64.shape, -1, tl.int64)
-    for j in range(lo, hi):
-        s0 = tl.load(seg_start + j)
-        first = tl.load(seg_mask_row + j)
-        # a segment without a mask (first -1) is spelled as an empty row range: the
-        # interpreter rejects a scalar condition inside a vector mask
-        s1 = tl.where(first >= 0, tl.load(seg_end + j), s0)
-        out = tl.where((rows64 >= s0) & (rows64 < s1), rows64 - s0 + first, out)
-    return out
 
 
 _tuned = None if INTERPRET else triton.autotune(
@@ -604,10 +434,11 @@ def fused_gemm(
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
-                srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, masks, *tables, m, n, k, max(plan.rank_total, 1),
-                u.stride(0), *further, R=plan.rank_pad, W_KN=w_kn, HAS_BIAS=bias is not None, PRECISION=precision,
-                V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms, MORE_SEGMENTS=most > 2, DROPOUT=dropout,
-                FLAT=(mode == "flat" and not more and most <= 2 and plan.rank_pad <= PAIRED_RANK and not dropout
+                srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, masks, *tables, m, n, k,
+                max(plan.rank_total, 1), u.stride(0), *further, R=plan.rank_pad, W_KN=w_kn,
+                HAS_BIAS=bias is not None, PRECISION=precision, V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms,
+                MORE_SEGMENTS=most > 2, DROPOUT=dropout,
+                FLAT=(mode == "flat" and not more and most <= 2 and plan.rank_pad <= te.PAIRED_RANK and not dropout
                       and not INTERPRET), **meta, num_warps=warps, num_stages=stages)
             return out
         grid = (tiles,)
