@@ -399,6 +399,31 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
 
 
+def test_which_gemms_launch_one_program_per_sm() -> None:
+    """`persistent_launch` on an H100 (227 KiB a block) and on a GPU with 99 KiB (sm_120):
+    the flattened kernel where it has one loop to flatten into and room for the expand's
+    buffers, else nested; a program per tile without a descriptor store, above rank 64,
+    when switched off, or where even the nested kernel would not fit."""
+    from mlora.ops.kernels import fused_gemm as fg
+
+    meta, stages, _ = fg.fixed_config(2)  # 128 x 256 x 64, 3 stages
+    assert fg.persistent_smem(meta, stages, 2) == 180_224  # what sm_90 compiles: 180,248 (tests/kernel_smem.py)
+    h100 = dict(meta=meta, stages=stages, element_size=2, smem_limit=fg.HOPPER_SMEM, compiled=True)
+    flat_ok = dict(tma_store=True, rank_pad=32, pairs=1, most_per_tile=2, dropout=False)
+    assert fg.persistent_launch("flat", **flat_ok, **h100) == "flat"
+    assert fg.persistent_launch("flat", **flat_ok, **{**h100, "compiled": False}) == "nested"  # the interpreter
+    assert fg.persistent_launch("nested", **flat_ok, **h100) == "nested"
+    assert fg.persistent_launch("off", **flat_ok, **h100) == "tiled"
+    for change in (dict(pairs=2), dict(most_per_tile=3), dict(rank_pad=64), dict(dropout=True)):
+        assert fg.persistent_launch("flat", **{**flat_ok, **change}, **h100) == "nested", change
+    for change in (dict(tma_store=False), dict(rank_pad=128)):
+        assert fg.persistent_launch("nested", **{**flat_ok, **change}, **h100) == "tiled", change
+    small_meta, small_stages, _ = fg.fixed_config(2, 101_376 - fg.SMEM_HEADROOM)  # one stage fits
+    small = dict(meta=small_meta, stages=small_stages, element_size=2, smem_limit=101_376, compiled=True)
+    assert small_stages == 1 and fg.persistent_launch("flat", **flat_ok, **small) == "nested"  # 128 KiB flattened
+    assert fg.persistent_launch("nested", **flat_ok, **{**small, "smem_limit": 80_000}) == "tiled"
+
+
 @interpreted
 @pytest.mark.parametrize("w_kn", [False, True], ids=["forward", "dx"])
 def test_the_split_gemm_matches_the_contract(w_kn: bool) -> None:

@@ -322,6 +322,8 @@ _tuned = None if INTERPRET else triton.autotune(
 
 
 PERSISTENT_MODES = {"1": "nested", "flat": "flat", "0": "off"}
+HOPPER_SMEM = 232_448  # bytes of shared memory a block may opt in to on H100 / H200 (227 KiB)
+SMEM_SLACK = 1024  # barriers and alignment beyond `persistent_smem`'s buffers (24 bytes on sm_90)
 
 
 def persistent_mode() -> str:
@@ -333,6 +335,44 @@ def persistent_mode() -> str:
     if value not in PERSISTENT_MODES:
         raise ValueError(f"MLORA_TRITON_PERSISTENT must be one of {', '.join(PERSISTENT_MODES)}, got {value!r}")
     return PERSISTENT_MODES[value]
+
+
+def persistent_smem(meta: dict, stages: int, element_size: int, flat_rank: int = 0) -> int:
+    """Shared memory of the persistent GEMM's buffers, as compiled for sm_90
+    (tests/kernel_smem.py checks it): the pipeline's stages, one [BLOCK_M, BLOCK_N / 2]
+    half of the output staged for its store, and, flattened (flat_rank = R), the
+    expand's u [BLOCK_M, 2R] and V [2R, BLOCK_N], which no longer share the pipeline's."""
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    return (stages * (bm * bk + bk * bn) + bm * bn // 2 + (bm + bn) * 2 * flat_rank) * element_size
+
+
+def persistent_launch(mode: str, tma_store: bool, rank_pad: int, pairs: int, most_per_tile: int, dropout: bool,
+                      meta: dict, stages: int, element_size: int, smem_limit: int,
+                      compiled: bool = not INTERPRET) -> str:
+    """How a GEMM launches: "tiled" (a program per tile), "nested" or "flat" (one program
+    per SM, `fused_gemm_persistent_kernel` with its loops nested or flattened). The
+    persistent kernel needs its output through a descriptor, a rank block of at most
+    PERSISTENT_MAX_RANK and its staging buffer beside the pipeline's; flattened, one
+    (a, W) pair, tiles meeting at most two segments, the pair product (R <= PAIRED_RANK),
+    no dropout, `compiled` code (the interpreter runs no PTX) and room for the expand's
+    own buffers, else nested (`mode` "flat" on a GPU with less shared memory than
+    Hopper's falls back rather than failing to launch)."""
+    if mode == "off" or not tma_store or rank_pad > PERSISTENT_MAX_RANK:
+        return "tiled"
+    if persistent_smem(meta, stages, element_size) + SMEM_SLACK > smem_limit:
+        return "tiled"
+    if (mode == "flat" and pairs == 1 and most_per_tile <= 2 and rank_pad <= te.PAIRED_RANK and not dropout
+            and compiled and persistent_smem(meta, stages, element_size, rank_pad) + SMEM_SLACK <= smem_limit):
+        return "flat"
+    return "nested"
+
+
+@functools.lru_cache(maxsize=8)
+def smem_limit(device: torch.device) -> int:
+    """Shared memory a block may opt in to on this device (Hopper's off CUDA)."""
+    if device.type != "cuda":
+        return HOPPER_SMEM
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or HOPPER_SMEM
 
 
 @functools.lru_cache(maxsize=8)
@@ -428,18 +468,18 @@ def fused_gemm(
         _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        mode = persistent_mode()
         most = plan.most_segments_per_tile(meta["BLOCK_M"], m)
-        if flags["TMA_STORE"] and plan.rank_pad <= PERSISTENT_MAX_RANK and mode != "off":
+        launch = persistent_launch(persistent_mode(), flags["TMA_STORE"], plan.rank_pad, len(pairs), most, dropout,
+                                   meta, stages, out.element_size(), smem_limit(a.device))
+        if launch != "tiled":
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
                 srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, masks, *tables, m, n, k,
                 max(plan.rank_total, 1), u.stride(0), *further, R=plan.rank_pad, W_KN=w_kn,
                 HAS_BIAS=bias is not None, PRECISION=precision, V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms,
-                MORE_SEGMENTS=most > 2, DROPOUT=dropout,
-                FLAT=(mode == "flat" and not more and most <= 2 and plan.rank_pad <= te.PAIRED_RANK and not dropout
-                      and not INTERPRET), **meta, num_warps=warps, num_stages=stages)
+                MORE_SEGMENTS=most > 2, DROPOUT=dropout, FLAT=launch == "flat", **meta, num_warps=warps,
+                num_stages=stages)
             return out
         grid = (tiles,)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
