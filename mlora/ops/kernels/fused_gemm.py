@@ -18,10 +18,10 @@ come first, so the element-wise mask needs no second accumulator. On CUDA with a
 shapes the main loop reads a and W, and a 16-bit tile is written, through TMA tensor
 descriptors; otherwise (odd shapes, the interpreter when asked) through pointers. Slots
 are laid out at multiples of 8 ranks (zeros past a slot's rank), so the forward reads
-B_cat's columns 16 bytes at a time (`tile_expand.b_block`); a gather of them with unknown alignment
-spilled at R = 128. With a 16-bit output through descriptors and a rank block of at
-most 64, one program per SM walks the tiles (`fused_gemm_persistent_kernel`); elsewhere
-a program per tile.
+B_cat's columns 16 bytes at a time (`tile_expand.b_block`); a gather of them with
+unknown alignment spilled at R = 128. With a 16-bit output through descriptors and a
+rank block of at most 64, one program per SM walks the tiles
+(`fused_gemm_persistent_kernel`); elsewhere a program per tile.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ SHAPES = [(128, 256, 64, 3, 8, 16), (128, 128, 64, 4, 8, 16), (256, 128, 64, 3, 
 # is the device's opt-in limit less the same 7 KiB of headroom, at most SMEM_BYTES.
 SMEM_BYTES = 220 * 1024
 SMEM_HEADROOM = 7 * 1024
+HOPPER_SMEM = 232_448  # bytes of shared memory a block may opt in to on H100 / H200 (227 KiB)
 
 
 def autotuning() -> bool:
@@ -78,13 +79,18 @@ def autotuning() -> bool:
     return os.environ.get("MLORA_TRITON_AUTOTUNE", "0") == "1"
 
 
+@functools.lru_cache(maxsize=8)
+def smem_limit(device: torch.device) -> int:
+    """Shared memory a block may opt in to on this device (Hopper's off CUDA)."""
+    if device.type != "cuda":
+        return HOPPER_SMEM
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or HOPPER_SMEM
+
+
 @functools.lru_cache(maxsize=16)
 def smem_budget(device: torch.device) -> int:
     """Pipeline-buffer bytes a block may take on this device (SMEM_BYTES off CUDA)."""
-    if device.type != "cuda":
-        return SMEM_BYTES
-    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
-    return min(SMEM_BYTES, limit - SMEM_HEADROOM) if limit else SMEM_BYTES
+    return min(SMEM_BYTES, smem_limit(device) - SMEM_HEADROOM)
 
 
 # fp32 without TF32 ("ieee"): Triton computes the dot with FMAs, every operand and
@@ -322,7 +328,6 @@ _tuned = None if INTERPRET else triton.autotune(
 
 
 PERSISTENT_MODES = {"1": "nested", "flat": "flat", "0": "off"}
-HOPPER_SMEM = 232_448  # bytes of shared memory a block may opt in to on H100 / H200 (227 KiB)
 SMEM_SLACK = 1024  # barriers and alignment beyond `persistent_smem`'s buffers (24 bytes on sm_90)
 
 
@@ -365,14 +370,6 @@ def persistent_launch(mode: str, tma_store: bool, rank_pad: int, pairs: int, mos
             and compiled and persistent_smem(meta, stages, element_size, rank_pad) + SMEM_SLACK <= smem_limit):
         return "flat"
     return "nested"
-
-
-@functools.lru_cache(maxsize=8)
-def smem_limit(device: torch.device) -> int:
-    """Shared memory a block may opt in to on this device (Hopper's off CUDA)."""
-    if device.type != "cuda":
-        return HOPPER_SMEM
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or HOPPER_SMEM
 
 
 @functools.lru_cache(maxsize=8)
