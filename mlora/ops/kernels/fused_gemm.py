@@ -240,11 +240,13 @@ def fused_gemm_persistent_kernel(
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # the segments lo..hi-1 meet the tile's rows: read before the K loop, which hides the
+        # wait (flattened: in the tile's first step, carried to its last)
+        lo = te.load(tok_lo + m0, m0 < M, 0, FLAT, IN_PLACE=True)
+        hi = te.load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT, IN_PLACE=True)
         if DROPOUT:  # the masked expand first, as in fused_gemm_kernel (and for its reason)
             rows = m0 + tl.arange(0, BLOCK_M)
             cols = n0 + tl.arange(0, BLOCK_N)
-            lo = tl.load(tok_lo + m0)
-            hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M))
             acc = te.masked_expand(acc, lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), cols < N, N, u_ptr, v_cat,
                                    mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
                                    RT, U_STRIDE, dtype, R, W_KN, PRECISION, V_ALIGNED)
@@ -264,8 +266,6 @@ def fused_gemm_persistent_kernel(
         if SOURCES > 2:
             acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
         if not DROPOUT:
-            lo = te.load(tok_lo + m0, m0 < M, 0, FLAT)
-            hi = te.load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT)
             first = lo
             if R <= te.PAIRED_RANK:
                 u2, v2 = te.pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,

@@ -76,22 +76,24 @@ def pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_sta
 
 
 @triton.jit
-def load(ptrs, mask, other, HIDDEN: tl.constexpr):
+def load(ptrs, mask, other, HIDDEN: tl.constexpr, IN_PLACE: tl.constexpr = False):
     """tl.load(ptrs, mask, other) of 16- or 32-bit values; HIDDEN: the same by inline PTX,
     one element a load, which the software pipeliner does not take into a flattened
     loop (it pipelines every tl.load there, the epilogue's too, volatile ones as well).
-    Not in the interpreter, which runs no PTX."""
+    Not in the interpreter, which runs no PTX. The PTX is marked pure, so the compiler
+    may sink it to where its value is used; IN_PLACE keeps it where it is written (a
+    load before a K loop then waits behind the loop instead of after it)."""
     if HIDDEN:
         kind: tl.constexpr = ptrs.dtype.element_ty
         addr = ptrs.to(tl.int64, bitcast=True)
         if kind.primitive_bitwidth == 16:
             bits = tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.b16 $0, [$1]; }", "=h,l,r",
-                [addr, mask.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
+                [addr, mask.to(tl.int32)], dtype=tl.int16, is_pure=not IN_PLACE, pack=1)
         else:
             bits = tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }", "=r,l,r",
-                [addr, mask.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+                [addr, mask.to(tl.int32)], dtype=tl.int32, is_pure=not IN_PLACE, pack=1)
         return tl.where(mask, bits.to(kind, bitcast=True), other)
     else:
         return tl.load(ptrs, mask=mask, other=other)
