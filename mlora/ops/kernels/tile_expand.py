@@ -56,7 +56,7 @@ def pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_sta
     scale = load(seg_scale + j, live, 0.0, HIDDEN)
     if DROPOUT:
         scale *= tl.where(tl.load(seg_mask_row + j, mask=live, other=-1) >= 0,
-                                  tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
+                          tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
     rr = cc % R
     in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
     u = load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], in_seg, 0.0, HIDDEN)
