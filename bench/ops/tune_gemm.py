@@ -64,7 +64,10 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
     GEMM of jobs that all have LoRA dropout (p = 0.1: its expand masked element-wise);
     with `sources` > 1 also the shared-input call's dx summing that many members'
     products (as gate and up's, or q, k and v's: each member's rank stacked in one slot),
-    against cuBLAS's products added in its epilogue (addmm)."""
+    against cuBLAS's products added in its epilogue (addmm), and the same dx as one
+    (a, W) pair, the members' dy side by side and their weights stacked (one K loop of
+    sources · d_out; the form a flattened persistent GEMM takes), against cuBLAS's one
+    product of that depth."""
     dev = x.device
     d_in, d_out = x.shape[1], dy.shape[1]
     segs = uneven_segments(T, jobs, seed=jobs)
@@ -80,10 +83,10 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
     b_cat = torch.randn(d_out, rank * jobs, device=dev, dtype=x.dtype, generator=gen) * 0.05
     a_cat = torch.randn(rank * jobs, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.05
     rows = []
-    gemms = [("forward", x, h, b_cat, False, lambda: x @ w.t(), plan, None),
-             ("dx", dy, g, a_cat, True, lambda: dy @ w, plan, None)]
+    gemms = [("forward", x, w, h, b_cat, False, lambda: x @ w.t(), plan, None),
+             ("dx", dy, w, g, a_cat, True, lambda: dy @ w, plan, None)]
     if dropout:
-        gemms.append(("dx+mask", dy, g, a_cat, True, lambda: dy @ w, masked, keep))
+        gemms.append(("dx+mask", dy, w, g, a_cat, True, lambda: dy @ w, masked, keep))
     more = [(torch.randn_like(dy), torch.randn_like(w)) for _ in range(sources - 1)]
     if more:
         stacked = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, (rank * sources,) * jobs,
@@ -97,17 +100,25 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
                 out = torch.addmm(out, dy_i, w_i)
             return out
 
-        gemms.append((f"dx×{sources}", dy, g_all, a_stack, True, cublas_sum, stacked, None))
-    for name, a, u, v, w_kn, cublas, p, masks in gemms:
+        gemms.append((f"dx×{sources}", dy, w, g_all, a_stack, True, cublas_sum, stacked, None))
+        dy_side = torch.cat([dy] + [dy_i for dy_i, _ in more], dim=1)
+        w_stacked = torch.cat([w] + [w_i for _, w_i in more], dim=0)
+        gemms.append((f"dx×{sources}/1", dy_side, w_stacked, g_all, a_stack, True, lambda: dy_side @ w_stacked,
+                      stacked, None))
+    refs: dict[str, torch.Tensor] = {}
+    for name, a, w_, u, v, w_kn, cublas, p, masks in gemms:
         fns = {"cublas": cublas}
         for label, module in versions.items():
-            def run(module=module, a=a, u=u, v=v, w_kn=w_kn, p=p, masks=masks, name=name):
-                extra = {"more": more} if name.startswith("dx×") else {}
-                return module.fused_gemm(a, w, None, u, v, a if masks is None else masks, p, w_kn=w_kn,
+            def run(module=module, a=a, w_=w_, u=u, v=v, w_kn=w_kn, p=p, masks=masks, name=name):
+                extra = {"more": more} if name == f"dx×{sources}" else {}
+                return module.fused_gemm(a, w_, None, u, v, a if masks is None else masks, p, w_kn=w_kn,
                                          dropout=masks is not None, precision="tf32", **extra)
             fns[label] = run
         ref = fns["this"]()
         errs = {}
+        if name == f"dx×{sources}/1":  # one pair against the further K loops: the same sum, in another order
+            errs["vs more err"] = rel(ref, refs[f"dx×{sources}"])
+        refs[name] = ref
         for k in [k for k in versions if k != "this"]:
             try:
                 errs[f"{k} err"] = rel(fns[k](), ref)
