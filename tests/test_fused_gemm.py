@@ -8,6 +8,7 @@ compiled on a GPU from `test_triton_ops.run_cuda_checks`.
 
 from __future__ import annotations
 
+import itertools
 import os
 from contextlib import contextmanager
 
@@ -65,27 +66,31 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
     five segments (the segment loop after the pair); a rank block of 64 (every segment
     looped); two and three products summed; dropout masks on some segments (dx: the
     masked expand first). With MLORA_TRITON_PERSISTENT=0, or a rank block of 128, the
-    tiled kernel runs; "flat" (loops flattened on a GPU) launches it as well, any other
-    value is refused."""
+    tiled kernel runs; with "flat" the flattened kernel (the interpreter reads its PTX
+    loads by tl.load) at rank blocks 16 (the pair's tables read in a tile's first step)
+    and 32 (read after its last), the nested one where a tile meets five segments; any
+    other value is refused."""
     with persistent_launches() as launched:
         two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
-        assert launched == [(3,)]
+        assert launched == [((3,), "nested")]
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "0")
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
         monkeypatch.delenv("MLORA_TRITON_PERSISTENT")
         _check_gemm_contract(w_kn, True, torch.float16, n=40, ranks=(4, 100, 8))  # rank block 128
-        assert launched == [(3,)]
+        assert launched == [((3,), "nested")]
         _check_gemm_contract(w_kn, True, torch.float16, n=40, dropout_on=False)  # rows 16-31 meet five segments
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, ranks=(4, 40, 8))  # R 64, dropout
         # two and three (a, W) pairs summed (the shared-input dx), u a slice of a wider g
         for more in ((24,), (24, 8)):
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False, more=more,
                                  u_slice=True)
-        assert launched == [(3,)] * 5
-        monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "flat")  # flattened on a GPU; the interpreter runs it nested
-        _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
-        assert launched == [(3,)] * 6
+        assert launched == [((3,), "nested")] * 5
+        monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "flat")
+        for ranks in ((4, 16, 8), (4, 20, 8)):  # rank blocks 16 and 32
+            _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False, ranks=ranks)
+        _check_gemm_contract(w_kn, True, torch.float16, n=40, dropout_on=False)  # five segments a tile: nested
+        assert launched == [((3,), "nested")] * 5 + [((3,), "flat")] * 2 + [((3,), "nested")]
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "yes")
         with pytest.raises(ValueError, match="MLORA_TRITON_PERSISTENT must be one of 1, flat, 0, got 'yes'"):
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
@@ -100,10 +105,9 @@ def test_which_gemms_launch_one_program_per_sm() -> None:
 
     meta, stages, _ = fg.fixed_config(2)  # 128 x 256 x 64, 3 stages
     assert fg.persistent_smem(meta, stages, 2) == 180_224  # what sm_90 compiles: 180,248 (tests/kernel_smem.py)
-    h100 = dict(meta=meta, stages=stages, element_size=2, smem_limit=fg.HOPPER_SMEM, compiled=True)
+    h100 = dict(meta=meta, stages=stages, element_size=2, smem_limit=fg.HOPPER_SMEM)
     flat_ok = dict(tma_store=True, rank_pad=32, pairs=1, most_per_tile=2, dropout=False)
     assert fg.persistent_launch("flat", **flat_ok, **h100) == "flat"
-    assert fg.persistent_launch("flat", **flat_ok, **{**h100, "compiled": False}) == "nested"  # the interpreter
     assert fg.persistent_launch("nested", **flat_ok, **h100) == "nested"
     assert fg.persistent_launch("off", **flat_ok, **h100) == "tiled"
     for change in (dict(pairs=2), dict(most_per_tile=3), dict(rank_pad=64), dict(dropout=True)):
@@ -111,7 +115,7 @@ def test_which_gemms_launch_one_program_per_sm() -> None:
     for change in (dict(tma_store=False), dict(rank_pad=128)):
         assert fg.persistent_launch("nested", **{**flat_ok, **change}, **h100) == "tiled", change
     small_meta, small_stages, _ = fg.fixed_config(2, 101_376 - fg.SMEM_HEADROOM)  # one stage fits
-    small = dict(meta=small_meta, stages=small_stages, element_size=2, smem_limit=101_376, compiled=True)
+    small = dict(meta=small_meta, stages=small_stages, element_size=2, smem_limit=101_376)
     assert small_stages == 1 and fg.persistent_launch("flat", **flat_ok, **small) == "nested"  # 128 KiB flattened
     assert fg.persistent_launch("nested", **flat_ok, **{**small, "smem_limit": 80_000}) == "tiled"
 
@@ -213,15 +217,18 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
 
 @contextmanager
 def persistent_launches():
-    """The grids `fused_gemm_persistent_kernel` is launched with inside the block."""
+    """(grid, "flat" or "nested") of each launch of `fused_gemm_persistent_kernel` inside
+    the block."""
     from mlora.ops.kernels import fused_gemm as fg
 
     kernel, launched = fg.fused_gemm_persistent_kernel, []
 
     class Counted:
         def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
+            def launch(*args, **kwargs):
+                launched.append((grid, "flat" if kwargs["FLAT"] else "nested"))
+                return kernel[grid](*args, **kwargs)
+            return launch
 
     fg.fused_gemm_persistent_kernel = Counted()
     try:
@@ -235,17 +242,20 @@ def check_persistent_modes() -> None:
     flattened (the expand's loads in inline PTX), and a program per tile, each against
     the fp64 contract: 128-row tiles meeting one or two segments, an empty segment, rows
     outside every segment, K cut in its last step, the last column tile's second half
-    mostly outside, forward with bias and dx."""
+    mostly outside, forward with bias and dx, at rank blocks 16 (flattened: the pair's
+    tables read in a tile's first step) and 32."""
     lengths = (300, 0, 200, 131, 500, 129, 150)  # rows 2-1411 of 1500: no 128-row tile meets three
+    kernel = {"1": ["nested"], "flat": ["flat"], "0": []}
     with persistent_launches() as launched:
-        for w_kn in (False, True):
+        for w_kn, ranks in itertools.product((False, True), ((4, 16, 8), (20, 32, 8))):
             outs = {}
             for mode in ("1", "flat", "0"):
                 os.environ["MLORA_TRITON_PERSISTENT"] = mode
                 before = len(launched)
                 outs[mode] = _check_gemm_contract(w_kn, True, torch.bfloat16, lengths=lengths, n=648,
-                                                  dropout_on=False, tokens=1500, k=520, device="cuda", tol=1e-2)
-                assert len(launched) - before == (mode != "0"), (mode, launched)
-            print("ok persistent GEMMs", "dx" if w_kn else "forward", "flat - nested max",
+                                                  dropout_on=False, tokens=1500, k=520, device="cuda", tol=1e-2,
+                                                  ranks=ranks)
+                assert [kind for _, kind in launched[before:]] == kernel[mode], (mode, launched[before:])
+            print("ok persistent GEMMs", "dx" if w_kn else "forward", f"ranks {ranks}", "flat - nested max",
                   (outs["flat"].float() - outs["1"].float()).abs().max().item(), flush=True)
     os.environ.pop("MLORA_TRITON_PERSISTENT", None)

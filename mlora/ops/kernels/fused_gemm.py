@@ -230,7 +230,8 @@ def fused_gemm_persistent_kernel(
     too, and with the expand's loads pipelined as async copies the GEMMs took 13-39 %
     longer than a program per tile (bench/README.md, 2026-12-04, fifth session); FLAT
     therefore reads the expand's operands and tables by inline PTX (`tile_expand.load`),
-    which it does not see."""
+    which it does not see, the pair's tables in the tile's first step (except the dx at
+    R = 32, where carrying them spilled)."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -250,6 +251,13 @@ def fused_gemm_persistent_kernel(
             acc = te.masked_expand(acc, lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), cols < N, N, u_ptr, v_cat,
                                    mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
                                    RT, U_STRIDE, dtype, R, W_KN, PRECISION, V_ALIGNED)
+        # flattened, the pair's table entries are read in the tile's first step (scalars, a few registers carried
+        # through the loop), so after its last step only u and V are; not in the dx at R = 32, where ptxas then spilled
+        # in the loop (sm_90 compiles, tests/kernel_smem.py)
+        tables_first: tl.constexpr = FLAT and (R <= 16 or not W_KN)
+        if tables_first:
+            s0, e0, r0, o0, c0 = te.segment_table(lo, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, FLAT)
+            s1, e1, r1, o1, c1 = te.segment_table(lo + 1, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, FLAT)
         for ki in range(k_tiles):  # `_k_loop`'s descriptor branch, written out as it was measured
             k0 = ki * BLOCK_K
             a = a_src.load([m0, k0])
@@ -267,7 +275,16 @@ def fused_gemm_persistent_kernel(
             acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
         if not DROPOUT:
             first = lo
-            if R <= te.PAIRED_RANK:
+            if tables_first:
+                second = tl.arange(0, 2 * R) >= R  # the pair's columns of segment lo + 1
+                start, end = tl.where(second, s1, s0), tl.where(second, e1, e0)
+                rank, off, scale = tl.where(second, r1, r0), tl.where(second, o1, o0).to(tl.int64), tl.where(second, c1, c0)
+                u2, v2 = te.pair_tiles(lo, hi, start, end, rank, off, scale, o0, r0, o1, r1, rows,
+                                       rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat, seg_off, seg_rank,
+                                       RT, U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT, True)
+                acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
+                first = lo + 2
+            elif R <= te.PAIRED_RANK:
                 u2, v2 = te.pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
                                           seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
                                           U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
@@ -334,8 +351,7 @@ SMEM_SLACK = 1024  # barriers and alignment beyond `persistent_smem`'s buffers (
 def persistent_mode() -> str:
     """How a GEMM the persistent launch (`fused_gemm_persistent_kernel`) applies to runs,
     from MLORA_TRITON_PERSISTENT: "1" (the default) with the tile and K loops nested,
-    "flat" with them flattened (FLAT; nested when interpreting, which runs no PTX), "0"
-    a program per tile."""
+    "flat" with them flattened (FLAT), "0" a program per tile."""
     value = os.environ.get("MLORA_TRITON_PERSISTENT", "1")
     if value not in PERSISTENT_MODES:
         raise ValueError(f"MLORA_TRITON_PERSISTENT must be one of {', '.join(PERSISTENT_MODES)}, got {value!r}")
@@ -352,22 +368,21 @@ def persistent_smem(meta: dict, stages: int, element_size: int, flat_rank: int =
 
 
 def persistent_launch(mode: str, tma_store: bool, rank_pad: int, pairs: int, most_per_tile: int, dropout: bool,
-                      meta: dict, stages: int, element_size: int, smem_limit: int,
-                      compiled: bool = not INTERPRET) -> str:
+                      meta: dict, stages: int, element_size: int, smem_limit: int) -> str:
     """How a GEMM launches: "tiled" (a program per tile), "nested" or "flat" (one program
     per SM, `fused_gemm_persistent_kernel` with its loops nested or flattened). The
     persistent kernel needs its output through a descriptor, a rank block of at most
     PERSISTENT_MAX_RANK and its staging buffer beside the pipeline's; flattened, one
     (a, W) pair, tiles meeting at most two segments, the pair product (R <= PAIRED_RANK),
-    no dropout, `compiled` code (the interpreter runs no PTX) and room for the expand's
-    own buffers, else nested (`mode` "flat" on a GPU with less shared memory than
-    Hopper's falls back rather than failing to launch)."""
+    no dropout and room for the expand's own buffers, else nested (`mode` "flat" on a
+    GPU with less shared memory than Hopper's falls back rather than failing to
+    launch). The interpreter runs the flattened kernel too, its PTX loads as tl.load."""
     if mode == "off" or not tma_store or rank_pad > PERSISTENT_MAX_RANK:
         return "tiled"
     if persistent_smem(meta, stages, element_size) + SMEM_SLACK > smem_limit:
         return "tiled"
     if (mode == "flat" and pairs == 1 and most_per_tile <= 2 and rank_pad <= te.PAIRED_RANK and not dropout
-            and compiled and persistent_smem(meta, stages, element_size, rank_pad) + SMEM_SLACK <= smem_limit):
+            and persistent_smem(meta, stages, element_size, rank_pad) + SMEM_SLACK <= smem_limit):
         return "flat"
     return "nested"
 

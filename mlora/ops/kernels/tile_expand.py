@@ -3,9 +3,12 @@
 A [BLOCK_M, BLOCK_N] output tile adds Σ_j s_j·u[rows ∈ j]·V_j over the segments j its
 rows meet (lo..hi-1, from the plan's tok_lo / tok_hi): up to PAIRED_RANK the first two
 as one product of depth 2R (`pair_operands`), the rest, and every one above it, in turn
-(`segment_loop`); with dropout, masked element-wise (`masked_expand`). `load` reads
-their operands by tl.load, or by inline PTX where a flattened loop's software pipeliner
-must not take them in. See docs/kernels.md, "The fused GEMM".
+(`segment_loop`); with dropout, masked element-wise (`masked_expand`). The pair's
+table entries (`pair_tables`, or `segment_table`'s scalars) and its tiles
+(`pair_tiles`) are apart, so a flattened loop can read the first in a tile's first
+step and the second after its last. `load` reads their operands by tl.load, or by
+inline PTX where a flattened loop's software pipeliner must not take them in. See
+docs/kernels.md, "The fused GEMM".
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mlora.ops.kernels.interpret import INTERPRET
+
 PAIRED_RANK: tl.constexpr = tl.constexpr(32)
+# the interpreter runs no PTX: `load` reads by tl.load there, hidden or not
+INTERPRETING: tl.constexpr = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -45,6 +52,17 @@ def pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_sta
     by side, so a tile waits on three dependent round trips to memory whether it meets
     one segment or two (a segment that is not there has its loads masked off), and
     one wgmma chain serves both. HIDDEN: loads by inline PTX (`load`), without dropout."""
+    start, end, rank, off, scale = pair_tables(lo, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep,
+                                               seg_mask_row, R, DROPOUT, HIDDEN)
+    return pair_tiles(lo, hi, start, end, rank, off, scale, 0, 0, 0, 0, rows, rows64, cols64, col_ok, N, u_ptr,
+                      v_cat, seg_off, seg_rank, RT, U_STRIDE, dtype, R, W_KN, V_ALIGNED, HIDDEN, False)
+
+
+@triton.jit
+def pair_tables(lo, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, R: tl.constexpr,
+                DROPOUT: tl.constexpr, HIDDEN: tl.constexpr):
+    """The pair's table entries, [2R] each (start, end, rank, offset, scale of segment lo
+    in the first R, of lo + 1 in the rest; zero where that segment is not there)."""
     cc = tl.arange(0, 2 * R)
     second = cc >= R  # this column of u (row of V) belongs to segment lo + 1
     j = lo + second.to(tl.int32)
@@ -57,7 +75,17 @@ def pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_sta
     if DROPOUT:
         scale *= tl.where(tl.load(seg_mask_row + j, mask=live, other=-1) >= 0,
                           tl.load(seg_keep + j, mask=live, other=1.0), 1.0)
-    rr = cc % R
+    return start, end, rank, off, scale
+
+
+@triton.jit
+def pair_tiles(lo, hi, start, end, rank, off, scale, b_off0, b_rank0, b_off1, b_rank1, rows, rows64, cols64, col_ok, N,
+               u_ptr, v_cat, seg_off, seg_rank, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr,
+               V_ALIGNED: tl.constexpr, HIDDEN: tl.constexpr, B_TABLES: tl.constexpr):
+    """u and V of the pair from its tables (`pair_tables`). The forward's aligned B
+    blocks take their segments' offset and rank as scalars: given (B_TABLES, from
+    `segment_table` of lo and lo + 1) or read here."""
+    rr = tl.arange(0, 2 * R) % R
     in_seg = (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
     u = load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], in_seg, 0.0, HIDDEN)
     u = (u.to(tl.float32) * scale[None, :]).to(dtype)
@@ -67,7 +95,12 @@ def pair_operands(lo, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_sta
             v_row = tl.multiple_of(v_row, 16)
         v = load(v_row[:, None] + cols64[None, :], (rr < rank)[:, None] & col_ok[None, :], 0.0, HIDDEN)
     else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
-        if V_ALIGNED:
+        if V_ALIGNED and B_TABLES:  # the blocks' scalars read already
+            r8 = tl.arange(0, R) // 8
+            v = stack_pair(b_tile(tl.multiple_of(b_off0, 8), r8 < b_rank0 // 8, cols64, col_ok, v_cat, RT, R, HIDDEN),
+                           b_tile(tl.multiple_of(b_off1, 8), r8 < b_rank1 // 8, cols64, col_ok, v_cat, RT, R, HIDDEN),
+                           R)
+        elif V_ALIGNED:
             v = pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
         else:
             v = load(v_cat + (off + rr)[:, None] + cols64[None, :] * RT, (rr < rank)[:, None] & col_ok[None, :], 0.0,
@@ -80,10 +113,11 @@ def load(ptrs, mask, other, HIDDEN: tl.constexpr, IN_PLACE: tl.constexpr = False
     """tl.load(ptrs, mask, other) of 16- or 32-bit values; HIDDEN: the same by inline PTX,
     one element a load, which the software pipeliner does not take into a flattened
     loop (it pipelines every tl.load there, the epilogue's too, volatile ones as well).
-    Not in the interpreter, which runs no PTX. The PTX is marked pure, so the compiler
-    may sink it to where its value is used; IN_PLACE keeps it where it is written (a
-    load before a K loop then waits behind the loop instead of after it)."""
-    if HIDDEN:
+    The PTX is marked pure, so the compiler may sink it to where its value is used;
+    IN_PLACE keeps it where it is written (a load before a K loop then waits behind the
+    loop instead of after it). The interpreter, which runs no PTX, reads by tl.load
+    either way."""
+    if HIDDEN and not INTERPRETING:
         kind: tl.constexpr = ptrs.dtype.element_ty
         addr = ptrs.to(tl.int64, bitcast=True)
         if kind.primitive_bitwidth == 16:
@@ -108,7 +142,13 @@ def pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.c
     64-bit addresses per thread at R = 128, and the forward spilled), then stacked."""
     first = b_block(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
     second = b_block(lo + 1, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
-    return tl.reshape(tl.permute(tl.join(first, second), (2, 0, 1)), (2 * R, cols64.shape[0]))
+    return stack_pair(first, second, R)
+
+
+@triton.jit
+def stack_pair(first, second, R: tl.constexpr):
+    """Two [R, BLOCK_N] blocks as one [2R, BLOCK_N]."""
+    return tl.reshape(tl.permute(tl.join(first, second), (2, 0, 1)), (2 * R, first.shape[1]))
 
 
 @triton.jit
@@ -119,6 +159,25 @@ def b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr
     live = j < hi
     off = tl.multiple_of(load(seg_off + j, live, 0, HIDDEN), 8)
     rank_ok = rr // 8 < load(seg_rank + j, live, 0, HIDDEN) // 8  # rr < rank, seen as constant by eights
+    return b_tile(off, rank_ok, cols64, col_ok, v_cat, RT, R, HIDDEN)
+
+
+@triton.jit
+def segment_table(j, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, HIDDEN: tl.constexpr):
+    """Segment j's start, end, padded rank, offset and scale as scalars (zeros if j is past
+    the tile's last segment), read where written (IN_PLACE): the flattened GEMM reads
+    its pair's in a tile's first step and carries them to its last (`pair_tiles`)."""
+    live = j < hi
+    return (load(seg_start + j, live, 0, HIDDEN, True), load(seg_end + j, live, 0, HIDDEN, True),
+            load(seg_rank + j, live, 0, HIDDEN, True), load(seg_off + j, live, 0, HIDDEN, True),
+            load(seg_scale + j, live, 0.0, HIDDEN, True))
+
+
+@triton.jit
+def b_tile(off, rank_ok, cols64, col_ok, v_cat, RT, R: tl.constexpr, HIDDEN: tl.constexpr):
+    """B_jᵀ as [R, BLOCK_N] from its offset (a multiple of 8) and which of its R rows are
+    within its rank (`b_block`)."""
+    rr = tl.arange(0, R)
     return load(v_cat + off + cols64[None, :] * (RT // 8 * 8) + rr[:, None], rank_ok[:, None] & col_ok[None, :], 0.0,
                 HIDDEN)
 
