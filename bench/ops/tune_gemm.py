@@ -35,7 +35,7 @@ from bench.ops.tune_passes import graph_us, ints, rel  # noqa: E402
 from mlora.ops import triton_multi_lora as tm  # noqa: E402
 from mlora.ops.kernels import fused_gemm as fg  # noqa: E402
 from mlora.ops.kernels import shrink as sh  # noqa: E402
-from mlora.ops.kernels.plan import segment_plan  # noqa: E402
+from mlora.ops.kernels.plan import rank_block, segment_plan  # noqa: E402
 from mlora.ops.multi_lora import LoraCall  # noqa: E402
 
 T = 8192
@@ -62,12 +62,14 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
               rank: int = 16, sources: int = 1) -> list[dict]:
     """Forward and dx GEMMs alone, each version, for one K; with `dropout` also the dx
     GEMM of jobs that all have LoRA dropout (p = 0.1: its expand masked element-wise);
-    with `sources` > 1 also the shared-input call's dx summing that many members'
-    products (as gate and up's, or q, k and v's: each member's rank stacked in one slot),
-    against cuBLAS's products added in its epilogue (addmm), and the same dx as one
-    (a, W) pair, the members' dy side by side and their weights stacked (one K loop of
-    sources · d_out; the form a flattened persistent GEMM takes), against cuBLAS's one
-    product of that depth."""
+    with `sources` > 1 also the shared-input call's GEMMs as it runs them (as gate and
+    up's, or q, k and v's: each member's rank stacked in one slot): the members' forward
+    GEMMs one after another, and one dx summing their products, against cuBLAS's
+    products (for dx added in its epilogue, addmm); and each as one (a, W) pair (`/1`):
+    the members' weights stacked into one [sources · d_out, d_in], so one forward GEMM
+    writes their outputs side by side (its B block-diagonal: each member's columns
+    expand only its own h) and one dx GEMM has one K loop of sources · d_out (the form a
+    flattened persistent GEMM takes), against cuBLAS's one product of that shape."""
     dev = x.device
     d_in, d_out = x.shape[1], dy.shape[1]
     segs = uneven_segments(T, jobs, seed=jobs)
@@ -82,56 +84,85 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
     g = torch.randn(T, plan.rank_pad, device=dev, dtype=torch.float32, generator=gen)
     b_cat = torch.randn(d_out, rank * jobs, device=dev, dtype=x.dtype, generator=gen) * 0.05
     a_cat = torch.randn(rank * jobs, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.05
-    rows = []
-    gemms = [("forward", x, w, h, b_cat, False, lambda: x @ w.t(), plan, None),
-             ("dx", dy, w, g, a_cat, True, lambda: dy @ w, plan, None)]
+
+    def one(a, w_, u, v, w_kn, p, masks=None, more=()):
+        """A row's GEMM as a function of the module that runs it."""
+        def call(module: ModuleType) -> torch.Tensor:
+            extra = {"more": list(more)} if more else {}
+            return module.fused_gemm(a, w_, None, u, v, a if masks is None else masks, p, w_kn=w_kn,
+                                     dropout=masks is not None, precision="tf32", **extra)
+        return call
+
+    gemms = [("forward", one(x, w, h, b_cat, False, plan), lambda: x @ w.t()),
+             ("dx", one(dy, w, g, a_cat, True, plan), lambda: dy @ w)]
     if dropout:
-        gemms.append(("dx+mask", dy, w, g, a_cat, True, lambda: dy @ w, masked, keep))
-    more = [(torch.randn_like(dy), torch.randn_like(w)) for _ in range(sources - 1)]
-    if more:
+        gemms.append(("dx+mask", one(dy, w, g, a_cat, True, masked, keep), lambda: dy @ w))
+    same_as: dict[str, str] = {}  # a one-pair row and the row whose sum it computes another way
+    if sources > 1:
+        ws = [w] + [torch.randn_like(w) for _ in range(sources - 1)]
+        dys = [dy] + [torch.randn_like(dy) for _ in range(sources - 1)]
         stacked = segment_plan(tuple(segs), (2.0,) * jobs, (0.0,) * jobs, (False,) * jobs, (rank * sources,) * jobs,
                                T, dev, sh.block_m(rank * sources))
+        p = rank_block(ranks)  # each member's columns of h_all: m·p.. (as `shared_input` stacks them)
+        h_all = torch.randn(T, stacked.rank_pad, device=dev, dtype=x.dtype, generator=gen)
         g_all = torch.randn(T, stacked.rank_pad, device=dev, dtype=torch.float32, generator=gen)
         a_stack = torch.randn(rank * sources * jobs, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.05
+        b_cats = [b_cat] + [torch.randn_like(b_cat) for _ in range(sources - 1)]
+        # the stacked forward's B: slot j's block [sources · d_out, sources · p], member m's B_j at rows m·d_out,
+        # columns m·p (zero elsewhere), so member m's output columns take only its own h
+        b_stack = torch.zeros(sources * d_out, jobs * sources * p, device=dev, dtype=x.dtype)
+        for j in range(jobs):
+            for m, b_m in enumerate(b_cats):
+                col = j * sources * p + m * p
+                b_stack[m * d_out:(m + 1) * d_out, col:col + rank] = b_m[:, j * rank:(j + 1) * rank]
+        w_stacked = torch.cat(ws, dim=0)
+        members_fwd = [one(x, w_m, h_all[:, m * p:(m + 1) * p], b_m, False, plan) for m, (w_m, b_m)
+                       in enumerate(zip(ws, b_cats))]
+        gemms.append((f"forward×{sources}", lambda module: [f(module) for f in members_fwd],
+                      lambda: [x @ w_m.t() for w_m in ws]))
+        gemms.append((f"forward×{sources}/1", one(x, w_stacked, h_all, b_stack, False, stacked),
+                      lambda: x @ w_stacked.t()))
 
         def cublas_sum():
-            out = dy @ w
-            for dy_i, w_i in more:
-                out = torch.addmm(out, dy_i, w_i)
+            out = dys[0] @ ws[0]
+            for dy_m, w_m in zip(dys[1:], ws[1:]):
+                out = torch.addmm(out, dy_m, w_m)
             return out
 
-        gemms.append((f"dx×{sources}", dy, w, g_all, a_stack, True, cublas_sum, stacked, None))
-        dy_side = torch.cat([dy] + [dy_i for dy_i, _ in more], dim=1)
-        w_stacked = torch.cat([w] + [w_i for _, w_i in more], dim=0)
-        gemms.append((f"dx×{sources}/1", dy_side, w_stacked, g_all, a_stack, True, lambda: dy_side @ w_stacked,
-                      stacked, None))
+        gemms.append((f"dx×{sources}", one(dy, w, g_all, a_stack, True, stacked, more=list(zip(dys[1:], ws[1:]))),
+                      cublas_sum))
+        dy_side = torch.cat(dys, dim=1)
+        gemms.append((f"dx×{sources}/1", one(dy_side, w_stacked, g_all, a_stack, True, stacked),
+                      lambda: dy_side @ w_stacked))
+        same_as = {f"forward×{sources}/1": f"forward×{sources}", f"dx×{sources}/1": f"dx×{sources}"}
+    rows = []
     refs: dict[str, torch.Tensor] = {}
-    for name, a, w_, u, v, w_kn, cublas, p, masks in gemms:
-        fns = {"cublas": cublas}
-        for label, module in versions.items():
-            def run(module=module, a=a, w_=w_, u=u, v=v, w_kn=w_kn, p=p, masks=masks, name=name):
-                extra = {"more": more} if name == f"dx×{sources}" else {}
-                return module.fused_gemm(a, w_, None, u, v, a if masks is None else masks, p, w_kn=w_kn,
-                                         dropout=masks is not None, precision="tf32", **extra)
-            fns[label] = run
-        ref = fns["this"]()
+    for name, call, cublas in gemms:
+        fns = {"cublas": cublas, **{label: (lambda call=call, module=module: call(module))
+                                    for label, module in versions.items()}}
+        ref = side_by_side(fns["this"]())
         errs = {}
-        if name == f"dx×{sources}/1":  # one pair against the further K loops: the same sum, in another order
-            errs["vs more err"] = rel(ref, refs[f"dx×{sources}"])
+        if name in same_as:  # one pair against the members' GEMMs: the same numbers, summed in another order
+            errs["vs members err"] = rel(ref, refs[same_as[name]])
         refs[name] = ref
         for k in [k for k in versions if k != "this"]:
             try:
-                errs[f"{k} err"] = rel(fns[k](), ref)
+                errs[f"{k} err"] = rel(side_by_side(fns[k]()), ref)
             except Exception as exc:  # a config that does not compile or launch here: left out
-                print(f"K={jobs:3d} {name:8s} {k}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                print(f"K={jobs:3d} {name:11s} {k}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                 del fns[k]
         row = dict(jobs=jobs, gemm=name, **errs)
         row.update(rounds_us(fns, rounds))
         rows.append(row)
-        print(f"K={jobs:3d} {name:8s} cuBLAS {row['cublas']:7.1f} us  "
+        print(f"K={jobs:3d} {name:11s} cuBLAS {row['cublas']:7.1f} us  "
               + "  ".join(f"{k} {row[k]:7.1f}" for k in versions if k in row)
               + "".join(f"  ({k} {row[k]:.0e})" for k in row if k.endswith(" err")), flush=True)
     return rows
+
+
+def side_by_side(out):
+    """A row's output as one tensor: the members' forward outputs (timed apart) concatenated."""
+    return torch.cat(out, dim=1) if isinstance(out, list) else out
 
 
 def shaped(cfg: str) -> ModuleType:
