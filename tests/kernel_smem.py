@@ -99,7 +99,8 @@ def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, 
                  u_ptr="*fp32" if w_kn else f"*{dt}")
     consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132,
                   FLAT=flat, SOURCES=sources, MORE_SEGMENTS=more_segments, DROPOUT=dropout, **meta)
-    estimate = fused_gemm.persistent_smem(meta, stages, 2, rank_pad if flat else 0)  # what the host launch assumes
+    # what the host launch assumes
+    estimate = fused_gemm.persistent_smem(meta, stages, 2, fused_gemm.flat_depth(rank_pad, w_kn) if flat else 0)
     return dict(_shared(fused_gemm.fused_gemm_persistent_kernel, types, consts, warps, stages), estimate=estimate)
 
 

@@ -108,6 +108,8 @@ def test_which_gemms_launch_one_program_per_sm() -> None:
     h100 = dict(meta=meta, stages=stages, element_size=2, smem_limit=fg.HOPPER_SMEM)
     flat_ok = dict(tma_store=True, rank_pad=32, pairs=1, most_per_tile=2, dropout=False)
     assert fg.persistent_launch("flat", **flat_ok, **h100) == "flat"
+    # the dx at R = 32 flattened runs the pair as two products of depth 32: the R = 16 pair's buffers
+    assert fg.flat_depth(32, w_kn=True) == fg.flat_depth(16, w_kn=False) == 32 and fg.flat_depth(32, False) == 64
     assert fg.persistent_launch("nested", **flat_ok, **h100) == "nested"
     assert fg.persistent_launch("off", **flat_ok, **h100) == "tiled"
     for change in (dict(pairs=2), dict(most_per_tile=3), dict(rank_pad=64), dict(dropout=True)):

@@ -284,6 +284,14 @@ def fused_gemm_persistent_kernel(
                                        RT, U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT, True)
                 acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
                 first = lo + 2
+            elif FLAT and W_KN:  # the dx at R = 32 flattened: the pair as two products of depth R (the pair's
+                # operands at once spilled in its loop: 24 / 64 bytes with Triton 3.9 / 3.6, none so)
+                for half in tl.static_range(2):
+                    u1, v1 = te.segment_tiles(lo + half, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N,
+                                              u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, RT,
+                                              U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT)
+                    acc = tl.dot(u1, v1, acc, input_precision=PRECISION)
+                first = lo + 2
             elif R <= te.PAIRED_RANK:
                 u2, v2 = te.pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
                                           seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
@@ -358,31 +366,38 @@ def persistent_mode() -> str:
     return PERSISTENT_MODES[value]
 
 
-def persistent_smem(meta: dict, stages: int, element_size: int, flat_rank: int = 0) -> int:
+def flat_depth(rank_pad: int, w_kn: bool) -> int:
+    """Depth of the flattened GEMM's expand products: the pair's 2R, except the dx at R = 32,
+    which runs the pair as two products of depth R (fused_gemm_persistent_kernel)."""
+    return rank_pad if w_kn and rank_pad > 16 else 2 * rank_pad
+
+
+def persistent_smem(meta: dict, stages: int, element_size: int, depth: int = 0) -> int:
     """Shared memory of the persistent GEMM's buffers, as compiled for sm_90
     (tests/kernel_smem.py checks it): the pipeline's stages, one [BLOCK_M, BLOCK_N / 2]
-    half of the output staged for its store, and, flattened (flat_rank = R), the
-    expand's u [BLOCK_M, 2R] and V [2R, BLOCK_N], which no longer share the pipeline's."""
+    half of the output staged for its store, and, flattened, the expand's u [BLOCK_M,
+    depth] and V [depth, BLOCK_N] (`flat_depth`), which no longer share the pipeline's."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    return (stages * (bm * bk + bk * bn) + bm * bn // 2 + (bm + bn) * 2 * flat_rank) * element_size
+    return (stages * (bm * bk + bk * bn) + bm * bn // 2 + (bm + bn) * depth) * element_size
 
 
 def persistent_launch(mode: str, tma_store: bool, rank_pad: int, pairs: int, most_per_tile: int, dropout: bool,
-                      meta: dict, stages: int, element_size: int, smem_limit: int) -> str:
+                      meta: dict, stages: int, element_size: int, smem_limit: int, w_kn: bool = False) -> str:
     """How a GEMM launches: "tiled" (a program per tile), "nested" or "flat" (one program
     per SM, `fused_gemm_persistent_kernel` with its loops nested or flattened). The
     persistent kernel needs its output through a descriptor, a rank block of at most
     PERSISTENT_MAX_RANK and its staging buffer beside the pipeline's; flattened, one
     (a, W) pair, tiles meeting at most two segments, the pair product (R <= PAIRED_RANK),
-    no dropout and room for the expand's own buffers, else nested (`mode` "flat" on a
-    GPU with less shared memory than Hopper's falls back rather than failing to
-    launch). The interpreter runs the flattened kernel too, its PTX loads as tl.load."""
+    no dropout and room for the expand's own buffers (w_kn: the dx's), else nested
+    (`mode` "flat" on a GPU with less shared memory than Hopper's falls back rather than
+    failing to launch). The interpreter runs the flattened kernel too, its PTX loads as
+    tl.load."""
     if mode == "off" or not tma_store or rank_pad > PERSISTENT_MAX_RANK:
         return "tiled"
     if persistent_smem(meta, stages, element_size) + SMEM_SLACK > smem_limit:
         return "tiled"
     if (mode == "flat" and pairs == 1 and most_per_tile <= 2 and rank_pad <= te.PAIRED_RANK and not dropout
-            and persistent_smem(meta, stages, element_size, rank_pad) + SMEM_SLACK <= smem_limit):
+            and persistent_smem(meta, stages, element_size, flat_depth(rank_pad, w_kn)) + SMEM_SLACK <= smem_limit):
         return "flat"
     return "nested"
 
@@ -482,7 +497,7 @@ def fused_gemm(
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         most = plan.most_segments_per_tile(meta["BLOCK_M"], m)
         launch = persistent_launch(persistent_mode(), flags["TMA_STORE"], plan.rank_pad, len(pairs), most, dropout,
-                                   meta, stages, out.element_size(), smem_limit(a.device))
+                                   meta, stages, out.element_size(), smem_limit(a.device), w_kn)
         if launch != "tiled":
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)

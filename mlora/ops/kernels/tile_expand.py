@@ -6,9 +6,10 @@ as one product of depth 2R (`pair_operands`), the rest, and every one above it, 
 (`segment_loop`); with dropout, masked element-wise (`masked_expand`). The pair's
 table entries (`pair_tables`, or `segment_table`'s scalars) and its tiles
 (`pair_tiles`) are apart, so a flattened loop can read the first in a tile's first
-step and the second after its last. `load` reads their operands by tl.load, or by
-inline PTX where a flattened loop's software pipeliner must not take them in. See
-docs/kernels.md, "The fused GEMM".
+step and the second after its last; `segment_tiles` gives one segment's operands (the
+flattened dx at R = 32 runs the pair as two products). `load` reads their operands by
+tl.load, or by inline PTX where a flattened loop's software pipeliner must not take
+them in. See docs/kernels.md, "The fused GEMM".
 """
 
 from __future__ import annotations
@@ -171,6 +172,34 @@ def segment_table(j, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, HIDDE
     return (load(seg_start + j, live, 0, HIDDEN, True), load(seg_end + j, live, 0, HIDDEN, True),
             load(seg_rank + j, live, 0, HIDDEN, True), load(seg_off + j, live, 0, HIDDEN, True),
             load(seg_scale + j, live, 0.0, HIDDEN, True))
+
+
+@triton.jit
+def segment_tiles(j, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
+                  seg_scale, RT, U_STRIDE, dtype, R: tl.constexpr, W_KN: tl.constexpr, V_ALIGNED: tl.constexpr,
+                  HIDDEN: tl.constexpr):
+    """Segment j's u [BLOCK_M, R] (its rows of u, scaled; zero elsewhere) and V [R,
+    BLOCK_N] (A_j, or B_jᵀ), zero if j is past the tile's last segment: one of the pair's
+    two products, for the flattened GEMM at R = 32, where the pair's operands at once
+    spilled in its loop."""
+    live = j < hi
+    start = load(seg_start + j, live, 0, HIDDEN)
+    end = load(seg_end + j, live, 0, HIDDEN)
+    rr = tl.arange(0, R)
+    in_seg = (rows >= start) & (rows < end)
+    u = load(u_ptr + rows64[:, None] * U_STRIDE + rr[None, :], in_seg[:, None], 0.0, HIDDEN)
+    u = (u.to(tl.float32) * load(seg_scale + j, live, 0.0, HIDDEN)).to(dtype)
+    if W_KN:  # V = A_j: rows off.. of A_cat [RT, N]
+        off = load(seg_off + j, live, 0, HIDDEN).to(tl.int64)
+        v = load(v_cat + (off + rr)[:, None] * N + cols64[None, :],
+                 (rr < load(seg_rank + j, live, 0, HIDDEN))[:, None] & col_ok[None, :], 0.0, HIDDEN)
+    elif V_ALIGNED:
+        v = b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
+    else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
+        off = load(seg_off + j, live, 0, HIDDEN).to(tl.int64)
+        v = load(v_cat + off + rr[:, None] + cols64[None, :] * RT,
+                 (rr < load(seg_rank + j, live, 0, HIDDEN))[:, None] & col_ok[None, :], 0.0, HIDDEN)
+    return u, v
 
 
 @triton.jit
