@@ -278,7 +278,8 @@ def fused_gemm_persistent_kernel(
             if tables_first:
                 second = tl.arange(0, 2 * R) >= R  # the pair's columns of segment lo + 1
                 start, end = tl.where(second, s1, s0), tl.where(second, e1, e0)
-                rank, off, scale = tl.where(second, r1, r0), tl.where(second, o1, o0).to(tl.int64), tl.where(second, c1, c0)
+                rank, scale = tl.where(second, r1, r0), tl.where(second, c1, c0)
+                off = tl.where(second, o1, o0).to(tl.int64)
                 u2, v2 = te.pair_tiles(lo, hi, start, end, rank, off, scale, o0, r0, o1, r1, rows,
                                        rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat, seg_off, seg_rank,
                                        RT, U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT, True)

@@ -367,8 +367,8 @@ def seg_grads(
     given: also compute g = right·B_slot (right is dy): a [T, R] g is added into by
     atomics, a [cdiv(D, cfg.block_d), T, R] one gets each column tile's partial (then
     `reduce_g`). `left`, `right` and g may be column slices of wider tensors (their rows
-    contiguous; R columns of left and g read or added into, right's D). `masks`: the stacked int8 keep-masks,
-    read only when dropout.
+    contiguous; R columns of left and g read or added into, D of right). `masks`: the
+    stacked int8 keep-masks, read only when dropout.
     """
     for name, t in (("left", left), ("right", right), ("g", g)):
         if t is not None and t.stride(-1) != 1:
