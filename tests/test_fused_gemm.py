@@ -67,9 +67,9 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
     looped); two and three products summed; dropout masks on some segments (dx: the
     masked expand first). With MLORA_TRITON_PERSISTENT=0, or a rank block of 128, the
     tiled kernel runs; with "flat" the flattened kernel (the interpreter reads its PTX
-    loads by tl.load) at rank blocks 16 (the pair's tables read in a tile's first step)
-    and 32 (read after its last), the nested one where a tile meets five segments; any
-    other value is refused."""
+    loads by tl.load) at rank blocks 16 and 32 (the pair's tables read in a tile's first
+    step; the dx at 32 as two products instead), the nested one where a tile meets five
+    segments; any other value is refused."""
     with persistent_launches() as launched:
         two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
@@ -244,8 +244,8 @@ def check_persistent_modes() -> None:
     flattened (the expand's loads in inline PTX), and a program per tile, each against
     the fp64 contract: 128-row tiles meeting one or two segments, an empty segment, rows
     outside every segment, K cut in its last step, the last column tile's second half
-    mostly outside, forward with bias and dx, at rank blocks 16 (flattened: the pair's
-    tables read in a tile's first step) and 32."""
+    mostly outside, forward with bias and dx, at rank blocks 16 and 32 (flattened: the
+    pair's tables read in a tile's first step; the dx at 32 as two products)."""
     lengths = (300, 0, 200, 131, 500, 129, 150)  # rows 2-1411 of 1500: no 128-row tile meets three
     kernel = {"1": ["nested"], "flat": ["flat"], "0": []}
     with persistent_launches() as launched:

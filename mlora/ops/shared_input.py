@@ -10,6 +10,11 @@ adds its g into its P columns of one shared g; then one dx GEMM sums every membe
 its K loop (`fused_gemm(..., more=)`) and their LoRA parts as one expand of the stacked A
 by that g, so dx is written once and no partial input gradient goes through memory.
 
+Where the members' frozen weights are row blocks of one buffer and the caller takes
+outputs side by side (gate and up, for the fused SwiGLU; MLORA_ONE_PAIR=1, opt-in), the
+GEMMs run as one (a, W) pair each way: one forward GEMM over the stacked weight, and one
+dx GEMM of one K loop over the gradients the SwiGLU hands back side by side.
+
 Same sums as calling `multi_lora_linear` per member (dx is rounded once instead of once
 per member). Used only where it applies (`fits`): Triton with the base product fused,
 slot ranks with P ≤ 16 (g by the dy pass's atomics) and M·P ≤ 64, no dropout masks,
