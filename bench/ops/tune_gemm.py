@@ -35,8 +35,9 @@ from bench.ops.tune_passes import graph_us, ints, rel  # noqa: E402
 from mlora.ops import triton_multi_lora as tm  # noqa: E402
 from mlora.ops.kernels import fused_gemm as fg  # noqa: E402
 from mlora.ops.kernels import shrink as sh  # noqa: E402
-from mlora.ops.kernels.plan import rank_block, segment_plan  # noqa: E402
+from mlora.ops.kernels.plan import padded_rank, rank_block, segment_plan  # noqa: E402
 from mlora.ops.multi_lora import LoraCall  # noqa: E402
+from mlora.ops.shared_input import stacked_b  # noqa: E402
 
 T = 8192
 
@@ -108,13 +109,9 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
         g_all = torch.randn(T, stacked.rank_pad, device=dev, dtype=torch.float32, generator=gen)
         a_stack = torch.randn(rank * sources * jobs, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.05
         b_cats = [b_cat] + [torch.randn_like(b_cat) for _ in range(sources - 1)]
-        # the stacked forward's B: slot j's block [sources · d_out, sources · p], member m's B_j at rows m·d_out,
-        # columns m·p (zero elsewhere), so member m's output columns take only its own h
-        b_stack = torch.zeros(sources * d_out, jobs * sources * p, device=dev, dtype=x.dtype)
-        for j in range(jobs):
-            for m, b_m in enumerate(b_cats):
-                col = j * sources * p + m * p
-                b_stack[m * d_out:(m + 1) * d_out, col:col + rank] = b_m[:, j * rank:(j + 1) * rank]
+        # the stacked forward's B, as the shared call builds it: member m's B_j at its rows and columns m·p of
+        # slot j (zero elsewhere), so member m's output columns take only its own h
+        b_stack = stacked_b([(None, b_m) for b_m in b_cats], ws, [padded_rank(rank)] * jobs, p, x.dtype)
         w_stacked = torch.cat(ws, dim=0)
         members_fwd = [one(x, w_m, h_all[:, m * p:(m + 1) * p], b_m, False, plan) for m, (w_m, b_m)
                        in enumerate(zip(ws, b_cats))]

@@ -65,7 +65,7 @@ def fits(ranks: Sequence[int], members: int) -> bool:
     return p <= seg_grads.G_IN_DY_PASS_MAX_RANK and members * p <= MAX_STACKED_RANK
 
 
-def _b_stack(cats: Sequence[tuple[Tensor, Tensor]], weights: Sequence[Tensor], pads: Sequence[int], p: int,
+def stacked_b(cats: Sequence[tuple[Tensor, Tensor]], weights: Sequence[Tensor], pads: Sequence[int], p: int,
              dtype: torch.dtype) -> Tensor:
     """The one-pair forward's B_cat [Σ d_out, n·M·p]: slot j's columns j·M·p.. hold member
     m's B_j in m's rows and columns m·p.. (zero elsewhere), so each member's output
@@ -125,7 +125,7 @@ class _SharedInputFunction(torch.autograd.Function):
         precision = tm._precision(x)
         h_all = shrink_mod.shrink(x, a_stack.view(n * members * p, d_in), x, st_group.plan, False, precision)
         if pair is not None:  # one GEMM writes every member's output, side by side
-            y_all = gemm.fused_gemm(x, pair, None, h_all, _b_stack(cats, weights, pads, p, x.dtype), x, st_group.plan,
+            y_all = gemm.fused_gemm(x, pair, None, h_all, stacked_b(cats, weights, pads, p, x.dtype), x, st_group.plan,
                                     w_kn=False, dropout=False, precision=precision)
             ends = [0, *itertools.accumulate(w.shape[0] for w in weights)]
             ys = tuple(y_all[:, lo:hi] for lo, hi in zip(ends, ends[1:]))

@@ -181,7 +181,8 @@ def segment_tiles(j, hi, rows, rows64, cols64, col_ok, N, u_ptr, v_cat, seg_star
     """Segment j's u [BLOCK_M, R] (its rows of u, scaled; zero elsewhere) and V [R,
     BLOCK_N] (A_j, or B_jᵀ), zero if j is past the tile's last segment: one of the pair's
     two products, for the flattened GEMM at R = 32, where the pair's operands at once
-    spilled in its loop."""
+    spilled in its loop. `segment_loop`'s body reads the same, in another order; shared
+    (tried), the flattened dx spilled 360 bytes and the tiled dx's PTX changed, so apart."""
     live = j < hi
     start = load(seg_start + j, live, 0, HIDDEN)
     end = load(seg_end + j, live, 0, HIDDEN)
