@@ -33,6 +33,8 @@ HOPPER_SMEM = 232_448  # bytes a block may use on H100 / H200 (227 KiB)
 TARGET = GPUTarget("cuda", 90, 32)
 
 
+# a global load of one 2-byte element (B's columns read so once spilled the forward GEMM)
+NARROW_LOAD = re.compile(r"\bld\.global(?:\.[a-z]+)*\.[bsu]16\b")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 
 
@@ -47,7 +49,8 @@ def _stack(cubin: bytes) -> int:
 
 def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int) -> dict:
     """{"shared": bytes of shared memory a block takes, "stack": spill stack per thread,
-    "async_copies": the cp.async copies software pipelining made of pointer loads}."""
+    "async_copies": the cp.async copies software pipelining made of pointer loads,
+    "narrow_loads": global loads of a single 2-byte element in its PTX}."""
     names = fn.arg_names
     sig = {n: types.get(n, "constexpr") for n in names}
     consts = {(names.index(k),): v for k, v in constexprs.items()}
@@ -57,7 +60,8 @@ def _shared(fn, types: dict[str, str], constexprs: dict, warps: int, stages: int
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=aligned), target=TARGET,
                             options={"num_warps": warps, "num_stages": stages})
     return dict(shared=int(kernel.metadata.shared), stack=_stack(kernel.asm["cubin"]),
-                async_copies=kernel.asm["ttgir"].count("ttg.async_copy_global_to_local"))
+                async_copies=kernel.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+                narrow_loads=len(NARROW_LOAD.findall(kernel.asm["ptx"])))
 
 
 def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int = 16,

@@ -68,8 +68,9 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
     masked expand first). With MLORA_TRITON_PERSISTENT=0, or a rank block of 128, the
     tiled kernel runs; with "flat" the flattened kernel (the interpreter reads its PTX
     loads by tl.load) at rank blocks 16 and 32 (the pair's tables read in a tile's first
-    step; the dx at 32 as two products instead), the nested one where a tile meets five
-    segments; any other value is refused."""
+    step; the dx at 32 as two products instead), and at 16 where a tile meets four
+    segments (one product each for the third and fourth); the nested one where a tile
+    meets four at rank block 32, or five; any other value is refused."""
     with persistent_launches() as launched:
         two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
@@ -89,8 +90,11 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "flat")
         for ranks in ((4, 16, 8), (4, 20, 8)):  # rank blocks 16 and 32
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False, ranks=ranks)
-        _check_gemm_contract(w_kn, True, torch.float16, n=40, dropout_on=False)  # five segments a tile: nested
-        assert launched == [((3,), "nested")] * 5 + [((3,), "flat")] * 2 + [((3,), "nested")]
+        four_a_tile = (14, 3, 5, 4, 20, 0, 5, 3, 12)  # rows 16-31 meet four segments, 48-63 three (and an empty one)
+        _check_gemm_contract(w_kn, True, torch.float16, lengths=four_a_tile, n=40, dropout_on=False)
+        _check_gemm_contract(w_kn, True, torch.float16, lengths=four_a_tile, n=40, dropout_on=False, ranks=(4, 20, 8))
+        _check_gemm_contract(w_kn, True, torch.float16, n=40, dropout_on=False)  # five segments a tile
+        assert launched == [((3,), "nested")] * 5 + [((3,), "flat")] * 3 + [((3,), "nested")] * 2
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "yes")
         with pytest.raises(ValueError, match="MLORA_TRITON_PERSISTENT must be one of 1, flat, 0, got 'yes'"):
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
@@ -112,8 +116,10 @@ def test_which_gemms_launch_one_program_per_sm() -> None:
     assert fg.flat_depth(32, w_kn=True) == fg.flat_depth(16, w_kn=False) == 32 and fg.flat_depth(32, False) == 64
     assert fg.persistent_launch("nested", **flat_ok, **h100) == "nested"
     assert fg.persistent_launch("off", **flat_ok, **h100) == "tiled"
-    for change in (dict(pairs=2), dict(most_per_tile=3), dict(rank_pad=64), dict(dropout=True)):
+    for change in (dict(pairs=2), dict(most_per_tile=3), dict(rank_pad=64), dict(dropout=True),
+                   dict(rank_pad=16, most_per_tile=5)):
         assert fg.persistent_launch("flat", **{**flat_ok, **change}, **h100) == "nested", change
+    assert fg.persistent_launch("flat", **{**flat_ok, "rank_pad": 16, "most_per_tile": 4}, **h100) == "flat"
     for change in (dict(tma_store=False), dict(rank_pad=128)):
         assert fg.persistent_launch("nested", **{**flat_ok, **change}, **h100) == "tiled", change
     small_meta, small_stages, _ = fg.fixed_config(2, 101_376 - fg.SMEM_HEADROOM)  # one stage fits

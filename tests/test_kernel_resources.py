@@ -21,14 +21,28 @@ pytest.importorskip("triton")
 HOPPER_SMEM = 232_448
 
 
-def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
+def _compiled_rows(triton_dir: str | None = None) -> list[dict]:
+    """tests/kernel_smem.py's records, in a fresh process, with this environment's Triton
+    or the one installed under `triton_dir` (pip install --target)."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
+    env["PYTHONPATH"] = os.pathsep.join([*([triton_dir] if triton_dir else []), str(root)])
     proc = subprocess.run([sys.executable, str(root / "tests" / "kernel_smem.py")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _narrow_b_reads(rows: list[dict]) -> list[dict]:
+    """bf16 forward GEMMs (but the flattened one, whose expand reads one element a load by
+    design) reading many single 2-byte elements: B's columns no longer 16 bytes at a time
+    (docs/kernels.md, "Reading B"); the bias's one load is allowed."""
+    return [r for r in rows if r["kernel"] in ("fused_gemm", "fused_gemm_persistent") and r["dtype"] == "bf16"
+            and not r["w_kn"] and r["narrow_loads"] > 2]
+
+
+def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
+    rows = _compiled_rows()
     kinds = {(r["kernel"], r["dtype"], r["precision"]) for r in rows}
     # 3 precisions × (GEMM configs + 2 at R = 128 + the shared-input dx (3 products, R = 64) + 2 shrinks
     # (h, g) × 4 ranks + 2 reductions × 4 ranks + the dy pass with g as partials at R = 16): 6 GEMM
@@ -57,6 +71,7 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     # slower). Now 0-16 bytes under Triton 3.9, 0 under 3.6 (the GPU image's).
     spilling = [r for r in rows if r["dtype"] == "bf16" and r["stack"] > 1024]
     assert not spilling, spilling
+    assert not _narrow_b_reads(rows), _narrow_b_reads(rows)
     # True fp32 takes FMAs for its products: with the tensor-core tiles the GEMMs spilled
     # 23-50 KB a thread (and compiled for ~18 s each); its own tile spills nothing.
     ieee_gemms = [r for r in rows if r["kernel"] == "fused_gemm" and r["precision"] == "ieee"]
@@ -68,6 +83,22 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     tf32_first = next(r for r in rows if r["kernel"] == "fused_gemm" and r["precision"] == "tf32"
                       and r["dtype"] == "fp32")
     assert tf32_first["config"].endswith("/2")
+
+
+@pytest.mark.skipif(not os.environ.get("MLORA_TRITON_ALSO"),
+                    reason="MLORA_TRITON_ALSO names a directory holding another Triton (the GPU image's)")
+def test_another_triton_compiles_them_as_well() -> None:
+    """The GPU image's Triton (3.6 when written) compiles these kernels with its own
+    ptxas, differently from CI's: a `tl.multiple_of` on a helper's result that 3.9 kept,
+    3.6 dropped, and the forward GEMM read B 2 bytes at a time there (spilling 1.3 KB at
+    R = 128) while CI saw nothing. With `pip install --target DIR triton==3.6.0` and
+    MLORA_TRITON_ALSO=DIR: the same shared memory in every config, no bf16 kernel
+    spilling, B read 16 bytes at a time (docs/kernels.md, "Testing on CPU")."""
+    mine, other = _compiled_rows(), _compiled_rows(os.environ["MLORA_TRITON_ALSO"])
+    assert [r["shared"] for r in other] == [r["shared"] for r in mine]
+    spilling = [r for r in other if r["dtype"] == "bf16" and r["stack"] > 0]
+    assert not spilling, spilling
+    assert not _narrow_b_reads(other), _narrow_b_reads(other)
 
 
 def test_the_autotuner_tries_configs_fitted_to_the_dtype() -> None:

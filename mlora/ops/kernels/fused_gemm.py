@@ -222,9 +222,9 @@ def fused_gemm_persistent_kernel(
     with dropout, `masked_expand` before the K loop. The output leaves in two [BLOCK_M,
     BLOCK_N / 2] halves (half the staging memory).
 
-    FLAT (one pair, no tile meeting more than two segments, R <= 32, no dropout: one
-    inner loop, the expand in the epilogue) flattens the tile and K loops into one
-    software-pipelined loop (`tl.range(flatten=True)`), so the next tile's first
+    FLAT (one pair, no tile meeting more than two segments, or four at R = 16, R <= 32,
+    no dropout: one inner loop, the expand in the epilogue) flattens the tile and K
+    loops into one software-pipelined loop (`tl.range(flatten=True)`), so the next tile's first
     operands are in flight while this one's expand and store run: a plain GEMM flattened
     ran at cuBLAS's speed. The pipeliner takes every load of that loop in, the expand's
     too, and with the expand's loads pipelined as async copies the GEMMs took 13-39 %
@@ -299,7 +299,15 @@ def fused_gemm_persistent_kernel(
                                           U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
                 acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
                 first = lo + 2
-            if MORE_SEGMENTS or R > te.PAIRED_RANK:
+            if FLAT and MORE_SEGMENTS:  # R = 16, tiles meeting a third and fourth segment: one product each,
+                # where there is a third (a loop here would stop the flattening; as a second pair it spilled)
+                if hi > lo + 2:
+                    for extra in tl.static_range(2):
+                        u1, v1 = te.segment_tiles(lo + 2 + extra, hi, rows, rows.to(tl.int64), cols.to(tl.int64),
+                                                  col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
+                                                  seg_scale, RT, U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT)
+                        acc = tl.dot(u1, v1, acc, input_precision=PRECISION)
+            elif MORE_SEGMENTS or R > te.PAIRED_RANK:
                 acc = te.segment_loop(acc, first, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr,
                                       v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
                                       RT, U_STRIDE, dtype, R, W_KN, False, PRECISION, V_ALIGNED)
@@ -355,6 +363,7 @@ _tuned = None if INTERPRET else triton.autotune(
 
 PERSISTENT_MODES = {"1": "nested", "flat": "flat", "0": "off"}
 SMEM_SLACK = 1024  # barriers and alignment beyond `persistent_smem`'s buffers (24 bytes on sm_90)
+FLAT_MAX_SEGMENTS = 4  # segments a flattened tile's expand takes at R = 16 (a pair, then one product each)
 
 
 def persistent_mode() -> str:
@@ -388,7 +397,8 @@ def persistent_launch(mode: str, tma_store: bool, rank_pad: int, pairs: int, mos
     per SM, `fused_gemm_persistent_kernel` with its loops nested or flattened). The
     persistent kernel needs its output through a descriptor, a rank block of at most
     PERSISTENT_MAX_RANK and its staging buffer beside the pipeline's; flattened, one
-    (a, W) pair, tiles meeting at most two segments, the pair product (R <= PAIRED_RANK),
+    (a, W) pair, tiles meeting at most two segments (four at R = 16: FLAT_MAX_SEGMENTS;
+    more, or more at R = 32, spilled in the loop), the pair product (R <= PAIRED_RANK),
     no dropout and room for the expand's own buffers (w_kn: the dx's), else nested
     (`mode` "flat" on a GPU with less shared memory than Hopper's falls back rather than
     failing to launch). The interpreter runs the flattened kernel too, its PTX loads as
@@ -397,7 +407,8 @@ def persistent_launch(mode: str, tma_store: bool, rank_pad: int, pairs: int, mos
         return "tiled"
     if persistent_smem(meta, stages, element_size) + SMEM_SLACK > smem_limit:
         return "tiled"
-    if (mode == "flat" and pairs == 1 and most_per_tile <= 2 and rank_pad <= te.PAIRED_RANK and not dropout
+    if (mode == "flat" and pairs == 1 and most_per_tile <= (FLAT_MAX_SEGMENTS if rank_pad <= 16 else 2)
+            and rank_pad <= te.PAIRED_RANK and not dropout
             and persistent_smem(meta, stages, element_size, flat_depth(rank_pad, w_kn)) + SMEM_SLACK <= smem_limit):
         return "flat"
     return "nested"

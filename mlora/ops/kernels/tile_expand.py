@@ -110,14 +110,16 @@ def pair_tiles(lo, hi, start, end, rank, off, scale, b_off0, b_rank0, b_off1, b_
 
 
 @triton.jit
-def load(ptrs, mask, other, HIDDEN: tl.constexpr, IN_PLACE: tl.constexpr = False):
+def load(ptrs, mask, other, HIDDEN: tl.constexpr, IN_PLACE: tl.constexpr = False, MULTIPLE_OF: tl.constexpr = 1):
     """tl.load(ptrs, mask, other) of 16- or 32-bit values; HIDDEN: the same by inline PTX,
     one element a load, which the software pipeliner does not take into a flattened
     loop (it pipelines every tl.load there, the epilogue's too, volatile ones as well).
     The PTX is marked pure, so the compiler may sink it to where its value is used;
     IN_PLACE keeps it where it is written (a load before a K loop then waits behind the
     loop instead of after it). The interpreter, which runs no PTX, reads by tl.load
-    either way."""
+    either way. MULTIPLE_OF: the values are multiples of it, said on the tl.load itself
+    (Triton 3.6 drops a `tl.multiple_of` put on this function's result, and B's 16-byte
+    reads went with it: the forward at R = 128 spilled 1,296 bytes)."""
     if HIDDEN and not INTERPRETING:
         kind: tl.constexpr = ptrs.dtype.element_ty
         addr = ptrs.to(tl.int64, bitcast=True)
@@ -131,7 +133,10 @@ def load(ptrs, mask, other, HIDDEN: tl.constexpr, IN_PLACE: tl.constexpr = False
                 [addr, mask.to(tl.int32)], dtype=tl.int32, is_pure=not IN_PLACE, pack=1)
         return tl.where(mask, bits.to(kind, bitcast=True), other)
     else:
-        return tl.load(ptrs, mask=mask, other=other)
+        value = tl.load(ptrs, mask=mask, other=other)
+        if MULTIPLE_OF > 1:
+            value = tl.multiple_of(value, MULTIPLE_OF)
+        return value
 
 
 @triton.jit
@@ -158,7 +163,7 @@ def b_block(j, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R: tl.constexpr
     the tile's last segment; its (padded) rank, offset and Σr are multiples of 8."""
     rr = tl.arange(0, R)
     live = j < hi
-    off = tl.multiple_of(load(seg_off + j, live, 0, HIDDEN), 8)
+    off = load(seg_off + j, live, 0, HIDDEN, MULTIPLE_OF=8)
     rank_ok = rr // 8 < load(seg_rank + j, live, 0, HIDDEN) // 8  # rr < rank, seen as constant by eights
     return b_tile(off, rank_ok, cols64, col_ok, v_cat, RT, R, HIDDEN)
 
