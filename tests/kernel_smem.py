@@ -176,11 +176,14 @@ def main() -> None:
             variants = [(w_kn, dict(rank_pad=32, flat=flat, more_segments=more))
                         for w_kn in (False, True) for flat, more in ((False, False), (True, False), (False, True))]
             variants += [(w_kn, dict(rank_pad=64)) for w_kn in (False, True)]
+            # flattened at R = 16 with tiles meeting up to four segments (the third and fourth one product each)
+            variants += [(w_kn, dict(rank_pad=16, flat=True, more_segments=True)) for w_kn in (False, True)]
             variants += [(True, dict(rank_pad=r, dropout=True)) for r in (32, 64)]
             variants += [(True, dict(rank_pad=32, sources=2)), (True, dict(rank_pad=64, sources=3))]
             for w_kn, v in variants:
                 name = (f"{tile}/R{v['rank_pad']}" + (f"x{v['sources']}" if "sources" in v else "")
-                        + ("/segment-loop" if v.get("more_segments") else "") + ("/dropout" if v.get("dropout") else ""))
+                        + (("/four-segments" if v.get("flat") else "/segment-loop") if v.get("more_segments") else "")
+                        + ("/dropout" if v.get("dropout") else ""))
                 rows.append(dict(kernel="fused_gemm_persistent" + ("_flat" if v.get("flat") else ""), config=name,
                                  dtype=dt, precision=precision, w_kn=w_kn,
                                  **persistent_shared(dt, meta, warps, stages, w_kn, **v)))
