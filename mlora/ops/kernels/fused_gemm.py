@@ -224,9 +224,9 @@ def fused_gemm_persistent_kernel(
 
     FLAT (one pair, no tile meeting more than two segments, or four at R = 16, R <= 32,
     no dropout: one inner loop, the expand in the epilogue) flattens the tile and K
-    loops into one software-pipelined loop (`tl.range(flatten=True)`), so the next tile's first
-    operands are in flight while this one's expand and store run: a plain GEMM flattened
-    ran at cuBLAS's speed. The pipeliner takes every load of that loop in, the expand's
+    loops into one software-pipelined loop (`tl.range(flatten=True)`), so the next
+    tile's first operands are in flight while this one's expand and store run: a plain
+    GEMM flattened ran at cuBLAS's speed. The pipeliner takes every load of that loop in, the expand's
     too, and with the expand's loads pipelined as async copies the GEMMs took 13-39 %
     longer than a program per tile (bench/README.md, 2026-12-04, fifth session); FLAT
     therefore reads the expand's operands and tables by inline PTX (`tile_expand.load`),
