@@ -98,9 +98,8 @@ def pair_tiles(lo, hi, start, end, rank, off, scale, b_off0, b_rank0, b_off1, b_
     else:  # V = B_jᵀ: columns off.. of B_cat [N, RT]
         if V_ALIGNED and B_TABLES:  # the blocks' scalars read already
             r8 = tl.arange(0, R) // 8
-            v = stack_pair(b_tile(tl.multiple_of(b_off0, 8), r8 < b_rank0 // 8, cols64, col_ok, v_cat, RT, R, HIDDEN),
-                           b_tile(tl.multiple_of(b_off1, 8), r8 < b_rank1 // 8, cols64, col_ok, v_cat, RT, R, HIDDEN),
-                           R)
+            v = stack_pair(b_tile(b_off0, r8 < b_rank0 // 8, cols64, col_ok, v_cat, RT, R, HIDDEN),
+                           b_tile(b_off1, r8 < b_rank1 // 8, cols64, col_ok, v_cat, RT, R, HIDDEN), R)
         elif V_ALIGNED:
             v = pair_b_aligned(lo, hi, cols64, col_ok, v_cat, seg_off, seg_rank, RT, R, HIDDEN)
         else:
@@ -131,12 +130,12 @@ def load(ptrs, mask, other, HIDDEN: tl.constexpr, IN_PLACE: tl.constexpr = False
             bits = tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }", "=r,l,r",
                 [addr, mask.to(tl.int32)], dtype=tl.int32, is_pure=not IN_PLACE, pack=1)
-        return tl.where(mask, bits.to(kind, bitcast=True), other)
+        value = tl.where(mask, bits.to(kind, bitcast=True), other)
     else:
         value = tl.load(ptrs, mask=mask, other=other)
-        if MULTIPLE_OF > 1:
-            value = tl.multiple_of(value, MULTIPLE_OF)
-        return value
+    if MULTIPLE_OF > 1:
+        value = tl.multiple_of(value, MULTIPLE_OF)
+    return value
 
 
 @triton.jit
@@ -175,7 +174,7 @@ def segment_table(j, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, HIDDE
     its pair's in a tile's first step and carries them to its last (`pair_tiles`)."""
     live = j < hi
     return (load(seg_start + j, live, 0, HIDDEN, True), load(seg_end + j, live, 0, HIDDEN, True),
-            load(seg_rank + j, live, 0, HIDDEN, True), load(seg_off + j, live, 0, HIDDEN, True),
+            load(seg_rank + j, live, 0, HIDDEN, True), load(seg_off + j, live, 0, HIDDEN, True, MULTIPLE_OF=8),
             load(seg_scale + j, live, 0.0, HIDDEN, True))
 
 
