@@ -85,10 +85,9 @@ def gemm_shared(dt: str, precision: str, meta: dict, warps: int, stages: int, w_
 
 
 def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, rank_pad: int,
-                      flat: bool = False, sources: int = 1, more_segments: bool = False,
-                      dropout: bool = False) -> dict:
+                      sources: int = 1, more_segments: bool = False, dropout: bool = False) -> dict:
     """The persistent GEMM (16-bit only: its output leaves through a descriptor, in halves),
-    its loops nested or (flat) flattened, summing one or more (a, W) products, with the
+    summing one or more (a, W) products, with the
     segment loop for tiles meeting more than two segments or without, with dropout (dx)
     or without."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
@@ -102,9 +101,9 @@ def persistent_shared(dt: str, meta: dict, warps: int, stages: int, w_kn: bool, 
                  out_ptr=f"*{dt}", out_src=f"tensordesc<{dt}[{bm}, {bn // 2}]>", bias_ptr=f"*{dt}", v_cat=f"*{dt}",
                  u_ptr="*fp32" if w_kn else f"*{dt}")
     consts = dict(R=rank_pad, W_KN=w_kn, HAS_BIAS=not w_kn, PRECISION="tf32", V_ALIGNED=True, NUM_SMS=132,
-                  FLAT=flat, SOURCES=sources, MORE_SEGMENTS=more_segments, DROPOUT=dropout, **meta)
+                  SOURCES=sources, MORE_SEGMENTS=more_segments, DROPOUT=dropout, **meta)
     # what the host launch assumes
-    estimate = fused_gemm.persistent_smem(meta, stages, 2, fused_gemm.flat_depth(rank_pad, w_kn) if flat else 0)
+    estimate = fused_gemm.persistent_smem(meta, stages, 2)
     return dict(_shared(fused_gemm.fused_gemm_persistent_kernel, types, consts, warps, stages), estimate=estimate)
 
 
@@ -169,22 +168,19 @@ def main() -> None:
         rows.append(dict(kernel="fused_gemm", config=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
                          "/R64x3", dtype=dt, precision=precision, w_kn=True,
                          **gemm_shared(dt, precision, meta, warps, stages, True, rank_pad=64, sources=3)))
-        if dt == "bf16":  # the persistent GEMM: nested, flattened, with the segment loop after the pair (R = 32,
+        if dt == "bf16":  # the persistent GEMM: the pair alone, with the segment loop after it (R = 32,
             # the widest pair), every segment looped (R = 64), with dropout (dx), and the shared-input dx
             # (gate and up: 2 products at R = 32; q, k and v: 3 at R = 64)
             tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{stages}"
-            variants = [(w_kn, dict(rank_pad=32, flat=flat, more_segments=more))
-                        for w_kn in (False, True) for flat, more in ((False, False), (True, False), (False, True))]
+            variants = [(w_kn, dict(rank_pad=32, more_segments=more)) for w_kn in (False, True) for more in (False, True)]
             variants += [(w_kn, dict(rank_pad=64)) for w_kn in (False, True)]
-            # flattened at R = 16 with tiles meeting up to four segments (the third and fourth one product each)
-            variants += [(w_kn, dict(rank_pad=16, flat=True, more_segments=True)) for w_kn in (False, True)]
             variants += [(True, dict(rank_pad=r, dropout=True)) for r in (32, 64)]
             variants += [(True, dict(rank_pad=32, sources=2)), (True, dict(rank_pad=64, sources=3))]
             for w_kn, v in variants:
                 name = (f"{tile}/R{v['rank_pad']}" + (f"x{v['sources']}" if "sources" in v else "")
-                        + (("/four-segments" if v.get("flat") else "/segment-loop") if v.get("more_segments") else "")
+                        + ("/segment-loop" if v.get("more_segments") else "")
                         + ("/dropout" if v.get("dropout") else ""))
-                rows.append(dict(kernel="fused_gemm_persistent" + ("_flat" if v.get("flat") else ""), config=name,
+                rows.append(dict(kernel="fused_gemm_persistent", config=name,
                                  dtype=dt, precision=precision, w_kn=w_kn,
                                  **persistent_shared(dt, meta, warps, stages, w_kn, **v)))
         for rank_pad in RANKS:

@@ -1,7 +1,6 @@
 """The fused GEMM alone (`mlora/ops/kernels/fused_gemm.py`) against its contract in
 float64: the base product plus each segment's scaled u·V, masked by dropout, with
-further (a, W) products summed; a program per tile, one per SM (nested or flattened),
-split in two; which launch a GEMM takes. On CPU through Triton's interpreter (set up by
+further (a, W) products summed; a program per tile, one per SM, split in two; which launch a GEMM takes. On CPU through Triton's interpreter (set up by
 test_triton_ops, imported first), at tiles of 16 rows; `check_persistent_modes` runs
 compiled on a GPU from `test_triton_ops.run_cuda_checks`.
 """
@@ -66,66 +65,49 @@ def test_the_persistent_gemm_matches_the_contract(w_kn: bool, monkeypatch) -> No
     five segments (the segment loop after the pair); a rank block of 64 (every segment
     looped); two and three products summed; dropout masks on some segments (dx: the
     masked expand first). With MLORA_TRITON_PERSISTENT=0, or a rank block of 128, the
-    tiled kernel runs; with "flat" the flattened kernel (the interpreter reads its PTX
-    loads by tl.load) at rank blocks 16 and 32 (the pair's tables read in a tile's first
-    step; the dx at 32 as two products instead), and at 16 where a tile meets four
-    segments (one product each for the third and fourth); the nested one where a tile
-    meets four at rank block 32, or five; any other value is refused."""
+    tiled kernel runs; any other value than 0 or 1 is refused ("flat", the flattened
+    loops measured slower and removed, among them)."""
     with persistent_launches() as launched:
         two_a_tile = (14, 9, 7, 20, 0, 12, 16)  # from row 2 to 80: rows 80-89 (the last row tile) meet none
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
-        assert launched == [((3,), "nested")]
+        assert launched == [(3,)]
         monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "0")
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
         monkeypatch.delenv("MLORA_TRITON_PERSISTENT")
         _check_gemm_contract(w_kn, True, torch.float16, n=40, ranks=(4, 100, 8))  # rank block 128
-        assert launched == [((3,), "nested")]
+        assert launched == [(3,)]
         _check_gemm_contract(w_kn, True, torch.float16, n=40, dropout_on=False)  # rows 16-31 meet five segments
         _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, ranks=(4, 40, 8))  # R 64, dropout
         # two and three (a, W) pairs summed (the shared-input dx), u a slice of a wider g
         for more in ((24,), (24, 8)):
             _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False, more=more,
                                  u_slice=True)
-        assert launched == [((3,), "nested")] * 5
-        monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "flat")
-        for ranks in ((4, 16, 8), (4, 20, 8)):  # rank blocks 16 and 32
-            _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False, ranks=ranks)
-        four_a_tile = (14, 3, 5, 4, 20, 0, 5, 3, 12)  # rows 16-31 meet four segments, 48-63 three (and an empty one)
-        _check_gemm_contract(w_kn, True, torch.float16, lengths=four_a_tile, n=40, dropout_on=False)
-        _check_gemm_contract(w_kn, True, torch.float16, lengths=four_a_tile, n=40, dropout_on=False, ranks=(4, 20, 8))
-        _check_gemm_contract(w_kn, True, torch.float16, n=40, dropout_on=False)  # five segments a tile
-        assert launched == [((3,), "nested")] * 5 + [((3,), "flat")] * 3 + [((3,), "nested")] * 2
-        monkeypatch.setenv("MLORA_TRITON_PERSISTENT", "yes")
-        with pytest.raises(ValueError, match="MLORA_TRITON_PERSISTENT must be one of 1, flat, 0, got 'yes'"):
-            _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
+        assert launched == [(3,)] * 5
+        for value in ("flat", "yes"):
+            monkeypatch.setenv("MLORA_TRITON_PERSISTENT", value)
+            with pytest.raises(ValueError, match=f"MLORA_TRITON_PERSISTENT must be one of 1, 0, got '{value}'"):
+                _check_gemm_contract(w_kn, True, torch.float16, lengths=two_a_tile, n=40, dropout_on=False)
+        assert launched == [(3,)] * 5
 
 
 def test_which_gemms_launch_one_program_per_sm() -> None:
     """`persistent_launch` on an H100 (227 KiB a block) and on a GPU with 99 KiB (sm_120):
-    the flattened kernel where it has one loop to flatten into and room for the expand's
-    buffers, else nested; a program per tile without a descriptor store, above rank 64,
-    when switched off, or where even the nested kernel would not fit."""
+    one program per SM with a descriptor store, a rank block up to 64 and room for its
+    staging buffer beside the pipeline's; else (or switched off) a program per tile."""
     from mlora.ops.kernels import fused_gemm as fg
 
     meta, stages, _ = fg.fixed_config(2)  # 128 x 256 x 64, 3 stages
     assert fg.persistent_smem(meta, stages, 2) == 180_224  # what sm_90 compiles: 180,248 (tests/kernel_smem.py)
     h100 = dict(meta=meta, stages=stages, element_size=2, smem_limit=fg.HOPPER_SMEM)
-    flat_ok = dict(tma_store=True, rank_pad=32, pairs=1, most_per_tile=2, dropout=False)
-    assert fg.persistent_launch("flat", **flat_ok, **h100) == "flat"
-    # the dx at R = 32 flattened runs the pair as two products of depth 32: the R = 16 pair's buffers
-    assert fg.flat_depth(32, w_kn=True) == fg.flat_depth(16, w_kn=False) == 32 and fg.flat_depth(32, False) == 64
-    assert fg.persistent_launch("nested", **flat_ok, **h100) == "nested"
-    assert fg.persistent_launch("off", **flat_ok, **h100) == "tiled"
-    for change in (dict(pairs=2), dict(most_per_tile=3), dict(rank_pad=64), dict(dropout=True),
-                   dict(rank_pad=16, most_per_tile=5)):
-        assert fg.persistent_launch("flat", **{**flat_ok, **change}, **h100) == "nested", change
-    assert fg.persistent_launch("flat", **{**flat_ok, "rank_pad": 16, "most_per_tile": 4}, **h100) == "flat"
+    ok = dict(tma_store=True, rank_pad=64)
+    assert fg.persistent_launch("nested", **ok, **h100) == "nested"
+    assert fg.persistent_launch("off", **ok, **h100) == "tiled"
     for change in (dict(tma_store=False), dict(rank_pad=128)):
-        assert fg.persistent_launch("nested", **{**flat_ok, **change}, **h100) == "tiled", change
+        assert fg.persistent_launch("nested", **{**ok, **change}, **h100) == "tiled", change
     small_meta, small_stages, _ = fg.fixed_config(2, 101_376 - fg.SMEM_HEADROOM)  # one stage fits
     small = dict(meta=small_meta, stages=small_stages, element_size=2, smem_limit=101_376)
-    assert small_stages == 1 and fg.persistent_launch("flat", **flat_ok, **small) == "nested"  # 128 KiB flattened
-    assert fg.persistent_launch("nested", **flat_ok, **{**small, "smem_limit": 80_000}) == "tiled"
+    assert small_stages == 1 and fg.persistent_launch("nested", **ok, **small) == "nested"
+    assert fg.persistent_launch("nested", **ok, **{**small, "smem_limit": 80_000}) == "tiled"
 
 
 @interpreted
@@ -225,18 +207,15 @@ def _check_gemm_contract(w_kn: bool, use_tma: bool, dtype: torch.dtype, split: b
 
 @contextmanager
 def persistent_launches():
-    """(grid, "flat" or "nested") of each launch of `fused_gemm_persistent_kernel` inside
-    the block."""
+    """The grid of each launch of `fused_gemm_persistent_kernel` inside the block."""
     from mlora.ops.kernels import fused_gemm as fg
 
     kernel, launched = fg.fused_gemm_persistent_kernel, []
 
     class Counted:
         def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((grid, "flat" if kwargs["FLAT"] else "nested"))
-                return kernel[grid](*args, **kwargs)
-            return launch
+            launched.append(grid)
+            return kernel[grid]
 
     fg.fused_gemm_persistent_kernel = Counted()
     try:
@@ -246,24 +225,21 @@ def persistent_launches():
 
 
 def check_persistent_modes() -> None:
-    """The GEMM one program per SM with its tile and K loops nested (the default) and
-    flattened (the expand's loads in inline PTX), and a program per tile, each against
-    the fp64 contract: 128-row tiles meeting one or two segments, an empty segment, rows
-    outside every segment, K cut in its last step, the last column tile's second half
-    mostly outside, forward with bias and dx, at rank blocks 16 and 32 (flattened: the
-    pair's tables read in a tile's first step; the dx at 32 as two products)."""
+    """The GEMM one program per SM (the default) and a program per tile, each against the
+    fp64 contract, and against each other: 128-row tiles meeting one or two segments, an
+    empty segment, rows outside every segment, K cut in its last step, the last column
+    tile's second half mostly outside, forward with bias and dx, at rank blocks 16 and 32."""
     lengths = (300, 0, 200, 131, 500, 129, 150)  # rows 2-1411 of 1500: no 128-row tile meets three
-    kernel = {"1": ["nested"], "flat": ["flat"], "0": []}
     with persistent_launches() as launched:
         for w_kn, ranks in itertools.product((False, True), ((4, 16, 8), (20, 32, 8))):
             outs = {}
-            for mode in ("1", "flat", "0"):
+            for mode in ("1", "0"):
                 os.environ["MLORA_TRITON_PERSISTENT"] = mode
                 before = len(launched)
                 outs[mode] = _check_gemm_contract(w_kn, True, torch.bfloat16, lengths=lengths, n=648,
                                                   dropout_on=False, tokens=1500, k=520, device="cuda", tol=1e-2,
                                                   ranks=ranks)
-                assert [kind for _, kind in launched[before:]] == kernel[mode], (mode, launched[before:])
-            print("ok persistent GEMMs", "dx" if w_kn else "forward", f"ranks {ranks}", "flat - nested max",
-                  (outs["flat"].float() - outs["1"].float()).abs().max().item(), flush=True)
+                assert len(launched) - before == (mode == "1"), (mode, launched[before:])
+            print("ok persistent GEMMs", "dx" if w_kn else "forward", f"ranks {ranks}", "persistent - tiled max",
+                  (outs["1"].float() - outs["0"].float()).abs().max().item(), flush=True)
     os.environ.pop("MLORA_TRITON_PERSISTENT", None)

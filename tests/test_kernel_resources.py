@@ -34,9 +34,8 @@ def _compiled_rows(triton_dir: str | None = None) -> list[dict]:
 
 
 def _narrow_b_reads(rows: list[dict]) -> list[dict]:
-    """bf16 forward GEMMs (but the flattened one, whose expand reads one element a load by
-    design) reading many single 2-byte elements: B's columns no longer 16 bytes at a time
-    (docs/kernels.md, "Reading B"); the bias's one load is allowed."""
+    """bf16 forward GEMMs reading many single 2-byte elements: B's columns no longer 16
+    bytes at a time (docs/kernels.md, "Reading B"); the bias's one load is allowed."""
     return [r for r in rows if r["kernel"] in ("fused_gemm", "fused_gemm_persistent") and r["dtype"] == "bf16"
             and not r["w_kn"] and r["narrow_loads"] > 2]
 
@@ -47,18 +46,17 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     # 3 precisions × (GEMM configs + 2 at R = 128 + the shared-input dx (3 products, R = 64) + 2 shrinks
     # (h, g) × 4 ranks + 2 reductions × 4 ranks + the dy pass with g as partials at R = 16): 6 GEMM
     # configs (3 tiles × forward, dx) in bf16 and TF32, 2 in true fp32 (its one tile); and the bf16
-    # dy pass with g in pairs at R = 32, and the persistent GEMM: forward and dx at R = 32 with
-    # its loops nested, flattened and nested with the segment loop, and at R = 64; flattened at
-    # R = 16 with four segments a tile; its dx with dropout at R = 32 and 64, and summing two
-    # (R = 32) and three (R = 64) products
-    assert len(kinds) == 11 and len(rows) == 89
+    # dy pass with g in pairs at R = 32, and the persistent GEMM: forward and dx at R = 32, with
+    # the segment loop after the pair and without, and at R = 64; its dx with dropout at R = 32
+    # and 64, and summing two (R = 32) and three (R = 64) products
+    assert len(kinds) == 10 and len(rows) == 85
     too_big = [r for r in rows if not 0 < r["shared"] <= HOPPER_SMEM]
     assert not too_big, too_big
-    # The flattened persistent GEMM reads the expand's operands by inline PTX: with tl.load
-    # the pipeliner made them 26 cp.async copies across the flattened loop, and the
-    # GEMMs took 13-39 % longer (bench/README.md, 2026-12-04, fifth session)
-    persistent = [r for r in rows if r["kernel"].startswith("fused_gemm_persistent")]
-    assert len(persistent) == 14 and all(r["async_copies"] == 0 for r in persistent), persistent
+    # The persistent GEMM's expand reads stay plain loads after the K loop: pipelined into
+    # a flattened loop they were 26 cp.async copies, and the GEMMs took 13-39 % longer
+    # (bench/README.md, 2026-12-04, fifth session)
+    persistent = [r for r in rows if r["kernel"] == "fused_gemm_persistent"]
+    assert len(persistent) == 10 and all(r["async_copies"] == 0 for r in persistent), persistent
     # and the host's estimate of its shared memory (whether it fits a device, `persistent_launch`)
     # is what the compiler asked for, less at most the slack it allows for barriers
     from mlora.ops.kernels import fused_gemm

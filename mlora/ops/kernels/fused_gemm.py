@@ -210,8 +210,7 @@ def fused_gemm_persistent_kernel(
     M, N, K, RT, U_STRIDE, a1_src, w1_src, K1, a2_src, w2_src, K2,
     R: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, V_ALIGNED: tl.constexpr,
     SOURCES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLAT: tl.constexpr, MORE_SEGMENTS: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, MORE_SEGMENTS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """fused_gemm_kernel's product at rank blocks up to 64, operands and output through
     descriptors: one program per SM walks the tiles, so no program starts per tile and a
@@ -222,42 +221,29 @@ def fused_gemm_persistent_kernel(
     with dropout, `masked_expand` before the K loop. The output leaves in two [BLOCK_M,
     BLOCK_N / 2] halves (half the staging memory).
 
-    FLAT (one pair, no tile meeting more than two segments, or four at R = 16, R <= 32,
-    no dropout: one inner loop, the expand in the epilogue) flattens the tile and K
-    loops into one software-pipelined loop (`tl.range(flatten=True)`), so the next
-    tile's first operands are in flight while this one's expand and store run: a plain
-    GEMM flattened ran at cuBLAS's speed. The pipeliner takes every load of that loop in, the expand's
-    too, and with the expand's loads pipelined as async copies the GEMMs took 13-39 %
-    longer than a program per tile (bench/README.md, 2026-12-04, fifth session); FLAT
-    therefore reads the expand's operands and tables by inline PTX (`tile_expand.load`),
-    which it does not see, the pair's tables in the tile's first step (except the dx at
-    R = 32, where carrying them spilled)."""
+    The tile and K loops stay nested. Flattened into one software-pipelined loop
+    (`tl.range(flatten=True)`) a plain GEMM ran at cuBLAS's speed, but with the expand in
+    the loop the GEMMs took 13-39 % longer (expand's loads pipelined, 2026-12-04) and,
+    with them hidden from the pipeliner by inline PTX, still ~30 % (2026-12-05):
+    bench/README.md, "Flattened loops and gate and up as one pair, measured"."""
     dtype = out_ptr.dtype.element_ty
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=FLAT):
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS):
         pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # the segments lo..hi-1 meet the tile's rows: read before the K loop, which hides the
-        # wait (flattened: in the tile's first step, carried to its last)
-        lo = te.load(tok_lo + m0, m0 < M, 0, FLAT, IN_PLACE=True)
-        hi = te.load(tok_hi + tl.minimum(m0 + BLOCK_M, M), m0 < M, 0, FLAT, IN_PLACE=True)
+        # the segments lo..hi-1 meet the tile's rows: read before the K loop, which hides the wait
+        lo = tl.load(tok_lo + m0, mask=m0 < M, other=0)
+        hi = tl.load(tok_hi + tl.minimum(m0 + BLOCK_M, M), mask=m0 < M, other=0)
         if DROPOUT:  # the masked expand first, as in fused_gemm_kernel (and for its reason)
             rows = m0 + tl.arange(0, BLOCK_M)
             cols = n0 + tl.arange(0, BLOCK_N)
             acc = te.masked_expand(acc, lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), cols < N, N, u_ptr, v_cat,
                                    mask_ptr, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
                                    RT, U_STRIDE, dtype, R, W_KN, PRECISION, V_ALIGNED)
-        # flattened, the pair's table entries are read in the tile's first step (scalars, a few registers carried
-        # through the loop), so after its last step only u and V are; not in the dx at R = 32, where ptxas then spilled
-        # in the loop (sm_90 compiles, tests/kernel_smem.py)
-        tables_first: tl.constexpr = FLAT and (R <= 16 or not W_KN)
-        if tables_first:
-            s0, e0, r0, o0, c0 = te.segment_table(lo, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, FLAT)
-            s1, e1, r1, o1, c1 = te.segment_table(lo + 1, hi, seg_start, seg_end, seg_off, seg_rank, seg_scale, FLAT)
         for ki in range(k_tiles):  # `_k_loop`'s descriptor branch, written out as it was measured
             k0 = ki * BLOCK_K
             a = a_src.load([m0, k0])
@@ -275,39 +261,13 @@ def fused_gemm_persistent_kernel(
             acc = _k_loop(acc, a2_src, w2_src, K2, m0, n0, None, None, None, None, N, W_KN, True, PRECISION, BLOCK_K)
         if not DROPOUT:
             first = lo
-            if tables_first:
-                second = tl.arange(0, 2 * R) >= R  # the pair's columns of segment lo + 1
-                start, end = tl.where(second, s1, s0), tl.where(second, e1, e0)
-                rank, scale = tl.where(second, r1, r0), tl.where(second, c1, c0)
-                off = tl.where(second, o1, o0).to(tl.int64)
-                u2, v2 = te.pair_tiles(lo, hi, start, end, rank, off, scale, o0, r0, o1, r1, rows,
-                                       rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat, seg_off, seg_rank,
-                                       RT, U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT, True)
-                acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
-                first = lo + 2
-            elif FLAT and W_KN:  # the dx at R = 32 flattened: the pair as two products of depth R (the pair's
-                # operands at once spilled in its loop: 24 / 64 bytes with Triton 3.9 / 3.6, none so)
-                for half in tl.static_range(2):
-                    u1, v1 = te.segment_tiles(lo + half, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N,
-                                              u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, RT,
-                                              U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT)
-                    acc = tl.dot(u1, v1, acc, input_precision=PRECISION)
-                first = lo + 2
-            elif R <= te.PAIRED_RANK:
+            if R <= te.PAIRED_RANK:
                 u2, v2 = te.pair_operands(lo, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr, v_cat,
                                           seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row, RT,
-                                          U_STRIDE, dtype, R, W_KN, False, V_ALIGNED, FLAT)
+                                          U_STRIDE, dtype, R, W_KN, False, V_ALIGNED)
                 acc = tl.dot(u2, v2, acc, input_precision=PRECISION)
                 first = lo + 2
-            if FLAT and MORE_SEGMENTS:  # R = 16, tiles meeting a third and fourth segment: one product each,
-                # where there is a third (a loop here would stop the flattening; as a second pair it spilled)
-                if hi > lo + 2:
-                    for extra in tl.static_range(2):
-                        u1, v1 = te.segment_tiles(lo + 2 + extra, hi, rows, rows.to(tl.int64), cols.to(tl.int64),
-                                                  col_ok, N, u_ptr, v_cat, seg_start, seg_end, seg_off, seg_rank,
-                                                  seg_scale, RT, U_STRIDE, dtype, R, W_KN, V_ALIGNED, FLAT)
-                        acc = tl.dot(u1, v1, acc, input_precision=PRECISION)
-            elif MORE_SEGMENTS or R > te.PAIRED_RANK:
+            if MORE_SEGMENTS or R > te.PAIRED_RANK:
                 acc = te.segment_loop(acc, first, hi, rows, rows.to(tl.int64), cols.to(tl.int64), col_ok, N, u_ptr,
                                       v_cat, seg_start, seg_end, seg_off, seg_rank, seg_scale, seg_keep, seg_mask_row,
                                       RT, U_STRIDE, dtype, R, W_KN, False, PRECISION, V_ALIGNED)
@@ -361,56 +321,39 @@ _tuned = None if INTERPRET else triton.autotune(
 )(fused_gemm_kernel)
 
 
-PERSISTENT_MODES = {"1": "nested", "flat": "flat", "0": "off"}
+PERSISTENT_MODES = {"1": "nested", "0": "off"}
 SMEM_SLACK = 1024  # barriers and alignment beyond `persistent_smem`'s buffers (24 bytes on sm_90)
-FLAT_MAX_SEGMENTS = 4  # segments a flattened tile's expand takes at R = 16 (a pair, then one product each)
 
 
 def persistent_mode() -> str:
-    """How a GEMM the persistent launch (`fused_gemm_persistent_kernel`) applies to runs,
-    from MLORA_TRITON_PERSISTENT: "1" (the default) with the tile and K loops nested,
-    "flat" with them flattened (FLAT), "0" a program per tile."""
+    """Whether a GEMM the persistent launch (`fused_gemm_persistent_kernel`) applies to
+    takes it, from MLORA_TRITON_PERSISTENT: "1" (the default) one program per SM, "0" a
+    program per tile."""
     value = os.environ.get("MLORA_TRITON_PERSISTENT", "1")
     if value not in PERSISTENT_MODES:
         raise ValueError(f"MLORA_TRITON_PERSISTENT must be one of {', '.join(PERSISTENT_MODES)}, got {value!r}")
     return PERSISTENT_MODES[value]
 
 
-def flat_depth(rank_pad: int, w_kn: bool) -> int:
-    """Depth of the flattened GEMM's expand products: the pair's 2R, except the dx at R = 32,
-    which runs the pair as two products of depth R (fused_gemm_persistent_kernel)."""
-    return rank_pad if w_kn and rank_pad > 16 else 2 * rank_pad
-
-
-def persistent_smem(meta: dict, stages: int, element_size: int, depth: int = 0) -> int:
+def persistent_smem(meta: dict, stages: int, element_size: int) -> int:
     """Shared memory of the persistent GEMM's buffers, as compiled for sm_90
-    (tests/kernel_smem.py checks it): the pipeline's stages, one [BLOCK_M, BLOCK_N / 2]
-    half of the output staged for its store, and, flattened, the expand's u [BLOCK_M,
-    depth] and V [depth, BLOCK_N] (`flat_depth`), which no longer share the pipeline's."""
+    (tests/kernel_smem.py checks it): the pipeline's stages and one [BLOCK_M, BLOCK_N / 2]
+    half of the output staged for its store."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    return (stages * (bm * bk + bk * bn) + bm * bn // 2 + (bm + bn) * depth) * element_size
+    return (stages * (bm * bk + bk * bn) + bm * bn // 2) * element_size
 
 
-def persistent_launch(mode: str, tma_store: bool, rank_pad: int, pairs: int, most_per_tile: int, dropout: bool,
-                      meta: dict, stages: int, element_size: int, smem_limit: int, w_kn: bool = False) -> str:
-    """How a GEMM launches: "tiled" (a program per tile), "nested" or "flat" (one program
-    per SM, `fused_gemm_persistent_kernel` with its loops nested or flattened). The
-    persistent kernel needs its output through a descriptor, a rank block of at most
-    PERSISTENT_MAX_RANK and its staging buffer beside the pipeline's; flattened, one
-    (a, W) pair, tiles meeting at most two segments (four at R = 16: FLAT_MAX_SEGMENTS;
-    more, or more at R = 32, spilled in the loop), the pair product (R <= PAIRED_RANK),
-    no dropout and room for the expand's own buffers (w_kn: the dx's), else nested
-    (`mode` "flat" on a GPU with less shared memory than Hopper's falls back rather than
-    failing to launch). The interpreter runs the flattened kernel too, its PTX loads as
-    tl.load."""
+def persistent_launch(mode: str, tma_store: bool, rank_pad: int, meta: dict, stages: int, element_size: int,
+                      smem_limit: int) -> str:
+    """How a GEMM launches: "tiled" (a program per tile) or "nested" (one program per SM,
+    `fused_gemm_persistent_kernel`). The persistent kernel needs its output through a
+    descriptor, a rank block of at most PERSISTENT_MAX_RANK and its staging buffer beside
+    the pipeline's (so on a GPU with less shared memory than Hopper's it falls back
+    rather than failing to launch)."""
     if mode == "off" or not tma_store or rank_pad > PERSISTENT_MAX_RANK:
         return "tiled"
     if persistent_smem(meta, stages, element_size) + SMEM_SLACK > smem_limit:
         return "tiled"
-    if (mode == "flat" and pairs == 1 and most_per_tile <= (FLAT_MAX_SEGMENTS if rank_pad <= 16 else 2)
-            and rank_pad <= te.PAIRED_RANK and not dropout
-            and persistent_smem(meta, stages, element_size, flat_depth(rank_pad, w_kn)) + SMEM_SLACK <= smem_limit):
-        return "flat"
     return "nested"
 
 
@@ -507,18 +450,17 @@ def fused_gemm(
         _set_block_shapes({"a_src": srcs[0][0], "w_src": srcs[0][1], "a1_src": srcs[1][0], "w1_src": srcs[1][1],
                            "a2_src": srcs[2][0], "w2_src": srcs[2][1], "out_src": out_src, "W_KN": w_kn, **meta})
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        most = plan.most_segments_per_tile(meta["BLOCK_M"], m)
-        launch = persistent_launch(persistent_mode(), flags["TMA_STORE"], plan.rank_pad, len(pairs), most, dropout,
-                                   meta, stages, out.element_size(), smem_limit(a.device), w_kn)
+        launch = persistent_launch(persistent_mode(), flags["TMA_STORE"], plan.rank_pad, meta, stages,
+                                   out.element_size(), smem_limit(a.device))
         if launch != "tiled":
             out_src.block_shape = [meta["BLOCK_M"], meta["BLOCK_N"] // 2]
             sms = _sm_count(a.device)
+            most = plan.most_segments_per_tile(meta["BLOCK_M"], m)
             fused_gemm_persistent_kernel[(min(sms, tiles),)](
                 srcs[0][0], srcs[0][1], out, out_src, bias_arg, u, v_cat, masks, *tables, m, n, k,
                 max(plan.rank_total, 1), u.stride(0), *further, R=plan.rank_pad, W_KN=w_kn,
                 HAS_BIAS=bias is not None, PRECISION=precision, V_ALIGNED=v_aligned, SOURCES=len(pairs), NUM_SMS=sms,
-                MORE_SEGMENTS=most > 2, DROPOUT=dropout, FLAT=launch == "flat", **meta, num_warps=warps,
-                num_stages=stages)
+                MORE_SEGMENTS=most > 2, DROPOUT=dropout, **meta, num_warps=warps, num_stages=stages)
             return out
         grid = (tiles,)
         fused_gemm_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
