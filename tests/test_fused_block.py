@@ -71,29 +71,6 @@ def test_swiglu_matches_silu_times_up(rows, width, dtype):
     assert rel(gf.grad, gr.grad) < tol and rel(uf.grad, ur.grad) < tol
 
 
-@pytest.mark.parametrize("rows, width", SHAPES)
-def test_swiglu_of_halves_of_one_buffer_gives_gradients_laid_out_the_same(rows, width):
-    """Gate and up side by side in one [..., 2 · width] buffer (the shared-input call's
-    one-pair forward): the same values, and gradients side by side in one buffer too,
-    which that call's backward reads as one dy."""
-    from mlora.ops.stacked import side_by_side
-
-    gen = torch.Generator().manual_seed(5 * rows + width)
-    both = (torch.randn(2, rows, 2 * width, generator=gen) * 3).to(DEVICE, torch.bfloat16).requires_grad_()
-    dh = torch.randn(2, rows, width, generator=gen).to(DEVICE, torch.bfloat16)
-    gate, up = both[..., :width], both[..., width:]
-    assert side_by_side((gate, up)) is not None and side_by_side((up, gate)) is None
-    got = swiglu(gate, up)
-    d_gate, d_up = torch.autograd.grad(got, (gate, up), dh)
-    gr, ur = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
-    want = swiglu(gr, ur)  # contiguous inputs: the measured elementwise kernels
-    want.backward(dh)
-    assert torch.equal(got, want) and got.is_contiguous()
-    assert torch.equal(d_gate, gr.grad) and torch.equal(d_up, ur.grad)
-    assert side_by_side((d_gate, d_up)) is not None
-    assert side_by_side((gr.grad, ur.grad)) is None  # apart in, apart out
-
-
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="one shape and dtype"):
         swiglu(torch.zeros(2, 3, device=DEVICE), torch.zeros(3, 2, device=DEVICE))

@@ -211,10 +211,7 @@ def test_compiled_bf16_at_a_1b_layers_shapes() -> None:
 def test_a_fused_stage_step_gives_the_same_gradients_shared_or_not(monkeypatch) -> None:
     """A tiny GQA Llama stage on CUDA (fused attention and MLP, fp32 Triton path): every
     block's q, k, v and gate, up go through the shared call, and every adapter gradient
-    and the input's equal those of the projections called one by one; so do they with
-    gate and up's GEMMs as one pair each way (MLORA_ONE_PAIR=1: their weights stacked by
-    the stage, their outputs and the SwiGLU's gradients side by side)."""
-    from mlora.ops.stacked import stacked_rows
+    and the input's equal those of the projections called one by one."""
     import mlora.ops.shared_input as shared_mod
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -239,14 +236,7 @@ def test_a_fused_stage_step_gives_the_same_gradients_shared_or_not(monkeypatch) 
     ids = torch.randint(0, 512, (4, 64), device="cuda")
     calls = []
     real = shared_mod.shared_input_lora
-    from mlora.ops.stacked import side_by_side
-
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        ys = real(*args, **kwargs)
-        calls.append(side_by_side(ys) is not None)  # outputs side by side: the one-pair forward ran
-        return ys
-
-    monkeypatch.setattr(shared_mod, "shared_input_lora", recording)
+    monkeypatch.setattr(shared_mod, "shared_input_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def grads(shared: str) -> list[torch.Tensor]:
         monkeypatch.setenv("MLORA_SHARED_INPUT", shared)
@@ -258,20 +248,12 @@ def test_a_fused_stage_step_gives_the_same_gradients_shared_or_not(monkeypatch) 
 
     shared = grads("1")
     assert len(calls) == 2 * config.num_hidden_layers  # q, k, v and gate, up in every block
-    assert all(stacked_rows([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) is not None
-               for layer in stage.layers)
-    assert not any(calls)
-    calls.clear()
-    monkeypatch.setenv("MLORA_ONE_PAIR", "1")
-    one_pair = grads("1")
-    monkeypatch.delenv("MLORA_ONE_PAIR")
-    assert calls == [False, True] * config.num_hidden_layers  # q, k, v apart; gate, up as one pair
     calls.clear()
     alone = grads("0")
     assert not calls
-    for g, g_pair, g_ref in zip(shared, one_pair, alone):
+    for g, g_ref in zip(shared, alone):
         assert g_ref.abs().max() > 0
-        assert rel(g, g_ref) < 1e-4 and rel(g_pair, g_ref) < 1e-4
+        assert rel(g, g_ref) < 1e-4
 
 
 @interpreted
@@ -284,87 +266,3 @@ def test_a_strided_input_gives_what_a_contiguous_one_gives() -> None:
     for y, y_ref in zip(shared_input_lora(strided, weights, biases, lora_a, lora_b, scales, segments),
                         shared_input_lora(x, weights, biases, lora_a, lora_b, scales, segments)):
         assert torch.equal(y, y_ref)
-
-
-@interpreted
-@pytest.mark.parametrize("name", ["gate_up", "one_slot", "mixed"])
-def test_stacked_weights_run_as_one_pair_each_way(name: str, monkeypatch) -> None:
-    """Weights that are row blocks of one buffer, outputs asked side by side, and
-    MLORA_ONE_PAIR=1: one forward GEMM writes the members' outputs as column blocks of one
-    buffer, and gradients handed back side by side (as the fused SwiGLU hands them) give
-    dx from one GEMM with one K loop; handed back apart, from the members' K loops. Both
-    give what the members give one by one (mixed: slots of different padded ranks)."""
-    import mlora.ops.kernels.fused_gemm as fg
-    from mlora.ops.stacked import side_by_side
-
-    case = CPU_CASES[name]
-    segments, slots = _segments(case["lengths"])
-    ranks = list(case["rank"]) if isinstance(case["rank"], tuple) else [case["rank"]] * slots
-    x, weights, _, lora_a, lora_b, scales, dys = _inputs(
-        case["tokens"], case["d_in"], case["d_outs"], ranks, False, torch.float32, "cpu", seed=8)
-    biases = [None] * len(weights)
-    stacked = torch.cat(weights)
-    ends = [0, *torch.tensor(case["d_outs"]).cumsum(0).tolist()]
-    weights = [stacked[lo:hi] for lo, hi in zip(ends, ends[1:])]
-    dy_all = torch.cat(dys, dim=1)
-    dys_side = [dy_all[:, lo:hi] for lo, hi in zip(ends, ends[1:])]
-    want = _run(False, x, weights, biases, lora_a, lora_b, scales, segments, dys)
-    gemms = []
-    real = fg.fused_gemm
-    monkeypatch.setattr(fg, "fused_gemm", lambda *a, **k: gemms.append((a[0].shape, len(k.get("more", ())))) or
-                        real(*a, **k))
-    monkeypatch.setenv("MLORA_ONE_PAIR", "1")
-    for grads_in, dx_gemm in ((dys_side, (dy_all.shape, 0)), (dys, (dys[0].shape, len(dys) - 1))):
-        gemms.clear()
-        xx = x.detach().clone().requires_grad_()
-        for t in (*sum(lora_a, []), *sum(lora_b, [])):
-            t.grad = None
-        ys = shared_input_lora(xx, weights, biases, lora_a, lora_b, scales, segments, outputs_side_by_side=True)
-        assert side_by_side(ys) is not None
-        torch.autograd.backward(list(ys), list(grads_in))
-        assert gemms == [(x.shape, 0), dx_gemm]  # one forward GEMM over the stacked weight; dx as said
-        for y, y_ref in zip(ys, want[0]):
-            assert rel(y, y_ref) < 1e-5
-        assert rel(xx.grad, want[1]) < 1e-5
-        for g, g_ref in zip((t.grad for t in (*sum(lora_a, []), *sum(lora_b, []))), want[2]):
-            assert torch.equal(g, g_ref) if g_ref.abs().max() == 0 else rel(g, g_ref) < 1e-5
-    monkeypatch.setenv("MLORA_ONE_PAIR", "0")
-    assert side_by_side(shared_input_lora(x, weights, biases, lora_a, lora_b, scales, segments,
-                                          outputs_side_by_side=True)) is None
-    monkeypatch.setenv("MLORA_ONE_PAIR", "yes")
-    with pytest.raises(ValueError, match="MLORA_ONE_PAIR must be 0 or 1, got 'yes'"):
-        shared_input_lora(x, weights, biases, lora_a, lora_b, scales, segments, outputs_side_by_side=True)
-
-
-@interpreted
-def test_stack_weights_lays_gate_and_up_in_one_buffer(monkeypatch) -> None:
-    """`stack_weights` keeps every value and makes the weights row blocks of one buffer;
-    `project_shared` asked for outputs side by side then runs them as one pair
-    (MLORA_ONE_PAIR=1) and still gives each module's own output. Refused: a bias,
-    weights of another width, a trainable weight."""
-    from mlora.model.lora_linear import stack_weights
-    from mlora.ops.stacked import side_by_side, stacked_rows
-
-    jobs = {"a": (16, 0.0, ["layer.p0", "layer.p1"]), "b": (8, 0.0, ["layer.p0", "layer.p1"])}
-    modules, routing = _stage_modules(16, [24, 24], jobs, tokens_per_job=9)
-    before = [m.weight.detach().clone() for m in modules]
-    assert stacked_rows([m.weight for m in modules]) is None
-    assert stack_weights(modules)
-    assert stacked_rows([m.weight for m in modules]) is not None
-    assert all(torch.equal(m.weight, w) and not m.weight.requires_grad for m, w in zip(modules, before))
-    assert list(modules[0].state_dict()) == ["weight"]
-    x = torch.randn(2, 9, 16)
-    monkeypatch.setenv("MLORA_ONE_PAIR", "1")
-    got = project_shared(x, modules, outputs_side_by_side=True)
-    assert side_by_side(got) is not None
-    routing.backend = "loop"
-    for y, m in zip(got, modules):
-        assert rel(y, m(x)) < 1e-5
-
-    with_bias = [MultiLoraLinear(nn.Linear(16, 8, bias=b), f"p{i}", i, routing) for i, b in enumerate((False, True))]
-    other_width = [MultiLoraLinear(nn.Linear(d, 8, bias=False), f"p{i}", i, routing) for i, d in enumerate((16, 12))]
-    trainable = [MultiLoraLinear(nn.Linear(16, 8, bias=False), f"p{i}", i, routing) for i in range(2)]
-    trainable[1].weight.requires_grad_(True)
-    for refused in (with_bias, other_width, trainable):
-        assert not stack_weights(refused)
-        assert stacked_rows([m.weight for m in refused]) is None

@@ -20,12 +20,9 @@ one (`triton-unshared`: MLORA_SHARED_INPUT=0, no shared-input call), and the Tri
 the dy pass as before 2026-12-04's third session (`triton-unpaired`: g added one element an
 atomic, MLORA_PAIRED_RED=0, and its launch at 8 warps, two programs per SM), and the Triton
 path with every GEMM launched a program per tile (`triton-tiled`: MLORA_TRITON_PERSISTENT=0,
-no `fused_gemm_persistent_kernel`), and the Triton path with the persistent GEMM's tile and K
-loops flattened (`triton-flat`: MLORA_TRITON_PERSISTENT=flat), and the Triton path with gate and
-up's GEMMs as one (a, W) pair each way (`triton-one-pair`: MLORA_ONE_PAIR=1; `triton-flat-one-pair`
-flattened as well). Any arm
-may name the GEMM's tile after an `@` (`triton@128x128x64x3x8x16`: BLOCK_M x BLOCK_N x
-BLOCK_K x stages x warps x GROUP_M, as `bench/ops/tune_gemm.py --configs` takes them).
+no `fused_gemm_persistent_kernel`). Any arm may name the GEMM's tile after an `@`
+(`triton@128x128x64x3x8x16`: BLOCK_M x BLOCK_N x BLOCK_K x stages x warps x GROUP_M, as
+`bench/ops/tune_gemm.py --configs` takes them).
 `--dropout P` gives every job LoRA dropout P (keep-masks drawn inside the recorded step);
 `--rank R` gives every job rank R (alpha 2R) instead of 16; `--rank 4,12,20,36` gives job i
 the i-th rank (cycled).
@@ -63,9 +60,7 @@ ARMS = {"dense": ("torch", "0", "fused", True), "triton-tuned": ("triton", "1", 
         "triton": ("triton", "0", "fused", True), "triton-split": ("triton", "0", "split", True),
         "triton-adds": ("triton", "0", "fused", False), "triton-g8": ("triton", "0", "fused", True),
         "triton-rd": ("triton", "0", "fused", True), "triton-unshared": ("triton", "0", "fused", True),
-        "triton-unpaired": ("triton", "0", "fused", True), "triton-tiled": ("triton", "0", "fused", True),
-        "triton-flat": ("triton", "0", "fused", True), "triton-one-pair": ("triton", "0", "fused", True),
-        "triton-flat-one-pair": ("triton", "0", "fused", True)}
+        "triton-unpaired": ("triton", "0", "fused", True), "triton-tiled": ("triton", "0", "fused", True)}
 
 
 def base_arm(arm: str) -> str:
@@ -148,9 +143,7 @@ def measure(stage: StageModel, jobs: int, micro: int, seq: int, rounds: int, ste
         stage.fused_residual = stage.fused_loss = fused
         os.environ["MLORA_SHARED_INPUT"] = "0" if base_arm(arm) == "triton-unshared" else "1"
         os.environ["MLORA_PAIRED_RED"] = "0" if base_arm(arm) == "triton-unpaired" else "1"
-        os.environ["MLORA_TRITON_PERSISTENT"] = {"triton-tiled": "0", "triton-flat": "flat",
-                                                 "triton-flat-one-pair": "flat"}.get(base_arm(arm), "1")
-        os.environ["MLORA_ONE_PAIR"] = "1" if base_arm(arm).endswith("one-pair") else "0"
+        os.environ["MLORA_TRITON_PERSISTENT"] = "0" if base_arm(arm) == "triton-tiled" else "1"
         seg_grads.paired_red.cache_clear()
         batch = collate(micros, examples, list(range(jobs)), 0, device, loss_weights=weights)
         with earlier_launches(base_arm(arm)), gemm_tile(arm):

@@ -35,9 +35,8 @@ from bench.ops.tune_passes import graph_us, ints, rel  # noqa: E402
 from mlora.ops import triton_multi_lora as tm  # noqa: E402
 from mlora.ops.kernels import fused_gemm as fg  # noqa: E402
 from mlora.ops.kernels import shrink as sh  # noqa: E402
-from mlora.ops.kernels.plan import padded_rank, rank_block, segment_plan  # noqa: E402
+from mlora.ops.kernels.plan import rank_block, segment_plan  # noqa: E402
 from mlora.ops.multi_lora import LoraCall  # noqa: E402
-from mlora.ops.shared_input import stacked_b  # noqa: E402
 
 T = 8192
 
@@ -66,11 +65,7 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
     with `sources` > 1 also the shared-input call's GEMMs as it runs them (as gate and
     up's, or q, k and v's: each member's rank stacked in one slot): the members' forward
     GEMMs one after another, and one dx summing their products, against cuBLAS's
-    products (for dx added in its epilogue, addmm); and each as one (a, W) pair (`/1`):
-    the members' weights stacked into one [sources · d_out, d_in], so one forward GEMM
-    writes their outputs side by side (its B block-diagonal: each member's columns
-    expand only its own h) and one dx GEMM has one K loop of sources · d_out (the form a
-    flattened persistent GEMM takes), against cuBLAS's one product of that shape."""
+    products (for dx added in its epilogue, addmm)."""
     dev = x.device
     d_in, d_out = x.shape[1], dy.shape[1]
     segs = uneven_segments(T, jobs, seed=jobs)
@@ -98,7 +93,6 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
              ("dx", one(dy, w, g, a_cat, True, plan), lambda: dy @ w)]
     if dropout:
         gemms.append(("dx+mask", one(dy, w, g, a_cat, True, masked, keep), lambda: dy @ w))
-    same_as: dict[str, str] = {}  # a one-pair row and the row whose sum it computes another way
     if sources > 1:
         ws = [w] + [torch.randn_like(w) for _ in range(sources - 1)]
         dys = [dy] + [torch.randn_like(dy) for _ in range(sources - 1)]
@@ -109,16 +103,10 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
         g_all = torch.randn(T, stacked.rank_pad, device=dev, dtype=torch.float32, generator=gen)
         a_stack = torch.randn(rank * sources * jobs, d_in, device=dev, dtype=x.dtype, generator=gen) * 0.05
         b_cats = [b_cat] + [torch.randn_like(b_cat) for _ in range(sources - 1)]
-        # the stacked forward's B, as the shared call builds it: member m's B_j at its rows and columns m·p of
-        # slot j (zero elsewhere), so member m's output columns take only its own h
-        b_stack = stacked_b([(None, b_m) for b_m in b_cats], ws, [padded_rank(rank)] * jobs, p, x.dtype)
-        w_stacked = torch.cat(ws, dim=0)
         members_fwd = [one(x, w_m, h_all[:, m * p:(m + 1) * p], b_m, False, plan) for m, (w_m, b_m)
                        in enumerate(zip(ws, b_cats))]
         gemms.append((f"forward×{sources}", lambda module: [f(module) for f in members_fwd],
                       lambda: [x @ w_m.t() for w_m in ws]))
-        gemms.append((f"forward×{sources}/1", one(x, w_stacked, h_all, b_stack, False, stacked),
-                      lambda: x @ w_stacked.t()))
 
         def cublas_sum():
             out = dys[0] @ ws[0]
@@ -128,20 +116,12 @@ def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int,
 
         gemms.append((f"dx×{sources}", one(dy, w, g_all, a_stack, True, stacked, more=list(zip(dys[1:], ws[1:]))),
                       cublas_sum))
-        dy_side = torch.cat(dys, dim=1)
-        gemms.append((f"dx×{sources}/1", one(dy_side, w_stacked, g_all, a_stack, True, stacked),
-                      lambda: dy_side @ w_stacked))
-        same_as = {f"forward×{sources}/1": f"forward×{sources}", f"dx×{sources}/1": f"dx×{sources}"}
     rows = []
-    refs: dict[str, torch.Tensor] = {}
     for name, call, cublas in gemms:
         fns = {"cublas": cublas, **{label: (lambda call=call, module=module: call(module))
                                     for label, module in versions.items()}}
         ref = side_by_side(fns["this"]())
         errs = {}
-        if name in same_as:  # one pair against the members' GEMMs: the same numbers, summed in another order
-            errs["vs members err"] = rel(ref, refs[same_as[name]])
-        refs[name] = ref
         for k in [k for k in versions if k != "this"]:
             try:
                 errs[f"{k} err"] = rel(side_by_side(fns[k]()), ref)
@@ -196,7 +176,7 @@ def base_module(base: str) -> ModuleType:
 
 def persistent_module(mode: str) -> ModuleType:
     """This version's fused GEMM with MLORA_TRITON_PERSISTENT=mode around each call: 1 (one
-    program per SM, loops nested), flat (flattened), 0 (a program per tile)."""
+    program per SM), 0 (a program per tile)."""
     module = ModuleType(f"fused_gemm_persistent_{mode}")
 
     def fused_gemm(*args, **kwargs):
@@ -219,7 +199,7 @@ def variant(spec: str) -> ModuleType:
     reads (and the tile is written) through TMA descriptors; or this operator under torch's
     deterministic algorithms, `det=1` (g = dy·B from partials summed in order; operator rows);
     or `base=fused` / `base=split`, the operator's GEMMs one way or the other (`base_module`);
-    or `persistent=1` / `flat` / `0`, how GEMMs that qualify launch (`persistent_module`)."""
+    or `persistent=1` / `0`, how GEMMs that qualify launch (`persistent_module`)."""
     if spec.startswith("base="):
         return base_module(spec.split("=")[1])
     if spec.startswith("persistent="):
@@ -300,7 +280,7 @@ def main() -> None:
     p.add_argument("--against", default="", help="other fused_gemm.py files (comma-separated) to time beside this one")
     p.add_argument("--configs", default="", help="this version's GEMM at other shapes too: BMxBNxBKxSTAGESxWARPS[xGROUP_M],...")
     p.add_argument("--dims", default="4096x4096", help="d_in x d_out of the weights, comma-separated: each its own rows")
-    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=fused or base=split (the operator's GEMMs one way or the other; this version runs MLORA_TRITON_BASE's, fused by default); persistent=1, flat or 0 (MLORA_TRITON_PERSISTENT around each GEMM)")
+    p.add_argument("--variants", default="", help="this version with other launch options: tma=0; det=1 (the operator under torch.use_deterministic_algorithms); base=fused or base=split (the operator's GEMMs one way or the other; this version runs MLORA_TRITON_BASE's, fused by default); persistent=1 or 0 (MLORA_TRITON_PERSISTENT around each GEMM)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sources", type=int, default=1, help="also the shared-input dx summing this many products (2: gate, up; 3: q, k, v)")
     p.add_argument("--out", default="")

@@ -221,40 +221,17 @@ class MultiLoraLinear(nn.Module):
         return keep.view(-1, self.in_features)
 
 
-def project_shared(x: Tensor, modules: Sequence[nn.Module], outputs_side_by_side: bool = False) -> list[Tensor]:
+def project_shared(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor]:
     """Each of `modules` applied to x (a block's q, k, v, or gate and up). Where they are
     MultiLoraLinears of one stage on the recorded Triton path whose LoRA jobs all adapt
     every one of them, at ranks up to 16, without dropout, they run as one shared-input call
     (`mlora.ops.shared_input`: one shrink and one pass over x for all of them, one dx);
-    otherwise one by one, as their own forward would. `outputs_side_by_side`: the caller
-    takes outputs that are column blocks of one buffer (the fused SwiGLU does), so the
-    shared call may run its GEMMs as one pair (MLORA_ONE_PAIR, `stack_weights`)."""
-    shared = _shared_call(x, modules, outputs_side_by_side)
+    otherwise one by one, as their own forward would."""
+    shared = _shared_call(x, modules)
     return shared if shared is not None else [m(x) for m in modules]
 
 
-def stack_weights(modules: Sequence[nn.Module]) -> bool:
-    """Lay the frozen weights of MultiLoraLinears that read one input (a block's gate and
-    up) in one buffer, each module's weight a view of its rows, so the shared-input call
-    can run their GEMMs as one (a, W) pair. Values, names and state-dict keys stay;
-    memory too (the old weights are freed). Returns whether it stacked them: not with a
-    bias, trainable weights, or weights of different widths, dtypes or devices."""
-    weights = [getattr(m, "weight", None) for m in modules]
-    if len(modules) < 2 or not all(isinstance(m, MultiLoraLinear) and m.bias is None for m in modules):
-        return False
-    first = weights[0]
-    if any(w.requires_grad or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device
-           for w in weights):
-        return False
-    stacked = torch.cat([w.detach() for w in weights])
-    at = 0
-    for m, w in zip(modules, weights):
-        m.weight.data = stacked[at : at + w.shape[0]]
-        at += w.shape[0]
-    return True
-
-
-def _shared_call(x: Tensor, modules: Sequence[nn.Module], outputs_side_by_side: bool = False) -> list[Tensor] | None:
+def _shared_call(x: Tensor, modules: Sequence[nn.Module]) -> list[Tensor] | None:
     from torch.nn.modules import module as nn_module
 
     from mlora.ops.shared_input import fits, shared_input_enabled, shared_input_lora
@@ -294,6 +271,5 @@ def _shared_call(x: Tensor, modules: Sequence[nn.Module], outputs_side_by_side: 
         [[adapter.a[m.path] for _, adapter in active] for m in modules],
         [[adapter.b[m.path] for _, adapter in active] for m in modules],
         [adapter.scale for _, adapter in active], segments, cache=routing.op_cache,
-        outputs_side_by_side=outputs_side_by_side,
     )
     return [y.view(*lead, m.out_features) for y, m in zip(ys, modules)]

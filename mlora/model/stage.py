@@ -24,7 +24,7 @@ from mlora.model.layout import (
     TARGET_PATHS,
     layer_prefix,
 )
-from mlora.model.lora_linear import BatchLayout, MultiLoraLinear, Routing, stack_weights
+from mlora.model.lora_linear import BatchLayout, MultiLoraLinear, Routing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,10 +139,6 @@ class StageModel(nn.Module):
             for part in (*self.layers, self.norm):
                 if part is not None:
                     fuse_block_ops(part)
-            for layer in self.layers:  # gate and up's weights in one buffer (MLORA_ONE_PAIR's GEMMs read it whole)
-                mlp = getattr(layer, "mlp", None)
-                if mlp is not None and hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
-                    stack_weights((mlp.gate_proj, mlp.up_proj))
             self.fused_residual = fusable(self.layers, self.norm if bounds.last else None)
 
     def linear_shapes(self, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:

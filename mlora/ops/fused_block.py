@@ -22,8 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mlora.ops.stacked import side_by_side
-
 try:
     import triton
     import triton.language as tl
@@ -87,34 +85,6 @@ if triton is not None:
         tl.store(DG + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
-    def _swiglu_fwd_rows(G, U, H, width, stride_in, stride_h, BLOCK: tl.constexpr):
-        """_swiglu_fwd over rows whose gate and up lie at a row stride (side by side in one
-        buffer): a program per (row, column block)."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < width
-        g = tl.load(G + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-        act = (g * tl.sigmoid(g)).to(G.dtype.element_ty).to(tl.float32)
-        tl.store(H + row * stride_h + cols, (act * u).to(H.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _swiglu_bwd_rows(DH, G, U, DG, DU, width, stride_dh, stride_in, stride_out, BLOCK: tl.constexpr):
-        """_swiglu_bwd with gate and up (and their gradients) at row strides."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < width
-        dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        act = g * sig
-        tl.store(DU + row * stride_out + cols, (dh * act).to(DU.dtype.element_ty), mask=mask)
-        tl.store(DG + row * stride_out + cols, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty),
-                 mask=mask)
-
-
 _ELEMENTWISE_BLOCK = 1024
 
 
@@ -148,23 +118,12 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """Gate and up side by side in one buffer (the shared-input call's one-pair forward)
-    give gradients laid out the same way, which its backward reads as one dy."""
-
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.side_by_side = side_by_side((gate, up)) is not None
-        if ctx.side_by_side:
-            width = gate.shape[-1]
-            g2, u2 = gate.view(-1, width), up.view(-1, width)
-            h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-            grid = (g2.shape[0], triton.cdiv(width, _ELEMENTWISE_BLOCK))
-            _swiglu_fwd_rows[grid](g2, u2, h, width, g2.stride(0), width, BLOCK=_ELEMENTWISE_BLOCK)
-        else:
-            gate, up = gate.contiguous(), up.contiguous()
-            h = torch.empty_like(gate)
-            n = gate.numel()
-            _swiglu_fwd[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](gate, up, h, n, BLOCK=_ELEMENTWISE_BLOCK)
+        gate, up = gate.contiguous(), up.contiguous()
+        h = torch.empty_like(gate)
+        n = gate.numel()
+        _swiglu_fwd[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](gate, up, h, n, BLOCK=_ELEMENTWISE_BLOCK)
         ctx.save_for_backward(gate, up)
         return h
 
@@ -172,15 +131,6 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dh: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         gate, up = ctx.saved_tensors
         dh = dh.contiguous()
-        if ctx.side_by_side:
-            width = gate.shape[-1]
-            g2, u2 = gate.view(-1, width), up.view(-1, width)
-            both = torch.empty(g2.shape[0], 2 * width, dtype=gate.dtype, device=gate.device)
-            d_gate, d_up = both[:, :width], both[:, width:]
-            grid = (g2.shape[0], triton.cdiv(width, _ELEMENTWISE_BLOCK))
-            _swiglu_bwd_rows[grid](dh, g2, u2, d_gate, d_up, width, width, g2.stride(0), 2 * width,
-                                   BLOCK=_ELEMENTWISE_BLOCK)
-            return d_gate.view(gate.shape), d_up.view(up.shape)
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         _swiglu_bwd[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](dh, gate, up, d_gate, d_up, n, BLOCK=_ELEMENTWISE_BLOCK)
@@ -221,7 +171,7 @@ def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     if usable(x):
         from mlora.model.lora_linear import project_shared  # gate and up read one input: one LoRA call
 
-        return self.down_proj(swiglu(*project_shared(x, (self.gate_proj, self.up_proj), outputs_side_by_side=True)))
+        return self.down_proj(swiglu(*project_shared(x, (self.gate_proj, self.up_proj))))
     return type(self).forward(self, x)
 
 

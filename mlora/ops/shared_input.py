@@ -10,11 +10,6 @@ adds its g into its P columns of one shared g; then one dx GEMM sums every membe
 its K loop (`fused_gemm(..., more=)`) and their LoRA parts as one expand of the stacked A
 by that g, so dx is written once and no partial input gradient goes through memory.
 
-Where the members' frozen weights are row blocks of one buffer and the caller takes
-outputs side by side (gate and up, for the fused SwiGLU; MLORA_ONE_PAIR=1, opt-in), the
-GEMMs run as one (a, W) pair each way: one forward GEMM over the stacked weight, and one
-dx GEMM of one K loop over the gradients the SwiGLU hands back side by side.
-
 Same sums as calling `multi_lora_linear` per member (dx is rounded once instead of once
 per member). Used only where it applies (`fits`): Triton with the base product fused,
 slot ranks with P ≤ 16 (g by the dy pass's atomics) and M·P ≤ 64, no dropout masks,
@@ -24,7 +19,6 @@ See docs/kernels.md, "Projections sharing an input".
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Sequence
 
@@ -32,7 +26,6 @@ import torch
 from torch import Tensor
 
 from mlora.ops.multi_lora import LoraCall, Segment
-from mlora.ops.stacked import side_by_side, stacked_rows
 
 MAX_STACKED_RANK = 64  # the shrink's and x pass's launch shapes were measured up to R = 64
 
@@ -40,16 +33,6 @@ MAX_STACKED_RANK = 64  # the shrink's and x pass's launch shapes were measured u
 def shared_input_enabled() -> bool:
     """MLORA_SHARED_INPUT=0 turns the shared call off (benchmarks compare both)."""
     return os.environ.get("MLORA_SHARED_INPUT", "1") != "0"
-
-
-def one_pair_enabled() -> bool:
-    """MLORA_ONE_PAIR=1: where the members' weights are stacked in one buffer (and the
-    caller asks for outputs side by side), their GEMMs run as one (a, W) pair each way.
-    Off by default until timed on a GPU (docs/kernels.md, "Projections sharing an input")."""
-    value = os.environ.get("MLORA_ONE_PAIR", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"MLORA_ONE_PAIR must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 def fits(ranks: Sequence[int], members: int) -> bool:
@@ -65,33 +48,12 @@ def fits(ranks: Sequence[int], members: int) -> bool:
     return p <= seg_grads.G_IN_DY_PASS_MAX_RANK and members * p <= MAX_STACKED_RANK
 
 
-def stacked_b(cats: Sequence[tuple[Tensor, Tensor]], weights: Sequence[Tensor], pads: Sequence[int], p: int,
-             dtype: torch.dtype) -> Tensor:
-    """The one-pair forward's B_cat [Σ d_out, n·M·p]: slot j's columns j·M·p.. hold member
-    m's B_j in m's rows and columns m·p.. (zero elsewhere), so each member's output
-    columns expand only its own part of h (h_all's columns m·p..)."""
-    members, n = len(cats), len(pads)
-    rows = sum(w.shape[0] for w in weights)
-    out = torch.zeros(rows, n, members, p, dtype=dtype, device=weights[0].device)
-    at = 0
-    for m, ((_, b_cat), w) in enumerate(zip(cats, weights)):
-        d = w.shape[0]
-        if len(set(pads)) == 1:
-            out[at : at + d, :, m, : pads[0]].copy_(b_cat.view(d, n, pads[0]))
-        else:  # B_cat's slots lie at their padded ranks, one after another
-            for j, (col, pr) in enumerate(zip(itertools.accumulate(pads, initial=0), pads)):
-                out[at : at + d, j, m, :pr].copy_(b_cat[:, col : col + pr])
-        at += d
-    return out.view(rows, n * members * p)
-
-
 class _SharedInputFunction(torch.autograd.Function):
-    """Inputs after (x, call, cache, M, pair): M weights, M biases (or None), then for each
-    member its n A's and n B's (fp32 masters or x's dtype; cast here, gradients cast back).
-    `pair`: the members' weights stacked in one buffer ([Σ d_out, d_in]) or None."""
+    """Inputs after (x, call, cache, M): M weights, M biases (or None), then for each
+    member its n A's and n B's (fp32 masters or x's dtype; cast here, gradients cast back)."""
 
     @staticmethod
-    def forward(ctx, x, call, cache, members, pair, *tensors):  # type: ignore[override]
+    def forward(ctx, x, call, cache, members, *tensors):  # type: ignore[override]
         from mlora.ops import triton_multi_lora as tm
         from mlora.ops.kernels import fused_gemm as gemm
         from mlora.ops.kernels import shrink as shrink_mod
@@ -124,20 +86,13 @@ class _SharedInputFunction(torch.autograd.Function):
         st = tm._state(x, ranks, call, cache)
         precision = tm._precision(x)
         h_all = shrink_mod.shrink(x, a_stack.view(n * members * p, d_in), x, st_group.plan, False, precision)
-        if pair is not None:  # one GEMM writes every member's output, side by side
-            y_all = gemm.fused_gemm(x, pair, None, h_all, stacked_b(cats, weights, pads, p, x.dtype), x, st_group.plan,
-                                    w_kn=False, dropout=False, precision=precision)
-            ends = [0, *itertools.accumulate(w.shape[0] for w in weights)]
-            ys = tuple(y_all[:, lo:hi] for lo, hi in zip(ends, ends[1:]))
-        else:
-            ys = tuple(
-                gemm.fused_gemm(x, w, bias, h_all[:, m * p : (m + 1) * p], cats[m][1], x, st.plan,
-                                w_kn=False, dropout=False, precision=precision)
-                for m, (w, bias) in enumerate(zip(weights, biases))
-            )
+        ys = tuple(
+            gemm.fused_gemm(x, w, bias, h_all[:, m * p : (m + 1) * p], cats[m][1], x, st.plan,
+                            w_kn=False, dropout=False, precision=precision)
+            for m, (w, bias) in enumerate(zip(weights, biases))
+        )
         ctx.call, ctx.cache, ctx.members, ctx.ranks, ctx.p = call, cache, members, ranks, p
         ctx.param_dtypes = [t.dtype for t in params]
-        ctx.pair = pair is not None
         ctx.save_for_backward(x, h_all, a_stack.view(n * members * p, d_in), *weights, *(b for _, b in cats))
         return ys
 
@@ -157,8 +112,7 @@ class _SharedInputFunction(torch.autograd.Function):
         precision = tm._precision(x)
         grad_dtype = ctx.param_dtypes[0]
         alloc = torch.empty if all(st.plan.slot_used) else torch.zeros  # a slot without tokens gets zeros
-        dys = [dy if dy.stride(-1) == 1 else dy.contiguous() for dy in dys]  # the dy passes take row strides
-        dy_all = side_by_side(dys) if ctx.pair else None  # the members' gradients as one dy (the SwiGLU's layout)
+        dys = [dy.contiguous() for dy in dys]
 
         g_all = torch.zeros(tokens, st_group.plan.rank_pad, dtype=torch.float32, device=x.device)
         d_b: list[list[Tensor]] = []
@@ -174,11 +128,7 @@ class _SharedInputFunction(torch.autograd.Function):
             d_b.append(tm._split(flat_b, ranks, ends_b, False, d_out))
 
         dx = None
-        if ctx.needs_input_grad[0] and dy_all is not None:  # Σ_m dy_m·W_m as one (a, W) pair, + s·g·A_stack
-            dx = gemm.fused_gemm(dy_all, stacked_rows(weights), None, g_all, a_stack, x, st_group.plan, w_kn=True,
-                                 dropout=False, precision=precision)
-        elif ctx.needs_input_grad[0]:  # Σ_m dy_m·W_m + s·g·A_stack: one K loop over the members, one expand
-            dys = [dy.contiguous() for dy in dys]
+        if ctx.needs_input_grad[0]:  # Σ_m dy_m·W_m + s·g·A_stack: one K loop over the members, one expand
             dx = gemm.fused_gemm(dys[0], weights[0], None, g_all, a_stack, x, st_group.plan, w_kn=True,
                                  dropout=False, precision=precision, more=list(zip(dys[1:], weights[1:])))
 
@@ -194,7 +144,7 @@ class _SharedInputFunction(torch.autograd.Function):
             grads_out += [stacked[j, m, : ranks[j]] for j in range(n)]
             grads_out += d_b[m]
         grads_out = [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads_out, ctx.param_dtypes)]
-        return (dx, None, None, None, None, *([None] * (2 * members)), *grads_out)
+        return (dx, None, None, None, *([None] * (2 * members)), *grads_out)
 
 
 def shared_input_lora(
@@ -206,17 +156,10 @@ def shared_input_lora(
     scales: Sequence[float],
     segments: Sequence[Segment],
     cache: dict | None = None,
-    outputs_side_by_side: bool = False,
 ) -> tuple[Tensor, ...]:
     """Every member's `multi_lora_linear(x, weights[m], biases[m], lora_a[m], lora_b[m],
     scales, segments)` (no dropout) as one call on the Triton kernels; members share the
-    slots, their scales and segments. Raises ValueError where `fits` does not hold.
-
-    With `outputs_side_by_side` (the caller takes outputs that are column blocks of one
-    buffer), MLORA_ONE_PAIR=1, no biases and the weights consecutive row blocks of one
-    buffer (`mlora.model.lora_linear.stack_weights`), one GEMM writes every output and,
-    when their gradients come back side by side too (the fused SwiGLU's), one GEMM of
-    one K loop gives dx."""
+    slots, their scales and segments. Raises ValueError where `fits` does not hold."""
     members = len(weights)
     if not (len(biases) == len(lora_a) == len(lora_b) == members):
         raise ValueError("shared_input_lora takes one weight, bias, lora_a list and lora_b list per member")
@@ -238,6 +181,4 @@ def shared_input_lora(
                     has_masks=(False,) * len(segments))
     call.validate(x.shape[0])
     params = [t for a, b in zip(lora_a, lora_b) for t in (*a, *b)]
-    pair = (stacked_rows(weights) if outputs_side_by_side and all(b is None for b in biases) and one_pair_enabled()
-            else None)
-    return _SharedInputFunction.apply(x, call, cache, members, pair, *weights, *biases, *params)
+    return _SharedInputFunction.apply(x, call, cache, members, *weights, *biases, *params)
