@@ -100,14 +100,14 @@ def test_which_gemms_launch_one_program_per_sm() -> None:
     assert fg.persistent_smem(meta, stages, 2) == 180_224  # what sm_90 compiles: 180,248 (tests/kernel_smem.py)
     h100 = dict(meta=meta, stages=stages, element_size=2, smem_limit=fg.HOPPER_SMEM)
     ok = dict(tma_store=True, rank_pad=64)
-    assert fg.persistent_launch("nested", **ok, **h100) == "nested"
+    assert fg.persistent_launch("on", **ok, **h100) == "persistent"
     assert fg.persistent_launch("off", **ok, **h100) == "tiled"
     for change in (dict(tma_store=False), dict(rank_pad=128)):
-        assert fg.persistent_launch("nested", **{**ok, **change}, **h100) == "tiled", change
+        assert fg.persistent_launch("on", **{**ok, **change}, **h100) == "tiled", change
     small_meta, small_stages, _ = fg.fixed_config(2, 101_376 - fg.SMEM_HEADROOM)  # one stage fits
     small = dict(meta=small_meta, stages=small_stages, element_size=2, smem_limit=101_376)
-    assert small_stages == 1 and fg.persistent_launch("nested", **ok, **small) == "nested"
-    assert fg.persistent_launch("nested", **ok, **{**small, "smem_limit": 80_000}) == "tiled"
+    assert small_stages == 1 and fg.persistent_launch("on", **ok, **small) == "persistent"
+    assert fg.persistent_launch("on", **ok, **{**small, "smem_limit": 80_000}) == "tiled"
 
 
 @interpreted

@@ -321,7 +321,7 @@ _tuned = None if INTERPRET else triton.autotune(
 )(fused_gemm_kernel)
 
 
-PERSISTENT_MODES = {"1": "nested", "0": "off"}
+PERSISTENT_MODES = {"1": "on", "0": "off"}
 SMEM_SLACK = 1024  # barriers and alignment beyond `persistent_smem`'s buffers (24 bytes on sm_90)
 
 
@@ -345,7 +345,7 @@ def persistent_smem(meta: dict, stages: int, element_size: int) -> int:
 
 def persistent_launch(mode: str, tma_store: bool, rank_pad: int, meta: dict, stages: int, element_size: int,
                       smem_limit: int) -> str:
-    """How a GEMM launches: "tiled" (a program per tile) or "nested" (one program per SM,
+    """How a GEMM launches: "tiled" (a program per tile) or "persistent" (one program per SM,
     `fused_gemm_persistent_kernel`). The persistent kernel needs its output through a
     descriptor, a rank block of at most PERSISTENT_MAX_RANK and its staging buffer beside
     the pipeline's (so on a GPU with less shared memory than Hopper's it falls back
@@ -354,7 +354,7 @@ def persistent_launch(mode: str, tma_store: bool, rank_pad: int, meta: dict, sta
         return "tiled"
     if persistent_smem(meta, stages, element_size) + SMEM_SLACK > smem_limit:
         return "tiled"
-    return "nested"
+    return "persistent"
 
 
 @functools.lru_cache(maxsize=8)
