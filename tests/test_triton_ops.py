@@ -294,6 +294,56 @@ def test_the_base_gemm_is_fused_unless_asked_otherwise(monkeypatch) -> None:
 
 
 @interpreted
+def test_backward_lets_the_adapter_copies_go_before_the_da_pass(monkeypatch) -> None:
+    """The autograd path keeps A_cat and B_cat (the adapters' padded copies) on ctx rather
+    than saved, and backward drops each once read for the last time: by the dA pass,
+    after the dx GEMM, neither is alive, so they never sit beside dx and the gradients
+    (at K = 64, 4096², 16 MiB of the operator's peak). Gradients as the loop's; a second
+    backward through the same graph is refused with a message."""
+    import weakref
+
+    from mlora.ops import triton_multi_lora as tm
+    from mlora.ops.kernels import seg_grads as grads
+
+    copies: list[weakref.ref] = []
+    alive_at_da_pass: list[list[bool]] = []
+    concat, seg_grads = tm.concat, grads.seg_grads
+
+    def recorded_concat(*args):
+        cats = concat(*args)
+        copies.extend(weakref.ref(t) for t in cats)
+        return cats
+
+    def recorded_seg_grads(*args, transposed: bool, **kwargs):
+        if not transposed:  # the dA pass (the dy pass is the transposed one)
+            alive_at_da_pass.append([ref() is not None for ref in copies])
+        return seg_grads(*args, transposed=transposed, **kwargs)
+
+    monkeypatch.setattr(tm, "concat", recorded_concat)
+    monkeypatch.setattr(grads, "seg_grads", recorded_seg_grads)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 24, generator=gen)
+    w = torch.randn(16, 24, generator=gen)
+    a = [torch.randn(r, 24, generator=gen) * 0.3 for r in (5, 12)]  # padded to 8 and 16: copies
+    b = [torch.randn(16, r, generator=gen) * 0.3 for r in (5, 12)]
+    segs = [Segment(0, 0, 18), Segment(1, 18, 40)]
+    dy = torch.randn(40, 16, generator=gen)
+    got, want = {}, {}
+    for backend, out in (("triton", got), ("loop", want)):
+        leaves = [t.clone().requires_grad_() for t in (x, *a, *b)]
+        y = multi_lora_linear(leaves[0], w, None, leaves[1:3], leaves[3:], [2.0, 0.5], segs, backend=backend)
+        y.backward(dy, retain_graph=True)
+        out["y"], out["grads"] = y.detach(), [t.grad for t in leaves]
+        if backend == "triton":
+            with pytest.raises(RuntimeError, match=r"backward through it twice \(retain_graph=True\) is not"):
+                y.backward(dy)
+    assert len(copies) == 2 and alive_at_da_pass == [[False, False]]
+    assert torch.allclose(got["y"], want["y"], atol=1e-5)
+    for g_got, g_want in zip(got["grads"], want["grads"]):
+        assert torch.allclose(g_got, g_want, atol=1e-4), (g_got - g_want).abs().max()
+
+
+@interpreted
 def test_half_precision_interpreted() -> None:
     check_direct(CPU_CASES[0], torch.float16, "cpu", seed=3, tol=1e-2)
 

@@ -121,7 +121,7 @@ def device_variants(x, w, dy, a, b, segments: list[Segment], scale: float) -> di
             tm.OVERLAP_GRAD_A = saved if overlap is None else overlap
             try:
                 y, h = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, None, call)
-                dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, None, call, True, h=h)
+                dx, d_a, d_b = tm.backward_cat(dy, x, w, [a_cat, b_cat], ranks, None, call, True, h=h)
             finally:
                 tm.OVERLAP_GRAD_A = saved
             return [y, dx, *d_a, *d_b]

@@ -258,7 +258,7 @@ def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType
             def run():
                 with gemm_module(module):
                     y, hh = tm.forward_cat(x, w, None, a_cat, b_cat, ranks, masks, call)
-                    dx, d_a, d_b = tm.backward_cat(dy, x, w, a_cat, b_cat, ranks, masks, call, True, h=hh)
+                    dx, d_a, d_b = tm.backward_cat(dy, x, w, [a_cat, b_cat], ranks, masks, call, True, h=hh)
                 return [y, dx, *d_a, *d_b]
             return run
 

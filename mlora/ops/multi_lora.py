@@ -179,7 +179,10 @@ class _MultiLoraFunction(torch.autograd.Function):
             # h = drop(x)·Aᵀ (T × padded rank) is kept: cheaper than another pass over x
             y, h = tm.forward_cat(x, weight, bias, a_cat, b_cat, ranks, mask_rows, call, keep=cache)
             ctx.cache = cache
-            ctx.save_for_backward(x, weight, h, a_cat, b_cat, *([mask_rows] if mask_rows is not None else []))
+            # the adapters' copies are intermediates, kept on ctx rather than saved, so that backward can
+            # let each go once read for the last time (`backward_cat`); saved, autograd held them to its end
+            ctx.cats = [a_cat, b_cat]
+            ctx.save_for_backward(x, weight, h, *([mask_rows] if mask_rows is not None else []))
             return y
         lora_a, lora_b = _cast(param_a, x.dtype), _cast(param_b, x.dtype)
         y = reference_forward(x, weight, bias, lora_a, lora_b, masks, call)
@@ -204,8 +207,12 @@ class _MultiLoraFunction(torch.autograd.Function):
         if ctx.backend == "triton":
             from mlora.ops import triton_multi_lora as tm
 
-            x, weight, h, a_cat, b_cat, *mask_rows = ctx.saved_tensors
-            dx, d_a, d_b = tm.backward_cat(dy, x, weight, a_cat, b_cat, tuple(ctx.ranks),
+            x, weight, h, *mask_rows = ctx.saved_tensors
+            if not ctx.cats:
+                raise RuntimeError("the Triton multi-LoRA operator frees its adapter copies in backward: "
+                                   "backward through it twice (retain_graph=True) is not supported")
+            cats, ctx.cats = ctx.cats, None
+            dx, d_a, d_b = tm.backward_cat(dy, x, weight, cats, tuple(ctx.ranks),
                                            mask_rows[0] if mask_rows else None, call, need_dx, h=h,
                                            grad_dtype=ctx.param_dtypes[0], keep=ctx.cache)
         else:

@@ -236,8 +236,7 @@ def backward_cat(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
-    a_cat: Tensor,
-    b_cat: Tensor,
+    cats: list[Tensor],
     ranks: tuple[int, ...],
     mask_rows: Tensor | None,
     call: LoraCall,
@@ -248,7 +247,13 @@ def backward_cat(
     keep: dict | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """dx and every slot's dA, dB (views of two flat buffers in grad_dtype, default x's);
-    pass forward's h to skip recomputing it."""
+    pass forward's h to skip recomputing it. `cats` is [A_cat, B_cat], emptied here:
+    each is dropped once read for the last time (B_cat after the dy pass, A_cat after
+    the dx GEMM) and dA's buffer taken only then, so where the caller keeps no other
+    reference (the autograd Function) the adapters' copies are gone before the
+    gradients they would sit beside (at K = 64, 4096², 16 MiB of the peak)."""
+    a_cat, b_cat = cats
+    cats.clear()
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
     tokens, d_in = x.shape
     d_out = dy.shape[1]
@@ -265,44 +270,44 @@ def backward_cat(
     off_b, ends_b = _offsets(st, d_out)
     alloc = torch.empty if all(plan.slot_used) else torch.zeros  # a slot without tokens gets zeros
     out_dtype = grad_dtype or x.dtype
-    flat_a = alloc(ends_a[-1], dtype=out_dtype, device=x.device)
     flat_b = alloc(ends_b[-1], dtype=out_dtype, device=x.device)
-    d_a = _split(flat_a, ranks, ends_a, True, d_in)
     d_b = _split(flat_b, ranks, ends_b, False, d_out)
 
     g = _db_and_g(dy, h, b_cat, flat_b, off_b, st, masks, precision)
+    del b_cat
 
-    def grad_a() -> None:
+    def grad_a(flat_a: Tensor) -> None:
         if plan.n_segments:
             cfg = grads.x_pass(x.element_size(), plan.rank_pad, precision)
             grads.seg_grads(g, x, flat_a, off_a, plan, _items(st, d_in, cfg), cfg, transposed=False,
                             masks=masks, dropout=dropout, precision=precision)
 
-    def grad_x() -> Tensor:
+    def grad_x(a_cat: Tensor) -> Tensor:
         if _split_base():
             return gemm.split_gemm(dy, weight, None, g, a_cat, masks, plan, w_kn=True, dropout=dropout,
                                    precision=precision)
         return gemm.fused_gemm(dy, weight, None, g, a_cat, masks, plan, w_kn=True, dropout=dropout,
                                precision=precision, use_tma=use_tma)
 
-    if not need_dx:
-        grad_a()
-        return None, d_a, d_b
-    side = _side_stream(x.device) if plan.n_segments and OVERLAP_GRAD_A else None
+    side = _side_stream(x.device) if need_dx and plan.n_segments and OVERLAP_GRAD_A else None
     if side is None:
-        dx = grad_x()
-        grad_a()
-        return dx, d_a, d_b
+        dx = grad_x(a_cat) if need_dx else None
+        del a_cat
+        flat_a = alloc(ends_a[-1], dtype=out_dtype, device=x.device)
+        grad_a(flat_a)
+        return dx, _split(flat_a, ranks, ends_a, True, d_in), d_b
     # The dA pass only reads memory; run it beside the compute-bound dx GEMM. Every
     # later use on the main stream is ordered after it by the final wait_stream, so
     # the buffers it reads may return to the main stream's pool when this returns.
+    flat_a = alloc(ends_a[-1], dtype=out_dtype, device=x.device)
     main = torch.cuda.current_stream(x.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        grad_a()
-    dx = grad_x()
+        grad_a(flat_a)
+    dx = grad_x(a_cat)
+    del a_cat
     main.wait_stream(side)
-    return dx, d_a, d_b
+    return dx, _split(flat_a, ranks, ends_a, True, d_in), d_b
 
 
 def _db_and_g(dy: Tensor, h: Tensor, b_cat: Tensor, flat_b: Tensor, off_b: Tensor, st: _CallState, masks: Tensor,
@@ -377,9 +382,8 @@ def backward(
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """Same as reference_backward (gradients in x's dtype); pass forward's h to skip recomputing it."""
     ranks = tuple(a.shape[0] for a in lora_a)
-    a_cat, b_cat = concat(lora_a, lora_b, x.dtype)
-    return backward_cat(dy, x, weight, a_cat, b_cat, ranks, stack_masks(masks, x, ranks, call), call, need_dx,
-                        h=h, use_tma=use_tma)
+    return backward_cat(dy, x, weight, list(concat(lora_a, lora_b, x.dtype)), ranks,
+                        stack_masks(masks, x, ranks, call), call, need_dx, h=h, use_tma=use_tma)
 
 
 def _split(flat: Tensor, ranks: tuple[int, ...], ends: tuple[int, ...], rows_first: bool, width: int) -> list[Tensor]:
