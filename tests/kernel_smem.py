@@ -134,7 +134,7 @@ def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_ti
     types.update(left_ptr=f"*{left}", right_ptr=f"*{dt}", out_ptr="*fp32",
                  part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
                  slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32", G_ROWS="i32", LEFT_STRIDE="i32",
-                 G_STRIDE="i32", RIGHT_STRIDE="i32")
+                 G_STRIDE="i32")
     consts = dict(R=rank_pad, OUT_T=dy_pass, DROPOUT=not dy_pass, SHRINK_G=shrink_g, G_TILES=shrink_g and g_tiles,
                   PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major,
                   PAIRED_RED=True)  # g's atomics as sm_90 launches them

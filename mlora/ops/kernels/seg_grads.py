@@ -142,7 +142,7 @@ def seg_grad_kernel(
     left_ptr, right_ptr, out_ptr, part_ptr, g_ptr, b_cat, mask_ptr,
     item_slot, item_lo, item_hi, item_part, piece_start, piece_end, piece_seg,
     seg_start, seg_mask_row, out_off, slot_rank, slot_off, slot_scale, slot_keep,
-    D, RT, G_ROWS, LEFT_STRIDE, G_STRIDE, RIGHT_STRIDE,
+    D, RT, G_ROWS, LEFT_STRIDE, G_STRIDE,
     R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
     G_TILES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     D_MAJOR: tl.constexpr, PAIRED_RED: tl.constexpr,
@@ -180,12 +180,12 @@ def seg_grad_kernel(
         # was not: on an H200 the x pass with masks took 77-94 us at 4096², now 51-58).
         if mask_row >= 0:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, RIGHT_STRIDE, R, SHRINK_G, G_TILES, True, PRECISION,
-                         BLOCK_M, D_MAJOR, PAIRED_RED)
+                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, True, PRECISION, BLOCK_M, D_MAJOR,
+                         PAIRED_RED)
         else:
             acc = _piece(acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, 0, keep, p0, p1, dd, d_ok,
-                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, RIGHT_STRIDE, R, SHRINK_G, G_TILES, False, PRECISION,
-                         BLOCK_M, D_MAJOR, PAIRED_RED)
+                         rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M,
+                         D_MAJOR, PAIRED_RED)
     acc = acc * tl.load(slot_scale + slot)
     part = tl.load(item_part + item)
     if D_MAJOR:  # acc is [BLOCK_D, R]: index it by (column, rank)
@@ -207,7 +207,7 @@ def seg_grad_kernel(
 @triton.jit
 def _piece(
     acc, left_ptr, right_ptr, g_ptr, b_tile, mask_ptr, mask_base, keep, p0, p1, dd, d_ok, rr, r_ok, D, LEFT_STRIDE,
-    G_STRIDE, RIGHT_STRIDE, R: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr, MASKED: tl.constexpr,
+    G_STRIDE, R: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr, MASKED: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, D_MAJOR: tl.constexpr, PAIRED_RED: tl.constexpr,
 ):
     """acc + leftᵀ·drop(right) ([R, BLOCK_D]; D_MAJOR: acc + drop(right)ᵀ·left, [BLOCK_D, R])
@@ -219,7 +219,7 @@ def _piece(
         row_ok = rows < p1
         rows64 = rows.to(tl.int64)
         tile_ok = row_ok[:, None] & d_ok[None, :]
-        right = tl.load(right_ptr + rows64[:, None] * RIGHT_STRIDE + dd[None, :], mask=tile_ok, other=0.0)
+        right = tl.load(right_ptr + rows64[:, None] * D + dd[None, :], mask=tile_ok, other=0.0)
         if MASKED:
             kept = tl.load(mask_ptr + (rows64 + mask_base)[:, None] * D + dd[None, :], mask=tile_ok, other=0)
             right = tl.where(kept != 0, right.to(tl.float32) * keep, 0.0).to(dtype)
@@ -366,11 +366,11 @@ def seg_grads(
     `items` must have been planned with cfg's block sizes. `g` and `b_cat` ([D, Σr])
     given: also compute g = right·B_slot (right is dy): a [T, R] g is added into by
     atomics, a [cdiv(D, cfg.block_d), T, R] one gets each column tile's partial (then
-    `reduce_g`). `left`, `right` and g may be column slices of wider tensors (their rows
-    contiguous; R columns of left and g read or added into, D of right). `masks`: the
-    stacked int8 keep-masks, read only when dropout.
+    `reduce_g`). `left` and g may be column slices of wider tensors (their rows
+    contiguous, R columns read or added into). `masks`: the stacked int8 keep-masks,
+    read only when dropout.
     """
-    for name, t in (("left", left), ("right", right), ("g", g)):
+    for name, t in (("left", left), ("g", g)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"seg_grads: {name}'s rows must be contiguous, got strides {t.stride()}")
     if items.n_items == 0:
@@ -389,7 +389,7 @@ def seg_grads(
         plan.seg_start, plan.seg_mask_row, out_off,
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
         width, max(plan.rank_total, 1), g.shape[-2] if tiles else 0, left.stride(0), g.stride(-2) if shrink_g else r,
-        right.stride(0), R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
+        R=r, OUT_T=transposed, DROPOUT=dropout, SHRINK_G=shrink_g, G_TILES=tiles, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, D_MAJOR=cfg.d_major,
         PAIRED_RED=shrink_g and not tiles and paired_red(right.device, right.element_size()) and pairs_fit(cfg, r),
         num_warps=cfg.warps, num_stages=cfg.stages,
