@@ -9,9 +9,13 @@ next to the two base GEMMs. `--against FILE` also times another version of
 `mlora/ops/kernels/fused_gemm.py` (for example `git show REV:mlora/ops/kernels/fused_gemm.py
 > /tmp/old_gemm.py`), in the same rounds, and checks both agree. Each round times every
 variant once, in a rotated order, and the table gives medians over rounds, so the
-GPU's clock drift under a long GEMM load falls on all variants alike.
+GPU's clock drift under a long GEMM load falls on all variants alike. The operator's rows
+also give the median and range of each round's own operator ÷ base (both timed in the
+same round: steadier than the ratio of two medians under clock drift); `--breakdown` adds the
+operator's kernels one by one at each K (where the time between K = 1 and 64 goes).
 
     PYTHONPATH=. python3 bench/ops/tune_gemm.py --jobs 1,4,16,64 --against /tmp/old_gemm.py --out tune.json
+    PYTHONPATH=. python3 bench/ops/tune_gemm.py --skip-gemm --rounds 9 --breakdown --out operator.json
 """
 
 from __future__ import annotations
@@ -48,14 +52,60 @@ def load_module(path: str) -> ModuleType:
     return module
 
 
-def rounds_us(fns: dict, rounds: int) -> dict[str, float]:
-    """Median over rounds of each function's graph time, the order rotated each round."""
+def round_times(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Each function's graph time in each round, the order rotated each round."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             times[n].append(graph_us(fns[n]))
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
+
+
+def rounds_us(fns: dict, rounds: int) -> dict[str, float]:
+    """Median over rounds of each function's graph time, the order rotated each round."""
+    return {n: statistics.median(t) for n, t in round_times(fns, rounds).items()}
+
+
+def ratio_spread(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """(median, lowest, highest) over rounds of times ÷ base, each round's pair timed in
+    that round: the GPU's drift between rounds cancels, which it need not in the ratio of
+    two medians (which may come from different rounds)."""
+    ratios = sorted(t / b for t, b in zip(times, base))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
+def kernel_breakdown(fn, calls: int = 20) -> list[tuple[str, float]]:
+    """(kernel, median µs) for each kernel one call of `fn` launches, in launch order,
+    from torch.profiler over `calls` eager calls (device time of each kernel: the same
+    kernels the graph replays, without the launch gaps). Memsets and copies count as
+    kernels. Empty when the calls did not launch the same number of kernels each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = sorted((ev for ev in prof.events()
+                      if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.is_user_annotation),
+                     key=lambda ev: ev.time_range.start)
+    if not kernels or len(kernels) % calls:
+        return []
+    per = len(kernels) // calls
+    return [(kernels[i].name, statistics.median(kernels[c * per + i].time_range.elapsed_us() for c in range(calls)))
+            for i in range(per)]
+
+
+def print_breakdown(jobs: int, kernels: list[tuple[str, float]]) -> None:
+    if not kernels:
+        print(f"breakdown K={jobs}: calls launched different kernels; none printed", flush=True)
+        return
+    print(f"breakdown K={jobs}: {sum(us for _, us in kernels):.1f} us in {len(kernels)} kernels", flush=True)
+    for name, us in kernels:
+        print(f"  {us:8.1f}  {name[:90]}", flush=True)
 
 
 def gemm_rows(jobs: int, x, w, dy, versions: dict[str, ModuleType], rounds: int, dropout: bool,
@@ -235,9 +285,10 @@ def gemm_module(module: ModuleType):
 
 
 def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType], rounds: int,
-                  dropout: bool = False, rank: int = 16) -> list[dict]:
+                  dropout: bool = False, rank: int = 16, breakdown: bool = False) -> list[dict]:
     """forward_cat + backward_cat with each version's GEMM, against the base GEMMs; with
-    `dropout` every job has LoRA dropout p = 0.1 (keep-masks on all its tokens)."""
+    `dropout` every job has LoRA dropout p = 0.1 (keep-masks on all its tokens); with
+    `breakdown` this version's kernels one by one too."""
     dev = x.device
     d_in, d_out = x.shape[1], dy.shape[1]
     rows = []
@@ -265,12 +316,21 @@ def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType
         fns = {"base": lambda: [x @ w.t(), dy @ w], **{k: operator(m) for k, m in versions.items()}}
         ref = fns["this"]()
         errs = {f"{k} err": max(rel(p, q) for p, q in zip(fns[k](), ref)) for k in versions if k != "this"}
-        row = dict(jobs=jobs, **errs, **rounds_us(fns, rounds))
+        times = round_times(fns, rounds)
+        row = dict(jobs=jobs, **errs, **{k: statistics.median(t) for k, t in times.items()},
+                   rounds_us={k: t for k, t in times.items()})
+        spreads = {k: ratio_spread(times[k], times["base"]) for k in versions}
+        row["ratio"] = {k: dict(zip(("median", "low", "high"), v)) for k, v in spreads.items()}
+        if breakdown:
+            row["kernels"] = kernel_breakdown(fns["this"])
         rows.append(row)
         base = row["base"]
         print(f"operator K={jobs:3d}: base {base:7.1f} us  "
-              + "  ".join(f"{k} {row[k]:7.1f} ({row[k] / base:.3f}x)" for k in versions)
+              + "  ".join(f"{k} {row[k]:7.1f} ({row[k] / base:.3f}x; a round's own base "
+                          f"{spreads[k][0]:.3f}x, {spreads[k][1]:.3f}-{spreads[k][2]:.3f})" for k in versions)
               + "".join(f"  ({k} {v:.0e})" for k, v in errs.items()), flush=True)
+        if breakdown:
+            print_breakdown(jobs, row["kernels"])
     return rows
 
 
@@ -289,6 +349,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16, help="every job's LoRA rank")
     p.add_argument("--dropout", action="store_true",
                    help="dx GEMM with every job's dropout mask too; operator with dropout")
+    p.add_argument("--breakdown", action="store_true",
+                   help="the operator's kernels one by one at each K (torch.profiler, eager calls)")
     args = p.parse_args()
     if args.rank % 8 and not args.skip_gemm:
         p.error("--rank: a multiple of 8, or --skip-gemm (the GEMM rows build unpadded adapters; the "
@@ -318,7 +380,7 @@ def main() -> None:
                       for r in gemm_rows(k, x, w, dy, versions, args.rounds, args.dropout, args.rank, args.sources)]
         if not args.skip_operator:
             ops += [dict(shape, **r) for r in operator_rows(jobs, x, w, dy, versions, args.rounds, args.dropout,
-                                                            args.rank)]
+                                                            args.rank, args.breakdown)]
         del x, dy, w
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
