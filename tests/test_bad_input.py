@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,15 @@ from conftest import write_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlora", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def mlora(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlora", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def base_run(tmp_path: Path, model: Path, dataset: Path, **job) -> dict:
@@ -119,3 +127,26 @@ def test_existing_output_is_never_overwritten_without_flag(tmp_path, tiny_models
     replaced = mlora("train", str(run), "--plain", "--overwrite", "learning_rate=0.5", cwd=tmp_path)
     assert replaced.returncode == 0, replaced.stderr
     assert digest(tmp_path / "out")["j/adapter_model.safetensors"] != before["j/adapter_model.safetensors"]
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_triton_backend_without_a_gpu_is_refused_before_any_compute(tmp_path, tiny_models, datasets):
+    """`backend: triton` on the CPU names the file and field (it used to fail mid-step in
+    Triton's driver lookup); Triton's CPU interpreter is the one way to run it there."""
+    raw = base_run(tmp_path, tiny_models["llama"], datasets["copy"])
+    raw["run"]["backend"] = "triton"
+    run = write_run(tmp_path / "run.yaml", raw)
+    for command in ("validate", "train"):
+        proc = mlora(command, str(run), cwd=tmp_path, TRITON_INTERPRET="0")
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert "run.yaml: run: backend: 'triton'" in proc.stderr and "CUDA GPU" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    interpreted = mlora("validate", str(run), cwd=tmp_path, TRITON_INTERPRET="1")
+    assert interpreted.returncode == 0, interpreted.stderr
+
+    raw["run"]["backend"] = "auto"
+    raw["model"]["device"] = "cuda"
+    proc = mlora("train", str(write_run(tmp_path / "cuda.yaml", raw)), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "cuda.yaml: model: device: 'cuda'" in proc.stderr and "no CUDA device" in proc.stderr, proc.stderr

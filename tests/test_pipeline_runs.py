@@ -66,10 +66,10 @@ def kill_everything_running(arg: str) -> None:
                     pass
 
 
-def torchrun(n: int, run: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(n: int, run: Path, *extra: str, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", f"--master-port={free_port()}",
            "-m", "mlora", "train", str(run), "--plain", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -95,6 +95,18 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     summary = json.loads((out / "run_summary.json").read_text())
     assert all(j["state"] == "finished" for j in summary["jobs"].values())
     assert 0.0 <= summary["run"]["bubble_fraction"] < 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_pipeline_refuses_the_triton_backend_without_a_gpu(tmp_path, tiny_models, datasets):
+    """Rank 0 checks `backend: triton` against the stages' device with the other inputs:
+    every rank stops before loading a weight, the message naming the file and field."""
+    run = run_file(tmp_path, tiny_models["llama"], datasets, "refused", backend="triton")
+    proc = torchrun(2, run, timeout=120, TRITON_INTERPRET="0")  # (the test process has the interpreter on)
+    assert proc.returncode != 0
+    assert "mlora train: error: " in proc.stderr and "refused.yaml: run: backend: 'triton'" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
 
 
 def test_a_killed_rank_stops_every_rank_with_an_error(tmp_path, tiny_models, datasets):

@@ -52,7 +52,7 @@ from mlora.runtime.meteora_jobs import (
     write_meteora_slices,
 )
 from mlora.runtime.output import SUMMARY, is_finished, job_dir, prepare_output
-from mlora.runtime.setup import build_job_states, load_tokenizer
+from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
 from mlora.runtime.trainer import (
     adapter_meta,
@@ -270,6 +270,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         if error is None:
             assert spec is not None
             try:
+                check_backend(spec, device)  # every stage's device is of rank 0's type
                 driver = Driver(spec, n_ranks, resume, overwrite, live)
                 message = {"plan": driver.plan()}
             except user_errors() as exc:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from mlora.config import RunSpec
 from mlora.jobs import plan_steps
 from mlora.model.stage import read_config
-from mlora.runtime.setup import build_job_states, load_tokenizer
+from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, resolve_device
 from mlora.runtime.trainer import check_init_adapter
 
 
 def preflight(spec: RunSpec) -> list[str]:
-    """Check model folder, tokenizer, datasets and init adapters; describe what would run."""
+    """Check device, backend, model folder, tokenizer, datasets and init adapters; describe
+    what would run (on this machine: the device is resolved here)."""
+    check_backend(spec, resolve_device(spec.model.device, spec.source))
     config = read_config(spec.model.path)
     tokenizer = load_tokenizer(spec.model.path)
     for job in spec.jobs:

@@ -6,6 +6,8 @@ and before the base weights are read.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,14 +17,30 @@ from mlora.config import ConfigError, JobSpec, RunSpec
 from mlora.jobs import JobState
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, source: str = "run file") -> torch.device:
     """`auto` is the first GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model: device: {name!r} asked for, but no CUDA device is available")
+        raise ConfigError(f"{source}: model: device: {name!r} asked for, but no CUDA device is available")
     return device
+
+
+def check_backend(spec: RunSpec, device: torch.device) -> None:
+    """`run.backend: triton` needs somewhere to run the kernels: a CUDA device, or Triton's
+    CPU interpreter (TRITON_INTERPRET=1, as the tests run them; slow), and the triton
+    package. Checked with the other inputs, so such a run stops before any compute with
+    the field named, not in Triton's driver lookup mid-step."""
+    if spec.run.backend != "triton":
+        return
+    where = f"{spec.source}: run: backend: 'triton'"
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError(f"{where} needs the triton package, which is not installed; use auto or torch")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"{where} runs its kernels on a CUDA GPU, and this run is on the {device.type} "
+                          f"(model: device: {spec.model.device!r}); use auto (the fused kernels where they "
+                          f"pay, the dense PyTorch path elsewhere) or torch")
 
 
 def load_tokenizer(model_path: str) -> Any:

@@ -47,7 +47,7 @@ from mlora.runtime.meteora_jobs import (
     with_relative_folders,
 )
 from mlora.runtime.output import SUMMARY, is_finished, job_dir, prepare_output
-from mlora.runtime.setup import build_job_states, load_tokenizer, resolve_device
+from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, resolve_device
 from mlora.runtime.step_graphs import StepGraphs
 from mlora.schedule.planner import Candidate, plan_fused_batch, split_by_length
 
@@ -150,7 +150,8 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
     The order matters: a bad dataset or adapter is reported before the output folder
     is touched and before any weight is read.
     """
-    device = resolve_device(spec.model.device)
+    device = resolve_device(spec.model.device, spec.source)
+    check_backend(spec, device)
     tokenizer = load_tokenizer(spec.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for job_spec in spec.jobs:
