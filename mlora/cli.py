@@ -24,8 +24,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def _train(args: argparse.Namespace) -> int:
     from mlora.runtime.launch import train_from_cli
 
+    if args.ray is not None:
+        return _train_on_ray(args)
     live = False if args.plain else None
     return train_from_cli(args.run_file, args.overrides, resume=args.resume, overwrite=args.overwrite, live=live)
+
+
+def _train_on_ray(args: argparse.Namespace) -> int:
+    from mlora.runtime.pipeline import is_pipeline_launch
+    from mlora.runtime.ray_launch import RayLaunchError, run_on_ray
+
+    if is_pipeline_launch():
+        print("mlora train: error: --ray starts its own stage processes; run it once, not under torchrun",
+              file=sys.stderr)
+        return 2
+    try:
+        return run_on_ray(args.run_file, args.overrides, n_stages=args.ray, address=args.ray_address,
+                          resume=args.resume, overwrite=args.overwrite)
+    except RayLaunchError as exc:
+        print(f"mlora train: error: {exc}", file=sys.stderr)
+        return 3
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -89,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     p.add_argument("--plain", action="store_true", help="plain log lines instead of the live table")
+    p.add_argument("--ray", type=int, metavar="STAGES",
+                   help="run as a pipeline of STAGES Ray actors (a GPU each when the run is on GPUs)")
+    p.add_argument("--ray-address", help="the Ray cluster to join ('auto', or host:port; default: RAY_ADDRESS, "
+                   "else a Ray instance started on this machine)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("validate", help="check a run file, its datasets and model folder without training")

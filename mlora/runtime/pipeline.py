@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -236,18 +236,24 @@ class Driver:
 
 
 # ------------------------------------------------------------------ all ranks
-def run_pipeline(run_file: str, overrides: Sequence[str], *, resume: bool, overwrite: bool, live: bool | None) -> int:
-    """Entry point of every rank under torchrun; returns the process exit status."""
+def run_pipeline(run_file: str, overrides: Sequence[str], *, resume: bool, overwrite: bool, live: bool | None,
+                 errors: list[str] | None = None) -> int:
+    """Entry point of every rank under torchrun; returns the process exit status. Rank 0
+    prints why the run was refused (bad input), or appends it to `errors` when given (a
+    Ray actor hands it to its driver, which prints it: a line printed in the actor may not
+    reach the driver before the cluster shuts down)."""
     rank, n_ranks, local_rank = world()
+    report = errors.append if errors is not None else lambda line: print(line, file=sys.stderr, flush=True)
     try:
-        return _run(rank, n_ranks, local_rank, run_file, overrides, resume, overwrite, live)
+        return _run(rank, n_ranks, local_rank, run_file, overrides, resume, overwrite, live, report)
     except PipelineError as exc:
-        print(f"mlora: rank {rank} (stage {rank}): {exc}", file=sys.stderr, flush=True)
+        label, text = f"rank {rank} (stage {rank})", str(exc)  # the transport's errors name the rank already
+        print(f"mlora: {text if text.startswith(label) else f'{label}: {text}'}", file=sys.stderr, flush=True)
         os._exit(3)  # never hang in teardown waiting for a peer that is gone
 
 
 def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Sequence[str],
-         resume: bool, overwrite: bool, live: bool | None) -> int:
+         resume: bool, overwrite: bool, live: bool | None, report: Callable[[str], None]) -> int:
     from mlora.cli import user_errors
 
     # Parse everywhere (cheap); only rank 0 checks the data paths it alone reads.
@@ -282,7 +288,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     message = box[0]
     if "error" in message:
         if rank == 0:
-            print(f"mlora train: error: {message['error']}", file=sys.stderr, flush=True)
+            report(f"mlora train: error: {message['error']}")
         dist.destroy_process_group()
         return 2
     plan: PipelinePlan = message["plan"]
