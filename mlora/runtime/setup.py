@@ -17,8 +17,9 @@ from mlora.config import ConfigError, JobSpec, RunSpec
 from mlora.jobs import JobState
 
 
-def resolve_device(name: str, source: str = "run file") -> torch.device:
-    """`auto` is the first GPU when there is one, else the CPU."""
+def resolve_device(name: str, source: str) -> torch.device:
+    """`auto` is the first GPU when there is one, else the CPU; `source` (the run file)
+    names where a device asked for but missing came from."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
