@@ -96,6 +96,23 @@ def test_progress_rates_and_eta():
     assert eta_s(0, 10, 5.0) is None and eta_s(5, 10, 5.0) == 5.0 and eta_s(12, 10, 5.0) == 0.0
 
 
+def test_a_resumed_job_counts_its_rate_and_eta_from_where_it_resumed():
+    """It restarts at step 1000 of 5000 with 50,000 tokens done by the earlier run: the
+    first step here must not look like 1,001 steps in one second."""
+    s = RunSummary(name="r", output_dir="x", device="cpu")
+    s.job_queued("j", 5000, 0.0)
+    s.job_started("j", 100.0, steps=1000, tokens=50_000)
+    assert (s.jobs["j"].steps, s.jobs["j"].tokens) == (1000, 50_000)  # shown before its first step here
+    s.job_progress("j", 1001, 50_050, 1.0, 101.0)
+    job = s.jobs["j"]
+    assert (job.tokens_per_s, job.step_tokens) == (50.0, 50)
+    assert job.eta(1.0) == 3999.0
+    assert s.train_row("j", loss=1.0, lr=1e-4, t=101.0)["eta_s"] == 3999.0
+    assert "eta 1h06m" in s.table_rows(now=101.0)[0][8]
+    s.job_stopped("j")
+    assert s.jobs["j"].state == "stopped" and s.table_rows()[0][1:3] == ("stopped", "1001/5000")
+
+
 def test_jsonl_accepts_numpy_scalars_and_tail_skips_partial_lines(tmp_path):
     np = pytest.importorskip("numpy")
     sink = JsonlSink(tmp_path)

@@ -118,6 +118,10 @@ def test_resume_ends_with_the_same_adapters(tmp_path, tiny_models, datasets, mon
     monkeypatch.setattr(writer, "write_checkpoint", lambda *a, **k: (time_mod.sleep(0.2), real(*a, **k))[1])
     stopped = train(spec, live=False, stop_after_batches=7)
     assert stopped.stopped_early
+    summary = json.loads((stopped.output_dir / "run_summary.json").read_text())
+    assert summary["run"]["state"] == "stopped"
+    assert {j["state"] for j in summary["jobs"].values()} <= {"stopped", "finished"}
+    assert "stopped" in {j["state"] for j in summary["jobs"].values()}
     assert any((stopped.output_dir / j["name"] / "checkpoints").is_dir() for j in jobs)
     resumed = train(spec, resume=True, live=False)
     assert not resumed.stopped_early
@@ -192,3 +196,38 @@ def test_a_job_counts_as_finished_once_its_adapter_is_on_disk(tmp_path, tiny_mod
         last_step = max(r["time"] for r in rows if r["kind"] == "train")
         assert summary[name]["state"] == "finished"
         assert summary[name]["finished_at"] >= max(done_at[name], last_step + 0.3)
+
+
+def test_ctrl_c_ends_the_run_cleanly_and_resume_finishes_it(tmp_path, tiny_models, datasets):
+    """SIGINT (Ctrl-C) in the middle of a run: no traceback, exit status 130, the run and
+    its unfinished jobs marked as interrupted / stopped (not left "running"), the way to
+    continue printed; `--resume` then finishes every job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    jobs = [{**j, "save_steps": 5, "max_steps": 300} for j in JOBS[:2]]
+    run = run_file(tmp_path, tiny_models["llama"], datasets, jobs, "cut")
+    cmd = [sys.executable, "-m", "mlora", "train", str(run), "--plain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "cut" / "copy" / "checkpoints" / "step-000005"
+    deadline = time.time() + 120
+    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert first.is_dir() and proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and f"interrupted; continue with `mlora train {run} --resume`" in err, err[-3000:]
+    summary = json.loads((tmp_path / "cut" / "run_summary.json").read_text())
+    assert summary["run"]["state"] == "interrupted"
+    assert {j["state"] for j in summary["jobs"].values()} == {"stopped"}
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "cut" / "run_summary.json").read_text())
+    assert summary["run"]["state"] == "finished"
+    assert all(adapter(tmp_path / "cut", j["name"]) for j in jobs)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from mlora.monitor.summary import JobRecord, RunSummary, eta_s
+from mlora.monitor.summary import JobRecord, RunSummary
 from mlora.monitor.table import COLUMNS, fmt_s, plain_table
 
 STATE_STYLE = {"queued": "dim", "running": "yellow", "finished": "green", "failed": "bold red"}
@@ -33,7 +33,7 @@ def progress_line(name: str, job: JobRecord) -> str:
         parts.append(f"lr {job.last_lr:.1e}")
     if job.tokens_per_s:
         parts.append(f"{job.tokens_per_s:.0f} tok/s")
-    parts.append(f"eta {fmt_s(eta_s(job.steps, job.max_steps, job.train_s or 0.0))}")
+    parts.append(f"eta {fmt_s(job.eta(job.train_s or 0.0))}")
     return " ".join(parts)
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-JOB_STATES = ("queued", "running", "finished", "failed")
+JOB_STATES = ("queued", "running", "finished", "failed", "stopped")  # stopped: the run ended first (--resume)
 
 
 def eta_s(step: int, max_steps: int, elapsed_s: float) -> float | None:
@@ -44,6 +44,12 @@ class JobRecord:
     peak_memory_bytes: int | None = None
     adapter_dir: str | None = None
     error: str | None = None
+    resumed_steps: int = 0  # steps and tokens an earlier run did (--resume): this run's
+    resumed_tokens: int = 0  # rate and ETA count only its own share
+
+    def eta(self, elapsed_s: float) -> float | None:
+        """Seconds left at this run's pace for the job (`elapsed_s` since it started here)."""
+        return eta_s(self.steps - self.resumed_steps, self.max_steps - self.resumed_steps, elapsed_s)
 
     @property
     def wait_s(self) -> float | None:
@@ -101,9 +107,13 @@ class RunSummary:
         if self.started_at is None or t < self.started_at:
             self.started_at = t
 
-    def job_started(self, name: str, t: float) -> None:
+    def job_started(self, name: str, t: float, steps: int = 0, tokens: int = 0) -> None:
+        """The job begins training here; `steps` and `tokens` were done by an earlier run
+        (a resumed job continues from them)."""
         job = self.jobs[name]
         job.state, job.started_at = "running", t
+        job.steps = job.resumed_steps = steps
+        job.tokens = job.resumed_tokens = tokens
 
     def job_progress(
         self,
@@ -119,8 +129,8 @@ class RunSummary:
     ) -> None:
         """A finished optimizer step. `tokens` is the job's cumulative count.
 
-        Without `tokens_per_s` the rate is tokens over the time since the job started;
-        a trainer that pauses jobs (or resumes one with earlier tokens) passes its own.
+        Without `tokens_per_s` the rate is the tokens since the job started here over the
+        time since; a trainer that pauses jobs passes its own.
         Without `step_tokens` it is the increase since the previous step, when that
         step was the one logged just before.
         """
@@ -128,7 +138,7 @@ class RunSummary:
         if step_tokens is None and step == job.steps + 1:
             step_tokens = tokens - job.tokens
         if tokens_per_s is None and job.started_at is not None and t > job.started_at:
-            tokens_per_s = tokens / (t - job.started_at)
+            tokens_per_s = (tokens - job.resumed_tokens) / (t - job.started_at)
         job.steps, job.tokens, job.last_loss, job.last_time = step, tokens, loss, t
         job.step_tokens, job.tokens_per_s = step_tokens, tokens_per_s
         if lr is not None:
@@ -147,6 +157,10 @@ class RunSummary:
     def job_failed(self, name: str, t: float, error: str) -> None:
         job = self.jobs[name]
         job.state, job.finished_at, job.error = "failed", t, error
+
+    def job_stopped(self, name: str) -> None:
+        """The run ended (interrupted or stopped) while the job was training."""
+        self.jobs[name].state = "stopped"
 
     def restore_job(self, name: str, previous: RunSummary | None) -> None:
         """A job finished by an earlier run (before --resume) keeps its record."""
@@ -175,7 +189,7 @@ class RunSummary:
             "kind": "train", "job": name, "step": job.steps, "max_steps": job.max_steps, "epoch": epoch,
             "loss": loss, "lr": lr, "tokens": job.tokens, "step_tokens": job.step_tokens,
             "tokens_per_s": job.tokens_per_s, "elapsed_s": elapsed,
-            "eta_s": eta_s(job.steps, job.max_steps, elapsed), "time": t,
+            "eta_s": job.eta(elapsed), "time": t,
         }
 
     def table_rows(self, now: float | None = None) -> list[tuple[str, ...]]:

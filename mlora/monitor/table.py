@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlora.monitor.summary import RunSummary, eta_s
+from mlora.monitor.summary import RunSummary
 
 COLUMNS = ("job", "state", "steps", "loss", "eval", "tokens", "tok/s", "wait", "ETA / done in", "peak mem")
 
@@ -39,7 +39,7 @@ def table_rows(summary: RunSummary, now: float | None = None) -> list[tuple[str,
             timing = fmt_s(job.completion_s)
         elif job.state == "running" and job.started_at is not None:
             elapsed = (now if now is not None else (job.last_time or job.started_at)) - job.started_at
-            timing = "eta " + fmt_s(eta_s(job.steps, job.max_steps, elapsed))
+            timing = "eta " + fmt_s(job.eta(elapsed))
         else:
             timing = "-"
         rows.append((

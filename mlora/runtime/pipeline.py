@@ -426,7 +426,7 @@ class PipelineMonitor:
             job = self.driver.jobs[s.job]
             if job.status == "queued":
                 job.status = "running"
-                self.summary.job_started(s.job, time.time())
+                self.summary.job_started(s.job, time.time(), steps=job.step, tokens=job.tokens)
             job.tokens += s.tokens
 
     def loss(self, job_name: str, step: int, loss: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class RunResult:
     adapters: dict[str, Path] = field(default_factory=dict)
     final_loss: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    interrupted: bool = False  # Ctrl-C
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -235,38 +237,53 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def run(self) -> RunResult:
         self.summary.save(self.out / SUMMARY)
-        batches = 0
-        turn = 0
         with self.live:
             try:
-                while True:
-                    self._collect_writes(block=False)
-                    self._admit()
-                    running = [j for j in self.jobs.values() if j.status == "running"]
-                    if not running:
-                        if not self.writer.pending:
-                            break
-                        self._collect_writes(block=True)  # a queued job may wait on one of them
-                        continue
-                    self._train_one_batch(running, turn)
-                    self._keep_close_to_the_gpu()
-                    self._flush_logs(block=False)
-                    turn += 1
-                    batches += 1
-                    self.live.update(self.summary)
-                    if self.stop_after_batches is not None and batches >= self.stop_after_batches:
-                        self.result.stopped_early = True
-                        break
-                self._collect_writes(block=True)
+                self._loop()
+            except KeyboardInterrupt:  # Ctrl-C: end as a stopped run, keeping what is written
+                self.result.interrupted = True
+                self._collect_writes(block=True)  # adapters already handed over reach the disk
             finally:
                 self.writer.close()  # even when the run fails: finished jobs' adapters reach the disk
         self._flush_logs(block=True)
+        now = time.time()
+        for job in self.jobs.values():
+            if job.status == "running":
+                self.summary.job_stopped(job.name)
         finished = all(j.status == "finished" for j in self.jobs.values())
-        self.summary.run_finished(time.time(), "finished" if finished else "stopped")
+        state = "finished" if finished else "interrupted" if self.result.interrupted else "stopped"
+        self.summary.run_finished(now, state)
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
         self.live.print_table(self.summary)
+        if self.result.interrupted:
+            print(f"mlora: interrupted; continue with `mlora train {self.spec.source} --resume` (each unfinished "
+                  "job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
         return self.result
+
+    def _loop(self) -> None:
+        """Fused batches until every job is finished (or `stop_after_batches`)."""
+        batches = 0
+        turn = 0
+        while True:
+            self._collect_writes(block=False)
+            self._admit()
+            running = [j for j in self.jobs.values() if j.status == "running"]
+            if not running:
+                if not self.writer.pending:
+                    break
+                self._collect_writes(block=True)  # a queued job may wait on one of them
+                continue
+            self._train_one_batch(running, turn)
+            self._keep_close_to_the_gpu()
+            self._flush_logs(block=False)
+            turn += 1
+            batches += 1
+            self.live.update(self.summary)
+            if self.stop_after_batches is not None and batches >= self.stop_after_batches:
+                self.result.stopped_early = True
+                break
+        self._collect_writes(block=True)
 
     def _keep_close_to_the_gpu(self) -> None:
         """Let the host run at most MAX_BATCHES_AHEAD batches ahead of the GPU.
@@ -299,7 +316,8 @@ class Trainer:
                 job.resume_slice = None
             self.optimizers[job.name] = opt
             job.status = "running"
-            self.summary.job_started(job.name, time.time())
+            self.summary.job_started(job.name, time.time(), steps=job.step, tokens=job.tokens)
+            self.summary.save(self.out / SUMMARY)  # `mlora status` sees it start (and from which step)
             running += 1
 
     def _dependencies_done(self, job: JobState) -> bool:
