@@ -198,15 +198,19 @@ def test_a_job_counts_as_finished_once_its_adapter_is_on_disk(tmp_path, tiny_mod
         assert summary[name]["finished_at"] >= max(done_at[name], last_step + 0.3)
 
 
-def test_ctrl_c_ends_the_run_cleanly_and_resume_finishes_it(tmp_path, tiny_models, datasets):
-    """SIGINT (Ctrl-C) in the middle of a run: no traceback, exit status 130, the run and
-    its unfinished jobs marked as interrupted / stopped (not left "running"), the way to
-    continue printed; `--resume` then finishes every job."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_ends_the_run_cleanly_and_resume_finishes_it(tmp_path, tiny_models, datasets, signame):
+    """Ctrl-C (SIGINT), or a scheduler's SIGTERM, in the middle of a run: no traceback,
+    exit status 128 + the signal, the run and its unfinished jobs marked interrupted /
+    stopped (not left "running"), the way to continue printed; `--resume` then finishes
+    every job."""
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    signum = getattr(signal, signame)
 
     jobs = [{**j, "save_steps": 5, "max_steps": 300} for j in JOBS[:2]]
     run = run_file(tmp_path, tiny_models["llama"], datasets, jobs, "cut")
@@ -218,10 +222,11 @@ def test_ctrl_c_ends_the_run_cleanly_and_resume_finishes_it(tmp_path, tiny_model
     while not first.is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert first.is_dir() and proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and f"interrupted; continue with `mlora train {run} --resume`" in err, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert f"interrupted ({signame}); continue with `mlora train {run} --resume`" in err, err[-3000:]
     summary = json.loads((tmp_path / "cut" / "run_summary.json").read_text())
     assert summary["run"]["state"] == "interrupted"
     assert {j["state"] for j in summary["jobs"].values()} == {"stopped"}

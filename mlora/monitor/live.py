@@ -15,8 +15,9 @@ from typing import Any, TextIO
 from mlora.monitor.summary import JobRecord, RunSummary
 from mlora.monitor.table import COLUMNS, fmt_s, plain_table
 
-STATE_STYLE = {"queued": "dim", "running": "yellow", "finished": "green", "failed": "bold red"}
-BAR_COLOR = {"queued": "bright_black", "running": "yellow", "finished": "green", "failed": "red"}
+STATE_STYLE = {"queued": "dim", "running": "yellow", "finished": "green", "failed": "bold red", "stopped": "magenta"}
+BAR_COLOR = {"queued": "bright_black", "running": "yellow", "finished": "green", "failed": "red",
+             "stopped": "magenta"}
 
 
 def plain_requested() -> bool:

@@ -29,8 +29,8 @@ def _bar_label(job: JobRecord) -> str:
         return f" done in {fmt_s(job.completion_s)}" + (f" (waited {fmt_s(job.wait_s)})" if (job.wait_s or 0.0) >= 0.5 else "")
     if job.state == "failed":
         return f" failed after {fmt_s(job.train_s)}"
-    if job.state == "running":
-        return f" running, step {job.steps}/{job.max_steps}"
+    if job.state in ("running", "stopped"):
+        return f" {job.state}, step {job.steps}/{job.max_steps}"
     return " queued"
 
 

@@ -8,7 +8,8 @@ from typing import Sequence
 def train_from_cli(run_file: str, overrides: Sequence[str], *, resume: bool, overwrite: bool, live: bool | None) -> int:
     """Under torchrun with several processes, a pipeline; otherwise the single-process trainer.
 
-    Returns the exit status: 0 when every job finished, 130 when interrupted (Ctrl-C).
+    Returns the exit status: 0 when every job finished; 128 + the signal's number when
+    interrupted (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended.
     """
     from mlora.runtime.pipeline import is_pipeline_launch, run_pipeline
 
@@ -19,4 +20,6 @@ def train_from_cli(run_file: str, overrides: Sequence[str], *, resume: bool, ove
 
     spec = load_run_file(run_file, overrides)
     result = train(spec, resume=resume, overwrite=overwrite, live=live)
-    return 130 if result.interrupted else 1 if result.stopped_early else 0  # 130: the shell's code for Ctrl-C
+    if result.interrupted_by:
+        return 128 + int(result.interrupted_by)
+    return 1 if result.stopped_early else 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -75,7 +77,7 @@ class RunResult:
     adapters: dict[str, Path] = field(default_factory=dict)
     final_loss: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
-    interrupted: bool = False  # Ctrl-C
+    interrupted_by: int | None = None  # the signal that stopped the run: SIGINT (Ctrl-C) or SIGTERM
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -168,6 +170,29 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
     return Prepared(spec, jobs, stage, pad_id, out, device)
 
 
+class StopSignal:
+    """While entered, SIGTERM (a scheduler's or `kill`'s polite stop) interrupts the run as
+    Ctrl-C does, so it too ends with its outputs written and its state saved; `received`
+    says which one came. Only the main thread can take signals; elsewhere it does nothing."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 class Trainer:
     """State of one single-process run over prepared parts; `run()` is the loop."""
 
@@ -237,11 +262,12 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def run(self) -> RunResult:
         self.summary.save(self.out / SUMMARY)
-        with self.live:
+        stop = StopSignal()
+        with self.live, stop:
             try:
                 self._loop()
-            except KeyboardInterrupt:  # Ctrl-C: end as a stopped run, keeping what is written
-                self.result.interrupted = True
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: end as a stopped run, keeping what is written
+                self.result.interrupted_by = stop.received or signal.SIGINT
                 self._collect_writes(block=True)  # adapters already handed over reach the disk
             finally:
                 self.writer.close()  # even when the run fails: finished jobs' adapters reach the disk
@@ -251,13 +277,13 @@ class Trainer:
             if job.status == "running":
                 self.summary.job_stopped(job.name)
         finished = all(j.status == "finished" for j in self.jobs.values())
-        state = "finished" if finished else "interrupted" if self.result.interrupted else "stopped"
+        state = "finished" if finished else "interrupted" if self.result.interrupted_by else "stopped"
         self.summary.run_finished(now, state)
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
         self.live.print_table(self.summary)
-        if self.result.interrupted:
-            print(f"mlora: interrupted; continue with `mlora train {self.spec.source} --resume` (each unfinished "
+        if self.result.interrupted_by:
+            print(f"mlora: interrupted ({signal.Signals(self.result.interrupted_by).name}); continue with `mlora train {self.spec.source} --resume` (each unfinished "
                   "job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
         return self.result
 
