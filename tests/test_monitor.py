@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from mlora.monitor import (
     RunSummary,
     TensorBoardSink,
     eta_s,
+    load_summary,
     print_table,
     read_metrics,
     render_status,
@@ -242,3 +244,31 @@ def test_report_png_and_tensorboard_scalars(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("a/loss")] == [(1, 4.0), (2, 3.0), (3, 2.0)]
     assert [e.value for e in acc.Scalars("a/eval_loss")] == [2.5]
     assert acc.Scalars("a/lr")[0].value == pytest.approx(1e-3)
+
+
+def test_status_tells_a_run_whose_process_is_gone(tmp_path):
+    """A run killed outright cannot mark itself: `mlora status` sees that the process
+    named in its summary, on this machine, has ended, and says so instead of showing
+    the jobs running with an ETA."""
+    import socket
+    import subprocess
+    import sys
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    for pid, host, state in ((ended.pid, socket.gethostname(), "lost"), (os.getpid(), socket.gethostname(), "running"),
+                             (ended.pid, "another-host", "running")):
+        s = RunSummary(name="r", output_dir=str(tmp_path), device="cpu", host=host, pid=pid)
+        s.job_queued("j", 10, 0.0)
+        s.job_started("j", 1.0)
+        s.job_progress("j", 3, 30, 1.0, 4.0)
+        s.save(tmp_path / "run_summary.json")
+        loaded = load_summary(tmp_path)
+        assert (loaded.state, loaded.jobs["j"].state) == (state, "stopped" if state == "lost" else "running"), host
+    text = render_status(tmp_path, now=5.0)
+    assert "run r (running)" in text  # the other host's run: nothing can be known from here
+    s.host = socket.gethostname()
+    s.save(tmp_path / "run_summary.json")
+    text = render_status(tmp_path, now=5.0)
+    assert f"run r (lost) on cpu: its process ({ended.pid} on {socket.gethostname()}) ended without finishing" in text
+    assert "stopped  3/10" in text

@@ -6,6 +6,8 @@ newest facts are in each job's metrics.jsonl; `load_summary` merges the two.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,29 @@ def load_summary(output_dir: Path) -> RunSummary:
     for name, job in summary.jobs.items():
         if job.state in ("queued", "running"):
             _merge_metrics(job, tail_metrics(output_dir / name / METRICS_FILE))
+    if summary.state == "running" and process_gone(summary.host, summary.pid):
+        summary.state = "lost"  # killed or crashed: it could not say so itself
+        for job in summary.jobs.values():
+            if job.state == "running":
+                job.state = "stopped"
     return summary
+
+
+def process_gone(host: str | None, pid: int | None) -> bool:
+    """Whether the process that ran a run, on this machine, has ended. Unknown (another
+    machine, or a summary from before hosts were saved) counts as not gone."""
+    if host != socket.gethostname() or pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    try:  # a zombie (ended, not yet reaped by its parent) still answers
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _headline(summary: RunSummary, now: float) -> str:
@@ -72,6 +96,9 @@ def _headline(summary: RunSummary, now: float) -> str:
         head += f", {summary.n_stages} pipeline stages"
     if summary.started_at is not None and summary.finished_at is not None:
         head += f", took {fmt_s(summary.finished_at - summary.started_at)}"
+    elif summary.state == "lost":
+        head += (f": its process ({summary.pid} on {summary.host}) ended without finishing; "
+                 "`mlora train RUN.yaml --resume` continues it")
     elif summary.state == "running":
         times = [j.last_time or j.started_at or j.queued_at for j in summary.jobs.values()]
         known = [t for t in times if t is not None]

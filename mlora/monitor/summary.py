@@ -84,7 +84,7 @@ class JobRecord:
 
 
 _RECORD_FIELDS = set(JobRecord.__dataclass_fields__)
-_RUN_FIELDS = ("name", "output_dir", "device", "n_stages", "started_at", "finished_at", "state")
+_RUN_FIELDS = ("name", "output_dir", "device", "n_stages", "started_at", "finished_at", "state", "host", "pid")
 
 
 @dataclass
@@ -98,6 +98,8 @@ class RunSummary:
     started_at: float | None = None
     finished_at: float | None = None
     state: str = "running"
+    host: str | None = None  # where the process running it is (`mlora status` tells a run whose
+    pid: int | None = None  # process is gone from one still going)
     info: dict[str, Any] = field(default_factory=dict)
     jobs: dict[str, JobRecord] = field(default_factory=dict)
 

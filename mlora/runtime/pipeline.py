@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -407,7 +408,8 @@ class PipelineMonitor:
         self.driver, self.spec, self.n_stages = driver, spec, n_stages
         self.out = driver.out
         self.summary = RunSummary(
-            name=spec.run.name or Path(spec.source).stem, output_dir=str(self.out), device="pipeline", n_stages=n_stages
+            name=spec.run.name or Path(spec.source).stem, output_dir=str(self.out), device="pipeline", n_stages=n_stages,
+            host=socket.gethostname(), pid=os.getpid(),
         )
         self.sink = MultiSink([JsonlSink(self.out), TensorBoardSink(self.out)])
         self.live = LiveView(enabled=driver.live_flag, log_every_s=spec.run.log_every_s)

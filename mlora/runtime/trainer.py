@@ -10,8 +10,10 @@ once the adapter is on disk.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -233,7 +235,8 @@ class Trainer:
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
         self.summary = RunSummary(
-            name=spec.run.name or Path(spec.source).stem, output_dir=str(self.out), device=str(self.device), n_stages=1
+            name=spec.run.name or Path(spec.source).stem, output_dir=str(self.out), device=str(self.device), n_stages=1,
+            host=socket.gethostname(), pid=os.getpid(),
         )
         self.sink = MultiSink([JsonlSink(self.out), TensorBoardSink(self.out)])
         self.live = LiveView(enabled=live, console=console, log_every_s=spec.run.log_every_s)
