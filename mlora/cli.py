@@ -44,6 +44,11 @@ def _train_on_ray(args: argparse.Namespace) -> int:
     except RayLaunchError as exc:
         print(f"mlora train: error: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # the stage actors went with the driver's Ray session
+        print(f"mlora: interrupted; the stages were stopped. `mlora train {args.run_file} --ray {args.ray} --resume` "
+              "continues (each unfinished job from its last checkpoint, or from the start without one)",
+              file=sys.stderr)
+        return 130
 
 
 def _validate(args: argparse.Namespace) -> int:
