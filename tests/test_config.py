@@ -84,6 +84,8 @@ BROKEN = [
     (_broken(jobs__0__lora_rank=4), "jobs[0] ('a'): unknown field 'lora_rank' (did you mean 'lora_r'?)"),
     (_broken(jobs__0__dataset="nope.jsonl"), "jobs[0] ('a'): dataset: file 'nope.jsonl' not found"),
     (_broken(jobs__1__name="a"), "jobs[1] ('a'): name: 'a' is used by another job"),
+    (_broken(jobs__1__name="TensorBoard"), "jobs[1] ('TensorBoard'): name: 'TensorBoard' is taken by the run "
+                                           "folder's own 'tensorboard'; choose another"),
     (_broken(jobs__0__target_modules=["qproj"]), "jobs[0] ('a'): target_modules: 'qproj' is not one of"),
     (_broken(jobs__0__lora_dropout=1.5), "jobs[0] ('a'): lora_dropout: must be in [0, 1), got 1.5"),
     (_broken(jobs__0__optimizer="adam"), "jobs[0] ('a'): optimizer: 'adam' is not one of adamw, sgd"),
@@ -126,3 +128,14 @@ def test_bad_override(tmp_path, files):
         load_run_file(path, ["jobs.zzz.lora_r=4"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_run_file(path, ["lora_r"])
+
+
+def test_the_reserved_names_are_the_run_folders_own_entries():
+    """A job's folder sits beside these: the list must follow where the run writes them."""
+    from mlora.config.load import RESERVED_NAMES
+    from mlora.meteora.evaluate import EVAL_DIR
+    from mlora.monitor.metrics import TB_DIR
+    from mlora.monitor.report import REPORT
+    from mlora.runtime.output import SUMMARY, TRACE
+
+    assert {SUMMARY, TB_DIR, REPORT, TRACE, EVAL_DIR} == set(RESERVED_NAMES)

@@ -29,6 +29,10 @@ from mlora.config.schema import (
 
 SECTIONS = ("model", "defaults", "jobs", "run")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The run folder's own entries beside the jobs' folders (runtime.output's SUMMARY,
+# monitor.metrics.TB_DIR, monitor.report.REPORT, the pipeline's trace, `mlora eval`'s
+# default folder): a job of one of these names would write into or over them.
+RESERVED_NAMES = ("run_summary.json", "tensorboard", "report.png", "trace.json", "eval")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -254,6 +258,9 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explici
 
     if not _NAME_RE.match(job.name):
         fail("name", f"{job.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+    if job.name.lower() in RESERVED_NAMES:  # lower: some file systems ignore case
+        fail("name", f"{job.name!r} is taken by the run folder's own {job.name.lower()!r}; choose another "
+                     f"(reserved: {', '.join(RESERVED_NAMES)})")
     if job.kind not in JOB_KINDS:
         fail("kind", f"{job.kind!r} is not one of {', '.join(JOB_KINDS)}")
     if job.kind == "meteora":

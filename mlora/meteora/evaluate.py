@@ -48,6 +48,7 @@ SKIP_TOKENS = 3  # left out at the start of each task part when scoring routing
 ROUTING_TARGET = 0.95
 MAX_GAP = 0.05  # MeteoRA within 5 points of the hand-picked adapter, per task
 MAX_NEW_TOKENS = 16
+EVAL_DIR = "eval"  # under the run folder, unless --out says otherwise
 PLOT_FILE = "routing.png"
 RESULTS_FILE = "eval.json"
 
@@ -416,7 +417,7 @@ def run_eval(
         raise MeteoraError(f"--limit must be at least 1, got {limit}")
     folders = find_folders(run_dir, task_adapters, mixed, meteora)
     read_config(model_dir)  # a clear error for a folder that is not a model
-    out_dir = Path(out) if out is not None else run_dir / "eval"
+    out_dir = Path(out) if out is not None else run_dir / EVAL_DIR
     model, tok = load_model(model_dir, device=device)
     loras = [open_adapter(f, model) for f in folders["tasks"]]
     mixed_lora = open_adapter(folders["mixed"], model) if folders["mixed"] else None

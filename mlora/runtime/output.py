@@ -1,7 +1,7 @@
 """The run's output folder: refusing to clobber it, and where each file goes.
 
 OUTPUT/
-  run_summary.json, report.png, trace.json, tensorboard/
+  run_summary.json, report.png, trace.json, tensorboard/, eval/ (`mlora eval`): no job may take these names
   <job>/adapter_config.json + adapter_model.safetensors   (the PEFT adapter, when finished)
   <job>/metrics.jsonl
   <job>/checkpoints/step-000010/{stage0.pt, state.json}
@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 SUMMARY = "run_summary.json"
+TRACE = "trace.json"  # a pipeline run's trace
 
 
 class OutputError(ValueError):

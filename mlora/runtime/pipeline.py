@@ -52,7 +52,7 @@ from mlora.runtime.meteora_jobs import (
     run_dependencies,
     write_meteora_slices,
 )
-from mlora.runtime.output import SUMMARY, is_finished, job_dir, prepare_output
+from mlora.runtime.output import SUMMARY, TRACE, is_finished, job_dir, prepare_output
 from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
 from mlora.runtime.trainer import (
@@ -473,7 +473,7 @@ class PipelineMonitor:
             record = self.summary.jobs[name]  # finished when its last loss arrived; keep that time
             record.peak_memory_bytes = max(peaks)
         trace = to_chrome_trace(events, n_stages=self.n_stages)
-        (self.out / "trace.json").write_text(json.dumps(trace))
+        (self.out / TRACE).write_text(json.dumps(trace))
         bubble = bubble_from_events(events, self.n_stages)
         self.summary.set_run_info(bubble_fraction=bubble, peak_memory_per_stage=peaks)
         self.summary.run_finished(time.time(), "finished")
@@ -481,4 +481,4 @@ class PipelineMonitor:
         self.sink.close()
         self.live.__exit__(None, None, None)
         self.live.print_table(self.summary)
-        print(f"measured bubble fraction: {bubble:.3f} (trace: {self.out / 'trace.json'})", flush=True)
+        print(f"measured bubble fraction: {bubble:.3f} (trace: {self.out / TRACE})", flush=True)
