@@ -84,6 +84,7 @@ BROKEN = [
     (_broken(jobs__0__lora_rank=4), "jobs[0] ('a'): unknown field 'lora_rank' (did you mean 'lora_r'?)"),
     (_broken(jobs__0__dataset="nope.jsonl"), "jobs[0] ('a'): dataset: file 'nope.jsonl' not found"),
     (_broken(jobs__1__name="a"), "jobs[1] ('a'): name: 'a' is used by another job"),
+    (_broken(jobs__1__name="A"), "jobs[1] ('A'): name: 'A' is used by another job (names differing only in case"),
     (_broken(jobs__1__name="TensorBoard"), "jobs[1] ('TensorBoard'): name: 'TensorBoard' is taken by the run "
                                            "folder's own 'tensorboard'; choose another"),
     (_broken(jobs__0__target_modules=["qproj"]), "jobs[0] ('a'): target_modules: 'qproj' is not one of"),

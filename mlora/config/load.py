@@ -142,9 +142,10 @@ def parse_run(raw: Mapping[str, Any], source: str, check_paths: bool = True) -> 
         merged = {**defaults, **job_raw}
         job = _build(JobSpec, merged, source, label)
         job = _check_job(job, source, label, check_paths, explicit=set(job_raw))
-        if job.name in seen:
-            raise ConfigError(f"{source}: {label}: name: {job.name!r} is used by another job")
-        seen.add(job.name)
+        if job.name.lower() in seen:  # folders: some file systems ignore case
+            raise ConfigError(f"{source}: {label}: name: {job.name!r} is used by another job (names differing "
+                              "only in case count as one: they name one folder on some file systems)")
+        seen.add(job.name.lower())
         jobs.append(job)
     labels = {job.name: f"jobs[{i}] ({job.name!r})" for i, job in enumerate(jobs)}
     for job in jobs:
