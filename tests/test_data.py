@@ -49,6 +49,25 @@ def test_chat_masks_every_assistant_turn_and_nothing_else(tmp_path, tokenizer):
     assert "be loud" in tokenizer.decode(data.train[0].input_ids)
 
 
+def test_sharegpt_conversations_read_as_the_same_chat(tmp_path, tokenizer):
+    """LLaMA-Factory's ShareGPT layout (`conversations` of from/value, a top-level
+    `system`) gives the tokens and labels of the same chat written as `messages`; other
+    keys (a MeteoRA `task`) stay."""
+    messages = [{"messages": [
+        {"role": "system", "content": "be loud"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "HI"}, {"role": "user", "content": "yo"}, {"role": "assistant", "content": "YO"},
+    ], "task": 1}]
+    sharegpt = [{"system": "be loud", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "HI"}, {"from": "human", "value": "yo"},
+        {"from": "gpt", "value": "YO"},
+    ], "task": 1}]
+    want = JobData.build(write(tmp_path / "m.jsonl", messages), "auto", "chatml", tokenizer, 512, 0, 0)
+    for fmt in ("auto", "sharegpt"):
+        got = JobData.build(write(tmp_path / "s.jsonl", sharegpt), fmt, "chatml", tokenizer, 512, 0, 0)
+        assert [(e.input_ids, e.labels) for e in got.train] == [(e.input_ids, e.labels) for e in want.train]
+    assert load_records(tmp_path / "s.jsonl")[0]["task"] == 1
+
+
 def test_cutoff_truncates_and_drops_examples_without_a_response(tmp_path, tokenizer):
     rows = [{"instruction": "x " * 60, "output": "late"}, {"instruction": "short", "output": "a b c d e f g h"}]
     data = JobData.build(write(tmp_path / "d.jsonl", rows), "auto", "plain", tokenizer, 12, 0, 0)
@@ -121,6 +140,11 @@ def test_demo_files_are_what_the_generators_write(tmp_path, tokenizer):
         ("nomsg.jsonl", '{"messages": []}\n', "nomsg.jsonl: line 1: `messages` must be a non-empty list"),
         ("norole.jsonl", '{"messages": [{"content": "x"}]}\n', "norole.jsonl: line 1: messages[0] needs `role`"),
         ("absent.jsonl", None, "absent.jsonl: file not found"),
+        ("tool.jsonl", '{"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "f"}]}\n',
+         "tool.jsonl: line 1: conversations[1]: unknown speaker 'function_call'"),
+        ("novalue.json", '[{"conversations": [{"from": "human"}]}]', "novalue.json: record 1: conversations[0] needs `from`"),
+        ("nogpt.jsonl", '{"conversations": [{"from": "human", "value": "x"}]}\n',
+         "nogpt.jsonl: line 1: no assistant message"),
     ],
 )
 def test_broken_datasets_name_file_and_line(tmp_path, name, content, message):

@@ -13,7 +13,7 @@ ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
-DATASET_FORMATS = ("auto", "alpaca", "messages")
+DATASET_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 JOB_KINDS = ("lora", "meteora")
 
 

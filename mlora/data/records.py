@@ -1,4 +1,5 @@
-"""Reading datasets: Alpaca JSON/JSONL (instruction, input, output) or chat `messages` JSONL.
+"""Reading datasets: Alpaca JSON/JSONL (instruction, input, output), chat `messages`, or
+ShareGPT `conversations` (LLaMA-Factory's and axolotl's other chat layout, read as messages).
 
 Errors name the file, the line (or record) and the field, so a broken line in a
 100k-line file is found at once.
@@ -10,8 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("auto", "alpaca", "messages")
+FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speakers ("from") as chat roles; tool turns (function_call, observation) have no
+# place in the templates' one-user-one-assistant turns, so they are refused by name
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class DataError(ValueError):
@@ -19,10 +23,13 @@ class DataError(ValueError):
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
-    """`messages`, `parts` (Alpaca records asked one after another in one sequence),
-    `alpaca` (either of its keys, so a missing one is reported by name), or None."""
+    """`messages`, `sharegpt` (`conversations`), `parts` (Alpaca records asked one after
+    another in one sequence), `alpaca` (either of its keys, so a missing one is reported
+    by name), or None."""
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "sharegpt"
     if "parts" in record:
         return "parts"
     if "instruction" in record or "output" in record:
@@ -67,16 +74,44 @@ def load_records(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
         first = rows[0][1]
         detected = detect_format(first) if isinstance(first, dict) else None
         if detected is None:
-            raise DataError(f"{path}: {where} {rows[0][0]}: neither Alpaca (instruction/output) nor chat (messages)")
+            raise DataError(f"{path}: {where} {rows[0][0]}: neither Alpaca (instruction/output) nor chat "
+                            "(messages, or ShareGPT conversations)")
         fmt = detected
+    out = []
     for number, record in rows:
         if not isinstance(record, dict):
             raise DataError(f"{path}: {where} {number}: a record must be a JSON object")
         # Alpaca files may mix single records and chained ones (`parts`)
         kind = "parts" if fmt in ("alpaca", "parts") and "parts" in record else fmt
         kind = "alpaca" if kind == "parts" and "parts" not in record else kind
+        if kind == "sharegpt":
+            record = sharegpt_as_messages(record, f"{path}: {where} {number}")
+            kind = "messages"
         CHECKS[kind](record, f"{path}: {where} {number}")
-    return [r for _, r in rows]
+        out.append(record)
+    return out
+
+
+def sharegpt_as_messages(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ShareGPT record (`conversations` of {"from", "value"}, optionally a top-level
+    `system`) as a `messages` record; its other keys (a MeteoRA `task`) are kept."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: `conversations` must be a non-empty list")
+    messages = []
+    if "system" in record:
+        if not isinstance(record["system"], str):
+            raise DataError(f"{where}: `system` must be a string")
+        messages.append({"role": "system", "content": record["system"]})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{i}] needs `from` and `value`")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: conversations[{i}]: unknown speaker {turn['from']!r} "
+                            f"(use {', '.join(SHAREGPT_ROLES)})")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    rest = {k: v for k, v in record.items() if k not in ("conversations", "system")}
+    return {**rest, "messages": messages}
 
 
 def _check_alpaca(record: dict[str, Any], where: str) -> None:
