@@ -119,6 +119,14 @@ def test_first_line_and_prompt_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(ev.MeteoraError, match=r"bad\.jsonl: line 1: needs `instruction`"):
         ev.read_prompts(tmp_path / "bad.jsonl", "plain")
+    chat = tmp_path / "chat.jsonl"  # ShareGPT and messages records prompt the same
+    chat.write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n'
+                    '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    first, second = ev.read_prompts(chat, "chatml")
+    assert first == second and "hi" in first
+    (tmp_path / "who.jsonl").write_text('{"conversations": [{"from": "bot", "value": "x"}]}\n')
+    with pytest.raises(ev.MeteoraError, match=r"who\.jsonl: line 1: conversations\[0\]: unknown speaker 'bot'"):
+        ev.read_prompts(tmp_path / "who.jsonl", "plain")
 
 
 def test_task_to_adapter_by_name(run_dir, tmp_path):

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mlora.data.records import DataError, sharegpt_as_messages
 from mlora.data.templates import TEMPLATES, prompt_text
 from mlora.meteora import suite
 from mlora.meteora.adapter import CONFIG_FILE as METEORA_CONFIG
@@ -74,7 +75,8 @@ def templated(instruction: str, template: str, input_text: str = "") -> str:
 
 
 def read_prompts(path: str | Path, template: str) -> list[str]:
-    """Prompts from a file: .jsonl records (instruction/input, or messages), else one instruction a line."""
+    """Prompts from a file: .jsonl records (instruction/input, messages or ShareGPT
+    conversations), else one instruction a line."""
     path = Path(path)
     if not path.is_file():
         raise MeteoraError(f"{path}: prompts file not found")
@@ -91,8 +93,14 @@ def read_prompts(path: str | Path, template: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise MeteoraError(f"{path}: line {n}: not valid JSON: {exc.msg}") from exc
+        if isinstance(record, dict) and "conversations" in record:  # ShareGPT, as in training data
+            try:
+                record = sharegpt_as_messages(record, f"{path}: line {n}")
+            except DataError as exc:
+                raise MeteoraError(str(exc)) from exc
         if not isinstance(record, dict) or not ("instruction" in record or "messages" in record):
-            raise MeteoraError(f"{path}: line {n}: needs `instruction` (and optional `input`) or `messages`")
+            raise MeteoraError(f"{path}: line {n}: needs `instruction` (and optional `input`), `messages` or "
+                               "`conversations`")
         out.append(prompt_text(record, template))
     return out
 
