@@ -49,6 +49,12 @@ def test_defaults_are_inherited_and_overridden(tmp_path, files):
     assert spec.run.max_concurrent_jobs == 2
 
 
+def test_a_dataset_may_be_a_list_of_files(tmp_path, files):
+    path = write(tmp_path, GOOD, files)
+    spec = load_run_file(path, [f"jobs.a.dataset=[{files['DATA']}, {files['DATA']}]", f"jobs.b.dataset=[{files['DATA']}]"])
+    assert spec.jobs[0].dataset == (files["DATA"], files["DATA"]) and spec.jobs[1].dataset == files["DATA"]
+
+
 def test_command_line_overrides(tmp_path, files):
     path = write(tmp_path, GOOD, files)
     spec = load_run_file(path, ["learning_rate=5e-4", "jobs.b.lora_alpha=32", "jobs.0.seed=7", "output_dir=elsewhere"])
@@ -83,6 +89,8 @@ BROKEN = [
     (_broken(jobs__1__lora_r=-4), "jobs[1] ('b'): lora_r: must be a positive whole number, got -4"),
     (_broken(jobs__0__lora_rank=4), "jobs[0] ('a'): unknown field 'lora_rank' (did you mean 'lora_r'?)"),
     (_broken(jobs__0__dataset="nope.jsonl"), "jobs[0] ('a'): dataset: file 'nope.jsonl' not found"),
+    (_broken(jobs__0__dataset=["DATA", "nope.jsonl"]), "jobs[0] ('a'): dataset[1]: file 'nope.jsonl' not found"),
+    (_broken(jobs__0__dataset=[]), "jobs[0] ('a'): dataset: must be a file path or a non-empty list of them"),
     (_broken(jobs__1__name="a"), "jobs[1] ('a'): name: 'a' is used by another job"),
     (_broken(jobs__1__name="A"), "jobs[1] ('A'): name: 'A' is used by another job (names differing only in case"),
     (_broken(jobs__1__name="TensorBoard"), "jobs[1] ('TensorBoard'): name: 'TensorBoard' is taken by the run "

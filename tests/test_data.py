@@ -68,6 +68,26 @@ def test_sharegpt_conversations_read_as_the_same_chat(tmp_path, tokenizer):
     assert load_records(tmp_path / "s.jsonl")[0]["task"] == 1
 
 
+def test_several_files_are_one_dataset(tmp_path, tokenizer):
+    """A job's files, read in order, split and shuffled together: the same examples,
+    eval split and epoch order as one file holding all their records; each file has its
+    own format."""
+    rows = [{"instruction": "n", "input": str(i), "output": str(i)} for i in range(30)]
+    whole = JobData.build(write(tmp_path / "all.jsonl", rows), "auto", "plain", tokenizer, 64, 5, 3)
+    first, second = write(tmp_path / "a.jsonl", rows[:20]), tmp_path / "b.json"
+    second.write_text(json.dumps(rows[20:]))
+    split = JobData.build([first, second], "auto", "plain", tokenizer, 64, 5, 3)
+    assert [e.input_ids for e in split.train] == [e.input_ids for e in whole.train]
+    assert [e.input_ids for e in split.eval] == [e.input_ids for e in whole.eval] and len(split.eval) == 5
+    assert split.epoch_order(1) == whole.epoch_order(1)
+    chat = write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]} for i in range(12)])
+    assert len(JobData.build([first, chat], "auto", "plain", tokenizer, 64, 0, 3).train) == 32
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 1: lacks `output`"):
+        JobData.build([first, tmp_path / "bad.jsonl"], "auto", "plain", tokenizer, 64, 0, 3)
+
+
 def test_cutoff_truncates_and_drops_examples_without_a_response(tmp_path, tokenizer):
     rows = [{"instruction": "x " * 60, "output": "late"}, {"instruction": "short", "output": "a b c d e f g h"}]
     data = JobData.build(write(tmp_path / "d.jsonl", rows), "auto", "plain", tokenizer, 12, 0, 0)

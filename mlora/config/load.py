@@ -210,6 +210,12 @@ def _coerce(value: Any, type_name: str, source: str, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{source}: {where}: must be a string, got {value!r}")
+    if base == "str | tuple[str, ...]":  # one path, or a non-empty list of them
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value[0] if len(value) == 1 else tuple(value)
+        raise ConfigError(f"{source}: {where}: must be a file path or a non-empty list of them, got {value!r}")
     if base.startswith("dict[str, str]"):
         ok = isinstance(value, Mapping) and value and all(
             isinstance(k, (str, int)) and not isinstance(k, bool) and isinstance(v, str) for k, v in value.items()
@@ -327,7 +333,10 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explici
 
 def _dataset_files(job: JobSpec) -> list[tuple[str, str]]:
     """(field for messages, path) of every dataset file a job reads."""
-    files = [("dataset", job.dataset)] if job.dataset is not None else []
+    if isinstance(job.dataset, tuple):
+        files = [(f"dataset[{i}]", path) for i, path in enumerate(job.dataset)]
+    else:
+        files = [("dataset", job.dataset)] if job.dataset is not None else []
     return files + [(f"datasets: {key}", path) for key, path in (job.datasets or {}).items()]
 
 

@@ -37,7 +37,7 @@ class JobSpec:
     """
 
     name: str
-    dataset: str | None = None  # a MeteoRA job may give `datasets` instead
+    dataset: str | tuple[str, ...] | None = None  # a file, or a list read as one; a MeteoRA job may give `datasets` instead
     kind: str = "lora"
     dataset_format: str = "auto"
     template: str = "alpaca"

@@ -39,7 +39,7 @@ class JobData:
     @classmethod
     def build(
         cls,
-        path: Path,
+        path: Path | Sequence[Path],
         fmt: str,
         template: str,
         tokenizer: Any,
@@ -51,33 +51,37 @@ class JobData:
     ) -> "JobData":
         """Read, render, tokenise and split; the split is over records, fixed by `seed`.
 
-        MeteoRA jobs pass `task_names` (their adapters): then every record must say
-        its task, by `force_task` (a file per task) or by its own `task` field (an
-        adapter name or index).
+        Several files are one dataset: their records in file order, split and shuffled
+        together (an eval split of N records takes N in all, not N a file). MeteoRA jobs
+        pass `task_names` (their adapters): then every record must say its task, by
+        `force_task` (a file per task) or by its own `task` field (an adapter name or
+        index).
         """
-        records = load_records(Path(path), fmt)
-        n_eval = split_sizes(len(records), eval_split)
-        order = list(range(len(records)))
+        paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+        rows = [(file, i, record) for file in paths for i, record in enumerate(load_records(file, fmt))]
+        n_eval = split_sizes(len(rows), eval_split)
+        order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         eval_ids = set(order[:n_eval])
         train: list[Example] = []
         evals: list[Example] = []
         dropped = 0
-        for i, record in enumerate(records):
+        for k, (file, i, record) in enumerate(rows):
             if "parts" in record:
-                example = chained_example(record, template, tokenizer, cutoff_len, task_names, force_task, path, i)
+                example = chained_example(record, template, tokenizer, cutoff_len, task_names, force_task, file, i)
             else:
                 if task_names is None:
                     task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
                 else:
-                    task = force_task if force_task is not None else record_task(record, task_names, path, i)
+                    task = force_task if force_task is not None else record_task(record, task_names, file, i)
                 example = tokenize_pieces(tokenizer, render(record, template), cutoff_len, task=task)
             if example is None:
                 dropped += 1
                 continue
-            (evals if i in eval_ids else train).append(example)
+            (evals if k in eval_ids else train).append(example)
         if not train:
-            raise DataError(f"{path}: no training example has a response token within cutoff_len={cutoff_len}")
+            names = ", ".join(str(file) for file in paths)
+            raise DataError(f"{names}: no training example has a response token within cutoff_len={cutoff_len}")
         return cls(train, evals, dropped, seed)
 
     @classmethod

@@ -60,11 +60,12 @@ def read_job_data(job: JobSpec, tokenizer: Any) -> Any:
     from mlora.data import JobData
 
     common = (job.dataset_format, job.template, tokenizer, job.cutoff_len, job.eval_split, job.seed)
+    files = [Path(job.dataset)] if isinstance(job.dataset, str) else [Path(p) for p in job.dataset or ()]
     if job.kind != "meteora":
-        return JobData.build(Path(job.dataset), *common)  # type: ignore[arg-type]
+        return JobData.build(files, *common)
     names = [adapter_label(a) for a in job.adapters]
-    if job.dataset is not None:
-        return JobData.build(Path(job.dataset), *common, task_names=names)
+    if files:
+        return JobData.build(files, *common, task_names=names)
     parts = []
     for key, path in (job.datasets or {}).items():
         index = task_index(key, job.adapters)
