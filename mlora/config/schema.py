@@ -37,7 +37,8 @@ class JobSpec:
     """
 
     name: str
-    dataset: str | tuple[str, ...] | None = None  # a file, or a list read as one; a MeteoRA job may give `datasets` instead
+    # a file, or a list of files read as one; a MeteoRA job may give `datasets` instead
+    dataset: str | tuple[str, ...] | None = None
     kind: str = "lora"
     dataset_format: str = "auto"
     template: str = "alpaca"

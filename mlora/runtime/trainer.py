@@ -286,8 +286,9 @@ class Trainer:
         self.sink.close()
         self.live.print_table(self.summary)
         if self.result.interrupted_by:
-            print(f"mlora: interrupted ({signal.Signals(self.result.interrupted_by).name}); continue with `mlora train {self.spec.source} --resume` (each unfinished "
-                  "job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
+            name = signal.Signals(self.result.interrupted_by).name
+            print(f"mlora: interrupted ({name}); continue with `mlora train {self.spec.source} --resume` (each "
+                  "unfinished job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
         return self.result
 
     def _loop(self) -> None:
