@@ -150,3 +150,19 @@ def test_the_triton_backend_without_a_gpu_is_refused_before_any_compute(tmp_path
     proc = mlora("train", str(write_run(tmp_path / "cuda.yaml", raw)), cwd=tmp_path)
     assert proc.returncode == 2
     assert "cuda.yaml: model: device: 'cuda'" in proc.stderr and "no CUDA device" in proc.stderr, proc.stderr
+
+
+def test_validate_and_train_say_what_cutoff_len_takes(tmp_path, tiny_models):
+    """Examples dropped or cut by cutoff_len are otherwise silently not learned."""
+    data = tmp_path / "long.jsonl"
+    data.write_text('{"instruction": "' + "word " * 40 + '", "output": "late"}\n'
+                    '{"instruction": "short", "output": "' + "a b c d e f g h " * 4 + '"}\n'
+                    '{"instruction": "ok", "output": "fine"}\n')
+    run = write_run(tmp_path / "run.yaml", base_run(tmp_path, tiny_models["llama"], data, cutoff_len=16))
+    checked = mlora("validate", str(run), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    note = "1 of 3 examples dropped (no response token within cutoff_len=16); 1 of 3 cut to 16 tokens"
+    assert f"  note: {note}" in checked.stdout, checked.stdout
+    trained = mlora("train", str(run), "--plain", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert f"mlora: job 'j': {note}" in trained.stderr, trained.stderr

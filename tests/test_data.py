@@ -92,7 +92,11 @@ def test_cutoff_truncates_and_drops_examples_without_a_response(tmp_path, tokeni
     rows = [{"instruction": "x " * 60, "output": "late"}, {"instruction": "short", "output": "a b c d e f g h"}]
     data = JobData.build(write(tmp_path / "d.jsonl", rows), "auto", "plain", tokenizer, 12, 0, 0)
     assert data.dropped == 1 and len(data.train) == 1
-    assert len(data.train[0].input_ids) == 12
+    assert len(data.train[0].input_ids) == 12 and data.train[0].cut and data.cut == 1
+    assert data.cutoff_note(12) == ("1 of 2 examples dropped (no response token within cutoff_len=12); "
+                                    "1 of 2 cut to 12 tokens (their response's end not trained)")
+    roomy = JobData.build(tmp_path / "d.jsonl", "auto", "plain", tokenizer, 512, 0, 0)
+    assert (roomy.dropped, roomy.cut, roomy.cutoff_note(512)) == (0, 0, "")
 
 
 def test_eval_split_and_order_are_deterministic(tmp_path, tokenizer):

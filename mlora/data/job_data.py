@@ -36,6 +36,22 @@ class JobData:
     dropped: int  # examples with no trained token left after cutoff_len
     seed: int
 
+    @property
+    def cut(self) -> int:
+        """Examples kept, but cut to cutoff_len (part of their response not trained)."""
+        return sum(e.cut for e in (*self.train, *self.eval))
+
+    def cutoff_note(self, cutoff_len: int) -> str:
+        """What cutoff_len did to the data, for `mlora validate` and the start of a run
+        ("" when nothing was lost): examples dropped whole and examples cut short."""
+        total = len(self.train) + len(self.eval) + self.dropped
+        parts = []
+        if self.dropped:
+            parts.append(f"{self.dropped} of {total} examples dropped (no response token within cutoff_len={cutoff_len})")
+        if self.cut:
+            parts.append(f"{self.cut} of {total} cut to {cutoff_len} tokens (their response's end not trained)")
+        return "; ".join(parts)
+
     @classmethod
     def build(
         cls,

@@ -22,6 +22,7 @@ class Example:
     labels: list[int]  # -100 where no loss is taken
     task: int = -1  # the record's task index, when its dataset tags one (MeteoRA)
     token_tasks: tuple[int, ...] | None = None  # per token, for records of several tasks in a row
+    cut: bool = False  # longer than cutoff_len: its tail (part of its response) was dropped
 
     def tasks(self) -> list[int]:
         """Each token's task index (-1: none)."""
@@ -52,7 +53,8 @@ def tokenize_pieces(
         ids.extend(piece_ids)
         labels.extend(piece_ids if piece.train else [IGNORE] * len(piece_ids))
         tasks.extend([piece_tasks[i] if piece_tasks else task] * len(piece_ids))
+    cut = len(ids) > cutoff_len
     ids, labels = ids[:cutoff_len], labels[:cutoff_len]
     if all(label == IGNORE for label in labels[1:]):
         return None
-    return Example(ids, labels, task, tuple(tasks[:cutoff_len]) if piece_tasks else None)
+    return Example(ids, labels, task, tuple(tasks[:cutoff_len]) if piece_tasks else None, cut)

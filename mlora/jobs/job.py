@@ -47,6 +47,7 @@ class JobState:
     gate_count: int = 0  # MeteoRA: gated linears in the whole model
     losses: list[float] = field(default_factory=list)
     resume_slice: dict[str, Any] | None = None  # checkpointed optimizer state to load at start
+    data_note: str = ""  # what cutoff_len dropped or cut from its data ("" when nothing)
 
     @property
     def name(self) -> str:

@@ -53,7 +53,7 @@ from mlora.runtime.meteora_jobs import (
     write_meteora_slices,
 )
 from mlora.runtime.output import SUMMARY, TRACE, is_finished, job_dir, prepare_output
-from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer
+from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, warn_about_data
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
 from mlora.runtime.trainer import (
     adapter_meta,
@@ -140,6 +140,7 @@ class Driver:
                   file=sys.stderr, flush=True)
         self.bounds, self.split_text = split_model(spec, n_stages)
         self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
+        warn_about_data(list(self.jobs.values()))
         self.resume = resume
         self.device = torch.device("cpu")
         self.live_flag = live

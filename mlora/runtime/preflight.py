@@ -27,4 +27,6 @@ def preflight(spec: RunSpec) -> list[str]:
             f"job {job.name}: {len(state.train)} train / {len(state.eval)} eval examples, "
             f"{state.max_steps} steps, r={job.lora_r} on {','.join(job.target_modules)}, lr {job.learning_rate:g}"
         )
+        if state.data_note:
+            lines.append(f"  note: {state.data_note}")
     return lines

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -95,5 +96,15 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
             data.epoch_order,
             [len(e.input_ids) for e in data.train],
         )
-        states.append(JobState(spec=job, train=data.train, eval=data.eval, steps=steps))
+        states.append(JobState(spec=job, train=data.train, eval=data.eval, steps=steps,
+                               data_note=data.cutoff_note(job.cutoff_len)))
     return states
+
+
+def warn_about_data(states: Sequence[JobState]) -> None:
+    """Say, before training, what cutoff_len took from each job's data: dropped or cut
+    examples are otherwise silently not learned."""
+    for state in states:
+        if state.data_note:
+            print(f"mlora: job {state.spec.name!r}: {state.data_note}; a larger cutoff_len keeps them",
+                  file=sys.stderr, flush=True)
