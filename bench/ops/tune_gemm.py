@@ -318,7 +318,7 @@ def operator_rows(jobs_list: list[int], x, w, dy, versions: dict[str, ModuleType
         errs = {f"{k} err": max(rel(p, q) for p, q in zip(fns[k](), ref)) for k in versions if k != "this"}
         times = round_times(fns, rounds)
         row = dict(jobs=jobs, **errs, **{k: statistics.median(t) for k, t in times.items()},
-                   rounds_us={k: t for k, t in times.items()})
+                   rounds_us=times)
         spreads = {k: ratio_spread(times[k], times["base"]) for k in versions}
         row["ratio"] = {k: dict(zip(("median", "low", "high"), v)) for k, v in spreads.items()}
         if breakdown:

@@ -333,10 +333,8 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explici
 
 def _dataset_files(job: JobSpec) -> list[tuple[str, str]]:
     """(field for messages, path) of every dataset file a job reads."""
-    if isinstance(job.dataset, tuple):
-        files = [(f"dataset[{i}]", path) for i, path in enumerate(job.dataset)]
-    else:
-        files = [("dataset", job.dataset)] if job.dataset is not None else []
+    listed = isinstance(job.dataset, tuple)
+    files = [(f"dataset[{i}]" if listed else "dataset", path) for i, path in enumerate(job.dataset_files)]
     return files + [(f"datasets: {key}", path) for key, path in (job.datasets or {}).items()]
 
 

@@ -77,6 +77,13 @@ class JobSpec:
     gate_loss_coef: float = 50.0  # as MeteoRA's released training code
     train_loras: bool = False  # train the K adapters too, not only the gates
 
+    @property
+    def dataset_files(self) -> tuple[str, ...]:
+        """`dataset` as a tuple of paths, whichever way it was written (none, one, a list)."""
+        if self.dataset is None:
+            return ()
+        return (self.dataset,) if isinstance(self.dataset, str) else self.dataset
+
 
 @dataclass(frozen=True)
 class RunLimits:

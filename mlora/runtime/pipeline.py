@@ -140,7 +140,7 @@ class Driver:
                   file=sys.stderr, flush=True)
         self.bounds, self.split_text = split_model(spec, n_stages)
         self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
-        warn_about_data(list(self.jobs.values()))
+        warn_about_data(self.jobs.values())
         self.resume = resume
         self.device = torch.device("cpu")
         self.live_flag = live

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -61,7 +61,7 @@ def read_job_data(job: JobSpec, tokenizer: Any) -> Any:
     from mlora.data import JobData
 
     common = (job.dataset_format, job.template, tokenizer, job.cutoff_len, job.eval_split, job.seed)
-    files = [Path(job.dataset)] if isinstance(job.dataset, str) else [Path(p) for p in job.dataset or ()]
+    files = [Path(p) for p in job.dataset_files]
     if job.kind != "meteora":
         return JobData.build(files, *common)
     names = [adapter_label(a) for a in job.adapters]
@@ -101,10 +101,10 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
     return states
 
 
-def warn_about_data(states: Sequence[JobState]) -> None:
+def warn_about_data(states: Iterable[JobState]) -> None:
     """Say, before training, what cutoff_len took from each job's data: dropped or cut
     examples are otherwise silently not learned."""
     for state in states:
         if state.data_note:
-            print(f"mlora: job {state.spec.name!r}: {state.data_note}; a larger cutoff_len keeps them",
+            print(f"mlora: job {state.name!r}: {state.data_note}; a larger cutoff_len keeps them",
                   file=sys.stderr, flush=True)
