@@ -245,9 +245,9 @@ def test_pipeline_gives_the_single_process_gates(tmp_path, tiny_models, datasets
         *({"name": n, "dataset": str(p), "lora_r": 4, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 2e-3,
            "target_modules": ["q_proj", "down_proj"]} for n, p in data.items()),
         meteora_job("folders", folders, both, micro_batch_size=3, gradient_accumulation_steps=2, max_steps=2,
-                    learning_rate=2e-3, top_k=1, train_loras=True, max_grad_norm=0.5),
+                    learning_rate=2e-3, top_k=1, train_loras=True, max_grad_norm=0.5, eval_split=4, eval_steps=1),
         {"name": "mix", "kind": "meteora", "adapters": ["reverse", "upper"], "max_steps": 3, "micro_batch_size": 4,
-         "learning_rate": 2e-3, "dataset": str(both)},
+         "learning_rate": 2e-3, "dataset": str(both), "eval_split": 2},
     ]
     single = train(load_run_file(run(tmp_path, model_dir, jobs, "single")), live=False)
     proc = torchrun(2, run(tmp_path, model_dir, jobs, "pipe"))
@@ -261,5 +261,12 @@ def test_pipeline_gives_the_single_process_gates(tmp_path, tiny_models, datasets
                for out in (single.output_dir, tmp_path / "pipe")]
     for key in trained[0]:
         torch.testing.assert_close(trained[1][key], trained[0][key], rtol=1e-5, atol=1e-6)
+    # evaluations (whose gate logits nobody trains on) between the steps, as in one process
+    for name, steps in (("folders", [1, 2]), ("mix", [3])):
+        rows = [[json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+                for out in (single.output_dir, tmp_path / "pipe")]
+        evals = [[(r["step"], r["eval_loss"]) for r in rs if r["kind"] == "eval"] for rs in rows]
+        assert [s for s, _ in evals[1]] == [s for s, _ in evals[0]] == steps
+        assert [v for _, v in evals[1]] == pytest.approx([v for _, v in evals[0]], rel=1e-5)
     config = json.loads((tmp_path / "pipe" / "mix" / "meteora_config.json").read_text())
     assert [a["folder"] for a in config["adapters"]] == ["../reverse", "../upper"]

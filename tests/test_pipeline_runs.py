@@ -26,15 +26,17 @@ from conftest import free_port, write_run
 pytestmark = pytest.mark.slow
 
 JOBS = [
-    {"name": "copy", "dataset": "copy", "lora_r": 4, "target_modules": "all", "micro_batch_size": 2, "gradient_accumulation_steps": 2},
+    {"name": "copy", "dataset": "copy", "lora_r": 4, "target_modules": "all", "micro_batch_size": 2, "gradient_accumulation_steps": 2,
+     "eval_split": 5, "eval_steps": 2},
     {"name": "reverse", "dataset": "reverse", "lora_r": 8, "target_modules": ["q_proj", "v_proj"], "micro_batch_size": 3,
-     "lr_scheduler": "cosine", "lora_dropout": 0.1},
+     "lr_scheduler": "cosine", "lora_dropout": 0.1, "eval_split": 0.25},
     {"name": "count", "dataset": "count", "lora_r": 2, "target_modules": ["down_proj", "up_proj"], "micro_batch_size": 1,
      "gradient_accumulation_steps": 3, "optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.05},
     # (AdamW turns gradient rounding noise into updates of up to ~lr, so lr stays small for 1e-5)
     {"name": "copy2", "dataset": "copy", "lora_r": 16, "lora_alpha": 8, "target_modules": ["o_proj", "k_proj"], "micro_batch_size": 4,
-     "max_grad_norm": 0.02, "seed": 9},
+     "max_grad_norm": 0.02, "seed": 9, "eval_split": 3, "eval_steps": 1},
 ]
+EVAL_STEPS = {"copy": [2, 4], "reverse": [4], "count": [], "copy2": [1, 2, 3, 4]}
 
 
 def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, max_steps: int = 4, **run) -> Path:
@@ -49,6 +51,10 @@ def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, m
 
 def train_losses(metrics: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def eval_losses(metrics: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["eval_loss"]) for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "eval"]
 
 
 def kill_everything_running(arg: str) -> None:
@@ -90,6 +96,10 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
         # every step's loss, summed over its micro-batches on the last stage and relayed to rank 0
         losses = [train_losses(d / job["name"] / "metrics.jsonl") for d in (single.output_dir, out)]
         assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5), job["name"]
+        # held-out rows forwarded through the stages between two steps' updates, as the trainer evaluates them
+        evals = [eval_losses(d / job["name"] / "metrics.jsonl") for d in (single.output_dir, out)]
+        assert [s for s, _ in evals[1]] == [s for s, _ in evals[0]] == EVAL_STEPS[job["name"]], job["name"]
+        assert [v for _, v in evals[1]] == pytest.approx([v for _, v in evals[0]], rel=1e-5), job["name"]
     trace = json.loads((out / "trace.json").read_text())
     assert {e["tid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == set(range(stages))
     summary = json.loads((out / "run_summary.json").read_text())
@@ -185,6 +195,12 @@ def test_pipeline_resume_after_a_crash_ends_with_the_uninterrupted_adapters(tmp_
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, j=job["name"], k=key: f"{j} {k}: {m}")
     rows = [json.loads(x) for x in (out / "copy" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))
+    # every evaluation once, none lost at the crash (one due at the checkpoint runs on resume)
+    for job in JOBS:
+        want, got = (eval_losses(d / job["name"] / "metrics.jsonl") for d in (tmp_path / "full", out))
+        assert [s for s, _ in want] == [s for s, _ in got], job["name"]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5), job["name"]
+    assert [s for s, _ in eval_losses(out / "copy" / "metrics.jsonl")] == list(range(2, steps + 1, 2))
 
 
 def test_notes_hold_floats_and_device_scalars_alike():
@@ -198,3 +214,37 @@ def test_notes_hold_floats_and_device_scalars_alike():
     assert rows.dtype == torch.float64 and rows.shape == (3, 4)
     assert rows[:, :3].tolist() == [[NOTE_GRAD_SQ, 1, 7], [NOTE_LOSS, 3, 4], [NOTE_GRAD_NORM, 0, 2]]
     assert rows[:, 3].tolist() == [2.5, 0.25, 2.5**0.5]
+
+
+@pytest.mark.parametrize("logged", [True, False])
+def test_a_resumed_pipeline_evaluates_first_when_the_crash_lost_the_checkpoints_evaluation(tmp_path, tiny_models, datasets, logged):
+    """A pipeline's evaluation reaches rank 0 after the checkpoint of the same step is
+    written; a run killed in between resumes by evaluating the weights it restarts from."""
+    from mlora.runtime.checkpoint import STATE, step_dir
+    from mlora.runtime.output import SUMMARY
+    from mlora.runtime.pipeline import Driver
+
+    run = run_file(tmp_path, tiny_models["llama"], datasets, "out")
+    raw = yaml.safe_load(run.read_text())
+    raw["jobs"] = [j for j in raw["jobs"] if j["name"] == "copy"]  # eval_steps 2, 4 steps
+    run.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    folder = step_dir(out, "copy", 2)
+    folder.mkdir(parents=True)
+    (folder / STATE).write_text(json.dumps({"step": 2, "tokens": 100, "losses": [3.0, 2.9]}))
+    for k in range(2):
+        (folder / f"stage{k}.pt").write_bytes(b"")
+    (out / SUMMARY).write_text("{}")
+    rows = [{"kind": "train", "job": "copy", "step": s, "loss": 3.0} for s in (1, 2, 3)]
+    if logged:
+        rows.insert(2, {"kind": "eval", "job": "copy", "step": 2, "eval_loss": 2.5})
+    (out / "copy" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    plan = Driver(load_run_file(run), 2, resume=True, overwrite=False, live=False).plan()
+    (_, schedule), = plan.phases
+    first = schedule.micro_batches[0].slices[0]
+    assert (first.eval, first.step, first.micro) == ((False, 2, 0) if logged else (True, 2, 0))
+    evals = sorted({s.step for m in schedule.micro_batches for s in m.slices if s.eval})
+    assert evals == ([4] if logged else [2, 4])
+    kept = [json.loads(line) for line in (out / "copy" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in kept] == [("train", 1), ("train", 2)] + [("eval", 2)] * logged

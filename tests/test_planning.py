@@ -102,3 +102,25 @@ def test_pipeline_groups_cut_rows_of_unlike_length_apart():
     for name in ("long", "short", "short2"):  # each job's micro-batches in its own order
         seq = [(s.step, s.micro) for mb in mbs for s in mb.slices if s.job == name]
         assert seq == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_pipeline_plan_evaluates_whole_between_steps_and_after_the_last():
+    from mlora.schedule.planner import JobPlanSizes, plan_pipeline
+
+    def job(name: str, steps: int, evals: tuple[int, ...], after: set[int], first: int = 0) -> JobPlanSizes:
+        return JobPlanSizes(name, steps=(((2, 8), (2, 8)),) * steps, tokens=((16, 16),) * steps, first_step=first,
+                            eval_chunks=tuple((r, 8) for r in evals), eval_tokens=tuple(8 * r for r in evals),
+                            eval_after=frozenset(after))
+
+    jobs = [job("a", 3, (2, 1), {2, 3}), job("b", 2, (2,), {1, 2}), job("c", 2, (), {2}), job("d", 2, (1,), {1, 3}, first=1)]
+    mbs = plan_pipeline(jobs, n_groups=1, max_concurrent=3, max_tokens=10**6)
+    assert all(len({s.eval for s in m.slices}) == 1 for m in mbs)
+    order = {name: [(s.eval, s.step, s.micro) for m in mbs for s in m.slices if s.job == name] for name in "abcd"}
+    train = lambda first, n: [(False, s, m) for s in range(first, first + n) for m in (0, 1)]  # noqa: E731
+    assert order["a"] == train(0, 2) + [(True, 2, 0), (True, 2, 1)] + train(2, 1) + [(True, 3, 0), (True, 3, 1)]
+    assert order["b"] == train(0, 1) + [(True, 1, 0)] + train(1, 1) + [(True, 2, 0)]
+    assert order["c"] == train(0, 2)  # nothing held out: never evaluated
+    # a resumed job with an evaluation due at the step it starts from takes it first
+    assert order["d"] == [(True, 1, 0)] + train(1, 2) + [(True, 3, 0)]
+    # jobs evaluating in the same turn share micro-batches, chunk by chunk
+    assert any({"a", "b"} <= set(m.jobs) for m in mbs if m.is_eval)

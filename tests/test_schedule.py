@@ -266,3 +266,117 @@ def test_bubble_from_events_matches_simulation_and_handles_measured_events() -> 
 def test_sim_result_bubble_fraction() -> None:
     r = SimResult(2, (), (3.0, 1.0), 4.0)
     assert r.idle == (1.0, 3.0) and r.bubble_fraction == pytest.approx(0.5)
+
+
+# --- evaluation micro-batches -------------------------------------------------------------
+
+
+def with_evaluations(rng: random.Random, mbs: tuple[MicroBatch, ...]) -> tuple[MicroBatch, ...]:
+    """`mbs` with, after some job steps and after each job's last, a 1–3 chunk evaluation of
+    that job's weights as its own micro-batches (indices renumbered in the new order)."""
+    out: list[tuple[JobSlice, ...]] = []
+    last_step = {s.job: s.step for m in mbs for s in m.slices}
+    due: dict[str, list[JobSlice]] = {}
+
+    def flush(jobs) -> None:
+        for job in jobs:
+            out.extend((e,) for e in due.pop(job, []))
+
+    for m in mbs:
+        flush(m.jobs)  # an evaluation goes in before the job's next rows, or earlier
+        out.append(m.slices)
+        for s in m.slices:
+            if s.last and (s.step == last_step[s.job] or rng.random() < 0.5):
+                n = rng.randint(1, 3)
+                due[s.job] = [JobSlice(s.job, s.step + 1, i, i == n - 1, 2, 40, eval=True) for i in range(n)]
+        if rng.random() < 0.5:
+            flush(list(due))
+    flush(list(due))
+    return tuple(MicroBatch(i, slices) for i, slices in enumerate(out))
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3, 4, 6])
+def test_evaluations_are_forwarded_only_between_their_steps_updates(n_stages: int) -> None:
+    rng = random.Random(500 + n_stages)
+    for n_jobs in (1, 2, 5, 9):
+        mbs = with_evaluations(rng, packed_micro_batches(rng, random_jobs(rng, n_jobs)))
+        evals = {m.index: m.slices[0] for m in mbs if m.is_eval}
+        assert evals
+        for limit in (None, 1):
+            schedule = build_schedule(mbs, n_stages, max_in_flight=limit)
+            validate_schedule(schedule)
+            simulate(schedule)
+            for k, acts in enumerate(schedule.stages):
+                forwards = [a.mb for a in acts if a.kind is ActionKind.FORWARD]
+                assert sorted(forwards) == [m.index for m in mbs]
+                assert not [a for a in acts if a.mb in evals and a.kind not in (ActionKind.FORWARD, ActionKind.SEND_ACT, ActionKind.RECV_ACT)]
+                for idx, s in evals.items():  # the weights after exactly s.step steps
+                    at = next(i for i, a in enumerate(acts) if a.kind is ActionKind.FORWARD and a.mb == idx)
+                    steps = [(a.job, a.step) for a in acts[:at] if a.kind is ActionKind.OPTIMIZER_STEP]
+                    assert (s.job, s.step - 1) in steps and (s.job, s.step) not in steps
+
+
+def eval_mbs() -> tuple[MicroBatch, ...]:
+    """a@0, evaluation after 1 step (one chunk), a@1."""
+    return (
+        MicroBatch(0, (JobSlice("a", 0, 0, True, 1, 4),)),
+        MicroBatch(1, (JobSlice("a", 1, 0, True, 1, 4, eval=True),)),
+        MicroBatch(2, (JobSlice("a", 1, 0, True, 1, 4),)),
+    )
+
+
+@pytest.mark.parametrize(
+    "stages, fragment",
+    [
+        (["0F0 0SEND_F0 0RECV_B0 0B0 0STEP[a@0] 0F1 0SEND_F1 0F2 0SEND_F2 0RECV_B2 0B2 0STEP[a@1]",
+          "1RECV_F0 1F0 1B0 1SEND_B0 1STEP[a@0] 1RECV_F1 1F1 1RECV_F2 1F2 1B2 1SEND_B2 1STEP[a@1]"], None),
+        # an evaluation with a backward
+        (["0F0 0SEND_F0 0RECV_B0 0B0 0STEP[a@0] 0F1 0SEND_F1 0RECV_B1 0B1 0F2 0SEND_F2 0RECV_B2 0B2 0STEP[a@1]",
+          "1RECV_F0 1F0 1B0 1SEND_B0 1STEP[a@0] 1RECV_F1 1F1 1B1 1SEND_B1 1RECV_F2 1F2 1B2 1SEND_B2 1STEP[a@1]"],
+         "stage 0, action 7 (0RECV_B1): micro-batch 1 is an evaluation: forward only, no RECV_GRAD"),
+        # stage 1 evaluates after it applied step 1: later weights than stage 0 saw
+        (["0F0 0SEND_F0 0RECV_B0 0B0 0STEP[a@0] 0F1 0SEND_F1 0F2 0SEND_F2 0RECV_B2 0B2 0STEP[a@1]",
+          "1RECV_F0 1F0 1B0 1SEND_B0 1STEP[a@0] 1RECV_F1 1RECV_F2 1F2 1B2 1SEND_B2 1STEP[a@1] 1F1"],
+         "stage 1, action 11 (1F1): forward of evaluation of job 'a' after step 1 after OPTIMIZER_STEP(a, 1)"),
+        # stage 0 evaluates before step 0's update
+        (["0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0B0 0STEP[a@0] 0F2 0SEND_F2 0RECV_B2 0B2 0STEP[a@1]",
+          "1RECV_F0 1F0 1B0 1SEND_B0 1STEP[a@0] 1RECV_F1 1F1 1RECV_F2 1F2 1B2 1SEND_B2 1STEP[a@1]"],
+         "stage 0, action 2 (0F1): stale weights: forward of evaluation of job 'a' after step 1 before OPTIMIZER_STEP(a, 0)"),
+    ],
+)
+def test_validate_hand_made_evaluations(stages, fragment) -> None:
+    schedule = Schedule.from_strings(eval_mbs(), stages)
+    if fragment is None:
+        validate_schedule(schedule)
+        return
+    with pytest.raises(ScheduleError) as err:
+        validate_schedule(schedule)
+    assert fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "slices, fragment",
+    [
+        # evaluation mid-step: step 0's micro 1 must come first
+        ([("a", 0, 0, False, False), ("a", 1, 0, True, True)], "holds evaluation after step 1 micro 0, last, but after micro-batch 0 (step 0 micro 0) step 0 micro 1 must come next"),
+        # an evaluation of the wrong weights
+        ([("a", 0, 0, True, False), ("a", 2, 0, True, True)], "step 1 micro 0 (or an evaluation after step 1 micro 0) must come next"),
+        # chunks out of order, or the step's rows before the evaluation is whole
+        ([("a", 0, 0, True, False), ("a", 1, 1, True, True)], "step 1 micro 0 (or an evaluation after step 1 micro 0)"),
+        ([("a", 0, 0, True, False), ("a", 1, 0, False, True), ("a", 1, 0, True, False)], "evaluation after step 1 micro 1 must come next"),
+        # after an evaluation, the step it was taken before
+        ([("a", 1, 0, True, True), ("a", 2, 0, True, False)], "step 1 micro 0 must come next"),
+        ([("a", 1, 1, True, True)], "at the job's start an evaluation's micro 0 must come next"),
+    ],
+)
+def test_job_order_with_evaluations(slices, fragment) -> None:
+    mbs = tuple(MicroBatch(i, (JobSlice(j, s, m, last, 1, 4, eval=e),)) for i, (j, s, m, last, e) in enumerate(slices))
+    with pytest.raises(ScheduleError) as err:
+        build_schedule(mbs, 2)
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_a_micro_batch_holds_evaluation_or_training_rows_not_both() -> None:
+    with pytest.raises(ValueError, match="mixes evaluation and training slices"):
+        MicroBatch(0, (JobSlice("a", 1, 0, True, 1, 1, eval=True), JobSlice("b", 0, 0, True, 1, 1)))
+    assert MicroBatch(0, (JobSlice("a", 1, 0, True, 1, 1, eval=True), JobSlice("b", 3, 0, True, 1, 1, eval=True))).is_eval

@@ -71,6 +71,21 @@ class JobState:
             examples=plan.micro_batches[self.micro],
         )
 
+    def evaluates_after(self, steps_done: int) -> bool:
+        """Whether the job is evaluated once `steps_done` optimizer steps are done: every
+        `eval_steps` steps and after the last, when it holds examples out."""
+        every = self.spec.eval_steps
+        return bool(self.eval) and ((every is not None and steps_done % every == 0) or steps_done == len(self.steps))
+
+    def eval_batches(self) -> list[list[Any]]:
+        """The held-out examples in evaluation batches of `micro_batch_size`, in order."""
+        size = self.spec.micro_batch_size
+        return [self.eval[start : start + size] for start in range(0, len(self.eval), size)]
+
+    def eval_targets(self) -> int:
+        """Target tokens over all held-out examples: the evaluation loss's denominator."""
+        return sum(target_count(e.labels) for e in self.eval)
+
     def step_targets(self, step: int) -> int:
         """Target tokens in the whole of step `step`: the loss denominator of every micro-batch."""
         return sum(target_count(self.train[i].labels) for mb in self.steps[step].micro_batches for i in mb)

@@ -7,7 +7,8 @@ Launched by `torchrun --nproc-per-node P -m mlora train RUN.yaml`. Read top to b
 2. rank 0 broadcasts the plan; each rank loads only its own blocks' tensors and creates
    its slice of every job's adapter and optimizer;
 3. each rank executes its action list (StageWorker); token ids leave rank 0, targets go
-   from rank 0 to the last rank, losses come back to rank 0 with the gradients;
+   from rank 0 to the last rank, losses (and evaluation losses, of held-out rows
+   forwarded between two of a job's steps) come back to rank 0 with the gradients;
 4. the adapter slices and the trace are gathered on rank 0, which writes one PEFT
    folder per job, trace.json and the run summary.
 
@@ -134,10 +135,6 @@ class Driver:
         if any(j.kind == "meteora" for j in spec.jobs):
             check_meteora_inputs(spec, *base_linear_shapes(spec.model.path))
         self.jobs: dict[str, JobState] = {s.name: s for s in build_job_states(spec, tokenizer, plan_steps)}
-        no_eval = [j.name for j in self.jobs.values() if j.eval]
-        if no_eval:
-            print(f"mlora: pipeline runs do not evaluate yet; eval split of {', '.join(no_eval)} is held out but unused",
-                  file=sys.stderr, flush=True)
         self.bounds, self.split_text = split_model(spec, n_stages)
         self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
         warn_about_data(self.jobs.values())
@@ -145,6 +142,7 @@ class Driver:
         self.device = torch.device("cpu")
         self.live_flag = live
         self.members: dict[int, list[tuple[PendingMicro, list[Any], int]]] = {}
+        self.reevaluate: set[str] = set()  # resumed jobs evaluated first, at the step they resume from
 
     def plan(self) -> PipelinePlan:
         restored: dict[str, str | None] = {}
@@ -159,6 +157,8 @@ class Driver:
                 state = read_state(ckpt)
                 job.step, job.tokens, job.losses = state["step"], state["tokens"], state["losses"]
                 truncate_metrics(folder / "metrics.jsonl", job.step)
+                if job.evaluates_after(job.step) and job.step not in evaluated_steps(folder / "metrics.jsonl"):
+                    self.reevaluate.add(job.name)  # the run stopped between the checkpoint and its evaluation
             restored[job.name] = str(ckpt) if ckpt is not None else None
             active.append(job.name)
         # A MeteoRA job that mixes LoRA jobs still training here runs in a second phase,
@@ -192,12 +192,17 @@ class Driver:
             job = self.jobs[name]
             steps = job.steps[job.step :]
             lens = [[[len(job.train[i].input_ids) for i in mb] for mb in st.micro_batches] for st in steps]
+            eval_lens = [[len(e.input_ids) for e in exs] for exs in job.eval_batches()]
             sizes.append(
                 JobPlanSizes(
                     job=name,
                     steps=tuple(tuple((len(mb), padded_length(max(mb), multiple)) for mb in st) for st in lens),
                     tokens=tuple(tuple(sum(mb) for mb in st) for st in lens),
                     first_step=job.step,
+                    eval_chunks=tuple((len(ls), padded_length(max(ls), multiple)) for ls in eval_lens),
+                    eval_tokens=tuple(sum(ls) for ls in eval_lens),
+                    eval_after=frozenset(c for c in range(job.step + (name not in self.reevaluate), job.max_steps + 1)
+                                         if job.evaluates_after(c)),
                 )
             )
         groups = self.spec.run.pipeline_groups or self.n_stages
@@ -207,6 +212,17 @@ class Driver:
         micros, lengths, seeds, inv, members, task_rows, denoms = [], [], [], [], [], [], []
         for s in mb.slices:
             job = self.jobs[s.job]
+            if s.eval:  # held-out rows: no loss weight, no gate loss, no dropout
+                exs = job.eval_batches()[s.micro]
+                micro = PendingMicro(s.job, s.step, s.micro, s.last, tuple(range(len(exs))))
+                micros.append(micro)
+                lengths.append([len(e.input_ids) for e in exs])
+                seeds.append(job.spec.seed)
+                inv.append(1.0)
+                members.append((micro, exs, job.spec.seed))
+                task_rows.append(None)
+                denoms.append(0.0)
+                continue
             examples = job.steps[s.step].micro_batches[s.micro]
             micro = PendingMicro(s.job, s.step, s.micro, s.last, examples)
             micros.append(micro)
@@ -221,7 +237,7 @@ class Driver:
                 task_rows.append(None)
                 denoms.append(0.0)
         self.members[mb.index] = members
-        layout = make_layout(micros, lengths, seeds, pad_to_multiple_of=self.spec.run.pad_to_multiple_of)
+        layout = make_layout(micros, lengths, seeds, training=not mb.is_eval, pad_to_multiple_of=self.spec.run.pad_to_multiple_of)
         return MicroBatchPlan(mb, layout, tuple(inv), tuple(task_rows), tuple(denoms))
 
     def _gate_count(self, job: JobState) -> int:
@@ -369,6 +385,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
                 send_targets=send_targets if rank == 0 else None,
                 on_loss=monitor.loss if monitor is not None else None,
                 on_step=on_step,
+                on_eval=monitor.evaluated if monitor is not None else None,
             )
             clock = worker.clock = clock or worker.clock  # one clock for the whole run's trace
             events += worker.run(schedule.stages[rank])
@@ -384,6 +401,14 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         monitor.finish(plan, gathered)
     dist.destroy_process_group()
     return 0
+
+
+def evaluated_steps(metrics: Path) -> set[int]:
+    """The steps a job's metrics.jsonl holds an evaluation row for."""
+    if not metrics.is_file():
+        return set()
+    rows = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+    return {r["step"] for r in rows if r.get("kind") == "eval"}
 
 
 def stage_slice(adapter: Any) -> dict[str, Any]:
@@ -425,6 +450,8 @@ class PipelineMonitor:
         self.live.__enter__()
 
     def forwarded(self, plan: MicroBatchPlan) -> None:
+        if plan.batch.is_eval:
+            return
         for s in plan.batch.slices:
             job = self.driver.jobs[s.job]
             if job.status == "queued":
@@ -439,10 +466,24 @@ class PipelineMonitor:
         lr = self._lr(job, step)
         self.summary.job_progress(job_name, step + 1, job.tokens, loss, now)
         self.sink.log_train(self.summary.train_row(job_name, loss=loss, lr=lr, t=now, epoch=job.steps[step].epoch))
-        if step + 1 == job.max_steps:
-            job.status = "finished"
-            self.summary.job_finished(job_name, now, None, str(job_dir(self.out, job_name)))
+        if step + 1 == job.max_steps and not job.evaluates_after(job.max_steps):
+            self._finished(job, now)
         self.live.update(self.summary)
+
+    def evaluated(self, job_name: str, step: int, loss_sum: float) -> None:
+        """An evaluation's loss, summed over its target tokens on the last stage, arrived."""
+        job = self.driver.jobs[job_name]
+        now = time.time()
+        eval_loss = loss_sum / max(1, job.eval_targets())
+        self.summary.job_eval(job_name, eval_loss)
+        self.sink.log_eval({"kind": "eval", "job": job_name, "step": step, "eval_loss": eval_loss, "time": now})
+        if step == job.max_steps:  # its last step's loss came in before it
+            self._finished(job, now)
+        self.live.update(self.summary)
+
+    def _finished(self, job: JobState, now: float) -> None:
+        job.status = "finished"
+        self.summary.job_finished(job.name, now, None, str(job_dir(self.out, job.name)))
 
     @staticmethod
     def _lr(job: JobState, step: int) -> float:

@@ -13,11 +13,15 @@ know beyond its own tensors arrives as notes riding on activations and gradients
   backward to finish before queuing more work.
 - the last stage reports each (job, step) loss upstream the same way, to rank 0, reading
   a micro-batch's losses on the host only after its backward is queued.
+- an evaluation micro-batch is forwarded without autograd and never backwarded; the last
+  stage sums its loss on the device and sends the evaluation's total upstream with the
+  next gradient it sends (or the end-of-run message), every stage relaying it to rank 0.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -31,6 +35,7 @@ from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
 from mlora.runtime.transport import (
     NOTE_DONE,
+    NOTE_EVAL,
     NOTE_GRAD_NORM,
     NOTE_GRAD_SQ,
     NOTE_LOSS,
@@ -111,6 +116,7 @@ class StageState:
     targets: dict[int, Targets] = field(default_factory=dict)  # last stage: loss positions
     weights: dict[int, Tensor] = field(default_factory=dict)  # last stage: per-slice loss weights
     up_notes: dict[int, list[Note]] = field(default_factory=dict)  # to send upstream with mb's grad
+    loose_up: list[Note] = field(default_factory=list)  # to send upstream with the next grad, whichever
     down_notes: list[Note] = field(default_factory=list)  # to send downstream with the next activation
 
 
@@ -131,18 +137,21 @@ class StageWorker:
         send_targets: Callable[[int], None] | None = None,
         on_loss: Callable[[str, int, float], None] | None = None,
         on_step: Callable[[str, int], None] | None = None,
+        on_eval: Callable[[str, int, float], None] | None = None,
     ) -> None:
-        """token_ids/send_targets (rank 0) and targets (last stage) bring the data in."""
+        """token_ids/send_targets (rank 0) and targets (last stage) bring the data in;
+        on_loss / on_eval (rank 0) take each step's loss and each evaluation's loss sum."""
         self.index, self.n_stages = index, n_stages
         self.first, self.last = index == 0, index == n_stages - 1
         self.stage, self.optimizers, self.job_ids = stage, optimizers, job_ids
         self.job_names = {i: name for name, i in job_ids.items()}
         self.transport, self.plans = transport, plans
         self.token_ids, self.targets_of, self.on_loss = token_ids, targets, on_loss
-        self.send_targets, self.on_step = send_targets, on_step
+        self.send_targets, self.on_step, self.on_eval = send_targets, on_step, on_eval
         self.backwarded: dict[tuple[str, int], int] = {}
         self.state = StageState()
         self.step_loss: dict[tuple[str, int], float] = {}
+        self.eval_loss: dict[tuple[str, int], Tensor] = {}  # last stage: evaluation sums so far
         self.pending_steps: set[tuple[str, int]] = set()  # OPTIMIZER_STEP seen, total norm not yet
         self.known_norms: dict[tuple[str, int], float | Tensor] = {}
         self.partials: dict[tuple[str, int], float] = {}  # downstream squared-norm partials
@@ -171,15 +180,24 @@ class StageWorker:
         return self.events
 
     def _finish(self) -> None:
-        """End of the list: pass the last totals downstream and wait for ours."""
+        """End of the list: pass the last totals downstream and wait for ours, then the
+        last evaluation losses upstream."""
+        done = Note(NOTE_DONE, 0, 0, 0.0)
         if not self.first:
             assert self.transport is not None
             _, notes = self.transport.recv(self.index - 1, -1, "the end-of-run message")
             self._absorb_down(notes)
         if not self.last:
             assert self.transport is not None
-            self.transport.send(self.index + 1, -1, None, self.state.down_notes + [Note(NOTE_DONE, 0, 0, 0.0)])
+            self.transport.send(self.index + 1, -1, None, self.state.down_notes + [done])
             self.state.down_notes = []
+            _, notes = self.transport.recv(self.index + 1, -1, "the end-of-run message", channel="grad")
+            self._absorb_up(notes)
+        if not self.first:
+            assert self.transport is not None
+            self.transport.send(self.index - 1, -1, None, self.state.loose_up + [done], channel="grad")
+            self.state.loose_up = []
+        if self.transport is not None:
             self.transport.flush_sends()
         if self.pending_steps:
             raise PipelineError(f"stage {self.index}: steps never completed: {sorted(self.pending_steps)}")
@@ -193,9 +211,15 @@ class StageWorker:
         if self.first:
             assert self.token_ids is not None
             inputs = self.token_ids(action.mb)
+        elif plan.batch.is_eval:
+            inputs = self.state.inputs.pop(action.mb)
         else:
             inputs = self.state.inputs[action.mb]
-        hidden = self.stage(inputs, plan.layout)
+        with torch.no_grad() if plan.batch.is_eval else nullcontext():
+            hidden = self.stage(inputs, plan.layout)
+        if plan.batch.is_eval:
+            self._evaluated(action.mb, plan, hidden)
+            return
         gate_loss = self._gate_loss(plan)
         if gate_loss is not None:
             self.state.gate_losses[action.mb] = gate_loss
@@ -205,6 +229,28 @@ class StageWorker:
             self.state.losses[action.mb] = sums * self.state.weights.pop(action.mb)
         else:
             self.state.outputs[action.mb] = hidden
+
+    @torch.no_grad()
+    def _evaluated(self, mb: int, plan: MicroBatchPlan, hidden: Tensor) -> None:
+        """After an evaluation forward: pass the hidden states on, or (last stage) add the
+        loss sums to their evaluations' totals and note each finished one for rank 0."""
+        for s in plan.batch.slices:  # a MeteoRA gate's logits are trained on only
+            take = getattr(self.stage.routing.adapters[s.job], "take_gate_logits", None)
+            if take is not None:
+                take()
+        if not self.last:
+            self.state.outputs[mb] = hidden
+            return
+        self.state.weights.pop(mb)
+        sums = job_loss_sums(self.stage.lm_head, hidden, self.state.targets.pop(mb), self.stage.fused_loss)
+        for k, s in enumerate(plan.batch.slices):
+            key = (s.job, s.step)
+            total = self.eval_loss.pop(key, None)
+            total = sums[k] if total is None else total + sums[k]
+            if s.last:
+                self._absorb_up([Note(NOTE_EVAL, self.job_ids[s.job], s.step, total)])
+            else:
+                self.eval_loss[key] = total
 
     def _report_losses(self, mb: int, weighted: Tensor) -> None:
         """Last stage: add the micro-batch's per-slice losses to their steps' totals and
@@ -299,7 +345,10 @@ class StageWorker:
     # ------------------------------------------------------- communication
     def _send_act(self, action: Action) -> None:
         assert self.transport is not None and action.mb is not None
-        out = self.state.outputs[action.mb]
+        if self.plans[action.mb].batch.is_eval:  # no backward will need it
+            out = self.state.outputs.pop(action.mb)
+        else:
+            out = self.state.outputs[action.mb]
         if self.send_targets is not None:
             self.send_targets(action.mb)
         self.transport.send(self.index + 1, action.mb, out.detach(), self.state.down_notes)
@@ -316,12 +365,14 @@ class StageWorker:
         x, notes = self.transport.recv(self.index - 1, action.mb, f"activations of micro-batch {action.mb}")
         assert x is not None
         self._absorb_down(notes)
-        self.state.inputs[action.mb] = x.requires_grad_(True)
+        self.state.inputs[action.mb] = x if self.plans[action.mb].batch.is_eval else x.requires_grad_(True)
 
     def _send_grad(self, action: Action) -> None:
         assert self.transport is not None and action.mb is not None
         x = self.state.inputs.pop(action.mb)
-        self.transport.send(self.index - 1, action.mb, x.grad, self.state.up_notes.pop(action.mb, []), channel="grad")
+        notes = self.state.up_notes.pop(action.mb, []) + self.state.loose_up
+        self.state.loose_up = []
+        self.transport.send(self.index - 1, action.mb, x.grad, notes, channel="grad")
 
     def _recv_grad(self, action: Action) -> None:
         assert self.transport is not None and action.mb is not None
@@ -339,6 +390,18 @@ class StageWorker:
                 else:
                     relay.append(note)
         self.state.up_notes.setdefault(action.mb, []).extend(relay)
+        self._absorb_up(notes)
+
+    def _absorb_up(self, notes: list[Note]) -> None:
+        """Evaluation losses from downstream (or, on the last stage, its own): rank 0 takes
+        them, other stages send them on with their next gradient."""
+        for note in notes:
+            if note.kind != NOTE_EVAL:
+                continue
+            if not self.first:
+                self.state.loose_up.append(note)
+            elif self.on_eval is not None:
+                self.on_eval(self.job_names[note.job], note.step, float(note.value))
 
     def _absorb_down(self, notes: list[Note]) -> None:
         """Totals from upstream: apply the steps they complete, pass them on."""

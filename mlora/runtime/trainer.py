@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mlora.config import ALL_TARGET_MODULES, JobSpec, RunSpec
-from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps, target_count
+from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
 from mlora.meteora.gate import gate_step_terms
 from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import job_loss_sums
@@ -428,7 +428,7 @@ class Trainer:
         job.loss_sum = 0.0
         job.gate_sums = {}
         spec = job.spec
-        eval_due = bool(job.eval) and ((spec.eval_steps is not None and job.step % spec.eval_steps == 0) or job.done)
+        eval_due = job.evaluates_after(job.step)
         save_due = spec.save_steps is not None and job.step % spec.save_steps == 0 and not job.done
         if eval_due or save_due or job.done:
             self._flush_logs(block=True)
@@ -487,18 +487,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, job: JobState) -> float:
         """Mean next-token loss over the job's held-out examples (no dropout)."""
-        total, count = torch.zeros((), device=self.device), 0
-        size = job.spec.micro_batch_size
-        for start in range(0, len(job.eval), size):
-            exs = job.eval[start : start + size]
-            pm = PendingMicro(job.name, -1, start, True, tuple(range(len(exs))))
+        total = torch.zeros((), device=self.device)
+        for i, exs in enumerate(job.eval_batches()):
+            pm = PendingMicro(job.name, -1, i, True, tuple(range(len(exs))))
             batch = collate([pm], [exs], [job.spec.seed], self.pad_id, self.device, training=False)
             hidden = self.stage(batch.input_ids, batch.layout)
             if job.spec.kind == "meteora":
                 self.stage.routing.adapters[job.name].take_gate_logits()  # not trained on here
             total += job_loss_sums(self.stage.lm_head, hidden, batch.targets, self.stage.fused_loss)[0]
-            count += sum(target_count(e.labels) for e in exs)
-        return float(total) / max(1, count)
+        return float(total) / max(1, job.eval_targets())
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

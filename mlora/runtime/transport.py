@@ -6,6 +6,8 @@ and lets the receiver check it got what its action list expects. Notes are
 (kind, job, step, value) records that ride along with activations and gradients:
 gradient-norm partial sums and losses travel upstream with gradients, total norms
 downstream with activations, so no extra collective ever synchronises the stages.
+(Evaluation losses go upstream with the next gradient the last stage sends, or with
+the end-of-run message.)
 
 On CUDA the tensors go GPU to GPU through NCCL; on the CPU through gloo. Activations,
 gradients and targets each travel on their own process group ("channel"): NCCL runs
@@ -33,6 +35,7 @@ NOTE_GRAD_SQ = 0  # partial sum of squared gradient entries of (job, step), stag
 NOTE_GRAD_NORM = 1  # total gradient norm of (job, step) over all stages
 NOTE_LOSS = 2  # loss of (job, step), from the last stage
 NOTE_DONE = 3  # end of the run: no more messages on this channel
+NOTE_EVAL = 4  # evaluation loss sum of (job, after step), from the last stage
 
 
 class PipelineError(RuntimeError):

@@ -16,6 +16,9 @@ class JobSlice:
     `step`/`micro`/`last` say where the rows sit in the job's gradient accumulation:
     the job's optimizer step `step` is complete once the slice with `last=True` has been
     backwarded, and only then may rows of `step + 1` use that job's weights.
+
+    An `eval` slice holds held-out rows, forwarded only (no backward), on the weights
+    after `step` optimizer steps: piece `micro` of that evaluation, `last` its final piece.
     """
 
     job: str
@@ -24,6 +27,7 @@ class JobSlice:
     last: bool
     rows: int
     tokens: int
+    eval: bool = False
 
     def __post_init__(self) -> None:
         if not self.job:
@@ -36,10 +40,13 @@ class JobSlice:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """The unit that travels through the pipeline stages: one forward and one backward each.
+    """The unit that travels through the pipeline stages: one forward and one backward each
+    (an evaluation micro-batch: one forward only).
 
     A job appears at most once: two steps of the same job in one micro-batch would make
-    the second step's rows run on weights the first step has not yet updated.
+    the second step's rows run on weights the first step has not yet updated. Evaluation
+    slices and training slices never share a micro-batch: one runs without autograd and
+    dropout, the other with both.
     """
 
     index: int
@@ -53,6 +60,13 @@ class MicroBatch:
         names = [s.job for s in self.slices]
         if len(set(names)) != len(names):
             raise ValueError(f"MicroBatch {self.index} holds a job more than once: {names}")
+        if len({s.eval for s in self.slices}) > 1:
+            raise ValueError(f"MicroBatch {self.index} mixes evaluation and training slices")
+
+    @property
+    def is_eval(self) -> bool:
+        """Held-out rows: forwarded on every stage, never backwarded."""
+        return self.slices[0].eval
 
     @property
     def tokens(self) -> int:

@@ -52,8 +52,10 @@ def build_schedule(
     their backward. Stage 0 may take micro-batches out of planner order: the earliest one
     whose jobs' earlier micro-batches are all in and whose jobs' weights are current.
     Later stages forward in stage 0's order. After the backward of a job step's last
-    micro-batch the stage runs that job's OPTIMIZER_STEP. `costs` (default 1 forward,
-    2 backward per micro-batch) only steers the choices; any order emitted is valid.
+    micro-batch the stage runs that job's OPTIMIZER_STEP. An evaluation micro-batch is
+    forwarded only: it keeps no activations, so `max_in_flight` does not hold it back.
+    `costs` (default 1 forward, 2 backward per micro-batch) only steers the choices; any
+    order emitted is valid.
     """
     if n_stages < 1:
         raise ValueError("n_stages must be >= 1")
@@ -75,7 +77,7 @@ def build_schedule(
     arrivals: list[deque[tuple[int, float]]] = [deque() for _ in range(p)]  # activations in, FIFO
     grads_at: list[dict[int, float]] = [{} for _ in range(p)]
     waiting_b: list[deque[int]] = [deque() for _ in range(p)]  # forwarded, not yet backwarded (F order)
-    n_backwarded = [0] * p
+    n_done = [0] * p  # micro-batches through the stage: backwarded, or (evaluations) forwarded
     out: list[list[Action]] = [[] for _ in range(p)]
     times: list[float] = [0.0]
     pending = sorted(by_index)  # not yet forwarded on stage 0, planner order
@@ -83,10 +85,12 @@ def build_schedule(
     def weights_ready(k: int, mb: MicroBatch, now: float) -> bool:
         return all(cur_step[k][s.job] == s.step and weights_at[k][s.job] <= now for s in mb.slices)
 
-    def next_on_stage0(now: float) -> int | None:
+    def next_on_stage0(now: float, full: bool) -> int | None:
         heads = {job_mbs[j][job_pos[j]] for j in job_mbs if job_pos[j] < len(job_mbs[j])}
         for idx in sorted(heads):
             mb = by_index[idx]
+            if full and not mb.is_eval:
+                continue
             if all(job_mbs[s.job][job_pos[s.job]] == idx for s in mb.slices) and weights_ready(0, mb, now):
                 return idx
         return None
@@ -94,7 +98,7 @@ def build_schedule(
     def start_backward(k: int, idx: int, now: float) -> None:
         mb = by_index[idx]
         waiting_b[k].popleft()
-        n_backwarded[k] += 1
+        n_done[k] += 1
         if k < p - 1:
             out[k].append(A.comm(ActionKind.RECV_GRAD, k, idx))
         out[k].append(A.backward(k, idx))
@@ -122,7 +126,10 @@ def build_schedule(
             out[k].append(A.comm(ActionKind.SEND_ACT, k, idx))
             arrivals[k + 1].append((idx, end + lat))
             heapq.heappush(times, end + lat)
-        waiting_b[k].append(idx)
+        if mb.is_eval:
+            n_done[k] += 1
+        else:
+            waiting_b[k].append(idx)
         free[k] = end
         heapq.heappush(times, end)
 
@@ -134,26 +141,28 @@ def build_schedule(
             if k == p - 1 or grads_at[k].get(head, float("inf")) <= now:
                 start_backward(k, head, now)
                 return True
-        if len(waiting_b[k]) >= limits[k]:
-            return False
+        full = len(waiting_b[k]) >= limits[k]
         if k == 0:
-            idx = next_on_stage0(now)
+            idx = next_on_stage0(now, full)
             if idx is None:
                 return False
             pending.remove(idx)
             for s in by_index[idx].slices:
                 job_pos[s.job] += 1
         else:
-            if not arrivals[k] or arrivals[k][0][1] > now or not weights_ready(k, by_index[arrivals[k][0][0]], now):
+            if not arrivals[k] or arrivals[k][0][1] > now:
+                return False
+            head = by_index[arrivals[k][0][0]]
+            if (full and not head.is_eval) or not weights_ready(k, head, now):
                 return False
             idx = arrivals[k].popleft()[0]
         start_forward(k, idx, now)
         return True
 
     total = len(mbs)
-    while any(n < total for n in n_backwarded):
+    while any(n < total for n in n_done):
         if not times:
-            raise ScheduleError(f"cannot schedule: no stage can make progress ({n_backwarded} backwarded of {total})")
+            raise ScheduleError(f"cannot schedule: no stage can make progress ({n_done} done of {total})")
         now = heapq.heappop(times)
         while times and times[0] <= now:
             heapq.heappop(times)

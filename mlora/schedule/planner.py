@@ -85,12 +85,55 @@ def _cut_group(pieces: list[tuple[JobSlice, int, int]], max_tokens: int, slack: 
 
 @dataclass(frozen=True)
 class JobPlanSizes:
-    """What the pipeline planner needs of a job: per step, per micro-batch (rows, max_len)."""
+    """What the pipeline planner needs of a job: per step, per micro-batch (rows, max_len).
+
+    A job with held-out rows is evaluated after each step count in `eval_after` (counted
+    from the run's start, as `first_step` is): its `eval_chunks` (rows, max_len), forward
+    only, between that step's optimizer update and the next step's rows; `first_step`
+    in `eval_after` evaluates the weights it starts from (a resumed job).
+    """
 
     job: str
     steps: tuple[tuple[tuple[int, int], ...], ...]
     tokens: tuple[tuple[int, ...], ...]  # real tokens of each micro-batch, same shape
     first_step: int = 0  # the job's step number of steps[0] (after a resume)
+    eval_chunks: tuple[tuple[int, int], ...] = ()
+    eval_tokens: tuple[int, ...] = ()  # real tokens of each eval chunk
+    eval_after: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Slot:
+    """A running job's place: the next step and micro-batch, and an evaluation due before them."""
+
+    job: JobPlanSizes
+    step: int = 0
+    micro: int = 0
+    eval_at: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.step == len(self.job.steps) and self.eval_at is None
+
+    def eval_pieces(self) -> list[tuple[JobSlice, int, int]]:
+        """The due evaluation's chunks, in order (and no evaluation due after this)."""
+        at, job = self.eval_at, self.job
+        assert at is not None
+        self.eval_at = None
+        n = len(job.eval_chunks)
+        return [(JobSlice(job.job, at, i, i == n - 1, rows, job.eval_tokens[i], eval=True), rows, max_len)
+                for i, (rows, max_len) in enumerate(job.eval_chunks)]
+
+    def train_piece(self) -> tuple[JobSlice, int, int]:
+        """The next training micro-batch's slice; moves on, noting an evaluation due after it."""
+        job, step, micro = self.job, self.step, self.micro
+        n_rows, max_len = job.steps[step][micro]
+        last = micro == len(job.steps[step]) - 1
+        piece = (JobSlice(job.job, job.first_step + step, micro, last, n_rows, job.tokens[step][micro]), n_rows, max_len)
+        self.step, self.micro = (step + 1, 0) if last else (step, micro + 1)
+        if last and job.first_step + self.step in job.eval_after and job.eval_chunks:
+            self.eval_at = job.first_step + self.step
+        return piece
 
 
 def plan_pipeline(
@@ -104,40 +147,45 @@ def plan_pipeline(
     enter the pipeline before its current step's optimizer update, but another group's
     can. Queued jobs take the slot of a finished one, as in the single-process trainer.
     A group's micro-batch is split when its padded size would pass `max_tokens` or
-    when it would pad short rows to far longer ones (`_cut_group`).
+    when it would pad short rows to far longer ones (`_cut_group`). An evaluation due
+    in a job's turn goes first, whole, as evaluation micro-batches (chunk i of every
+    job of the group evaluating now, cut the same way), then the job's next rows.
     Micro-batches are numbered from `first_index` (a later phase of the same run).
     """
     if n_groups < 1 or max_concurrent < 1:
         raise ValueError("n_groups and max_concurrent must be at least 1")
     queue = list(jobs)
-    slots: list[tuple[JobPlanSizes, list[int]] | None] = [None] * max_concurrent  # (job, [step, micro])
+    slots: list[_Slot | None] = [None] * max_concurrent
     out: list[MicroBatch] = []
 
     def refill() -> None:
         for s in range(max_concurrent):
             if slots[s] is None and queue:
-                slots[s] = (queue.pop(0), [0, 0])
+                job = queue.pop(0)  # evaluated first when due at its first step (a resumed job)
+                first_eval = job.first_step if job.first_step in job.eval_after and job.eval_chunks else None
+                slots[s] = _Slot(job, eval_at=first_eval)
+
+    def emit(pieces: list[tuple[JobSlice, int, int]]) -> None:
+        for cut in _cut_group(pieces, max_tokens):
+            out.append(MicroBatch(first_index + len(out), tuple(cut)))
 
     refill()
     while any(slots):
         for g in range(n_groups):
+            evals: list[list[tuple[JobSlice, int, int]]] = []
             pieces: list[tuple[JobSlice, int, int]] = []  # (slice, rows, longest row)
             for s in range(g, max_concurrent, n_groups):
-                entry = slots[s]
-                if entry is None:
+                slot = slots[s]
+                if slot is None:
                     continue
-                job, pos = entry
-                step, micro = pos
-                n_rows, max_len = job.steps[step][micro]
-                last = micro == len(job.steps[step]) - 1
-                pieces.append((JobSlice(job.job, job.first_step + step, micro, last, n_rows, job.tokens[step][micro]), n_rows, max_len))
-                if last:
-                    pos[0], pos[1] = step + 1, 0
-                else:
-                    pos[1] = micro + 1
-                if pos[0] == len(job.steps):
+                if slot.eval_at is not None:
+                    evals.append(slot.eval_pieces())
+                if slot.step < len(slot.job.steps):
+                    pieces.append(slot.train_piece())
+                if slot.done:
                     slots[s] = None
-            for cut in _cut_group(pieces, max_tokens):
-                out.append(MicroBatch(first_index + len(out), tuple(cut)))
+            for i in range(max((len(e) for e in evals), default=0)):
+                emit([e[i] for e in evals if i < len(e)])
+            emit(pieces)
         refill()
     return out

@@ -42,11 +42,13 @@ class TraceEvent:
 
 
 def event_name(action: Action, micro_batch: MicroBatch | None = None) -> str:
-    """`F mb3 [jobA,jobB]`, `SEND_F mb3`, `STEP jobA@2`: what a reader wants on the timeline."""
+    """`F mb3 [jobA,jobB]`, `F mb4 [jobA] eval`, `SEND_F mb3`, `STEP jobA@2`: what a reader
+    wants on the timeline."""
     if action.kind is ActionKind.OPTIMIZER_STEP:
         return f"STEP {action.job}@{action.step}"
     jobs = f" [{','.join(micro_batch.jobs)}]" if micro_batch is not None and action.kind.is_compute else ""
-    return f"{action.kind.value} mb{action.mb}{jobs}"
+    held_out = " eval" if micro_batch is not None and micro_batch.is_eval and action.kind.is_compute else ""
+    return f"{action.kind.value} mb{action.mb}{jobs}{held_out}"
 
 
 def action_event(action: Action, start_s: float, end_s: float, micro_batch: MicroBatch | None = None) -> TraceEvent:

@@ -30,6 +30,8 @@ def check_micro_batches(micro_batches: Sequence[MicroBatch]) -> dict[str, list[t
     the next slice is the same step's next micro (`micro + 1`) or, after a `last` slice,
     the next step's micro 0. A job may start mid-step and end mid-step (a window of a
     longer run); only steps whose `last` slice is present get an optimizer step.
+    An evaluation (eval slices 0..last of step s) sits between step s - 1's last slice
+    and step s's first, whole: its rows see exactly the weights after s steps.
     """
     per_job: dict[str, list[tuple[int, JobSlice]]] = {}
     prev_index: int | None = None
@@ -39,16 +41,33 @@ def check_micro_batches(micro_batches: Sequence[MicroBatch]) -> dict[str, list[t
         prev_index = m.index
         for s in m.slices:
             seq = per_job.setdefault(s.job, [])
-            if seq:
-                p_idx, p = seq[-1]
-                want = (p.step + 1, 0) if p.last else (p.step, p.micro + 1)
-                if (s.step, s.micro) != want:
-                    raise ScheduleError(
-                        f"job {s.job!r}: micro-batch {m.index} holds step {s.step} micro {s.micro}, but after "
-                        f"micro-batch {p_idx} (step {p.step} micro {p.micro}, last={p.last}) step {want[0]} micro {want[1]} must come next"
-                    )
+            want = _next_slice(seq[-1][1] if seq else None, s)
+            if want is not None:
+                after = f"after micro-batch {seq[-1][0]} ({_describe(seq[-1][1])})" if seq else "at the job's start"
+                raise ScheduleError(f"job {s.job!r}: micro-batch {m.index} holds {_describe(s)}, but {after} {want} must come next")
             seq.append((m.index, s))
     return per_job
+
+
+def _describe(s: JobSlice) -> str:
+    what = "evaluation after step" if s.eval else "step"
+    return f"{what} {s.step} micro {s.micro}" + (", last" if s.last else "")
+
+
+def _next_slice(prev: JobSlice | None, s: JobSlice) -> str | None:
+    """None if `s` may follow `prev` in a job's order, else what must come next."""
+    if prev is None:
+        return "an evaluation's micro 0" if s.eval and s.micro != 0 else None
+    if prev.eval:
+        want, want_eval = ((prev.step, prev.micro + 1), True) if not prev.last else ((prev.step, 0), False)
+    else:
+        want, want_eval = ((prev.step + 1, 0) if prev.last else (prev.step, prev.micro + 1)), False
+    if (s.step, s.micro) == want and s.eval == want_eval:
+        return None
+    if prev.last and not prev.eval and s.eval and (s.step, s.micro) == want:
+        return None  # an evaluation after the step just completed
+    text = ("evaluation after step" if want_eval else "step") + f" {want[0]} micro {want[1]}"
+    return text + (f" (or an evaluation after step {want[0]} micro 0)" if prev.last and not prev.eval else "")
 
 
 def _complete_steps(micro_batches: Sequence[MicroBatch]) -> dict[tuple[str, int], list[int]]:
@@ -56,6 +75,8 @@ def _complete_steps(micro_batches: Sequence[MicroBatch]) -> dict[tuple[str, int]
     members: dict[tuple[str, int], list[int]] = defaultdict(list)
     complete: set[tuple[str, int]] = set()
     for m in micro_batches:
+        if m.is_eval:
+            continue
         for s in m.slices:
             members[(s.job, s.step)].append(m.index)
             if s.last:
@@ -84,8 +105,10 @@ def _check_actions(schedule: Schedule, known: set[int]) -> None:
 
 
 def _check_compute_and_comm(schedule: Schedule, order: list[int]) -> None:
-    """Exactly one F and one B per micro-batch per stage, F first, each wrapped by its sends/receives."""
+    """Exactly one F and one B per micro-batch per stage, F first, each wrapped by its
+    sends/receives; an evaluation micro-batch has its F and activation messages only."""
     p = schedule.n_stages
+    evals = {m.index for m in schedule.micro_batches if m.is_eval}
     for k, acts in enumerate(schedule.stages):
         pos: dict[tuple[ActionKind, int], int] = {}
         for i, a in enumerate(acts):
@@ -95,15 +118,25 @@ def _check_compute_and_comm(schedule: Schedule, order: list[int]) -> None:
             if key in pos:
                 raise ScheduleError(f"{_where(k, i, a)}: duplicate {a.kind.name} of micro-batch {a.mb} (first at action {pos[key]})")
             pos[key] = i
-        needs = [ActionKind.FORWARD, ActionKind.BACKWARD]
-        if k > 0:
-            needs += [ActionKind.RECV_ACT, ActionKind.SEND_GRAD]
-        if k < p - 1:
-            needs += [ActionKind.SEND_ACT, ActionKind.RECV_GRAD]
+        forward = [ActionKind.FORWARD] + [ActionKind.RECV_ACT] * (k > 0) + [ActionKind.SEND_ACT] * (k < p - 1)
+        backward = [ActionKind.BACKWARD] + [ActionKind.SEND_GRAD] * (k > 0) + [ActionKind.RECV_GRAD] * (k < p - 1)
         for mb in order:
-            for kind in needs:
+            for kind in forward if mb in evals else forward + backward:
                 if (kind, mb) not in pos:
                     raise ScheduleError(f"stage {k}: micro-batch {mb} has no {kind.name}")
+            if mb in evals:
+                extra = sorted(pos[(kind, mb)] for kind in backward if (kind, mb) in pos)
+                if extra:
+                    a = acts[extra[0]]
+                    raise ScheduleError(f"{_where(k, extra[0], a)}: micro-batch {mb} is an evaluation: forward only, no {a.kind.name}")
+                f = pos[(ActionKind.FORWARD, mb)]
+                if k > 0 and pos[(ActionKind.RECV_ACT, mb)] > f:
+                    c = pos[(ActionKind.RECV_ACT, mb)]
+                    raise ScheduleError(f"{_where(k, c, acts[c])}: RECV_ACT must come before {acts[f]} (action {f})")
+                if k < p - 1 and pos[(ActionKind.SEND_ACT, mb)] < f:
+                    c = pos[(ActionKind.SEND_ACT, mb)]
+                    raise ScheduleError(f"{_where(k, c, acts[c])}: SEND_ACT must come after {acts[f]} (action {f})")
+                continue
             f, b = pos[(ActionKind.FORWARD, mb)], pos[(ActionKind.BACKWARD, mb)]
             if b < f:
                 raise ScheduleError(f"{_where(k, b, acts[b])}: BACKWARD of micro-batch {mb} before its FORWARD (action {f})")
@@ -140,7 +173,8 @@ def _check_fifo(schedule: Schedule) -> None:
 
 def _check_weights(schedule: Schedule) -> None:
     """Every complete job step has one OPTIMIZER_STEP per stage, after all its backwards and
-    before any forward of the job's next step (otherwise that forward uses stale weights)."""
+    before any forward of the job's next step (otherwise that forward uses stale weights).
+    An evaluation after step s runs between OPTIMIZER_STEP s - 1 and OPTIMIZER_STEP s."""
     steps = _complete_steps(schedule.micro_batches)
     by_index = {m.index: m for m in schedule.micro_batches}
     for k, acts in enumerate(schedule.stages):
@@ -163,10 +197,16 @@ def _check_weights(schedule: Schedule) -> None:
             if a.kind is ActionKind.FORWARD:
                 for s in by_index[a.mb].slices:
                     prev = (s.job, s.step - 1)
+                    what = f"evaluation of job {s.job!r} after step {s.step}" if s.eval else f"job {s.job!r} step {s.step}"
                     if prev in steps and prev not in applied:
                         raise ScheduleError(
-                            f"{_where(k, i, a)}: stale weights: forward of job {s.job!r} step {s.step} "
+                            f"{_where(k, i, a)}: stale weights: forward of {what} "
                             f"before OPTIMIZER_STEP({s.job}, {s.step - 1}) on stage {k}"
+                        )
+                    if s.eval and (s.job, s.step) in applied:
+                        raise ScheduleError(
+                            f"{_where(k, i, a)}: forward of {what} after OPTIMIZER_STEP({s.job}, {s.step}) on stage {k}: "
+                            f"it would see later weights"
                         )
             elif a.kind is ActionKind.BACKWARD:
                 backwarded.add(a.mb)
