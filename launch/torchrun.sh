@@ -15,7 +15,8 @@ python="${PYTHON:-$here/.venv/bin/python}"
 # NVLink multicast (NVLS) stays off: the point-to-point traffic of a pipeline does not use it.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$python" -m torch.distributed.run \
+# torchrun itself, ending with 130 / 143 instead of a traceback when Ctrl-C or SIGTERM stops the run
+exec "$python" -m mlora.runtime.torchrun_launch \
   --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29511}" \
   --nproc-per-node "$nproc" -m mlora train "$@"

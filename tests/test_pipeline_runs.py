@@ -248,3 +248,36 @@ def test_a_resumed_pipeline_evaluates_first_when_the_crash_lost_the_checkpoints_
     assert evals == ([4] if logged else [2, 4])
     kept = [json.loads(line) for line in (out / "copy" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in kept] == [("train", 1), ("train", 2)] + [("eval", 2)] * logged
+
+
+def test_ctrl_c_stops_every_rank_cleanly_and_resume_finishes(tmp_path, tiny_models, datasets):
+    """Ctrl-C reaches torchrun, which passes it to the ranks: rank 0 saves the run as
+    interrupted with its jobs stopped and says how to go on; no rank, and not the
+    launcher, ends with a traceback; --resume then finishes the run."""
+    run = run_file(tmp_path, tiny_models["llama"], datasets, "out", max_steps=150)
+    raw = yaml.safe_load(run.read_text())
+    raw["defaults"]["save_steps"] = 5
+    run.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mlora.runtime.torchrun_launch", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "mlora", "train", str(run), "--plain"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out / "copy" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 12):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "mlora: interrupted (SIGINT); the same launch with --resume continues" in stderr, stderr[-2000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["run"]["state"] == "interrupted"
+    assert {j["state"] for j in summary["jobs"].values()} <= {"stopped", "queued"}, summary["jobs"]
+    assert not any((out / j["name"] / "adapter_model.safetensors").exists() for j in JOBS)
+    resumed = torchrun(2, run, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["run"]["state"] == "finished" and all(j["state"] == "finished" for j in summary["jobs"].values())
+    assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"] == list(range(1, 151))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -57,6 +58,7 @@ from mlora.runtime.output import SUMMARY, TRACE, is_finished, job_dir, prepare_o
 from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, warn_about_data
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
 from mlora.runtime.trainer import (
+    StopSignal,
     adapter_meta,
     check_init_adapter,
     make_adapter,
@@ -262,16 +264,22 @@ def run_pipeline(run_file: str, overrides: Sequence[str], *, resume: bool, overw
     reach the driver before the cluster shuts down)."""
     rank, n_ranks, local_rank = world()
     report = errors.append if errors is not None else lambda line: print(line, file=sys.stderr, flush=True)
+    stop = StopSignal()
     try:
-        return _run(rank, n_ranks, local_rank, run_file, overrides, resume, overwrite, live, report)
+        with stop:
+            return _run(rank, n_ranks, local_rank, run_file, overrides, resume, overwrite, live, report, stop)
     except PipelineError as exc:
         label, text = f"rank {rank} (stage {rank})", str(exc)  # the transport's errors name the rank already
         print(f"mlora: {text if text.startswith(label) else f'{label}: {text}'}", file=sys.stderr, flush=True)
         os._exit(3)  # never hang in teardown waiting for a peer that is gone
+    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it to every rank) or SIGTERM: rank 0 has said so
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + (stop.received or signal.SIGINT))  # the other ranks are stopping too: no teardown
 
 
 def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Sequence[str],
-         resume: bool, overwrite: bool, live: bool | None, report: Callable[[str], None]) -> int:
+         resume: bool, overwrite: bool, live: bool | None, report: Callable[[str], None], stop: StopSignal) -> int:
     from mlora.cli import user_errors
 
     # Parse everywhere (cheap); only rank 0 checks the data paths it alone reads.
@@ -391,8 +399,12 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             events += worker.run(schedule.stages[rank])
         transport.flush_sends()
         writer.collect(block=True)
+    except KeyboardInterrupt:
+        if monitor is not None:
+            monitor.interrupted(plan, stop.received or signal.SIGINT, n_ranks)
+        raise
     finally:
-        writer.close()
+        writer.close()  # checkpoint slices already handed over reach the disk
 
     slices = {name: stage_slice(stage.routing.adapters[name]) for name in plan.active}
     gathered: list[Any] = [None] * n_ranks if rank == 0 else []
@@ -499,6 +511,23 @@ class PipelineMonitor:
         tmp = folder / f".{STATE}.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, folder / STATE)
+
+    def interrupted(self, plan: PipelinePlan, signum: int, n_ranks: int) -> None:
+        """Ctrl-C or SIGTERM: jobs of this run are stopped (adapters are written only at the
+        end of a pipeline run), the run is interrupted, and how to go on is printed."""
+        for name in plan.active:
+            job = self.driver.jobs[name]
+            if job.status in ("running", "finished"):
+                job.status = "stopped"
+                self.summary.job_stopped(name)
+        self.summary.run_finished(time.time(), "interrupted")
+        self.summary.save(self.out / SUMMARY)
+        self.sink.close()
+        self.live.__exit__(None, None, None)
+        self.live.print_table(self.summary)
+        print(f"mlora: interrupted ({signal.Signals(signum).name}); the same launch with --resume continues "
+              f"(`torchrun --nproc-per-node {n_ranks} -m mlora train {self.spec.source} --resume`: each unfinished "
+              "job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
 
     def finish(self, plan: PipelinePlan, gathered: list[Any]) -> None:
         events = [e for _, evs, _ in gathered for e in evs]
