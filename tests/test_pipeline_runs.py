@@ -275,6 +275,7 @@ def test_ctrl_c_stops_every_rank_cleanly_and_resume_finishes(tmp_path, tiny_mode
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["run"]["state"] == "interrupted"
     assert {j["state"] for j in summary["jobs"].values()} <= {"stopped", "queued"}, summary["jobs"]
+    assert all(j["finished_at"] is None for j in summary["jobs"].values())  # no adapter is written yet
     assert not any((out / j["name"] / "adapter_model.safetensors").exists() for j in JOBS)
     resumed = torchrun(2, run, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -161,8 +161,9 @@ class RunSummary:
         job.state, job.finished_at, job.error = "failed", t, error
 
     def job_stopped(self, name: str) -> None:
-        """The run ended (interrupted or stopped) while the job was training."""
-        self.jobs[name].state = "stopped"
+        """The run ended (interrupted or stopped) before the job's outputs were written."""
+        job = self.jobs[name]
+        job.state, job.finished_at = "stopped", None
 
     def restore_job(self, name: str, previous: RunSummary | None) -> None:
         """A job finished by an earlier run (before --resume) keeps its record."""
