@@ -72,9 +72,10 @@ def kill_everything_running(arg: str) -> None:
                     pass
 
 
-def torchrun(n: int, run: Path, *extra: str, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
+def torchrun(n: int, run: Path, *extra: str, timeout: float = 300, entry: tuple[str, ...] = ("-m", "mlora"),
+             **env_vars: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", f"--master-port={free_port()}",
-           "-m", "mlora", "train", str(run), "--plain", *extra]
+           *entry, "train", str(run), "--plain", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -105,6 +106,45 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     summary = json.loads((out / "run_summary.json").read_text())
     assert all(j["state"] == "finished" for j in summary["jobs"].values())
     assert 0.0 <= summary["run"]["bubble_fraction"] < 1.0
+
+
+def test_a_job_that_ends_early_has_its_adapter_written_while_the_others_train(tmp_path, tiny_models, datasets):
+    """Each stage puts its slice of a finished job in the (shared) output folder; rank 0
+    writes the PEFT folder from them at once and only then counts the job finished."""
+    run = run_file(tmp_path, tiny_models["llama"], datasets, "out", max_steps=40)
+    raw = yaml.safe_load(run.read_text())
+    raw["jobs"][0]["max_steps"] = 2  # copy: eval at steps 2 (and the end, the same)
+    run.write_text(yaml.safe_dump(raw))
+    proc = torchrun(2, run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "run_summary.json").read_text())
+    copy = summary["jobs"]["copy"]
+    last_rows = {j["name"]: json.loads((out / j["name"] / "metrics.jsonl").read_text().splitlines()[-1]) for j in JOBS}
+    assert copy["state"] == "finished" and copy["finished_at"] < min(r["time"] for n, r in last_rows.items() if n != "copy")
+    config = out / "copy" / "adapter_config.json"
+    assert config.stat().st_mtime <= copy["finished_at"] + 1e-3  # written, then counted finished
+    assert last_rows["copy"]["kind"] == "eval" and last_rows["copy"]["time"] <= copy["finished_at"]
+    assert not any(out.glob("*/.stage-slices")) and not any(out.glob(".mlora-shared-*"))
+
+
+def test_without_a_shared_output_folder_adapters_are_gathered_at_the_end(tmp_path, tiny_models, datasets):
+    """Ranks that cannot see rank 0's output folder (hosts without a shared file system):
+    rank 0 writes every adapter at the end from slices sent over torch.distributed."""
+    single = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, "single")), live=False)
+    entry = (str(Path(__file__).with_name("unshared_output.py")),)
+    proc = torchrun(2, run_file(tmp_path, tiny_models["llama"], datasets, "pipe"), entry=entry)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "pipe"
+    for job in JOBS:
+        a = load_file(str(single.output_dir / job["name"] / "adapter_model.safetensors"))
+        b = load_file(str(out / job["name"] / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert all(j["state"] == "finished" for j in summary["jobs"].values())
+    assert not any(out.glob("*/.stage-slices"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -65,20 +65,20 @@ class _Pending:
     future: Future
 
 
-def _map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """`fn` applied to every tensor of a nested dict / list / tuple (a state dict)."""
     if isinstance(tree, Tensor):
         return fn(tree)
     if isinstance(tree, dict):
-        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+        return {k: map_tensors(v, fn) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(v, fn) for v in tree)
+        return type(tree)(map_tensors(v, fn) for v in tree)
     return tree
 
 
 def snapshot(tree: Any) -> Any:
     """A copy of every tensor in a state dict (on its device, in stream order)."""
-    return _map_tensors(tree, lambda t: t.detach().clone())
+    return map_tensors(tree, lambda t: t.detach().clone())
 
 
 class BackgroundWriter:
@@ -131,7 +131,7 @@ class BackgroundWriter:
         with torch.cuda.stream(self._stream):  # a `submit_folder` write copies on this stream too
             with self.device_lock:
                 self._stream.wait_event(event)
-                tensors = _map_tensors(tensors, lambda t: t.detach().to("cpu"))
+                tensors = map_tensors(tensors, lambda t: t.detach().to("cpu"))
             return write(tensors)
 
     @property

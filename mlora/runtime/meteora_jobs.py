@@ -118,13 +118,13 @@ def make_meteora_on_stage(
 
 
 def meteora_slice(adapter: MeteoraAdapter) -> dict[str, Any]:
-    """What a stage sends rank 0 at the end: its gates and, if they trained, its adapters' slices."""
+    """What a stage hands rank 0 of a finished job: its gates and, if they trained, its
+    adapters' slices (tensors where they are: the writer or the gather moves them)."""
     loras = None
     if adapter.config.train_loras:
-        loras = {p: [(a.detach().cpu(), b.detach().cpu()) for a, b in zip(adapter.lora_a[p], adapter.lora_b[p])]
+        loras = {p: [(a.detach(), b.detach()) for a, b in zip(adapter.lora_a[p], adapter.lora_b[p])]
                  for p in adapter.paths}
-    return {"gates": {k: v.cpu() for k, v in adapter.gate_state().items()}, "loras": loras, "config": adapter.config,
-            "metas": adapter.metas}
+    return {"gates": adapter.gate_state(), "loras": loras, "config": adapter.config, "metas": adapter.metas}
 
 
 def write_meteora_slices(folder: Path, slices: list[dict[str, Any]]) -> Path:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +39,7 @@ from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import Targets
 from mlora.model.peft_io import save_adapter
 from mlora.model.stage import StageBounds, base_linear_shapes, load_stage, read_config
-from mlora.runtime.background_writer import BackgroundWriter, snapshot
+from mlora.runtime.background_writer import BackgroundWriter, Written, map_tensors, snapshot
 from mlora.runtime.batch import collate, make_layout, padded_length
 from mlora.runtime.checkpoint import (
     STATE,
@@ -86,6 +88,7 @@ class PipelinePlan:
     total_steps: dict[str, int]
     restored: dict[str, str | None]  # job → checkpoint folder to load (None: fresh)
     active: tuple[str, ...]  # jobs with work left
+    marker: str  # a file rank 0 put in the output folder: the ranks that see it share the folder
 
 
 def world() -> tuple[int, int, int]:
@@ -163,6 +166,7 @@ class Driver:
                     self.reevaluate.add(job.name)  # the run stopped between the checkpoint and its evaluation
             restored[job.name] = str(ckpt) if ckpt is not None else None
             active.append(job.name)
+            shutil.rmtree(slices_dir(self.out, job.name), ignore_errors=True)  # from a run that stopped while writing
         # A MeteoRA job that mixes LoRA jobs still training here runs in a second phase,
         # after they are done on every stage (the pipeline drains between phases).
         later = [n for n in active if any(d in active for d in run_dependencies(self.jobs[n].spec, self.spec))]
@@ -185,7 +189,13 @@ class Driver:
             total_steps={name: self.jobs[name].max_steps for name in self.jobs},
             restored=restored,
             active=tuple(active),
+            marker=self._marker(),
         )
+
+    def _marker(self) -> str:
+        name = f".mlora-shared-{uuid.uuid4().hex}"
+        (self.out / name).touch()
+        return name
 
     def _plan_phase(self, names: list[str], first_index: int) -> list[Any]:
         sizes = []
@@ -346,7 +356,10 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     # every rank creates the groups, in the same order
     channels = {name: dist.new_group(timeout=timedelta(seconds=timeout)) for name in ("act", "grad", "targets")}
     transport = Transport(rank, device, timeout, lambda r: f"rank {r} (stage {r})", channels)
-    monitor = PipelineMonitor(driver, spec, n_ranks) if rank == 0 else None
+    out = Path(spec.run.output_dir)
+    shared = output_is_shared(out, plan.marker, rank)
+    writer = BackgroundWriter(device)  # this stage's checkpoint and final slices go to disk beside the pipeline
+    monitor = PipelineMonitor(driver, spec, n_ranks, writer, shared) if rank == 0 else None
     last = n_ranks - 1
 
     def token_ids(mb: int) -> torch.Tensor:
@@ -368,16 +381,23 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         assert packed is not None
         return Targets(packed[0], packed[1], packed[2], len(plan.plans[mb].batch.slices))
 
-    writer = BackgroundWriter(device)  # this stage's checkpoint slices go to disk beside the pipeline
+    def collect_writes(block: bool = False) -> None:
+        """A failed earlier write stops this stage here; rank 0 learns which adapters are written."""
+        if monitor is not None:
+            monitor.collect(block)
+        else:
+            writer.collect(block)
 
     def on_step(job: str, step: int) -> None:
-        writer.collect()  # a failed earlier write stops this stage here
+        collect_writes()
         save_steps = specs[job].save_steps
         if save_steps and (step + 1) % save_steps == 0 and step + 1 < plan.total_steps[job]:
-            folder = step_dir(Path(spec.run.output_dir), job, step + 1)
+            folder = step_dir(out, job, step + 1)
             writer.submit_stage_slice(job, folder, rank, snapshot(optimizers[job].state_dict()))
             if monitor is not None:
                 monitor.checkpoint(job, step + 1, folder)
+        if shared and step + 1 == plan.total_steps[job]:  # its weights on this stage are final
+            writer.submit_stage_slice(job, slices_dir(out, job), rank, stage_slice(stage.routing.adapters[job]))
 
     if monitor is not None:
         monitor.start()
@@ -398,21 +418,52 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             clock = worker.clock = clock or worker.clock  # one clock for the whole run's trace
             events += worker.run(schedule.stages[rank])
         transport.flush_sends()
-        writer.collect(block=True)
+        collect_writes(block=True)  # every stage's final slices are on disk before the gather
+        # without a shared output folder, rank 0 writes the adapters from slices gathered here
+        slices = None if shared else {name: on_host(stage_slice(stage.routing.adapters[name])) for name in plan.active}
+        gathered: list[Any] = [None] * n_ranks if rank == 0 else []
+        dist.gather_object((slices, events, peak_memory_bytes(device)), gathered if rank == 0 else None, dst=0)
+        if monitor is not None:
+            monitor.finish(plan, gathered)
     except KeyboardInterrupt:
         if monitor is not None:
             monitor.interrupted(plan, stop.received or signal.SIGINT, n_ranks)
         raise
     finally:
-        writer.close()  # checkpoint slices already handed over reach the disk
-
-    slices = {name: stage_slice(stage.routing.adapters[name]) for name in plan.active}
-    gathered: list[Any] = [None] * n_ranks if rank == 0 else []
-    dist.gather_object((slices, events, peak_memory_bytes(device)), gathered if rank == 0 else None, dst=0)
-    if monitor is not None:
-        monitor.finish(plan, gathered)
+        writer.close()  # writes already handed over reach the disk
     dist.destroy_process_group()
     return 0
+
+
+def output_is_shared(out: Path, marker: str, rank: int) -> bool:
+    """Whether every rank sees rank 0's output folder (one host, or a shared file system):
+    then each stage writes its slice of a finished job there and rank 0 writes the job's
+    adapter at once; otherwise the slices are gathered at the end of the run."""
+    seen = [False] * dist.get_world_size()
+    dist.all_gather_object(seen, (out / marker).is_file())
+    if rank == 0:
+        (out / marker).unlink(missing_ok=True)
+    return all(seen)
+
+
+def slices_dir(out: Path, job: str) -> Path:
+    """Where the stages put their slices of a finished job for rank 0 (removed once written)."""
+    return job_dir(out, job) / ".stage-slices"
+
+
+def on_host(tree: Any) -> Any:
+    return map_tensors(tree, lambda t: t.detach().cpu())
+
+
+def write_job_output(job: JobState, folder: Path, slices: list[dict[str, Any]], model_path: str) -> None:
+    """One PEFT folder (or MeteoRA folder) from every stage's slice of the job, in stage order."""
+    if job.spec.kind == "meteora":
+        write_meteora_slices(folder, slices)
+        return
+    weights: dict[str, Any] = {}
+    for stage_weights in slices:
+        weights.update(stage_weights)
+    save_adapter(folder, adapter_meta(job.spec, model_path), weights)
 
 
 def evaluated_steps(metrics: Path) -> set[int]:
@@ -424,16 +475,22 @@ def evaluated_steps(metrics: Path) -> set[int]:
 
 
 def stage_slice(adapter: Any) -> dict[str, Any]:
-    """What this stage holds of a job, on the CPU, for rank 0 to write."""
+    """What this stage holds of a finished job (its tensors where they are), for rank 0 to write."""
     if isinstance(adapter, StageAdapter):
-        return {p: (a.detach().cpu(), b.detach().cpu()) for p, a, b in adapter.named_tensors()}
+        return {p: (a.detach(), b.detach()) for p, a, b in adapter.named_tensors()}
     return meteora_slice(adapter)
 
 
 class PipelineMonitor:
-    """Rank 0's metrics: progress from losses as they arrive, outputs at the end."""
+    """Rank 0's metrics, from losses as they arrive, and outputs: a job's adapter is
+    written as soon as its training and evaluations are done and every stage's final
+    slice is on disk (a shared output folder), else at the end of the run; the job
+    counts as finished once its adapter is written, as in one process."""
 
-    def __init__(self, driver: Driver | None, spec: RunSpec, n_stages: int) -> None:
+    POLL_S = 0.2  # how often rank 0 looks for the slices of jobs it is waiting to write
+
+    def __init__(self, driver: Driver | None, spec: RunSpec, n_stages: int, writer: BackgroundWriter,
+                 shared: bool) -> None:
         from mlora.monitor import (
             JsonlSink,
             LiveView,
@@ -444,6 +501,9 @@ class PipelineMonitor:
 
         assert driver is not None
         self.driver, self.spec, self.n_stages = driver, spec, n_stages
+        self.writer, self.shared = writer, shared
+        self.submitted: set[str] = set()  # adapter writes handed to the writer
+        self._polled = 0.0
         self.out = driver.out
         self.summary = RunSummary(
             name=spec.run.name or Path(spec.source).stem, output_dir=str(self.out), device="pipeline", n_stages=n_stages,
@@ -462,6 +522,7 @@ class PipelineMonitor:
         self.live.__enter__()
 
     def forwarded(self, plan: MicroBatchPlan) -> None:
+        self.poll()
         if plan.batch.is_eval:
             return
         for s in plan.batch.slices:
@@ -479,7 +540,7 @@ class PipelineMonitor:
         self.summary.job_progress(job_name, step + 1, job.tokens, loss, now)
         self.sink.log_train(self.summary.train_row(job_name, loss=loss, lr=lr, t=now, epoch=job.steps[step].epoch))
         if step + 1 == job.max_steps and not job.evaluates_after(job.max_steps):
-            self._finished(job, now)
+            self._trained(job)
         self.live.update(self.summary)
 
     def evaluated(self, job_name: str, step: int, loss_sum: float) -> None:
@@ -490,12 +551,47 @@ class PipelineMonitor:
         self.summary.job_eval(job_name, eval_loss)
         self.sink.log_eval({"kind": "eval", "job": job_name, "step": step, "eval_loss": eval_loss, "time": now})
         if step == job.max_steps:  # its last step's loss came in before it
-            self._finished(job, now)
+            self._trained(job)
         self.live.update(self.summary)
 
-    def _finished(self, job: JobState, now: float) -> None:
+    def _trained(self, job: JobState) -> None:
+        """Its last loss and evaluation are in: its adapter is written next."""
+        job.status = "writing"
+        self.poll(force=True)
+
+    def poll(self, force: bool = False) -> None:
+        """Hand the writer each trained job whose every stage has put its final slice on disk."""
+        now = time.time()
+        if not self.shared or (not force and now - self._polled < self.POLL_S):
+            return
+        self._polled = now
+        for job in self.driver.jobs.values():
+            folder = slices_dir(self.out, job.name)
+            if job.status == "writing" and job.name not in self.submitted and all(
+                (folder / f"stage{k}.pt").is_file() for k in range(self.n_stages)
+            ):
+                self._submit(job)
+
+    def _submit(self, job: JobState) -> None:
+        folder, stages, model = job_dir(self.out, job.name), slices_dir(self.out, job.name), self.spec.model.path
+
+        def write() -> None:
+            write_job_output(job, folder, [read_stage_slice(stages, k) for k in range(self.n_stages)], model)
+            shutil.rmtree(stages)
+
+        self.writer.submit_folder(job.name, folder, write)
+        self.submitted.add(job.name)
+
+    def collect(self, block: bool = False) -> None:
+        for written in self.writer.collect(block):
+            self._written(written)
+
+    def _written(self, written: Written) -> None:
+        job = self.driver.jobs[written.job]
         job.status = "finished"
-        self.summary.job_finished(job.name, now, None, str(job_dir(self.out, job.name)))
+        self.summary.job_finished(job.name, written.time, None, str(written.folder))
+        self.summary.save(self.out / SUMMARY)
+        self.live.update(self.summary)
 
     @staticmethod
     def _lr(job: JobState, step: int) -> float:
@@ -513,11 +609,15 @@ class PipelineMonitor:
         os.replace(tmp, folder / STATE)
 
     def interrupted(self, plan: PipelinePlan, signum: int, n_ranks: int) -> None:
-        """Ctrl-C or SIGTERM: jobs of this run are stopped (adapters are written only at the
-        end of a pipeline run), the run is interrupted, and how to go on is printed."""
+        """Ctrl-C or SIGTERM: adapters handed to the writer are written, the other jobs of
+        this run are stopped, the run is interrupted, and how to go on is printed."""
+        try:
+            self.collect(block=True)
+        except Exception as exc:  # the interrupt is what the user needs to hear about
+            print(f"mlora: {exc}", file=sys.stderr, flush=True)
         for name in plan.active:
             job = self.driver.jobs[name]
-            if job.status in ("running", "finished"):
+            if job.status in ("running", "writing"):
                 job.status = "stopped"
                 self.summary.job_stopped(name)
         self.summary.run_finished(time.time(), "interrupted")
@@ -530,19 +630,22 @@ class PipelineMonitor:
               "job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
 
     def finish(self, plan: PipelinePlan, gathered: list[Any]) -> None:
+        """The end: the adapters not yet written (all of them without a shared folder), the
+        trace and the summary."""
         events = [e for _, evs, _ in gathered for e in evs]
         peaks = [peak for _, _, peak in gathered]
         for name in plan.active:
             job = self.driver.jobs[name]
-            if job.spec.kind == "meteora":
-                write_meteora_slices(job_dir(self.out, name), [slices[name] for slices, _, _ in gathered])
+            if self.shared:
+                if name not in self.submitted:
+                    self._submit(job)  # every stage's slice is on disk: they were written before the gather
             else:
-                weights: dict[str, Any] = {}
-                for slices, _, _ in gathered:
-                    weights.update(slices[name])
-                save_adapter(job_dir(self.out, name), adapter_meta(job.spec, self.spec.model.path), weights)
-            record = self.summary.jobs[name]  # finished when its last loss arrived; keep that time
-            record.peak_memory_bytes = max(peaks)
+                folder = job_dir(self.out, name)
+                write_job_output(job, folder, [slices[name] for slices, _, _ in gathered], self.spec.model.path)
+                self._written(Written(name, folder, time.time()))
+        self.collect(block=True)
+        for name in plan.active:
+            self.summary.jobs[name].peak_memory_bytes = max(peaks)
         trace = to_chrome_trace(events, n_stages=self.n_stages)
         (self.out / TRACE).write_text(json.dumps(trace))
         bubble = bubble_from_events(events, self.n_stages)
