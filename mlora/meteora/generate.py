@@ -10,6 +10,8 @@ of the last layer) or the k adapters most often in the top-k over every linear.
 
 from __future__ import annotations
 
+import inspect
+
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +138,12 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[An
         yield start, items[start : start + size]
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The KV cache's name in the model's forward and output: `cache` in newer transformers
+    5.x (where `past_key_values` is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, gen: torch.Generator | None) -> Tensor:
     if not do_sample:
         return logits.argmax(-1)
@@ -204,9 +212,10 @@ def _generate_batch(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     past = None
     step_ids = ids
+    cache = cache_argument(model)
     for _ in range(max_new_tokens):
-        result = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
-        past = result.past_key_values
+        result = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache: past})
+        past = getattr(result, cache)
         token = _next_token(result.logits[:, -1], do_sample, temperature, top_p, gen)
         token = torch.where(done, torch.full_like(token, pad), token)
         chosen = _traced(adapter, trace, rows) if trace is not None and isinstance(adapter, MeteoraAdapter) else None
