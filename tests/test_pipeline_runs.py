@@ -106,6 +106,9 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     summary = json.loads((out / "run_summary.json").read_text())
     assert all(j["state"] == "finished" for j in summary["jobs"].values())
     assert 0.0 <= summary["run"]["bubble_fraction"] < 1.0
+    # the schedule was costed by the simulator before it ran
+    predicted = summary["run"]["predicted_bubble_fraction"]
+    assert 0.0 < predicted < 1.0 and f"predicted bubble: {predicted:.3f}" in proc.stdout
 
 
 def test_a_job_that_ends_early_has_its_adapter_written_while_the_others_train(tmp_path, tiny_models, datasets):

@@ -71,6 +71,7 @@ from mlora.runtime.transport import PipelineError, Transport
 from mlora.schedule.partition import ModelShape, balanced_split, explicit_split
 from mlora.schedule.pipeline import build_schedule
 from mlora.schedule.planner import JobPlanSizes, plan_pipeline
+from mlora.schedule.simulate import StageCosts, simulate
 from mlora.schedule.trace import bubble_from_events, to_chrome_trace
 from mlora.schedule.validate import validate_schedule
 
@@ -82,6 +83,7 @@ class PipelinePlan:
     spec: RunSpec
     bounds: tuple[StageBounds, ...]
     split_text: str
+    predicted_bubble: float  # the schedules simulated with per-token stage costs, before anything runs
     phases: tuple[tuple[tuple[str, ...], Any], ...]  # (jobs starting, mlora.schedule.actions.Schedule) in order
     plans: dict[int, MicroBatchPlan]  # every phase's micro-batches (numbered across phases)
     job_ids: dict[str, int]
@@ -112,7 +114,8 @@ def stage_shape(model_path: str) -> ModelShape:
     )
 
 
-def split_model(spec: RunSpec, n_stages: int) -> tuple[tuple[StageBounds, ...], str]:
+def split_model(spec: RunSpec, n_stages: int) -> tuple[tuple[StageBounds, ...], str, tuple[float, ...]]:
+    """The stages' block ranges, their description and their relative costs."""
     shape = stage_shape(spec.model.path)
     layers = spec.run.layers_per_stage
     if layers is not None and len(layers) != n_stages:
@@ -124,7 +127,7 @@ def split_model(spec: RunSpec, n_stages: int) -> tuple[tuple[StageBounds, ...], 
     bounds = tuple(
         StageBounds(split.bounds[k], split.bounds[k + 1], k == 0, k == n_stages - 1) for k in range(n_stages)
     )
-    return bounds, split.describe()
+    return bounds, split.describe(), split.costs
 
 
 # --------------------------------------------------------------------- rank 0
@@ -140,7 +143,7 @@ class Driver:
         if any(j.kind == "meteora" for j in spec.jobs):
             check_meteora_inputs(spec, *base_linear_shapes(spec.model.path))
         self.jobs: dict[str, JobState] = {s.name: s for s in build_job_states(spec, tokenizer, plan_steps)}
-        self.bounds, self.split_text = split_model(spec, n_stages)
+        self.bounds, self.split_text, self.stage_costs = split_model(spec, n_stages)
         self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
         warn_about_data(self.jobs.values())
         self.resume = resume
@@ -183,6 +186,7 @@ class Driver:
             spec=self.spec,
             bounds=self.bounds,
             split_text=self.split_text,
+            predicted_bubble=predicted_bubble([schedule for _, schedule in phases], self.stage_costs),
             phases=tuple(phases),
             plans=plans,
             job_ids={j.name: i for i, j in enumerate(self.spec.jobs)},
@@ -330,7 +334,8 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     plan: PipelinePlan = message["plan"]
     spec = plan.spec
     if rank == 0:
-        print(f"pipeline of {n_ranks} stages:\n{plan.split_text}", flush=True)
+        print(f"pipeline of {n_ranks} stages:\n{plan.split_text}\n"
+              f"predicted bubble: {plan.predicted_bubble:.3f} (the schedule simulated with per-token stage costs)", flush=True)
 
     stage = load_stage(spec.model.path, plan.bounds[rank], spec.model.dtype, device, spec.model.attn_implementation)
     stage.routing.backend = spec.run.backend
@@ -433,6 +438,18 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         writer.close()  # writes already handed over reach the disk
     dist.destroy_process_group()
     return 0
+
+
+def predicted_bubble(schedules: Sequence[Any], stage_costs: Sequence[float]) -> float:
+    """Idle stage time over all stage time of the phases run one after another, each simulated
+    with per-token costs in the split's proportions (backward twice the forward)."""
+    costs = StageCosts.proportional(stage_costs)
+    idle = total = 0.0
+    for schedule in schedules:
+        sim = simulate(schedule, costs)
+        idle += sum(sim.idle)
+        total += sim.n_stages * sim.makespan
+    return idle / total if total > 0 else 0.0
 
 
 def output_is_shared(out: Path, marker: str, rank: int) -> bool:
@@ -649,7 +666,8 @@ class PipelineMonitor:
         trace = to_chrome_trace(events, n_stages=self.n_stages)
         (self.out / TRACE).write_text(json.dumps(trace))
         bubble = bubble_from_events(events, self.n_stages)
-        self.summary.set_run_info(bubble_fraction=bubble, peak_memory_per_stage=peaks)
+        self.summary.set_run_info(bubble_fraction=bubble, predicted_bubble_fraction=plan.predicted_bubble,
+                                  peak_memory_per_stage=peaks)
         self.summary.run_finished(time.time(), "finished")
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
