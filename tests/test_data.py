@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,67 @@ def test_json_list_format_and_byte_order_mark(tmp_path):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"instruction": "a", "output": "b"}).encode() + b"\n\n")
     assert load_records(bom, "alpaca") == [{"instruction": "a", "output": "b"}]
+
+
+def test_spreadsheet_and_parquet_files_read_as_the_same_records(tmp_path, tokenizer):
+    """CSV / TSV exports with Alpaca columns (quoted commas and newlines, an empty input,
+    a column of other data kept), and Parquet tables of Alpaca or chat records, give the
+    examples of the same records in JSONL."""
+    import csv
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = [{"instruction": "Say, then stop.", "input": "", "output": "a, b\nc", "source": "x"},
+            {"instruction": "Reverse.", "input": "lemon", "output": "nomel", "source": "y"}]
+    want = JobData.build(write(tmp_path / "d.jsonl", rows), "auto", "alpaca", tokenizer, 512, 0, 0)
+    for name, delimiter in (("d.csv", ","), ("d.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as f:
+            out = csv.DictWriter(f, ["instruction", "input", "output", "source"], delimiter=delimiter)
+            out.writeheader()
+            out.writerows(rows)
+        assert load_records(tmp_path / name) == rows
+        got = JobData.build(tmp_path / name, "auto", "alpaca", tokenizer, 512, 0, 0)
+        assert [(e.input_ids, e.labels) for e in got.train] == [(e.input_ids, e.labels) for e in want.train]
+    # a MeteoRA job's task column: an adapter's name, or its index as text
+    (tmp_path / "t.csv").write_text("instruction,output,task\nr,a,rev\nu,b,1\n")
+    tasked = JobData.build(tmp_path / "t.csv", "auto", "plain", tokenizer, 64, 0, 0, task_names=["rev", "up"])
+    assert sorted(e.tasks()[0] for e in tasked.train) == [0, 1]
+    (tmp_path / "t.csv").write_text("instruction,output,task\nr,a,7\n")
+    with pytest.raises(DataError, match=r"task '7' is neither an adapter \(rev, up\) nor an index 0..1"):
+        JobData.build(tmp_path / "t.csv", "auto", "plain", tokenizer, 64, 0, 0, task_names=["rev", "up"])
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]
+    for records in (rows, chats):
+        pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+        assert load_records(tmp_path / "d.parquet") == records
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("noout.csv", "instruction,input\nhi,\n", "noout.csv: line 2: lacks `output`"),
+        # a blank line and a cell over two lines before it: the line the record starts on
+        ("late.csv", 'instruction,output\na,b\n\nc,"d\ne"\n,\nf,g,h\n', "late.csv: line 7: 3 cells, and the header has 2 columns"),
+        ("twice.tsv", "output\toutput\na\tb\n", "twice.tsv: line 1: a column name appears twice"),
+        ("header.csv", "\ninstruction,output\n,\n", "header.csv: empty dataset"),
+        ("bad.parquet", "not parquet", "bad.parquet: not a readable Parquet file"),
+    ],
+)
+def test_broken_spreadsheets_and_tables_name_file_and_row(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    with pytest.raises(DataError) as info:
+        load_records(tmp_path / name)
+    assert message in str(info.value)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"d\.parquet: reading Parquet needs pyarrow \(pip install pyarrow"):
+        load_records(tmp_path / "d.parquet")
 
 
 def test_demo_data_loads_in_its_formats():

@@ -115,7 +115,8 @@ class JobData:
 
 
 def record_task(record: dict[str, Any], task_names: Sequence[str], path: Path, index: int) -> int:
-    """A record's task index from its `task` field: an adapter's name or its index."""
+    """A record's task index from its `task` field: an adapter's name or its index (as a
+    number, or as text where no adapter has that name)."""
     value = record.get("task")
     if isinstance(value, bool) or value is None:
         raise DataError(f"{path}: record {index + 1}: no `task` field (a MeteoRA job needs each record's adapter)")
@@ -123,6 +124,8 @@ def record_task(record: dict[str, Any], task_names: Sequence[str], path: Path, i
         return value
     if isinstance(value, str) and value in task_names:
         return list(task_names).index(value)
+    if isinstance(value, str) and value.strip().isdigit() and int(value) < len(task_names):
+        return int(value)  # an index written as text (a CSV cell)
     raise DataError(
         f"{path}: record {index + 1}: task {value!r} is neither an adapter ({', '.join(task_names)}) "
         f"nor an index 0..{len(task_names) - 1}"

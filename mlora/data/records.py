@@ -1,5 +1,6 @@
-"""Reading datasets: Alpaca JSON/JSONL (instruction, input, output), chat `messages`, or
-ShareGPT `conversations` (LLaMA-Factory's and axolotl's other chat layout, read as messages).
+"""Reading datasets: Alpaca (instruction, input, output), chat `messages`, or ShareGPT
+`conversations` (LLaMA-Factory's and axolotl's other chat layout, read as messages), from
+JSONL, JSON, Parquet (chat records too), or CSV / TSV (Alpaca columns).
 
 Errors name the file, the line (or record) and the field, so a broken line in a
 100k-line file is found at once.
@@ -7,6 +8,8 @@ Errors name the file, the line (or record) and the field, so a broken line in a
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -37,19 +40,26 @@ def detect_format(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _read_lines(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for a .jsonl, or (index + 1, item) for a .json list."""
+def _read_lines(path: Path) -> tuple[list[tuple[int, Any]], str]:
+    """(place, parsed object) for every record, and what a place is called in messages:
+    the line a record starts on in a .jsonl, .csv or .tsv file (the header is line 1),
+    its number in a .json list or a .parquet table. Any other name is JSONL."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return [(i + 1, item) for i, item in enumerate(_read_parquet(path))], "record"
     text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
-    if path.suffix == ".json":
+    if suffix in (".csv", ".tsv"):
+        return _read_table(path, text, "\t" if suffix == ".tsv" else ","), "line"
+    if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json dataset must be a list of records")
-        return [(i + 1, item) for i, item in enumerate(data)]
+        return [(i + 1, item) for i, item in enumerate(data)], "record"
     out = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -58,7 +68,43 @@ def _read_lines(path: Path) -> list[tuple[int, Any]]:
             out.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {number}: not valid JSON: {exc.msg}") from exc
-    return out
+    return out, "line"
+
+
+def _read_table(path: Path, text: str, delimiter: str) -> list[tuple[int, Any]]:
+    """A spreadsheet export: one record a row, named by the header row, every value a
+    string (an empty or missing cell is ""), so Alpaca columns read as Alpaca records.
+    A record's place is the line it starts on (a quoted cell may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    rows = []
+    start = 1
+    for cells in reader:
+        line, start = start, reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue  # a blank line, or a row of empty cells
+        if header is None:
+            header = cells
+            if len(set(header)) != len(header):
+                raise DataError(f"{path}: line {line}: a column name appears twice: {header}")
+            continue
+        if len(cells) > len(header):
+            raise DataError(f"{path}: line {line}: {len(cells)} cells, and the header has {len(header)} columns")
+        rows.append((line, dict(zip(header, cells + [""] * (len(header) - len(cells))))))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    """A Parquet table's rows as records (nested lists and structs as lists and dicts:
+    chat `messages` read as in JSONL). Needs pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow, or 'mlora[parquet]')") from exc
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow's errors are of several kinds: name the file either way
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
 
 
 def load_records(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
@@ -66,10 +112,9 @@ def load_records(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown dataset format {fmt!r} (use {', '.join(FORMATS)})")
-    rows = _read_lines(path)
+    rows, where = _read_lines(path)
     if not rows:
         raise DataError(f"{path}: empty dataset")
-    where = "record" if path.suffix == ".json" else "line"
     if fmt == "auto":
         first = rows[0][1]
         detected = detect_format(first) if isinstance(first, dict) else None
