@@ -89,6 +89,40 @@ def test_several_files_are_one_dataset(tmp_path, tokenizer):
         JobData.build([first, tmp_path / "bad.jsonl"], "auto", "plain", tokenizer, 64, 0, 3)
 
 
+def test_batched_tokenisation_and_a_shared_cache_give_the_examples_of_one_call_per_text(tmp_path, tokenizer):
+    """One batched call over each distinct text gives the ids of one call per text; jobs of
+    a sweep over one file tokenise it once and still get their own splits."""
+    from mlora.data.tokenize import encode_texts
+
+    texts = ["Reverse the word.", "", "lemon", "Reverse the word.", " spaced  out ", "ünïcode 数字\n"]
+    assert encode_texts(tokenizer, texts) == {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts}
+
+    class Counting:  # the tokenizer, counting its calls
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return tokenizer(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    rows = [{"instruction": "n", "input": str(i % 7), "output": str(i)} for i in range(40)]
+    path = write(tmp_path / "d.jsonl", rows)
+    counting, cache = Counting(), {}
+    for seed, split in ((1, 5), (2, 0.25), (3, 0)):
+        shared = JobData.build(path, "auto", "alpaca", counting, 64, split, seed, cache=cache)
+        alone = JobData.build(path, "auto", "alpaca", tokenizer, 64, split, seed)
+        assert [(e.input_ids, e.labels) for e in shared.train] == [(e.input_ids, e.labels) for e in alone.train]
+        assert [e.input_ids for e in shared.eval] == [e.input_ids for e in alone.eval]
+    assert counting.calls == 1
+    JobData.build(path, "auto", "plain", counting, 64, 0, 1, cache=cache)  # another template: its own
+    assert counting.calls == 2
+    one_by_one = [tokenize_pieces(tokenizer, render(r, "alpaca"), 64) for r in rows]
+    assert [(e.input_ids, e.labels) for e in alone.train] == [(e.input_ids, e.labels) for e in one_by_one]
+
+
 def test_cutoff_truncates_and_drops_examples_without_a_response(tmp_path, tokenizer):
     rows = [{"instruction": "x " * 60, "output": "late"}, {"instruction": "short", "output": "a b c d e f g h"}]
     data = JobData.build(write(tmp_path / "d.jsonl", rows), "auto", "plain", tokenizer, 12, 0, 0)

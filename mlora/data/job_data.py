@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from mlora.data.records import DataError, load_records
 from mlora.data.templates import Piece, render
-from mlora.data.tokenize import Example, tokenize_pieces
+from mlora.data.tokenize import Example, encode_texts, tokenize_pieces
 
 
 def split_sizes(n: int, eval_split: float | int) -> int:
@@ -64,6 +64,7 @@ class JobData:
         seed: int,
         task_names: Sequence[str] | None = None,
         force_task: int | None = None,
+        cache: dict[Any, list[Example | None]] | None = None,
     ) -> "JobData":
         """Read, render, tokenise and split; the split is over records, fixed by `seed`.
 
@@ -71,34 +72,27 @@ class JobData:
         together (an eval split of N records takes N in all, not N a file). MeteoRA jobs
         pass `task_names` (their adapters): then every record must say its task, by
         `force_task` (a file per task) or by its own `task` field (an adapter name or
-        index).
+        index). Jobs of one run that read the same files the same way (a sweep) share
+        one tokenisation through `cache`; only their splits and orders differ.
         """
         paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
-        rows = [(file, i, record) for file in paths for i, record in enumerate(load_records(file, fmt))]
-        n_eval = split_sizes(len(rows), eval_split)
-        order = list(range(len(rows)))
+        key = (tuple(str(p) for p in paths), fmt, template, cutoff_len,
+               tuple(task_names) if task_names is not None else None, force_task)
+        examples = cache.get(key) if cache is not None else None
+        if examples is None:
+            examples = tokenized_records(paths, fmt, template, tokenizer, cutoff_len, task_names, force_task)
+            if cache is not None:
+                cache[key] = examples
+        n_eval = split_sizes(len(examples), eval_split)
+        order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         eval_ids = set(order[:n_eval])
-        train: list[Example] = []
-        evals: list[Example] = []
-        dropped = 0
-        for k, (file, i, record) in enumerate(rows):
-            if "parts" in record:
-                example = chained_example(record, template, tokenizer, cutoff_len, task_names, force_task, file, i)
-            else:
-                if task_names is None:
-                    task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
-                else:
-                    task = force_task if force_task is not None else record_task(record, task_names, file, i)
-                example = tokenize_pieces(tokenizer, render(record, template), cutoff_len, task=task)
-            if example is None:
-                dropped += 1
-                continue
-            (evals if k in eval_ids else train).append(example)
+        train = [e for k, e in enumerate(examples) if e is not None and k not in eval_ids]
+        evals = [e for k, e in enumerate(examples) if e is not None and k in eval_ids]
         if not train:
             names = ", ".join(str(file) for file in paths)
             raise DataError(f"{names}: no training example has a response token within cutoff_len={cutoff_len}")
-        return cls(train, evals, dropped, seed)
+        return cls(train, evals, sum(e is None for e in examples), seed)
 
     @classmethod
     def concat(cls, parts: Sequence["JobData"], seed: int) -> "JobData":
@@ -132,13 +126,36 @@ def record_task(record: dict[str, Any], task_names: Sequence[str], path: Path, i
     )
 
 
-def chained_example(
-    record: dict[str, Any], template: str, tokenizer: Any, cutoff_len: int,
-    task_names: Sequence[str] | None, force_task: int | None, path: Path, index: int,
-) -> Example | None:
+def tokenized_records(
+    paths: Sequence[Path], fmt: str, template: str, tokenizer: Any, cutoff_len: int,
+    task_names: Sequence[str] | None = None, force_task: int | None = None,
+) -> list[Example | None]:
+    """Every record of the files, in order, as an Example (None: no response token
+    within cutoff_len). Records are rendered first and their texts tokenised in one
+    batched call, each distinct text once (a fast tokenizer spreads it over the cores)."""
+    rendered: list[tuple[list[Piece], int, list[int] | None]] = []
+    for file in paths:
+        for i, record in enumerate(load_records(file, fmt)):
+            if "parts" in record:
+                rendered.append(chained_pieces(record, template, task_names, force_task, file, i))
+                continue
+            if task_names is None:
+                task = int(record.get("task", -1)) if isinstance(record.get("task", -1), int) else -1
+            else:
+                task = force_task if force_task is not None else record_task(record, task_names, file, i)
+            rendered.append((render(record, template), task, None))
+    encoded = encode_texts(tokenizer, [piece.text for pieces, _, _ in rendered for piece in pieces])
+    return [tokenize_pieces(tokenizer, pieces, cutoff_len, task=task, piece_tasks=tasks, encoded=encoded)
+            for pieces, task, tasks in rendered]
+
+
+def chained_pieces(
+    record: dict[str, Any], template: str, task_names: Sequence[str] | None, force_task: int | None,
+    path: Path, index: int,
+) -> tuple[list[Piece], int, list[int]]:
     """A record of several parts asked one after another in one sequence, each answer
-    followed by a newline; every token is tagged with its part's task (MeteoRA gates
-    learn to switch adapters where the task changes)."""
+    followed by a newline, with every piece's task (MeteoRA gates learn to switch
+    adapters where the task changes): (pieces, first task, task per piece)."""
     pieces, tasks = [], []
     parts = record["parts"]
     for k, part in enumerate(parts):
@@ -151,4 +168,4 @@ def chained_example(
             part_pieces = [*part_pieces, Piece("\n", True)]
         pieces += part_pieces
         tasks += [task] * len(part_pieces)
-    return tokenize_pieces(tokenizer, pieces, cutoff_len, task=tasks[0], piece_tasks=tasks)
+    return pieces, tasks[0], tasks

@@ -9,7 +9,7 @@ piece, so the model learns to stop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from mlora.data.templates import Piece
 
@@ -29,14 +29,24 @@ class Example:
         return list(self.token_tasks) if self.token_tasks is not None else [self.task] * len(self.input_ids)
 
 
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> dict[str, list[int]]:
+    """Each distinct text's token ids (no special tokens), from one batched call: the same
+    ids as one call per text, at a fraction of the time for a large dataset."""
+    distinct = list(dict.fromkeys(texts))
+    if not distinct:
+        return {}
+    return dict(zip(distinct, tokenizer(distinct, add_special_tokens=False)["input_ids"]))
+
+
 def tokenize_pieces(
     tokenizer: Any, pieces: Sequence[Piece], cutoff_len: int, add_bos: bool = True, task: int = -1,
-    piece_tasks: Sequence[int] | None = None,
+    piece_tasks: Sequence[int] | None = None, encoded: Mapping[str, list[int]] | None = None,
 ) -> Example | None:
     """Token ids and labels, cut to `cutoff_len`; None if no trained token survives.
 
     `piece_tasks` (one per piece) tags every token with its piece's task: a record of
-    several tasks in a row (the BOS takes the first piece's).
+    several tasks in a row (the BOS takes the first piece's). `encoded` holds the pieces'
+    ids already (`encode_texts`); else each piece is tokenised here.
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -47,7 +57,7 @@ def tokenize_pieces(
         tasks.append(piece_tasks[0] if piece_tasks else task)
     last_trained = max((i for i, p in enumerate(pieces) if p.train), default=-1)
     for i, piece in enumerate(pieces):
-        piece_ids = tokenizer(piece.text, add_special_tokens=False)["input_ids"]
+        piece_ids = encoded[piece.text] if encoded is not None else tokenizer(piece.text, add_special_tokens=False)["input_ids"]
         if i == last_trained and tokenizer.eos_token_id is not None:
             piece_ids = [*piece_ids, tokenizer.eos_token_id]
         ids.extend(piece_ids)

@@ -55,22 +55,23 @@ def load_tokenizer(model_path: str) -> Any:
         raise ConfigError(f"model: path: {model_path!r}: cannot load its tokenizer: {exc}") from exc
 
 
-def read_job_data(job: JobSpec, tokenizer: Any) -> Any:
-    """A job's JobData; a MeteoRA job's records each carry their adapter's index."""
+def read_job_data(job: JobSpec, tokenizer: Any, cache: dict[Any, Any] | None = None) -> Any:
+    """A job's JobData; a MeteoRA job's records each carry their adapter's index. Jobs
+    given one `cache` tokenise a dataset they read alike once."""
     from mlora.config.load import adapter_label, task_index
     from mlora.data import JobData
 
     common = (job.dataset_format, job.template, tokenizer, job.cutoff_len, job.eval_split, job.seed)
     files = [Path(p) for p in job.dataset_files]
     if job.kind != "meteora":
-        return JobData.build(files, *common)
+        return JobData.build(files, *common, cache=cache)
     names = [adapter_label(a) for a in job.adapters]
     if files:
-        return JobData.build(files, *common, task_names=names)
+        return JobData.build(files, *common, task_names=names, cache=cache)
     parts = []
     for key, path in (job.datasets or {}).items():
         index = task_index(key, job.adapters)
-        parts.append(JobData.build(Path(path), *common, task_names=names, force_task=index))
+        parts.append(JobData.build(Path(path), *common, task_names=names, force_task=index, cache=cache))
     return JobData.concat(parts, job.seed)
 
 
@@ -79,9 +80,10 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
     from mlora.data import DataError
 
     states = []
+    tokenized: dict[Any, Any] = {}  # a sweep's jobs over one dataset tokenise it once
     for job in spec.jobs:
         try:
-            data = read_job_data(job, tokenizer)
+            data = read_job_data(job, tokenizer, tokenized)
         except DataError as exc:
             field = "dataset" if job.dataset is not None else "datasets"
             raise ConfigError(f"{spec.source}: job {job.name!r}: {field}: {exc}") from exc
