@@ -86,7 +86,10 @@ def test_gates_match_the_single_job_reference(tmp_path, tiny_models):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(0 <= r["route_acc"] <= 1 and r["gate_loss"] > 0 for r in rows)
 
 
-def test_fused_with_lora_jobs_equals_alone(tmp_path, tiny_models, datasets):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_with_lora_jobs_equals_alone(tmp_path, tiny_models, datasets, recompute):
+    """Also with run.gradient_checkpointing (blocks rerun in the backward must not record
+    gate logits a second time)."""
     model_dir = tiny_models["llama"]
     folders = random_loras(tmp_path, model_dir, 2)
     data = task_file(tmp_path / "d.jsonl", {1: 0, 6: 1}, 16, chains=4)
@@ -94,7 +97,8 @@ def test_fused_with_lora_jobs_equals_alone(tmp_path, tiny_models, datasets):
                       learning_rate=5e-3, top_k=1, max_grad_norm=0.5)
     lora = {"name": "copy", "dataset": str(datasets["copy"]), "lora_r": 4, "micro_batch_size": 2, "max_steps": 4,
             "target_modules": "all", "learning_rate": 1e-2}
-    together = train(load_run_file(run(tmp_path, model_dir, [lora, mix], "together", max_tokens_per_batch=200)), live=False)
+    together = train(load_run_file(run(tmp_path, model_dir, [lora, mix], "together", max_tokens_per_batch=200,
+                                       gradient_checkpointing=recompute)), live=False)
     alone = train(load_run_file(run(tmp_path, model_dir, [mix], "alone")), live=False)
     a, b = gates(alone.output_dir, "mix"), gates(together.output_dir, "mix")
     assert a.keys() == b.keys()

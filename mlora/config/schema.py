@@ -95,6 +95,7 @@ class RunLimits:
     backend: str = "auto"  # multi-LoRA operator backend: auto | torch | triton
     pad_to_multiple_of: int = 1  # round each fused batch's padded length up (recurring shapes for CUDA graphs)
     cuda_graphs: bool = True  # replay each recurring fused-batch shape as one CUDA graph (CUDA only)
+    gradient_checkpointing: bool = False  # recompute each block in the backward: less activation memory
     log_every_s: float = 5.0  # plain-log cadence when stdout is not a terminal
     name: str | None = None
     # pipeline runs (torchrun with several processes)

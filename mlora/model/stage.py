@@ -8,12 +8,15 @@ rank never materialises the whole model. A single-process run is one stage holdi
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from mlora.model.layout import (
@@ -132,6 +135,9 @@ class StageModel(nn.Module):
                 self.lora_linears[path] = wrapped
         self.fused_residual = False
         self.fused_loss = fused_ops  # read by the callers of model.loss.job_loss_sums
+        # run.gradient_checkpointing: keep each block's input only and recompute the block
+        # in the backward (activation memory of one block instead of all, ~1/3 more compute)
+        self.gradient_checkpointing = False
         if fused_ops:
             from mlora.ops.fused_block import fuse_block_ops
             from mlora.ops.fused_residual import fusable
@@ -184,15 +190,16 @@ class StageModel(nn.Module):
         if backend is not None:
             self.routing.backend = backend
         kwargs = dict(attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         try:
-            if self.fused_residual and hidden.is_cuda:
+            if self.fused_residual and hidden.is_cuda and not recompute:
                 from mlora.ops.fused_residual import run_layers, unhooked
 
                 final = self.norm if self.bounds.last else None
                 if unhooked(self.layers, final):  # a hook on a block or norm needs the module's own forward
                     return run_layers(self.layers, hidden, final, **kwargs)
             for layer in self.layers:
-                hidden = layer(hidden, **kwargs)
+                hidden = self._checkpointed(layer, hidden, kwargs) if recompute else layer(hidden, **kwargs)
         finally:
             self.routing.layout = None
             self.routing.op_cache = {}
@@ -201,6 +208,38 @@ class StageModel(nn.Module):
         if self.bounds.last:
             hidden = self.norm(hidden)
         return hidden
+
+    def _checkpointed(self, layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """The block through torch.utils.checkpoint: only its input is kept, and the block
+        runs again in the backward, under the routing state of this forward (the call
+        has cleared it by then) and without recording MeteoRA gate logits a second time.
+        Dropout masks come from generators seeded per call, so the rerun draws the same."""
+        state = (self.routing.layout, self.routing.op_cache, self.routing.generators, self.routing.backend)
+        runs = [0]
+
+        def run(h: Tensor) -> Tensor:
+            again = runs[0] > 0
+            runs[0] += 1
+            with self._routing_as(state, record_gates=not again):
+                return layer(h, **kwargs)
+
+        return checkpoint(run, hidden, use_reentrant=False)
+
+    @contextmanager
+    def _routing_as(self, state: tuple[Any, ...], record_gates: bool) -> Iterator[None]:
+        routing = self.routing
+        saved = (routing.layout, routing.op_cache, routing.generators, routing.backend)
+        mixtures = [a for a in routing.adapters.values() if hasattr(a, "record_gate_logits")]
+        recording = [a.record_gate_logits for a in mixtures]
+        routing.layout, routing.op_cache, routing.generators, routing.backend = state
+        for adapter in mixtures:
+            adapter.record_gate_logits = adapter.record_gate_logits and record_gates
+        try:
+            yield
+        finally:
+            routing.layout, routing.op_cache, routing.generators, routing.backend = saved
+            for adapter, was in zip(mixtures, recording):
+                adapter.record_gate_logits = was
 
     @staticmethod
     def _eager_causal_mask(seq_len: int, like: Tensor) -> Tensor:

@@ -339,6 +339,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
 
     stage = load_stage(spec.model.path, plan.bounds[rank], spec.model.dtype, device, spec.model.attn_implementation)
     stage.routing.backend = spec.run.backend
+    stage.gradient_checkpointing = spec.run.gradient_checkpointing
     optimizers: dict[str, JobOptimizer] = {}
     specs = {j.name: j for j in spec.jobs}
     shapes = stage.linear_shapes(ALL_TARGET_MODULES)

@@ -170,6 +170,7 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
     stage = load_stage(
         spec.model.path, dtype=spec.model.dtype, device=device, attn_implementation=spec.model.attn_implementation
     )
+    stage.gradient_checkpointing = spec.run.gradient_checkpointing
     return Prepared(spec, jobs, stage, pad_id, out, device)
 
 
@@ -227,8 +228,11 @@ class Trainer:
         self.writer = BackgroundWriter(self.device)  # adapters and checkpoints go to disk beside training
         # CUDA graphs replay recurring batch shapes with one launch (mlora/runtime/step_graphs.py);
         # a recording and the writer's copies off the GPU take turns (`BackgroundWriter.device_lock`)
+        # (not with gradient checkpointing: a block rerun in the backward would draw its dropout
+        # masks from the graphs' kept generators, already advanced)
         self.graphs = (StepGraphs(self.stage, recording_lock=self.writer.device_lock)
-                       if spec.run.cuda_graphs and self.device.type == "cuda" else None)
+                       if spec.run.cuda_graphs and not spec.run.gradient_checkpointing and self.device.type == "cuda"
+                       else None)
         self.stop_after_batches = stop_after_batches
         self._logs: deque[StepLog] = deque()
         self._in_flight: deque[torch.cuda.Event] = deque()
