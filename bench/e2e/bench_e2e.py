@@ -155,7 +155,8 @@ def run_peft(model: torch.nn.Module, args: argparse.Namespace, device: torch.dev
 
 
 def run_mlora(
-    model: torch.nn.Module, args: argparse.Namespace, device: torch.device, backend: str, budget: int, graphs: bool
+    model: torch.nn.Module, args: argparse.Namespace, device: torch.device, backend: str, budget: int, graphs: bool,
+    checkpointing: bool = False,
 ) -> dict:
     """mlora: all jobs fused into one batch per step, through the real Trainer."""
     stage = stage_from_model(model)
@@ -179,7 +180,7 @@ def run_mlora(
             jobs=tuple(specs),
             run=RunLimits(
                 output_dir=out, max_concurrent_jobs=args.jobs, max_tokens_per_batch=budget, backend=backend,
-                cuda_graphs=graphs, pad_to_multiple_of=args.pad if graphs else 1,
+                cuda_graphs=graphs, pad_to_multiple_of=args.pad if graphs else 1, gradient_checkpointing=checkpointing,
             ),
         )
         trainer = Trainer(Prepared(run, jobs, stage, 0, Path(out), device), live=False)
@@ -223,6 +224,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--backends", default="auto")
     parser.add_argument("--graphs", default="on", help="CUDA graphs of the fused step: on, off, or on,off (both rows)")
+    parser.add_argument("--checkpointing", default="off",
+                        help="run.gradient_checkpointing of the mlora rows: off, on, or off,on (both; on runs without graphs)")
     parser.add_argument("--vary", action="store_true", help="rows of random lengths in [seq/4, seq] instead of all seq long")
     parser.add_argument("--pad", type=int, default=64, help="run.pad_to_multiple_of of the graph rows (recurring shapes)")
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
@@ -244,14 +247,16 @@ def main() -> None:
         peft["mfu"] = 4 * params * peft["tokens_per_s"] / (peak * 1e12)
         peft["steady_mfu"] = 4 * params * peft["steady_tokens_per_s"] / (peak * 1e12)
         rows.append({"shape": shape, "system": "peft, one job at a time", **peft})
-        for backend, graphs in [(b, g == "on") for b in args.backends.split(",") for g in args.graphs.split(",")]:
+        variants = [(b, g == "on" and c == "off", c == "on") for b in args.backends.split(",")
+                    for c in args.checkpointing.split(",") for g in args.graphs.split(",")]
+        for backend, graphs, checkpointing in dict.fromkeys(variants):
             budget = args.jobs * args.micro * args.seq
             while True:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    res = run_mlora(model, args, device, backend, budget, graphs)
+                    res = run_mlora(model, args, device, backend, budget, graphs, checkpointing)
                     break
                 except torch.OutOfMemoryError:
                     if budget <= args.micro * args.seq:
@@ -264,6 +269,7 @@ def main() -> None:
             res["steady_mfu"] = 4 * params * res["steady_tokens_per_s"] / (peak * 1e12)
             res["steady_speedup_vs_peft"] = res["steady_tokens_per_s"] / peft["steady_tokens_per_s"]
             label = (f"{backend}, graphs, pad {args.pad}" if args.vary else f"{backend}, graphs") if graphs else backend
+            label += ", checkpointing" if checkpointing else ""
             rows.append({"shape": shape, "system": f"mlora, {args.jobs} jobs together ({label})", **res})
         del model
     header = (f"{'shape':6} {'system':46} {'tok/s':>9} {'x PEFT':>7} {'MFU':>6} {'steady':>9} {'x PEFT':>7} {'MFU':>6} "

@@ -170,7 +170,6 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
     stage = load_stage(
         spec.model.path, dtype=spec.model.dtype, device=device, attn_implementation=spec.model.attn_implementation
     )
-    stage.gradient_checkpointing = spec.run.gradient_checkpointing
     return Prepared(spec, jobs, stage, pad_id, out, device)
 
 
@@ -222,6 +221,7 @@ class Trainer:
         self.jobs: dict[str, JobState] = {j.name: j for j in prepared.jobs}
         self.stage = prepared.stage
         self.stage.routing.backend = spec.run.backend
+        self.stage.gradient_checkpointing = spec.run.gradient_checkpointing
         self.optimizers: dict[str, JobOptimizer] = {}
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # streams, events and graphs belong to the current device
