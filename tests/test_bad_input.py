@@ -166,3 +166,16 @@ def test_validate_and_train_say_what_cutoff_len_takes(tmp_path, tiny_models):
     trained = mlora("train", str(run), "--plain", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     assert f"mlora: job 'j': {note}" in trained.stderr, trained.stderr
+
+
+def test_a_folder_holding_only_a_pipelines_start_marker_counts_as_empty(tmp_path):
+    """A pipeline run stopped while it began (its ranks had not yet checked they share the
+    output folder) leaves its marker and nothing else: the folder is still free to use."""
+    from mlora.runtime.output import SHARED_MARKER, OutputError, prepare_output
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{SHARED_MARKER}0123abcd").touch()
+    assert prepare_output(tmp_path / "out", resume=False, overwrite=False) == tmp_path / "out"
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not an mlora run folder"):
+        prepare_output(tmp_path / "out", resume=False, overwrite=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 SUMMARY = "run_summary.json"
 TRACE = "trace.json"  # a pipeline run's trace
+SHARED_MARKER = ".mlora-shared-"  # + a random name: a pipeline's ranks check they share the folder
 
 
 class OutputError(ValueError):
@@ -27,14 +28,15 @@ def is_run_dir(path: Path) -> bool:
 def prepare_output(out_dir: Path, resume: bool, overwrite: bool) -> Path:
     """Make the folder ready; never lose a user's earlier results without --overwrite.
 
-    - new or empty folder: used as is;
+    - new or empty folder (a pipeline's marker left by a run stopped as it began counts as
+      empty): used as is;
     - earlier mlora run: --resume continues it, --overwrite deletes it, else refuse;
     - a folder with other content: refused even with --overwrite (it is not ours).
     """
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise OutputError(f"{out_dir}: --resume and --overwrite contradict each other; choose one")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if not out_dir.exists() or all(p.name.startswith(SHARED_MARKER) for p in out_dir.iterdir()):
         if resume:
             raise OutputError(f"{out_dir}: nothing to resume (no earlier run there)")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ from mlora.runtime.meteora_jobs import (
     run_dependencies,
     write_meteora_slices,
 )
-from mlora.runtime.output import SUMMARY, TRACE, is_finished, job_dir, prepare_output
+from mlora.runtime.output import SHARED_MARKER, SUMMARY, TRACE, is_finished, job_dir, prepare_output
 from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, warn_about_data
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
 from mlora.runtime.trainer import (
@@ -197,7 +197,7 @@ class Driver:
         )
 
     def _marker(self) -> str:
-        name = f".mlora-shared-{uuid.uuid4().hex}"
+        name = f"{SHARED_MARKER}{uuid.uuid4().hex}"
         (self.out / name).touch()
         return name
 
@@ -333,6 +333,8 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         return 2
     plan: PipelinePlan = message["plan"]
     spec = plan.spec
+    out = Path(spec.run.output_dir)
+    shared = output_is_shared(out, plan.marker, rank)  # before the long load: the marker goes at once
     if rank == 0:
         print(f"pipeline of {n_ranks} stages:\n{plan.split_text}\n"
               f"predicted bubble: {plan.predicted_bubble:.3f} (the schedule simulated with per-token stage costs)", flush=True)
@@ -362,8 +364,6 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     # every rank creates the groups, in the same order
     channels = {name: dist.new_group(timeout=timedelta(seconds=timeout)) for name in ("act", "grad", "targets")}
     transport = Transport(rank, device, timeout, lambda r: f"rank {r} (stage {r})", channels)
-    out = Path(spec.run.output_dir)
-    shared = output_is_shared(out, plan.marker, rank)
     writer = BackgroundWriter(device)  # this stage's checkpoint and final slices go to disk beside the pipeline
     monitor = PipelineMonitor(driver, spec, n_ranks, writer, shared) if rank == 0 else None
     last = n_ranks - 1
