@@ -75,6 +75,8 @@ def main() -> None:
               f"{n_mb} micro-batches")
         print(f"measured bubble: {100 * whole:.1f}% of stage time over the run window "
               f"({100 * own:.1f}% within each stage's own first-to-last action)")
+        predicted = json.loads((root / "out" / "run_summary.json").read_text())["run"]["predicted_bubble_fraction"]
+        print(f"predicted before the run (the schedule simulated, per-token stage costs): {100 * predicted:.1f}%")
         print(f"GPipe with a flush every step (m = 1 micro-batch per job step): {100 * gpipe_bubble(args.stages, 1):.1f}%")
 
 
