@@ -52,11 +52,13 @@ def _train_on_ray(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from mlora.config import load_run_file
+    from mlora.config import ConfigError, load_run_file
     from mlora.runtime.preflight import preflight
 
     spec = load_run_file(args.run_file, args.overrides)
-    for line in preflight(spec):
+    if args.stages is not None and args.stages < 2:
+        raise ConfigError(f"--stages {args.stages}: a pipeline has at least 2 stages (1 is the single-process trainer)")
+    for line in preflight(spec, stages=args.stages):
         print(line)
     print(f"{args.run_file}: OK ({len(spec.jobs)} jobs)")
     return 0
@@ -121,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a run file, its datasets and model folder without training")
     p.add_argument("run_file")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--stages", type=int, metavar="P",
+                   help="also plan it as a pipeline of P stages (torchrun --nproc-per-node P, --ray P): the split, "
+                   "the micro-batches and the bubble the schedule predicts")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("tiny-model", help="write a small random model with a real tokenizer")

@@ -179,3 +179,11 @@ def test_a_folder_holding_only_a_pipelines_start_marker_counts_as_empty(tmp_path
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="not an mlora run folder"):
         prepare_output(tmp_path / "out", resume=False, overwrite=False)
+
+
+def test_validate_plans_a_pipeline_only_of_two_stages_or_more(tmp_path, tiny_models, datasets):
+    run = write_run(tmp_path / "run.yaml", base_run(tmp_path, tiny_models["llama"], datasets["copy"]))
+    one = mlora("validate", str(run), "--stages", "1", cwd=tmp_path)
+    assert one.returncode == 2 and "--stages 1: a pipeline has at least 2 stages" in one.stderr
+    many = mlora("validate", str(run), "--stages", "64", cwd=tmp_path)
+    assert many.returncode == 2 and "run.yaml: model: path:" in many.stderr and "into 64 stages" in many.stderr, many.stderr

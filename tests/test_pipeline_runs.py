@@ -86,7 +86,11 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     # the 3-stage run also rounds batch lengths up (run.pad_to_multiple_of: right padding changes
     # nothing) and reruns each block in the backward (run.gradient_checkpointing: the same gradients)
     extra = {"pad_to_multiple_of": 16, "gradient_checkpointing": True} if stages == 3 else {}
-    proc = torchrun(stages, run_file(tmp_path, tiny_models["llama"], datasets, "pipe", **extra))
+    pipe_run = run_file(tmp_path, tiny_models["llama"], datasets, "pipe", **extra)
+    outline = subprocess.run([sys.executable, "-m", "mlora", "validate", str(pipe_run), "--stages", str(stages)],
+                             capture_output=True, text=True, timeout=300)
+    assert outline.returncode == 0 and f"pipeline of {stages} stages:" in outline.stdout, outline.stderr
+    proc = torchrun(stages, pipe_run)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"pipeline of {stages} stages" in proc.stdout
     out = tmp_path / "pipe"
@@ -111,6 +115,9 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     # the schedule was costed by the simulator before it ran
     predicted = summary["run"]["predicted_bubble_fraction"]
     assert 0.0 < predicted < 1.0 and f"predicted bubble: {predicted:.3f}" in proc.stdout
+    # `mlora validate --stages` plans exactly what the run then ran
+    trace_mbs = {e["args"]["mb"] for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("args", {}).get("mb") is not None}
+    assert f"{len(trace_mbs)} micro-batches (" in outline.stdout and f"predicted bubble {100 * predicted:.1f}%" in outline.stdout
 
 
 def test_a_job_that_ends_early_has_its_adapter_written_while_the_others_train(tmp_path, tiny_models, datasets):

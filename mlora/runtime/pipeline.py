@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,8 @@ from mlora.runtime.trainer import (
 from mlora.runtime.transport import PipelineError, Transport
 from mlora.schedule.partition import ModelShape, balanced_split, explicit_split
 from mlora.schedule.pipeline import build_schedule
+from mlora.schedule.actions import Schedule
+from mlora.schedule.microbatch import MicroBatch
 from mlora.schedule.planner import JobPlanSizes, plan_pipeline
 from mlora.schedule.simulate import StageCosts, simulate
 from mlora.schedule.trace import bubble_from_events, to_chrome_trace
@@ -123,7 +125,8 @@ def split_model(spec: RunSpec, n_stages: int) -> tuple[tuple[StageBounds, ...], 
     try:
         split = explicit_split(shape, layers) if layers is not None else balanced_split(shape, n_stages)
     except ValueError as exc:
-        raise ConfigError(f"{spec.source}: run: layers_per_stage: {exc}") from exc
+        field = "run: layers_per_stage" if layers is not None else f"model: path: {spec.model.path!r}"
+        raise ConfigError(f"{spec.source}: {field}: {exc}") from exc
     bounds = tuple(
         StageBounds(split.bounds[k], split.bounds[k + 1], k == 0, k == n_stages - 1) for k in range(n_stages)
     )
@@ -170,18 +173,8 @@ class Driver:
             restored[job.name] = str(ckpt) if ckpt is not None else None
             active.append(job.name)
             shutil.rmtree(slices_dir(self.out, job.name), ignore_errors=True)  # from a run that stopped while writing
-        # A MeteoRA job that mixes LoRA jobs still training here runs in a second phase,
-        # after they are done on every stage (the pipeline drains between phases).
-        later = [n for n in active if any(d in active for d in run_dependencies(self.jobs[n].spec, self.spec))]
-        phases, plans = [], {}
-        for names in ([n for n in active if n not in later], later):
-            if not names:
-                continue
-            mbs = self._plan_phase(names, first_index=len(plans))
-            schedule = build_schedule(mbs, self.n_stages)
-            validate_schedule(schedule)
-            plans.update({mb.index: self._micro_plan(mb) for mb in mbs})
-            phases.append((tuple(names), schedule))
+        phases = schedule_phases(self.spec, self.jobs, active, self.n_stages, self.reevaluate)
+        plans = {mb.index: self._micro_plan(mb) for _, schedule in phases for mb in schedule.micro_batches}
         return PipelinePlan(
             spec=self.spec,
             bounds=self.bounds,
@@ -200,29 +193,6 @@ class Driver:
         name = f"{SHARED_MARKER}{uuid.uuid4().hex}"
         (self.out / name).touch()
         return name
-
-    def _plan_phase(self, names: list[str], first_index: int) -> list[Any]:
-        sizes = []
-        multiple = self.spec.run.pad_to_multiple_of
-        for name in names:
-            job = self.jobs[name]
-            steps = job.steps[job.step :]
-            lens = [[[len(job.train[i].input_ids) for i in mb] for mb in st.micro_batches] for st in steps]
-            eval_lens = [[len(e.input_ids) for e in exs] for exs in job.eval_batches()]
-            sizes.append(
-                JobPlanSizes(
-                    job=name,
-                    steps=tuple(tuple((len(mb), padded_length(max(mb), multiple)) for mb in st) for st in lens),
-                    tokens=tuple(tuple(sum(mb) for mb in st) for st in lens),
-                    first_step=job.step,
-                    eval_chunks=tuple((len(ls), padded_length(max(ls), multiple)) for ls in eval_lens),
-                    eval_tokens=tuple(sum(ls) for ls in eval_lens),
-                    eval_after=frozenset(c for c in range(job.step + (name not in self.reevaluate), job.max_steps + 1)
-                                         if job.evaluates_after(c)),
-                )
-            )
-        groups = self.spec.run.pipeline_groups or self.n_stages
-        return plan_pipeline(sizes, groups, self.spec.run.max_concurrent_jobs, self.spec.run.max_tokens_per_batch, first_index)
 
     def _micro_plan(self, mb: Any) -> MicroBatchPlan:
         micros, lengths, seeds, inv, members, task_rows, denoms = [], [], [], [], [], [], []
@@ -267,6 +237,51 @@ class Driver:
             [m for m, _, _ in members], [e for _, e, _ in members], [s for _, _, s in members], self.pad_id, device,
             pad_to_multiple_of=self.spec.run.pad_to_multiple_of,
         )
+
+
+def schedule_phases(spec: RunSpec, jobs: dict[str, JobState], active: Sequence[str], n_stages: int,
+                    reevaluate: Collection[str] = ()) -> list[tuple[tuple[str, ...], Schedule]]:
+    """The run's phases, each (its jobs, its validated schedule): a MeteoRA job mixing LoRA
+    jobs still training here runs in a second phase, after they are done on every stage
+    (the pipeline drains between phases). `reevaluate`: resumed jobs evaluated first."""
+    later = [n for n in active if any(d in active for d in run_dependencies(jobs[n].spec, spec))]
+    phases: list[tuple[tuple[str, ...], Schedule]] = []
+    first_index = 0
+    for names in ([n for n in active if n not in later], later):
+        if not names:
+            continue
+        mbs = plan_phase(spec, jobs, names, n_stages, first_index, reevaluate)
+        schedule = build_schedule(mbs, n_stages)
+        validate_schedule(schedule)
+        phases.append((tuple(names), schedule))
+        first_index += len(mbs)
+    return phases
+
+
+def plan_phase(spec: RunSpec, jobs: dict[str, JobState], names: Sequence[str], n_stages: int, first_index: int,
+               reevaluate: Collection[str] = ()) -> list[MicroBatch]:
+    """The phase's jobs' remaining steps (and evaluations) as pipeline micro-batches."""
+    sizes = []
+    multiple = spec.run.pad_to_multiple_of
+    for name in names:
+        job = jobs[name]
+        steps = job.steps[job.step :]
+        lens = [[[len(job.train[i].input_ids) for i in mb] for mb in st.micro_batches] for st in steps]
+        eval_lens = [[len(e.input_ids) for e in exs] for exs in job.eval_batches()]
+        sizes.append(
+            JobPlanSizes(
+                job=name,
+                steps=tuple(tuple((len(mb), padded_length(max(mb), multiple)) for mb in st) for st in lens),
+                tokens=tuple(tuple(sum(mb) for mb in st) for st in lens),
+                first_step=job.step,
+                eval_chunks=tuple((len(ls), padded_length(max(ls), multiple)) for ls in eval_lens),
+                eval_tokens=tuple(sum(ls) for ls in eval_lens),
+                eval_after=frozenset(c for c in range(job.step + (name not in reevaluate), job.max_steps + 1)
+                                     if job.evaluates_after(c)),
+            )
+        )
+    groups = spec.run.pipeline_groups or n_stages
+    return plan_pipeline(sizes, groups, spec.run.max_concurrent_jobs, spec.run.max_tokens_per_batch, first_index)
 
 
 # ------------------------------------------------------------------ all ranks
