@@ -129,23 +129,14 @@ def _check_compute_and_comm(schedule: Schedule, order: list[int]) -> None:
                 if extra:
                     a = acts[extra[0]]
                     raise ScheduleError(f"{_where(k, extra[0], a)}: micro-batch {mb} is an evaluation: forward only, no {a.kind.name}")
-                f = pos[(ActionKind.FORWARD, mb)]
-                if k > 0 and pos[(ActionKind.RECV_ACT, mb)] > f:
-                    c = pos[(ActionKind.RECV_ACT, mb)]
-                    raise ScheduleError(f"{_where(k, c, acts[c])}: RECV_ACT must come before {acts[f]} (action {f})")
-                if k < p - 1 and pos[(ActionKind.SEND_ACT, mb)] < f:
-                    c = pos[(ActionKind.SEND_ACT, mb)]
-                    raise ScheduleError(f"{_where(k, c, acts[c])}: SEND_ACT must come after {acts[f]} (action {f})")
-                continue
-            f, b = pos[(ActionKind.FORWARD, mb)], pos[(ActionKind.BACKWARD, mb)]
-            if b < f:
-                raise ScheduleError(f"{_where(k, b, acts[b])}: BACKWARD of micro-batch {mb} before its FORWARD (action {f})")
+            f = pos[(ActionKind.FORWARD, mb)]
             # (kind, must come before F/B, relative to which compute action)
-            rules = []
-            if k > 0:
-                rules += [(ActionKind.RECV_ACT, f, True), (ActionKind.SEND_GRAD, b, False)]
-            if k < p - 1:
-                rules += [(ActionKind.SEND_ACT, f, False), (ActionKind.RECV_GRAD, b, True)]
+            rules = [(ActionKind.RECV_ACT, f, True)] * (k > 0) + [(ActionKind.SEND_ACT, f, False)] * (k < p - 1)
+            if mb not in evals:
+                b = pos[(ActionKind.BACKWARD, mb)]
+                if b < f:
+                    raise ScheduleError(f"{_where(k, b, acts[b])}: BACKWARD of micro-batch {mb} before its FORWARD (action {f})")
+                rules += [(ActionKind.SEND_GRAD, b, False)] * (k > 0) + [(ActionKind.RECV_GRAD, b, True)] * (k < p - 1)
             for kind, at, before in rules:
                 c = pos[(kind, mb)]
                 if before and c > at:
