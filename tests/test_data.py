@@ -193,6 +193,9 @@ def test_spreadsheet_and_parquet_files_read_as_the_same_records(tmp_path, tokeni
     for records in (rows, chats):
         pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
         assert load_records(tmp_path / "d.parquet") == records
+    # a null cell (a table whose `input` column is empty in some rows) is a field left out
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a", "input": None, "output": "b"}]), tmp_path / "n.parquet")
+    assert load_records(tmp_path / "n.parquet") == [{"instruction": "a", "output": "b"}]
 
 
 @pytest.mark.parametrize(

@@ -96,15 +96,17 @@ def _read_table(path: Path, text: str, delimiter: str) -> list[tuple[int, Any]]:
 
 def _read_parquet(path: Path) -> list[Any]:
     """A Parquet table's rows as records (nested lists and structs as lists and dicts:
-    chat `messages` read as in JSONL). Needs pyarrow."""
+    chat `messages` read as in JSONL; a null cell as a field left out, as a missing
+    `input` is in JSONL). Needs pyarrow."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow, or 'mlora[parquet]')") from exc
     try:
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow's errors are of several kinds: name the file either way
         raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    return [{k: v for k, v in row.items() if v is not None} for row in rows]
 
 
 def load_records(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
