@@ -141,6 +141,18 @@ def test_status_table(tmp_path):
     assert "average job completion time 35s" in text and "failed c: out of memory" in text
 
 
+def test_status_of_a_pipeline_shows_its_predicted_then_measured_bubble(tmp_path):
+    s = RunSummary(name="p", output_dir=str(tmp_path), device="pipeline", n_stages=4)
+    s.job_queued("a", 4, 100.0)
+    s.set_run_info(predicted_bubble_fraction=0.0625)  # known when the run starts
+    s.save(tmp_path / "run_summary.json")
+    assert render_status(tmp_path, now=101.0).splitlines()[0].endswith("4 pipeline stages, last update 1s ago, predicted bubble 6.2%")
+    s.set_run_info(bubble_fraction=0.1)
+    s.run_finished(120.0, "finished")
+    s.save(tmp_path / "run_summary.json")
+    assert render_status(tmp_path).splitlines()[0].endswith("bubble 10.0% (predicted 6.2%)")
+
+
 def test_status_during_a_run_reads_the_metrics(tmp_path):
     """The summary was saved while `b` was still queued; its metrics show it running."""
     s = RunSummary(name="r", output_dir=str(tmp_path), device="cpu")

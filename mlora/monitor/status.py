@@ -104,9 +104,11 @@ def _headline(summary: RunSummary, now: float) -> str:
         known = [t for t in times if t is not None]
         if known:  # a run that crashed stays "running": the age of its newest news tells
             head += f", last update {fmt_s(max(0.0, now - max(known)))} ago"
-    bubble = summary.info.get("bubble_fraction")
+    bubble, predicted = summary.info.get("bubble_fraction"), summary.info.get("predicted_bubble_fraction")
     if bubble is not None:
-        head += f", bubble {100 * bubble:.1f}%"
+        head += f", bubble {100 * bubble:.1f}%" + (f" (predicted {100 * predicted:.1f}%)" if predicted is not None else "")
+    elif predicted is not None:
+        head += f", predicted bubble {100 * predicted:.1f}%"
     return head
 
 

@@ -421,7 +421,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             writer.submit_stage_slice(job, slices_dir(out, job), rank, stage_slice(stage.routing.adapters[job]))
 
     if monitor is not None:
-        monitor.start()
+        monitor.start(plan.predicted_bubble)
     events: list[Any] = []
     clock = None
     try:
@@ -550,7 +550,8 @@ class PipelineMonitor:
             if job.status == "finished":
                 self.summary.restore_job(job.name, None)
 
-    def start(self) -> None:
+    def start(self, predicted_bubble: float) -> None:
+        self.summary.set_run_info(predicted_bubble_fraction=predicted_bubble)  # `mlora status` shows it from the start
         self.summary.save(self.out / SUMMARY)
         self.live.__enter__()
 
@@ -682,8 +683,7 @@ class PipelineMonitor:
         trace = to_chrome_trace(events, n_stages=self.n_stages)
         (self.out / TRACE).write_text(json.dumps(trace))
         bubble = bubble_from_events(events, self.n_stages)
-        self.summary.set_run_info(bubble_fraction=bubble, predicted_bubble_fraction=plan.predicted_bubble,
-                                  peak_memory_per_stage=peaks)
+        self.summary.set_run_info(bubble_fraction=bubble, peak_memory_per_stage=peaks)
         self.summary.run_finished(time.time(), "finished")
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
