@@ -53,6 +53,16 @@ def train_losses(metrics: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
 
 
+def assert_same_adapters(want: Path, got: Path) -> None:
+    """Every job's adapter in `got` equals the one in `want` (fp32, 1e-5)."""
+    for job in JOBS:
+        a = load_file(str(want / job["name"] / "adapter_model.safetensors"))
+        b = load_file(str(got / job["name"] / "adapter_model.safetensors"))
+        assert a.keys() == b.keys(), job["name"]
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, j=job["name"], k=key: f"{j} {k}: {m}")
+
+
 def eval_losses(metrics: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_loss"]) for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "eval"]
 
@@ -94,12 +104,8 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"pipeline of {stages} stages" in proc.stdout
     out = tmp_path / "pipe"
+    assert_same_adapters(single.output_dir, out)
     for job in JOBS:
-        a = load_file(str(single.output_dir / job["name"] / "adapter_model.safetensors"))
-        b = load_file(str(out / job["name"] / "adapter_model.safetensors"))
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
         # every step's loss, summed over its micro-batches on the last stage and relayed to rank 0
         losses = [train_losses(d / job["name"] / "metrics.jsonl") for d in (single.output_dir, out)]
         assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5), job["name"]
@@ -148,12 +154,7 @@ def test_without_a_shared_output_folder_adapters_are_gathered_at_the_end(tmp_pat
     proc = torchrun(2, run_file(tmp_path, tiny_models["llama"], datasets, "pipe"), entry=entry)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "pipe"
-    for job in JOBS:
-        a = load_file(str(single.output_dir / job["name"] / "adapter_model.safetensors"))
-        b = load_file(str(out / job["name"] / "adapter_model.safetensors"))
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+    assert_same_adapters(single.output_dir, out)
     summary = json.loads((out / "run_summary.json").read_text())
     assert all(j["state"] == "finished" for j in summary["jobs"].values())
     assert not any(out.glob("*/.stage-slices"))
@@ -240,11 +241,7 @@ def test_pipeline_resume_after_a_crash_ends_with_the_uninterrupted_adapters(tmp_
     assert not (out / "trace.json").exists(), "the run ended before the crash: nothing to resume"
     resumed = torchrun(2, run, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    for job in JOBS:
-        a = load_file(str(tmp_path / "full" / job["name"] / "adapter_model.safetensors"))
-        b = load_file(str(out / job["name"] / "adapter_model.safetensors"))
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, j=job["name"], k=key: f"{j} {k}: {m}")
+    assert_same_adapters(tmp_path / "full", out)
     rows = [json.loads(x) for x in (out / "copy" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))
     # every evaluation once, none lost at the crash (one due at the checkpoint runs on resume)
