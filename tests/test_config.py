@@ -148,3 +148,40 @@ def test_the_reserved_names_are_the_run_folders_own_entries():
     from mlora.runtime.output import SUMMARY, TRACE
 
     assert {SUMMARY, TB_DIR, REPORT, TRACE, EVAL_DIR} == set(RESERVED_NAMES)
+
+
+def test_a_sweep_stands_for_one_job_per_combination_of_its_values(tmp_path, files):
+    other = tmp_path / "customer_b.jsonl"
+    other.write_text('{"instruction": "x", "output": "y"}\n')
+    raw = {**GOOD, "jobs": [
+        {"name": "a", "dataset": "DATA", "lora_alpha": 32, "sweep": {"learning_rate": ["1e-4", 3.0e-4], "lora_r": [8, 16]}},
+        {"name": "per", "sweep": {"dataset": ["DATA", str(other)], "lora_dropout": [0.05]}},
+        {"name": "b", "dataset": "DATA"},
+    ]}
+    spec = load_run_file(write(tmp_path, raw, files), ["jobs.a.seed=3"])
+    got = [(j.name, j.learning_rate, j.lora_r, j.lora_alpha, j.seed) for j in spec.jobs[:4]]
+    assert got == [("a-lr1e-4-r8", 1e-4, 8, 32.0, 3), ("a-lr1e-4-r16", 1e-4, 16, 32.0, 3),
+                   ("a-lr0.0003-r8", 3e-4, 8, 32.0, 3), ("a-lr0.0003-r16", 3e-4, 16, 32.0, 3)]
+    assert [(j.name, j.dataset, j.lora_dropout) for j in spec.jobs[4:6]] == [
+        ("per-data-dropout0.05", files["DATA"], 0.05), ("per-customer_b-dropout0.05", str(other), 0.05)]
+    assert spec.jobs[6].name == "b" and spec.jobs[0].target_modules == ("q_proj", "v_proj")  # defaults still apply
+
+
+@pytest.mark.parametrize(
+    "sweep, extra, message",
+    [
+        ({"lora_r": [8, -1]}, {}, "jobs[0] ('a-r-1', sweep lora_r=-1): lora_r: must be a positive whole number"),
+        ({"lora_rank": [8]}, {}, "jobs[0] ('a'): sweep: unknown field 'lora_rank' (did you mean 'lora_r'?)"),
+        ({"name": ["x"]}, {}, "jobs[0] ('a'): sweep: name: cannot be swept"),
+        ({"lora_r": 8}, {}, "jobs[0] ('a'): sweep: lora_r: must be a non-empty list of values, got 8"),
+        ({"lora_r": []}, {}, "sweep: lora_r: must be a non-empty list of values"),
+        ({"lora_r": [8]}, {"lora_r": 4}, "jobs[0] ('a'): sweep: lora_r: also set on the job itself; keep one"),
+        ([8, 16], {}, "jobs[0] ('a'): sweep: must be a mapping of job fields to lists of values"),
+        ({"seed": [1, 1]}, {}, "jobs[0] ('a-seed1', sweep seed=1): name: 'a-seed1' is used by another job"),
+    ],
+)
+def test_broken_sweeps_are_named(tmp_path, files, sweep, extra, message):
+    raw = {**GOOD, "jobs": [{"name": "a", "dataset": "DATA", **extra, "sweep": sweep}]}
+    with pytest.raises(ConfigError) as err:
+        load_run_file(write(tmp_path, raw, files))
+    assert message in str(err.value) and str(err.value).startswith(str(tmp_path / "run.yaml")), str(err.value)

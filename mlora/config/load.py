@@ -26,6 +26,7 @@ from mlora.config.schema import (
     RunLimits,
     RunSpec,
 )
+from mlora.config.sweep import SweepError, expand_sweep
 
 SECTIONS = ("model", "defaults", "jobs", "run")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -134,20 +135,27 @@ def parse_run(raw: Mapping[str, Any], source: str, check_paths: bool = True) -> 
     if not isinstance(jobs_raw, list) or not jobs_raw:
         raise ConfigError(f"{source}: jobs: must be a non-empty list of jobs")
     jobs: list[JobSpec] = []
+    labels: dict[str, str] = {}
     seen: set[str] = set()
-    for i, job_raw in enumerate(jobs_raw):
-        if not isinstance(job_raw, dict):
+    job_fields = [f.name for f in dataclasses.fields(JobSpec)]
+    for i, entry in enumerate(jobs_raw):
+        if not isinstance(entry, dict):
             raise ConfigError(f"{source}: jobs[{i}]: must be a mapping of job fields")
-        label = f"jobs[{i}]" + (f" ({job_raw['name']!r})" if "name" in job_raw else "")
-        merged = {**defaults, **job_raw}
-        job = _build(JobSpec, merged, source, label)
-        job = _check_job(job, source, label, check_paths, explicit=set(job_raw))
-        if job.name.lower() in seen:  # folders: some file systems ignore case
-            raise ConfigError(f"{source}: {label}: name: {job.name!r} is used by another job (names differing "
-                              "only in case count as one: they name one folder on some file systems)")
-        seen.add(job.name.lower())
-        jobs.append(job)
-    labels = {job.name: f"jobs[{i}] ({job.name!r})" for i, job in enumerate(jobs)}
+        where = f"jobs[{i}]" + (f" ({entry['name']!r})" if "name" in entry else "")
+        try:
+            expanded = expand_sweep(entry, where, job_fields)
+        except SweepError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        for job_raw, label in expanded:
+            merged = {**defaults, **job_raw}
+            job = _build(JobSpec, merged, source, label)
+            job = _check_job(job, source, label, check_paths, explicit=set(job_raw))
+            if job.name.lower() in seen:  # folders: some file systems ignore case
+                raise ConfigError(f"{source}: {label}: name: {job.name!r} is used by another job (names differing "
+                                  "only in case count as one: they name one folder on some file systems)")
+            seen.add(job.name.lower())
+            jobs.append(job)
+            labels[job.name] = label
     for job in jobs:
         if job.kind == "meteora":
             _check_meteora_adapters(job, jobs, source, labels[job.name], check_paths)
