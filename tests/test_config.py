@@ -167,6 +167,13 @@ def test_a_sweep_stands_for_one_job_per_combination_of_its_values(tmp_path, file
     assert spec.jobs[6].name == "b" and spec.jobs[0].target_modules == ("q_proj", "v_proj")  # defaults still apply
 
 
+def test_an_override_of_a_swept_job_points_at_its_entry(tmp_path, files):
+    raw = {**GOOD, "jobs": [{"name": "a", "dataset": "DATA", "sweep": {"lora_r": [8, 16]}}]}
+    with pytest.raises(ConfigError, match=r"override 'jobs.a-r8.seed': no job named or numbered 'a-r8' "
+                                          r"\(a sweep's jobs are named once it expands: address its entry, 'a'\)"):
+        load_run_file(write(tmp_path, raw, files), ["jobs.a-r8.seed=1"])
+
+
 @pytest.mark.parametrize(
     "sweep, extra, message",
     [

@@ -112,7 +112,9 @@ def _job_index(jobs: list[Any], ref: str, source: str, key: str) -> int:
     for i, job in enumerate(jobs):
         if isinstance(job, dict) and job.get("name") == ref:
             return i
-    raise ConfigError(f"{source}: override {key!r}: no job named or numbered {ref!r}")
+    swept = [job["name"] for job in jobs if isinstance(job, dict) and "sweep" in job and "name" in job]
+    hint = f" (a sweep's jobs are named once it expands: address its entry, {swept[0]!r})" if swept else ""
+    raise ConfigError(f"{source}: override {key!r}: no job named or numbered {ref!r}{hint}")
 
 
 def parse_run(raw: Mapping[str, Any], source: str, check_paths: bool = True) -> RunSpec:
