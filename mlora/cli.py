@@ -75,7 +75,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from mlora.monitor import render_status
 
-    print(render_status(Path(args.output_dir)))
+    print(render_status(Path(args.output_dir), sort=args.sort))
     return 0
 
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="print the per-job table of a run (during or after it)")
     p.add_argument("output_dir")
+    p.add_argument("--sort", choices=["eval", "loss"],
+                   help="jobs by their last eval loss or train loss, lowest first (jobs without one last): a sweep's best on top")
     p.set_defaults(func=_status)
 
     p = sub.add_parser("report", help="write a PNG with loss curves and the per-job timeline")

@@ -141,6 +141,24 @@ def test_status_table(tmp_path):
     assert "average job completion time 35s" in text and "failed c: out of memory" in text
 
 
+def test_status_sorts_a_sweeps_jobs_by_loss(tmp_path):
+    s = RunSummary(name="sweep", output_dir=str(tmp_path), device="cpu")
+    for name, loss, eval_loss in (("a", 3.0, 3.0), ("b", 1.0, None), ("c", 2.0, 1.0)):
+        s.job_queued(name, 2, 100.0)
+        s.job_started(name, 100.0)
+        s.job_progress(name, 2, 64, loss, 110.0)
+        if eval_loss is not None:
+            s.job_eval(name, eval_loss)
+    s.save(tmp_path / "run_summary.json")
+
+    def order(sort):
+        lines = render_status(tmp_path, now=111.0, sort=sort).splitlines()
+        return [line.split()[0] for line in lines if line[:2] in ("a ", "b ", "c ")]
+
+    assert order(None) == ["a", "b", "c"] and order("loss") == ["b", "c", "a"]
+    assert order("eval") == ["c", "a", "b"]  # lowest eval loss first, none last
+
+
 def test_status_of_a_pipeline_shows_its_predicted_then_measured_bubble(tmp_path):
     s = RunSummary(name="p", output_dir=str(tmp_path), device="pipeline", n_stages=4)
     s.job_queued("a", 4, 100.0)

@@ -112,9 +112,15 @@ def _headline(summary: RunSummary, now: float) -> str:
     return head
 
 
-def render_status(output_dir: Path, now: float | None = None) -> str:
-    """What `mlora status OUTPUT` prints: headline, per-job table, average completion time."""
+def render_status(output_dir: Path, now: float | None = None, sort: str | None = None) -> str:
+    """What `mlora status OUTPUT` prints: headline, per-job table, average completion time.
+    `sort`: "eval" or "loss" orders the jobs by that loss, lowest first (a sweep's best on
+    top), jobs without one last; else the run file's order."""
     summary = load_summary(output_dir)
+    if sort is not None:
+        key = {"eval": lambda j: j.eval_loss, "loss": lambda j: j.last_loss}[sort]
+        ordered = sorted(summary.jobs.items(), key=lambda item: (key(item[1]) is None, key(item[1]) or 0.0))
+        summary.jobs = dict(ordered)
     now = time.time() if now is None else now
     done = [j.completion_s for j in summary.jobs.values() if j.completion_s is not None]
     foot = f"average job completion time {fmt_s(sum(done) / len(done))}" if done else ""
