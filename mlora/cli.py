@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -192,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as exc:
         print(f"mlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mlora status OUT | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # as a shell reports a process SIGPIPE ended
 
 
 if __name__ == "__main__":

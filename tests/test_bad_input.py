@@ -187,3 +187,27 @@ def test_validate_plans_a_pipeline_only_of_two_stages_or_more(tmp_path, tiny_mod
     assert one.returncode == 2 and "--stages 1: a pipeline has at least 2 stages" in one.stderr
     many = mlora("validate", str(run), "--stages", "64", cwd=tmp_path)
     assert many.returncode == 2 and "run.yaml: model: path:" in many.stderr and "into 64 stages" in many.stderr, many.stderr
+
+
+def test_validate_says_float16_trains_without_loss_scaling(tmp_path, tiny_models, datasets):
+    raw = base_run(tmp_path, tiny_models["llama"], datasets["copy"])
+    run = write_run(tmp_path / "run.yaml", {**raw, "model": {**raw["model"], "dtype": "float16"}})
+    checked = mlora("validate", str(run), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "note: " + str(run) + ": model: dtype: float16 trains without loss scaling" in checked.stdout
+    plain = mlora("validate", str(write_run(tmp_path / "bf16.yaml", raw)), cwd=tmp_path)
+    assert "loss scaling" not in plain.stdout
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path, tiny_models, datasets):
+    """`mlora validate RUN | head -1`: the reader gone, the command ends with 141 (as
+    SIGPIPE would end it), no traceback."""
+    run = write_run(tmp_path / "run.yaml", base_run(tmp_path, tiny_models["llama"], datasets["copy"]))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mlora", "validate", str(run)], cwd=tmp_path, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

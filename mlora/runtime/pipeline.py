@@ -57,7 +57,13 @@ from mlora.runtime.meteora_jobs import (
     write_meteora_slices,
 )
 from mlora.runtime.output import SHARED_MARKER, SUMMARY, TRACE, is_finished, job_dir, prepare_output
-from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, warn_about_data
+from mlora.runtime.setup import (
+    build_job_states,
+    check_backend,
+    load_tokenizer,
+    warn_about_data,
+    warn_about_precision,
+)
 from mlora.runtime.stage_worker import MicroBatchPlan, StageWorker
 from mlora.runtime.trainer import (
     StopSignal,
@@ -149,6 +155,7 @@ class Driver:
         self.bounds, self.split_text, self.stage_costs = split_model(spec, n_stages)
         self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
         warn_about_data(self.jobs.values())
+        warn_about_precision(spec)
         self.resume = resume
         self.device = torch.device("cpu")
         self.live_flag = live

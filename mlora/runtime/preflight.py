@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlora.config import RunSpec
 from mlora.jobs import JobState, plan_steps
 from mlora.model.stage import read_config
-from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, resolve_device
+from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, precision_note, resolve_device
 from mlora.runtime.trainer import check_init_adapter
 
 
@@ -23,6 +23,8 @@ def preflight(spec: RunSpec, stages: int | None = None) -> list[str]:
         f"model {spec.model.path}: {config.model_type}, {config.num_hidden_layers} blocks, "
         f"hidden {config.hidden_size}, vocab {config.vocab_size}, {spec.model.dtype}"
     ]
+    if precision_note(spec):
+        lines.append(f"  note: {precision_note(spec)}")
     states = build_job_states(spec, tokenizer, plan_steps)
     for state in states:
         job = state.spec

@@ -103,6 +103,22 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
     return states
 
 
+def precision_note(spec: RunSpec) -> str:
+    """What to know about the run's dtype before training ("" when nothing): float16
+    activations and gradients run without loss scaling here, so gradients below fp16's
+    range are lost; bfloat16 has fp32's range."""
+    if spec.model.dtype != "float16":
+        return ""
+    return (f"{spec.source}: model: dtype: float16 trains without loss scaling (gradients below float16's range "
+            "are lost); bfloat16, on GPUs that have it (Ampere and later), keeps float32's range")
+
+
+def warn_about_precision(spec: RunSpec) -> None:
+    note = precision_note(spec)
+    if note:
+        print(f"mlora: {note}", file=sys.stderr, flush=True)
+
+
 def warn_about_data(states: Iterable[JobState]) -> None:
     """Say, before training, what cutoff_len took from each job's data: dropped or cut
     examples are otherwise silently not learned."""

@@ -52,7 +52,14 @@ from mlora.runtime.meteora_jobs import (
     with_relative_folders,
 )
 from mlora.runtime.output import SUMMARY, is_finished, job_dir, prepare_output
-from mlora.runtime.setup import build_job_states, check_backend, load_tokenizer, resolve_device, warn_about_data
+from mlora.runtime.setup import (
+    build_job_states,
+    check_backend,
+    load_tokenizer,
+    resolve_device,
+    warn_about_data,
+    warn_about_precision,
+)
 from mlora.runtime.step_graphs import StepGraphs
 from mlora.schedule.planner import Candidate, plan_fused_batch, split_by_length
 
@@ -167,6 +174,7 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
     jobs = build_job_states(spec, tokenizer, plan_steps)
     out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
     warn_about_data(jobs)
+    warn_about_precision(spec)
     stage = load_stage(
         spec.model.path, dtype=spec.model.dtype, device=device, attn_implementation=spec.model.attn_implementation
     )
