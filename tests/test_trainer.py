@@ -136,6 +136,27 @@ def test_resume_ends_with_the_same_adapters(tmp_path, tiny_models, datasets, mon
         assert steps == list(range(1, 6))
 
 
+def test_resume_refuses_a_job_whose_adapter_changed_and_takes_a_new_learning_rate(tmp_path, tiny_models, datasets):
+    """A checkpoint records the adapter it was written for: --resume with another rank or
+    other targets stops before any weight is read, naming the job and the change, and
+    leaves the checkpoints as they were; the learning rate or step count may change."""
+    from mlora.config import ConfigError
+
+    jobs = [{**JOBS[0], "save_steps": 2, "max_steps": 6}]
+    path = run_file(tmp_path, tiny_models["llama"], datasets, jobs, "cut")
+    train(load_run_file(path), live=False, stop_after_batches=10)
+    before = sorted(p.name for p in (tmp_path / "cut" / "copy" / "checkpoints").iterdir())
+    for change, message in ((["jobs.copy.lora_r=8"], "lora_r: 4 -> 8"),
+                            (["jobs.copy.target_modules=[q_proj]"], "target_modules: ['q_proj', 'v_proj'] -> ['q_proj']")):
+        with pytest.raises(ConfigError) as err:
+            train(load_run_file(path, change), resume=True, live=False)
+        assert f"{path}: job 'copy': --resume: its checkpoint step-000004 was written for another adapter ({message})" \
+            in str(err.value), str(err.value)
+        assert sorted(p.name for p in (tmp_path / "cut" / "copy" / "checkpoints").iterdir()) == before
+    resumed = train(load_run_file(path, ["jobs.copy.learning_rate=5e-3", "max_steps=7"]), resume=True, live=False)
+    assert resumed.final_loss["copy"] > 0 and (resumed.output_dir / "copy" / "adapter_model.safetensors").is_file()
+
+
 def test_eval_split_reports_eval_loss(tmp_path, tiny_models, datasets):
     jobs = [{**JOBS[0], "eval_split": 0.25, "eval_steps": 2}]
     result = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "eval")), live=False)

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from mlora.runtime.output import checkpoint_root
+from mlora.config import ConfigError, JobSpec, RunSpec
+from mlora.runtime.output import checkpoint_root, is_finished, job_dir
 
 STATE = "state.json"
 
@@ -63,6 +64,34 @@ def latest_checkpoint(out_dir: Path, job: str, n_stages: int = 1) -> Path | None
 
 def read_state(folder: Path) -> dict[str, Any]:
     return json.loads((folder / STATE).read_text())
+
+
+def adapter_signature(job: JobSpec) -> dict[str, Any]:
+    """What a checkpoint's tensors are shaped by: a resumed job must say the same (its
+    learning rate, schedule or step count may change; its rank or targets may not)."""
+    if job.kind == "meteora":
+        return {"kind": job.kind, "adapters": list(job.adapters), "train_loras": job.train_loras, "optimizer": job.optimizer}
+    return {"kind": job.kind, "lora_r": job.lora_r, "target_modules": list(job.target_modules), "optimizer": job.optimizer}
+
+
+def check_resumable(spec: RunSpec, out_dir: Path, n_stages: int = 1) -> None:
+    """Before any weight is read: each job's newest checkpoint was written for the adapter
+    the run file describes now, else a ConfigError naming the job and what changed."""
+    for job in spec.jobs:
+        folder = latest_checkpoint(out_dir, job.name, n_stages)
+        if folder is None or is_finished(job_dir(out_dir, job.name)):  # a finished job is not trained again
+            continue
+        saved = read_state(folder).get("adapter")
+        if saved is None:  # written before checkpoints recorded it: the tensors' shapes are checked on load
+            continue
+        now = adapter_signature(job)
+        changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if changed:
+            raise ConfigError(
+                f"{spec.source}: job {job.name!r}: --resume: its checkpoint {folder.name} was written for another "
+                f"adapter ({'; '.join(changed)}); put the run file back as it was for this job, or train it into "
+                "another output_dir"
+            )
 
 
 def read_stage_slice(folder: Path, stage: int) -> dict[str, Any]:

@@ -43,6 +43,8 @@ from mlora.runtime.background_writer import BackgroundWriter, Written, map_tenso
 from mlora.runtime.batch import collate, make_layout, padded_length
 from mlora.runtime.checkpoint import (
     STATE,
+    adapter_signature,
+    check_resumable,
     latest_checkpoint,
     read_stage_slice,
     read_state,
@@ -154,6 +156,8 @@ class Driver:
         self.jobs: dict[str, JobState] = {s.name: s for s in build_job_states(spec, tokenizer, plan_steps)}
         self.bounds, self.split_text, self.stage_costs = split_model(spec, n_stages)
         self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
+        if resume:
+            check_resumable(spec, self.out, n_stages)
         warn_about_data(self.jobs.values())
         warn_about_precision(spec)
         self.resume = resume
@@ -643,7 +647,7 @@ class PipelineMonitor:
 
     def checkpoint(self, job_name: str, step: int, folder: Path) -> None:
         job = self.driver.jobs[job_name]
-        state = {"step": step, "tokens": job.tokens, "losses": job.losses[:step]}
+        state = {"step": step, "tokens": job.tokens, "losses": job.losses[:step], "adapter": adapter_signature(job.spec)}
         folder.mkdir(parents=True, exist_ok=True)  # the stages' slices may still be on their way
         tmp = folder / f".{STATE}.tmp"
         tmp.write_text(json.dumps(state))

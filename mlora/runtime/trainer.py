@@ -39,6 +39,8 @@ from mlora.model.stage import StageModel, base_linear_shapes, load_stage
 from mlora.runtime.background_writer import BackgroundWriter, Written, snapshot
 from mlora.runtime.batch import collate, padded_length
 from mlora.runtime.checkpoint import (
+    adapter_signature,
+    check_resumable,
     latest_checkpoint,
     read_stage_slice,
     read_state,
@@ -173,6 +175,8 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
         check_meteora_inputs(spec, *base_linear_shapes(spec.model.path))
     jobs = build_job_states(spec, tokenizer, plan_steps)
     out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
+    if resume:
+        check_resumable(spec, out)
     warn_about_data(jobs)
     warn_about_precision(spec)
     stage = load_stage(
@@ -449,7 +453,7 @@ class Trainer:
             self.summary.job_eval(job.name, eval_loss)
             self.sink.log_eval({"kind": "eval", "job": job.name, "step": job.step, "eval_loss": eval_loss, "time": time.time()})
         if save_due:
-            state = {"step": job.step, "tokens": job.tokens, "losses": list(job.losses)}
+            state = {"step": job.step, "tokens": job.tokens, "losses": list(job.losses), "adapter": adapter_signature(spec)}
             self.writer.submit_checkpoint(job.name, self.out, job.step, snapshot(opt.state_dict()), state)
         if job.done:
             self._finish_job(job)
