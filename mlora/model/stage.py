@@ -227,6 +227,8 @@ class StageModel(nn.Module):
 
     @contextmanager
     def _routing_as(self, state: tuple[Any, ...], record_gates: bool) -> Iterator[None]:
+        """The routing of one forward (layout, operator cache, dropout generators, backend)
+        while a block runs, gate logits recorded only if `record_gates`; restored after."""
         routing = self.routing
         saved = (routing.layout, routing.op_cache, routing.generators, routing.backend)
         mixtures = [a for a in routing.adapters.values() if hasattr(a, "record_gate_logits")]

@@ -467,7 +467,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     return 0
 
 
-def predicted_bubble(schedules: Sequence[Any], stage_costs: Sequence[float]) -> float:
+def predicted_bubble(schedules: Sequence[Schedule], stage_costs: Sequence[float]) -> float:
     """Idle stage time over all stage time of the phases run one after another, each simulated
     with per-token costs in the split's proportions (backward twice the forward)."""
     costs = StageCosts.proportional(stage_costs)
@@ -496,6 +496,7 @@ def slices_dir(out: Path, job: str) -> Path:
 
 
 def on_host(tree: Any) -> Any:
+    """A stage's slice with its tensors copied to the CPU, for gather_object."""
     return map_tensors(tree, lambda t: t.detach().cpu())
 
 
