@@ -356,7 +356,8 @@ def test_validate_hand_made_evaluations(stages, fragment) -> None:
     "slices, fragment",
     [
         # evaluation mid-step: step 0's micro 1 must come first
-        ([("a", 0, 0, False, False), ("a", 1, 0, True, True)], "holds evaluation after step 1 micro 0, last, but after micro-batch 0 (step 0 micro 0) step 0 micro 1 must come next"),
+        ([("a", 0, 0, False, False), ("a", 1, 0, True, True)],
+         "holds evaluation after step 1 micro 0, last, but after micro-batch 0 (step 0 micro 0) step 0 micro 1 must come next"),
         # an evaluation of the wrong weights
         ([("a", 0, 0, True, False), ("a", 2, 0, True, True)], "step 1 micro 0 (or an evaluation after step 1 micro 0) must come next"),
         # chunks out of order, or the step's rows before the evaluation is whole

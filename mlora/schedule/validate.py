@@ -44,7 +44,9 @@ def check_micro_batches(micro_batches: Sequence[MicroBatch]) -> dict[str, list[t
             want = _next_slice(seq[-1][1] if seq else None, s)
             if want is not None:
                 after = f"after micro-batch {seq[-1][0]} ({_describe(seq[-1][1])})" if seq else "at the job's start"
-                raise ScheduleError(f"job {s.job!r}: micro-batch {m.index} holds {_describe(s)}, but {after} {want} must come next")
+                raise ScheduleError(
+                    f"job {s.job!r}: micro-batch {m.index} holds {_describe(s)}, but {after} {want} must come next"
+                )
             seq.append((m.index, s))
     return per_job
 
@@ -128,7 +130,9 @@ def _check_compute_and_comm(schedule: Schedule, order: list[int]) -> None:
                 extra = sorted(pos[(kind, mb)] for kind in backward if (kind, mb) in pos)
                 if extra:
                     a = acts[extra[0]]
-                    raise ScheduleError(f"{_where(k, extra[0], a)}: micro-batch {mb} is an evaluation: forward only, no {a.kind.name}")
+                    raise ScheduleError(
+                        f"{_where(k, extra[0], a)}: micro-batch {mb} is an evaluation: forward only, no {a.kind.name}"
+                    )
             f = pos[(ActionKind.FORWARD, mb)]
             # (kind, must come before F/B, relative to which compute action)
             rules = [(ActionKind.RECV_ACT, f, True)] * (k > 0) + [(ActionKind.SEND_ACT, f, False)] * (k < p - 1)
