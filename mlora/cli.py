@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a PEFT LoRA folder or a MeteoRA folder (none: the base model alone)")
     p.add_argument("--prompt", action="append", default=[], help="an instruction, put through the template; "
                    "\\n in it is a newline (repeatable)")
-    p.add_argument("--prompts-file", help=".jsonl records (instruction/input, messages or ShareGPT conversations), "
-                   "else one instruction a line")
+    p.add_argument("--prompts-file", help="records (instruction/input, messages or ShareGPT conversations) from a "
+                   ".jsonl, .json, .parquet, .csv or .tsv file; any other file: one instruction a line")
     p.add_argument("--template", default="plain", choices=["plain", "alpaca", "chatml", "llama3"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)

@@ -127,6 +127,19 @@ def test_first_line_and_prompt_files(tmp_path):
     (tmp_path / "who.jsonl").write_text('{"conversations": [{"from": "bot", "value": "x"}]}\n')
     with pytest.raises(ev.MeteoraError, match=r"who\.jsonl: line 1: conversations\[0\]: unknown speaker 'bot'"):
         ev.read_prompts(tmp_path / "who.jsonl", "plain")
+    # the other record files of training data: a .json list, a spreadsheet, a Parquet table
+    (tmp_path / "p.json").write_text('[{"instruction": "count the words", "input": "cat dog"}]')
+    (tmp_path / "p.csv").write_text('instruction,input\n"count the words","cat dog"\n')
+    assert ev.read_prompts(tmp_path / "p.json", "plain") == ev.read_prompts(tmp_path / "p.csv", "plain") == [
+        "count the words\ncat dog\n"]
+    (tmp_path / "bad.csv").write_text("prompt\nx\n")
+    with pytest.raises(ev.MeteoraError, match=r"bad\.csv: line 2: needs `instruction`"):
+        ev.read_prompts(tmp_path / "bad.csv", "plain")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": "hi"}]}]), tmp_path / "p.parquet")
+    assert ev.read_prompts(tmp_path / "p.parquet", "chatml") == [second]
 
 
 def test_task_to_adapter_by_name(run_dir, tmp_path):

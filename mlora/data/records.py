@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt")
+RECORD_FILES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")  # file kinds read as records (others: JSONL too)
 ROLES = ("system", "user", "assistant")
 # ShareGPT's speakers ("from") as chat roles; tool turns (function_call, observation) have no
 # place in the templates' one-user-one-assistant turns, so they are refused by name
@@ -40,7 +41,7 @@ def detect_format(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _read_lines(path: Path) -> tuple[list[tuple[int, Any]], str]:
+def read_raw(path: Path) -> tuple[list[tuple[int, Any]], str]:
     """(place, parsed object) for every record, and what a place is called in messages:
     the line a record starts on in a .jsonl, .csv or .tsv file (the header is line 1),
     its number in a .json list or a .parquet table. Any other name is JSONL."""
@@ -114,7 +115,7 @@ def load_records(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown dataset format {fmt!r} (use {', '.join(FORMATS)})")
-    rows, where = _read_lines(path)
+    rows, where = read_raw(path)
     if not rows:
         raise DataError(f"{path}: empty dataset")
     if fmt == "auto":

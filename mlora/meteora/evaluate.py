@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mlora.data.records import DataError, sharegpt_as_messages
+from mlora.data.records import RECORD_FILES, DataError, read_raw, sharegpt_as_messages
 from mlora.data.templates import TEMPLATES, prompt_text
 from mlora.meteora import suite
 from mlora.meteora.adapter import CONFIG_FILE as METEORA_CONFIG
@@ -75,33 +75,33 @@ def templated(instruction: str, template: str, input_text: str = "") -> str:
 
 
 def read_prompts(path: str | Path, template: str) -> list[str]:
-    """Prompts from a file: .jsonl records (instruction/input, messages or ShareGPT
-    conversations), else one instruction a line."""
+    """Prompts from a file: records (instruction/input, messages or ShareGPT conversations)
+    from a .jsonl, .json, .parquet, .csv or .tsv file, as in training data; else one
+    instruction a line."""
     path = Path(path)
     if not path.is_file():
         raise MeteoraError(f"{path}: prompts file not found")
     if template not in TEMPLATES:
         raise MeteoraError(f"unknown template {template!r}: use one of {', '.join(sorted(TEMPLATES))}")
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
-    if not lines:
-        raise MeteoraError(f"{path}: no prompts")
-    if path.suffix != ".jsonl":
-        return [templated(line, template) for _, line in lines]
-    out = []
-    for n, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MeteoraError(f"{path}: line {n}: not valid JSON: {exc.msg}") from exc
-        if isinstance(record, dict) and "conversations" in record:  # ShareGPT, as in training data
-            try:
-                record = sharegpt_as_messages(record, f"{path}: line {n}")
-            except DataError as exc:
-                raise MeteoraError(str(exc)) from exc
-        if not isinstance(record, dict) or not ("instruction" in record or "messages" in record):
-            raise MeteoraError(f"{path}: line {n}: needs `instruction` (and optional `input`), `messages` or "
-                               "`conversations`")
-        out.append(prompt_text(record, template))
+    if path.suffix.lower() not in RECORD_FILES:
+        lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        if not lines:
+            raise MeteoraError(f"{path}: no prompts")
+        return [templated(line, template) for line in lines]
+    try:
+        rows, where = read_raw(path)
+        if not rows:
+            raise MeteoraError(f"{path}: no prompts")
+        out = []
+        for n, record in rows:
+            if isinstance(record, dict) and "conversations" in record:  # ShareGPT, as in training data
+                record = sharegpt_as_messages(record, f"{path}: {where} {n}")
+            if not isinstance(record, dict) or not ("instruction" in record or "messages" in record):
+                raise MeteoraError(f"{path}: {where} {n}: needs `instruction` (and optional `input`), `messages` or "
+                                   "`conversations`")
+            out.append(prompt_text(record, template))
+    except DataError as exc:
+        raise MeteoraError(str(exc)) from exc
     return out
 
 
