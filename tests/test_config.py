@@ -49,6 +49,14 @@ def test_defaults_are_inherited_and_overridden(tmp_path, files):
     assert spec.run.max_concurrent_jobs == 2
 
 
+def test_eval_steps_from_defaults_need_not_apply_to_every_job(tmp_path, files):
+    raw = yaml.safe_load(yaml.safe_dump(GOOD))
+    raw["defaults"]["eval_steps"] = 10
+    raw["jobs"][0]["eval_split"] = 0.1
+    a, b = load_run_file(write(tmp_path, raw, files)).jobs
+    assert (a.eval_steps, a.eval_split, b.eval_steps, b.eval_split) == (10, 0.1, 10, 0.0)
+
+
 def test_a_dataset_may_be_a_list_of_files(tmp_path, files):
     path = write(tmp_path, GOOD, files)
     spec = load_run_file(path, [f"jobs.a.dataset=[{files['DATA']}, {files['DATA']}]", f"jobs.b.dataset=[{files['DATA']}]"])
@@ -104,6 +112,8 @@ BROKEN = [
     (_broken(jobs__0__learning_rate=0), "jobs[0] ('a'): learning_rate: must be positive, got 0.0"),
     (_broken(jobs__0__init_from="no/such/adapter"), "jobs[0] ('a'): init_from: 'no/such/adapter' is not a PEFT adapter folder"),
     (_broken(jobs__0__name=_DELETE), "jobs[0]: name: missing (required)"),
+    (_broken(jobs__0__eval_steps=10), "jobs[0] ('a'): eval_steps: evaluates the job's held-out records, and it holds "
+                                      "none (eval_split is 0)"),
     (_broken(defaults__cutof_len=64), "defaults: unknown field 'cutof_len' (did you mean 'cutoff_len'?)"),
     (_broken(model__dtype="fp8"), "model: dtype: 'fp8' is not one of float32, bfloat16, float16"),
     (_broken(model__path="missing_model_dir"), "model: path: 'missing_model_dir' is not a folder"),

@@ -268,7 +268,8 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explici
     """Check a job's values; return it with `target_modules: all` spelled out.
 
     `explicit` are the fields the job itself sets (not inherited from defaults): a
-    MeteoRA-only field set on a LoRA job is a mistake worth naming.
+    MeteoRA-only field set on a LoRA job, or eval_steps on a job without an eval split,
+    is a mistake worth naming (from defaults it may simply not apply to this job).
     """
     def fail(field_name: str, why: str) -> None:
         raise ConfigError(f"{source}: {where}: {field_name}: {why}")
@@ -305,6 +306,9 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explici
         value = getattr(job, name)
         if value is not None and value < 1:
             fail(name, f"must be a positive whole number or empty, got {value}")
+    if "eval_steps" in explicit and job.eval_steps is not None and job.eval_split == 0:
+        fail("eval_steps", "evaluates the job's held-out records, and it holds none (eval_split is 0): "
+                           "set eval_split to a fraction or a number of records")
     if job.lora_alpha <= 0:
         fail("lora_alpha", f"must be positive, got {job.lora_alpha}")
     if not 0.0 <= job.lora_dropout < 1.0:
