@@ -211,3 +211,18 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path, tiny_models, data
     finally:
         os.close(write)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_examples_longer_than_the_models_positions_are_noted(tmp_path, tiny_models):
+    """The tiny model has 512 positions; a cutoff_len of 2048 lets a long record run past them."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"instruction": "w " * 700, "output": "ok"}) + "\n"
+                    + json.dumps({"instruction": "short", "output": "x"}) + "\n")
+    raw = base_run(tmp_path, tiny_models["llama"], data, cutoff_len=2048)
+    checked = mlora("validate", str(write_run(tmp_path / "run.yaml", raw)), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "note: 1 of 2 examples run past the model's 512 positions (max_position_embeddings; the longest has" \
+        in checked.stdout, checked.stdout
+    within = mlora("validate", str(write_run(tmp_path / "ok.yaml", base_run(tmp_path, tiny_models["llama"], data))),
+                   cwd=tmp_path)
+    assert "positions" not in within.stdout

@@ -79,8 +79,11 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
     """Read, tokenize and split every job's dataset; fix each job's plan of steps."""
     from mlora.data import DataError
 
+    from mlora.model.stage import read_config
+
     states = []
     tokenized: dict[Any, Any] = {}  # a sweep's jobs over one dataset tokenise it once
+    positions = getattr(read_config(spec.model.path), "max_position_embeddings", None)
     for job in spec.jobs:
         try:
             data = read_job_data(job, tokenizer, tokenized)
@@ -98,9 +101,25 @@ def build_job_states(spec: RunSpec, tokenizer: Any, plan_steps: Callable[..., An
             data.epoch_order,
             [len(e.input_ids) for e in data.train],
         )
+        notes = [data.cutoff_note(job.cutoff_len), context_note(data, positions)]
         states.append(JobState(spec=job, train=data.train, eval=data.eval, steps=steps,
-                               data_note=data.cutoff_note(job.cutoff_len)))
+                               data_note="; ".join(n for n in notes if n)))
     return states
+
+
+def context_note(data: Any, positions: int | None) -> str:
+    """Examples longer than the model was trained on ("" when none): its rotary embedding
+    runs past the positions it learned, which a user should choose knowingly."""
+    if not positions:
+        return ""
+    longest = max(len(e.input_ids) for e in (*data.train, *data.eval))
+    if longest <= positions:
+        return ""
+    examples = (*data.train, *data.eval)
+    over = sum(len(e.input_ids) > positions for e in examples)
+    return (f"{over} of {len(examples)} examples run past the model's {positions} positions (max_position_embeddings; "
+            f"the longest has {longest} tokens), where its rotary embedding extrapolates; cutoff_len={positions} keeps "
+            "them within")
 
 
 def precision_note(spec: RunSpec) -> str:
@@ -120,9 +139,10 @@ def warn_about_precision(spec: RunSpec) -> None:
 
 
 def warn_about_data(states: Iterable[JobState]) -> None:
-    """Say, before training, what cutoff_len took from each job's data: dropped or cut
-    examples are otherwise silently not learned."""
+    """Say, before training, what cutoff_len took from each job's data (dropped or cut
+    examples are otherwise silently not learned) and which examples pass the model's
+    trained positions."""
     for state in states:
         if state.data_note:
-            print(f"mlora: job {state.name!r}: {state.data_note}; a larger cutoff_len keeps them",
+            print(f"mlora: job {state.name!r}: {state.data_note}",
                   file=sys.stderr, flush=True)
