@@ -271,7 +271,7 @@ def test_a_resumed_pipeline_evaluates_first_when_the_crash_lost_the_checkpoints_
     written; a run killed in between resumes by evaluating the weights it restarts from."""
     from mlora.runtime.checkpoint import STATE, step_dir
     from mlora.runtime.output import SUMMARY
-    from mlora.runtime.pipeline import Driver
+    from mlora.runtime.pipeline_plan import Driver
 
     run = run_file(tmp_path, tiny_models["llama"], datasets, "out")
     raw = yaml.safe_load(run.read_text())

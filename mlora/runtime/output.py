@@ -58,6 +58,11 @@ def job_dir(out_dir: Path, job: str) -> Path:
     return out_dir / job
 
 
+def slices_dir(out: Path, job: str) -> Path:
+    """Where the stages put their slices of a finished job for rank 0 (removed once written)."""
+    return job_dir(out, job) / ".stage-slices"
+
+
 def checkpoint_root(out_dir: Path, job: str) -> Path:
     return out_dir / job / "checkpoints"
 

@@ -42,7 +42,7 @@ def preflight(spec: RunSpec, stages: int | None = None) -> list[str]:
 def pipeline_outline(spec: RunSpec, jobs: dict[str, JobState], stages: int) -> list[str]:
     """The split, the micro-batches and the predicted bubble of the run as a pipeline of
     `stages`, planned as its rank 0 plans it (same functions), without a weight read."""
-    from mlora.runtime.pipeline import predicted_bubble, schedule_phases, split_model
+    from mlora.runtime.pipeline_plan import predicted_bubble, schedule_phases, split_model
 
     _, split_text, costs = split_model(spec, stages)
     phases = schedule_phases(spec, jobs, list(jobs), stages)
