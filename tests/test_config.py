@@ -177,6 +177,12 @@ def test_a_sweep_stands_for_one_job_per_combination_of_its_values(tmp_path, file
     assert spec.jobs[6].name == "b" and spec.jobs[0].target_modules == ("q_proj", "v_proj")  # defaults still apply
 
 
+def test_a_sweep_needs_a_name_to_name_its_jobs_after(tmp_path, files):
+    raw = {**GOOD, "jobs": [{"dataset": "DATA", "sweep": {"lora_r": [8, 16]}}]}
+    with pytest.raises(ConfigError, match=r"run\.yaml: jobs\[0\]: name: missing \(required: a sweep's jobs are named"):
+        load_run_file(write(tmp_path, raw, files))
+
+
 def test_an_override_of_a_swept_job_points_at_its_entry(tmp_path, files):
     raw = {**GOOD, "jobs": [{"name": "a", "dataset": "DATA", "sweep": {"lora_r": [8, 16]}}]}
     with pytest.raises(ConfigError, match=r"override 'jobs.a-r8.seed': no job named or numbered 'a-r8' "

@@ -53,8 +53,10 @@ def expand_sweep(job: Mapping[str, Any], where: str, job_fields: Sequence[str]) 
             raise SweepError(f"{where}: {SWEEP}: {field}: also set on the job itself; keep one")
         if not isinstance(values, list) or not values:
             raise SweepError(f"{where}: {SWEEP}: {field}: must be a non-empty list of values, got {values!r}")
+    if "name" not in job:
+        raise SweepError(f"{where}: name: missing (required: a sweep's jobs are named after it)")
     base = {k: v for k, v in job.items() if k != SWEEP}
-    name = str(job.get("name", "job"))
+    name = str(job["name"])
     out = []
     for combo in itertools.product(*(sweep[f] for f in sweep)):
         values = dict(zip(sweep, combo))
