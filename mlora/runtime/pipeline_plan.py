@@ -149,30 +149,27 @@ class Driver:
         micros, lengths, seeds, inv, members, task_rows, denoms = [], [], [], [], [], [], []
         for s in mb.slices:
             job = self.jobs[s.job]
+            rows: Any = None
+            denom = 0.0
             if s.eval:  # held-out rows: no loss weight, no gate loss, no dropout
                 exs = job.eval_batches()[s.micro]
                 micro = PendingMicro(s.job, s.step, s.micro, s.last, tuple(range(len(exs))))
-                micros.append(micro)
-                lengths.append([len(e.input_ids) for e in exs])
-                seeds.append(job.spec.seed)
-                inv.append(1.0)
-                members.append((micro, exs, job.spec.seed))
-                task_rows.append(None)
-                denoms.append(0.0)
-                continue
-            examples = job.steps[s.step].micro_batches[s.micro]
-            micro = PendingMicro(s.job, s.step, s.micro, s.last, examples)
-            micros.append(micro)
-            lengths.append([len(job.train[i].input_ids) for i in examples])
-            seeds.append(job.spec.seed)
-            inv.append(1.0 / job.step_targets(s.step))
-            members.append((micro, [job.train[i] for i in examples], job.spec.seed))
-            if job.spec.kind == "meteora":
-                task_rows.append(tuple(tuple(job.train[i].tasks()) for i in examples))
-                denoms.append(float(self._gate_count(job) * job.step_tokens(s.step)))
+                weight = 1.0
             else:
-                task_rows.append(None)
-                denoms.append(0.0)
+                examples = job.steps[s.step].micro_batches[s.micro]
+                exs = [job.train[i] for i in examples]
+                micro = PendingMicro(s.job, s.step, s.micro, s.last, examples)
+                weight = 1.0 / job.step_targets(s.step)
+                if job.spec.kind == "meteora":
+                    rows = tuple(tuple(e.tasks()) for e in exs)
+                    denom = float(self._gate_count(job) * job.step_tokens(s.step))
+            micros.append(micro)
+            lengths.append([len(e.input_ids) for e in exs])
+            seeds.append(job.spec.seed)
+            inv.append(weight)
+            members.append((micro, exs, job.spec.seed))
+            task_rows.append(rows)
+            denoms.append(denom)
         self.members[mb.index] = members
         layout = make_layout(micros, lengths, seeds, training=not mb.is_eval, pad_to_multiple_of=self.spec.run.pad_to_multiple_of)
         return MicroBatchPlan(mb, layout, tuple(inv), tuple(task_rows), tuple(denoms))
