@@ -125,6 +125,50 @@ def test_run_layers_equals_the_blocks_own_forward(tiny_models, arch, last):
         assert rel(g, w) < tol
 
 
+@pytest.mark.parametrize("held", [[("mlp",), ("attention", "mlp"), ("attention",)], [("attention",)], [("mlp",)]])
+def test_run_layers_over_a_cut_inside_blocks_equals_the_parts_own_forward(tiny_models, held):
+    """A pipeline stage that begins at a block's MLP or ends after its attention: the
+    fused adds give what the halves' own add-then-norm gives, values and gradients."""
+    from mlora.model.block_parts import run_part
+
+    model = _blocks(tiny_models["llama"], torch.float32)
+    inner = model.model
+    layers = list(inner.layers)[1 : 1 + len(held)]
+    assert fusable(layers, None, held) and unhooked(layers, None, held)
+    gen = torch.Generator().manual_seed(4)
+    hidden0 = torch.randn(2, 9, model.config.hidden_size, generator=gen).to(DEVICE)
+    grad_out = torch.randn(2, 9, model.config.hidden_size, generator=gen).to(DEVICE)
+    positions = torch.arange(9, device=DEVICE).unsqueeze(0)
+    kwargs = dict(attention_mask=None, position_ids=positions, position_embeddings=inner.rotary_emb(hidden0, positions))
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+
+    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        hidden = hidden0.clone().requires_grad_()
+        if fused:
+            out = run_layers(layers, hidden, None, held, **kwargs)
+        else:
+            out = hidden
+            for layer, parts in zip(layers, held):
+                for part in parts:
+                    out = run_part(layer, part, out, **kwargs)
+        out.backward(grad_out)
+        grads = [hidden.grad] + [p.grad for p in params if p.grad is not None]  # a part not held: none
+        for p in params:
+            p.grad = None
+        return out, grads
+
+    want, want_grads = run(fused=False)
+    got, got_grads = run(fused=True)
+    tol = 1e-2 if COMPILED else 1e-5
+    assert rel(got, want) < tol
+    assert len(got_grads) == len(want_grads) == 1 + sum(len(parts) for parts in held)
+    for g, w in zip(got_grads, want_grads):
+        assert rel(g, w) < tol
+    if held == [("attention",)]:  # a stage's block without its MLP needs no post-attention norm
+        del layers[0].post_attention_layernorm
+        assert fusable(layers, None, held) and not fusable(layers, None)
+
+
 def test_run_layers_with_no_blocks_is_the_norm_or_nothing():
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(3, 4, 37, generator=gen).to(DEVICE)
@@ -161,13 +205,15 @@ def test_hooks_on_blocks_or_norms_keep_the_blocks_own_forward(tiny_models):
 
 
 @pytest.mark.skipif(not COMPILED, reason="a stage takes the fused path only on CUDA")
-@pytest.mark.parametrize("last", [True, False])
+@pytest.mark.parametrize("last", [True, False, "cut"])
 def test_a_stage_with_fused_residual_adds_equals_one_without(tiny_models, last):
     from mlora.model.lora_linear import BatchLayout, JobRows, StageAdapter
     from mlora.model.stage import StageBounds, load_stage
 
     n_layers = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).config.num_hidden_layers
-    bounds = StageBounds(0, n_layers, True, True) if last else StageBounds(0, n_layers - 1, True, False)
+    bounds = StageBounds(0, n_layers, True, True) if last is True else StageBounds(0, n_layers - 1, True, False)
+    if last == "cut":  # from block 0's MLP to block 2's attention (cuts inside blocks)
+        bounds = StageBounds.from_halves(1, 5, True, False)
     outs, grads = [], []
     for fused in (True, False):
         stage = load_stage(tiny_models["llama"], bounds, dtype="bfloat16", device="cuda")

@@ -237,6 +237,10 @@ def _coerce(value: Any, type_name: str, source: str, where: str) -> Any:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
         raise ConfigError(f"{source}: {where}: must be a list of whole numbers, got {value!r}")
+    if base.startswith("tuple[float"):
+        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{source}: {where}: must be a list of numbers, got {value!r}")
     if base.startswith("tuple[str"):
         if isinstance(value, str):
             value = [value]
@@ -433,5 +437,6 @@ def _check_run(run: RunLimits, source: str) -> None:
         raise ConfigError(f"{source}: run: pipeline_timeout_s: must be positive, got {run.pipeline_timeout_s}")
     if run.pipeline_groups is not None and run.pipeline_groups < 1:
         raise ConfigError(f"{source}: run: pipeline_groups: must be at least 1, got {run.pipeline_groups}")
-    if run.layers_per_stage is not None and any(n < 1 for n in run.layers_per_stage):
-        raise ConfigError(f"{source}: run: layers_per_stage: every stage needs at least one block, got {list(run.layers_per_stage)}")
+    if run.layers_per_stage is not None and any(n < 0.5 or 2 * n != int(2 * n) for n in run.layers_per_stage):
+        raise ConfigError(f"{source}: run: layers_per_stage: each stage holds a positive number of blocks in halves "
+                          f"(8, 8.5: a block's attention, its MLP on the next stage), got {list(run.layers_per_stage)}")

@@ -99,7 +99,7 @@ class RunLimits:
     log_every_s: float = 5.0  # plain-log cadence when stdout is not a terminal
     name: str | None = None
     # pipeline runs (torchrun with several processes)
-    layers_per_stage: tuple[int, ...] | None = None  # explicit split; default balances cost
+    layers_per_stage: tuple[float, ...] | None = None  # explicit split (8.5: 8 blocks + an attention); default balances cost
     pipeline_groups: int | None = None  # job groups interleaving through the stages; default P
     pipeline_timeout_s: float = 300.0  # a peer silent this long is declared lost
 

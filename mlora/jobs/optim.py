@@ -69,34 +69,40 @@ def flatten_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]
 class JobOptimizer:
     """Optimizer + LR schedule for one job's adapter slice on this stage."""
 
-    def __init__(self, spec: JobSpec, adapter: StageAdapter | Any, total_steps: int) -> None:
+    def __init__(self, spec: JobSpec, adapter: StageAdapter | Any, total_steps: int,
+                 device: torch.device | None = None) -> None:
         """`adapter`: a StageAdapter, or any slice with `parameters()` (a MeteoRA adapter).
 
         The adapter's tensors are moved into flat buffers (`flatten_params`); gradients
         are zeroed in place after a step, never dropped, so they keep their addresses
-        (a CUDA graph adds into them).
+        (a CUDA graph adds into them). A pipeline stage may hold none of a job's adapted
+        linears (a stage of MLP halves, a job adapting attention only): the slice is then
+        empty, and its steps only advance the schedule. `device`: where the stage computes
+        (for an empty slice's zero norm).
         """
         self.spec, self.adapter, self.total_steps = spec, adapter, total_steps
         self.params = adapter.parameters()
+        self.device = self.params[0].device if self.params else (device or torch.device("cpu"))
         self.flat = flatten_params(self.params)
-        self.optimizer = build_optimizer(spec, self.flat)
+        self.optimizer = build_optimizer(spec, self.flat) if self.flat else None
         self.steps_done = 0
+        self._lr = spec.learning_rate
         self._set_lr()
 
     def _set_lr(self) -> None:
         factor = lr_factor(self.steps_done, self.spec.warmup_steps, self.total_steps, self.spec.lr_scheduler)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.spec.learning_rate * factor
+        self._lr = self.spec.learning_rate * factor
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = self._lr
 
     @property
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        return float(self._lr)
 
     def grad_sq_norm(self) -> Tensor:
-        """Sum of squared gradient entries of this slice (fp32, on the params' device)."""
+        """Sum of squared gradient entries of this slice (fp32, on the stage's device)."""
         if not self.flat:
-            device = self.params[0].device if self.params else torch.device("cpu")
-            return torch.zeros((), dtype=torch.float32, device=device)
+            return torch.zeros((), dtype=torch.float32, device=self.device)
         return sum(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square() for p in self.flat)  # type: ignore[return-value]
 
     def step(self, total_norm: Tensor | None) -> None:
@@ -105,15 +111,16 @@ class JobOptimizer:
             coef = torch.clamp(self.spec.max_grad_norm / (total_norm + 1e-6), max=1.0)
             for p in self.flat:
                 p.grad.mul_(coef.to(p.device))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=False)
         self.steps_done += 1
         self._set_lr()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "steps_done": self.steps_done,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "params": [p.detach().clone() for p in self.params],  # the trained tensors, in the optimizer's order
         }
 
@@ -141,7 +148,8 @@ class JobOptimizer:
         if len(saved) != len(self.params) or any(s.shape != p.shape for s, p in zip(saved, self.params)):
             raise ValueError("checkpoint does not match this job's adapter slice (other ranks, targets or stage split)")
         try:
-            self.optimizer.load_state_dict(self._flat_state(state["optimizer"]))
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(self._flat_state(state["optimizer"]))
         except ValueError as exc:
             raise ValueError(f"checkpoint's optimizer state does not fit this job's optimizer ({exc})") from exc
         with torch.no_grad():

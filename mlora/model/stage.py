@@ -11,7 +11,8 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from mlora.model.block_parts import ATTENTION, BOTH, MLP, PART_MODULES, drop_unheld, run_part
 from mlora.model.layout import (
     EMBED,
     HEAD,
@@ -38,12 +40,37 @@ class ModelFolderError(ValueError):
 
 @dataclass(frozen=True)
 class StageBounds:
-    """Which part of the model a stage holds."""
+    """Which part of the model a stage holds: decoder blocks [start, end), the first of
+    them perhaps from its MLP on and the last perhaps up to its attention only (a pipeline
+    cut inside a block, `schedule.partition`)."""
 
     start: int  # first decoder block
     end: int  # one past the last
     first: bool  # holds the embedding
     last: bool  # holds norm + LM head
+    mlp_first: bool = False  # block `start` is held from its MLP on (its attention is the stage before's)
+    attention_last: bool = False  # block `end - 1` is held up to its attention (its MLP is the next stage's)
+
+    def __post_init__(self) -> None:
+        if self.mlp_first and self.attention_last and self.end - self.start == 1:
+            raise ValueError(f"stage of block {self.start}'s MLP and attention only holds nothing")
+
+    @classmethod
+    def from_halves(cls, lo: int, hi: int, first: bool, last: bool) -> StageBounds:
+        """Halves [lo, hi): half 2i is block i's attention, 2i + 1 its MLP."""
+        if not 0 <= lo < hi:
+            raise ValueError(f"empty stage: halves [{lo}, {hi})")
+        return cls(lo // 2, (hi + 1) // 2, first, last, mlp_first=lo % 2 == 1, attention_last=hi % 2 == 1)
+
+    @property
+    def halves(self) -> tuple[int, int]:
+        """The held halves [lo, hi) (half 2i: block i's attention, 2i + 1: its MLP)."""
+        return 2 * self.start + self.mlp_first, 2 * self.end - self.attention_last
+
+    def held_parts(self, block: int) -> tuple[str, ...]:
+        """Which parts of a held block this stage runs: attention, MLP or both."""
+        lo, hi = self.halves
+        return tuple(part for part, half in ((ATTENTION, 2 * block), (MLP, 2 * block + 1)) if lo <= half < hi)
 
 
 def read_config(model_dir: str | Path) -> PretrainedConfig:
@@ -116,6 +143,8 @@ class StageModel(nn.Module):
         self.config, self.bounds = config, bounds
         self.embed_tokens = parts.get(EMBED)
         self.layers = nn.ModuleList([parts[layer_prefix(i)] for i in range(bounds.start, bounds.end)])
+        # per block, the parts this stage runs (both but where a pipeline cut falls inside it)
+        self.held = [bounds.held_parts(i) for i in range(bounds.start, bounds.end)]
         self.norm = parts.get(NORM)
         self.lm_head = parts.get(HEAD)
         self.rotary_emb = rotary
@@ -124,8 +153,11 @@ class StageModel(nn.Module):
         self.lora_linears: dict[str, MultiLoraLinear] = {}
         for offset, layer in enumerate(self.layers):
             index = bounds.start + offset
+            held_modules = {PART_MODULES[part][1] for part in self.held[offset]}
             for t, rel in enumerate(TARGET_PATHS.values()):
                 parent_name, child = rel.split(".")
+                if parent_name not in held_modules:
+                    continue
                 parent = getattr(layer, parent_name)
                 path = f"{layer_prefix(index)}.{rel}"
                 # the index is global (not per stage) so dropout masks do not depend on the split
@@ -145,7 +177,7 @@ class StageModel(nn.Module):
             for part in (*self.layers, self.norm):
                 if part is not None:
                     fuse_block_ops(part)
-            self.fused_residual = fusable(self.layers, self.norm if bounds.last else None)
+            self.fused_residual = fusable(self.layers, self.norm if bounds.last else None, self.held)
 
     def linear_shapes(self, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
         """(d_in, d_out) of every linear of this stage that one of `targets` names."""
@@ -196,10 +228,11 @@ class StageModel(nn.Module):
                 from mlora.ops.fused_residual import run_layers, unhooked
 
                 final = self.norm if self.bounds.last else None
-                if unhooked(self.layers, final):  # a hook on a block or norm needs the module's own forward
-                    return run_layers(self.layers, hidden, final, **kwargs)
-            for layer in self.layers:
-                hidden = self._checkpointed(layer, hidden, kwargs) if recompute else layer(hidden, **kwargs)
+                if unhooked(self.layers, final, self.held):  # a hook on a block or norm needs the module's own forward
+                    return run_layers(self.layers, hidden, final, self.held, **kwargs)
+            for layer, held in zip(self.layers, self.held):
+                unit = layer if held == BOTH else partial(run_part, layer, held[0])
+                hidden = self._checkpointed(unit, hidden, kwargs) if recompute else unit(hidden, **kwargs)
         finally:
             self.routing.layout = None
             self.routing.op_cache = {}
@@ -209,7 +242,7 @@ class StageModel(nn.Module):
             hidden = self.norm(hidden)
         return hidden
 
-    def _checkpointed(self, layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    def _checkpointed(self, layer: Callable[..., Tensor], hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The block through torch.utils.checkpoint: only its input is kept, and the block
         runs again in the backward, under the routing state of this forward (the call
         has cleared it by then) and without recording MeteoRA gate logits a second time.
@@ -302,7 +335,10 @@ def load_stage(
 
 def _stage_parts(model: nn.Module, bounds: StageBounds) -> dict[str, nn.Module]:
     """The model's modules a stage holds, by state-dict prefix."""
-    parts: dict[str, nn.Module] = {layer_prefix(i): model.model.layers[i] for i in range(bounds.start, bounds.end)}
+    parts: dict[str, nn.Module] = {}
+    for i in range(bounds.start, bounds.end):
+        drop_unheld(model.model.layers[i], bounds.held_parts(i), i)
+        parts[layer_prefix(i)] = model.model.layers[i]
     if bounds.first:
         parts[EMBED] = model.model.embed_tokens
     if bounds.last:

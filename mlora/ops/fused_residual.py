@@ -14,6 +14,7 @@ norm is `fused_block.rms_norm`'s math.
 `run_layers` runs a stage's decoder blocks this way: each block's second add is carried
 into the next block's first norm (or the stage's final norm). The blocks' attention and
 MLP are the modules' own (so their fused forwards and multi-LoRA linears run as ever).
+A stage cut inside a block (`model.block_parts`) runs only the held half of it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from mlora.model.block_parts import ATTENTION, BOTH, TWO_PART_BLOCKS, part_norm
 from mlora.ops.fused_block import _warps, rms_norm
 
 try:
@@ -31,8 +33,8 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without Triton run the blocks' own forward
     triton = None
 
-# Decoder blocks whose forward is "x + attn(norm1(x)) then h + mlp(norm2(h))" (transformers 5.x).
-FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+FUSABLE_LAYERS = TWO_PART_BLOCKS
+Held = Sequence[tuple[str, ...]] | None  # per block, the parts that run (default: both)
 
 
 if triton is not None:
@@ -113,51 +115,54 @@ def _frozen_rms(norm: Any) -> bool:
             and isinstance(weight, Tensor) and not weight.requires_grad)
 
 
-def fusable(layers: Sequence[nn.Module], final_norm: nn.Module | None) -> bool:
+def _parts(layers: Sequence[nn.Module], held: Held) -> list[tuple[nn.Module, str]]:
+    return [(layer, part) for layer, parts in zip(layers, held or [BOTH] * len(layers)) for part in parts]
+
+
+def fusable(layers: Sequence[nn.Module], final_norm: nn.Module | None, held: Held = None) -> bool:
     """Whether `run_layers` computes these blocks (and norm) as their own forwards do."""
     if triton is None:
         return False
-    blocks_ok = all(
-        type(layer).__name__ in FUSABLE_LAYERS
-        and _frozen_rms(getattr(layer, "input_layernorm", None))
-        and _frozen_rms(getattr(layer, "post_attention_layernorm", None))
-        for layer in layers
+    blocks_ok = all(type(layer).__name__ in FUSABLE_LAYERS for layer in layers) and all(
+        _frozen_rms(part_norm(layer, part)) for layer, part in _parts(layers, held)
     )
     return blocks_ok and (final_norm is None or _frozen_rms(final_norm))
 
 
-def unhooked(layers: Sequence[nn.Module], final_norm: nn.Module | None = None) -> bool:
+def unhooked(layers: Sequence[nn.Module], final_norm: nn.Module | None = None, held: Held = None) -> bool:
     """No forward hooks on the blocks or their norms (nor global ones): `run_layers` calls
     neither, so it is used only when no hook would be skipped."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    skipped = [m for layer in layers for m in (layer, layer.input_layernorm, layer.post_attention_layernorm)]
+    skipped = [*layers, *(part_norm(layer, part) for layer, part in _parts(layers, held))]
     skipped += [final_norm] if final_norm is not None else []
     return not any(m._forward_hooks or m._forward_pre_hooks for m in skipped)
 
 
 def run_layers(
-    layers: Sequence[nn.Module], hidden: Tensor, final_norm: nn.Module | None, **layer_kwargs: Any
+    layers: Sequence[nn.Module], hidden: Tensor, final_norm: nn.Module | None, held: Held = None,
+    **layer_kwargs: Any,
 ) -> Tensor:
     """The blocks' forward, each residual add fused into the norm after it.
 
     Returns what the blocks return, normed by `final_norm` if one is given. Only for
-    blocks `fusable` accepts and with no hooks on them (`unhooked`); `layer_kwargs` go
-    to each block's attention as the block passes them.
+    blocks `fusable` accepts and with no hooks on them (`unhooked`); `held`: per block,
+    the parts that run (a stage cut inside a block); `layer_kwargs` go to each block's
+    attention as the block passes them.
     """
-    pending: Tensor | None = None  # the last MLP's output, not yet added to the stream
-    for layer in layers:
-        norm = layer.input_layernorm
+    pending: Tensor | None = None  # the last part's output, not yet added to the stream
+    for layer, part in _parts(layers, held):
+        norm = part_norm(layer, part)
         if pending is None:
             normed = rms_norm(hidden, norm.weight, norm.variance_epsilon)
         else:
             hidden, normed = add_rms_norm(hidden, pending, norm.weight, norm.variance_epsilon)
-        attn, _ = layer.self_attn(hidden_states=normed, **layer_kwargs)
-        norm = layer.post_attention_layernorm
-        hidden, normed = add_rms_norm(hidden, attn, norm.weight, norm.variance_epsilon)
-        pending = layer.mlp(normed)
+        if part == ATTENTION:
+            pending, _ = layer.self_attn(hidden_states=normed, **layer_kwargs)
+        else:
+            pending = layer.mlp(normed)
     if final_norm is None:
         return hidden if pending is None else hidden + pending
     if pending is None:

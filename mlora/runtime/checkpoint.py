@@ -74,10 +74,53 @@ def adapter_signature(job: JobSpec) -> dict[str, Any]:
     return {"kind": job.kind, "lora_r": job.lora_r, "target_modules": list(job.target_modules), "optimizer": job.optimizer}
 
 
-def check_resumable(spec: RunSpec, out_dir: Path, n_stages: int = 1) -> None:
-    """Before any weight is read: each job's newest checkpoint was written for the adapter
-    the run file describes now, else a ConfigError naming the job and what changed."""
+def newest_state(out_dir: Path, job: str) -> Path | None:
+    """The newest checkpoint folder of a job with its progress written, whatever its slices."""
+    root = checkpoint_root(out_dir, job)
+    folders = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+    return next((f for f in folders if (f / STATE).is_file()), None)
+
+
+def written_split(folder: Path) -> tuple[int, tuple[tuple[int, int], ...] | None]:
+    """How many stages wrote a checkpoint, and their split (halves per stage; None when
+    written before checkpoints recorded it: whole blocks, one slice file per stage, the
+    most any of the job's checkpoints holds, as a crash may have cut the newest short)."""
+    split = read_state(folder).get("split")
+    if split is None:
+        return max(len(list(f.glob("stage*.pt"))) for f in folder.parent.glob("step-*")), None
+    return len(split), tuple((int(lo), int(hi)) for lo, hi in split)
+
+
+def resumed_split(spec: RunSpec, out_dir: Path) -> tuple[int, tuple[tuple[int, int], ...] | None] | None:
+    """The split the checkpoints of the run's unfinished jobs were written under (as
+    `written_split`), None if none has a checkpoint; a ConfigError if they disagree."""
+    found: dict[Any, str] = {}
     for job in spec.jobs:
+        folder = newest_state(out_dir, job.name)
+        if folder is not None and not is_finished(job_dir(out_dir, job.name)):
+            found.setdefault(written_split(folder), job.name)
+    if len(found) > 1:
+        names = ", ".join(repr(name) for name in found.values())
+        raise ConfigError(f"{spec.source}: --resume: the checkpoints of jobs {names} in {out_dir} were written "
+                          "under different pipeline splits; resume those jobs in separate output_dirs")
+    return next(iter(found), None)
+
+
+def check_resumable(spec: RunSpec, out_dir: Path, n_stages: int = 1) -> None:
+    """Before any weight is read: each job's newest checkpoint was written by as many
+    stages as will resume it and for the adapter the run file describes now, else a
+    ConfigError naming the job and what changed."""
+    for job in spec.jobs:
+        newest = newest_state(out_dir, job.name)
+        if newest is not None and not is_finished(job_dir(out_dir, job.name)):
+            written = written_split(newest)[0]
+            if written != n_stages:
+                how = "one process" if written == 1 else f"a {written}-stage pipeline ({written} processes)"
+                now = "one process" if n_stages == 1 else f"{n_stages} processes"
+                raise ConfigError(
+                    f"{spec.source}: job {job.name!r}: --resume: its checkpoint {newest.name} was written by {how}, "
+                    f"and this run has {now}; resume it with {how}"
+                )
         folder = latest_checkpoint(out_dir, job.name, n_stages)
         if folder is None or is_finished(job_dir(out_dir, job.name)):  # a finished job is not trained again
             continue

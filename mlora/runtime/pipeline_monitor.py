@@ -160,7 +160,8 @@ class PipelineMonitor:
 
     def checkpoint(self, job_name: str, step: int, folder: Path) -> None:
         job = self.driver.jobs[job_name]
-        state = {"step": step, "tokens": job.tokens, "losses": job.losses[:step], "adapter": adapter_signature(job.spec)}
+        state = {"step": step, "tokens": job.tokens, "losses": job.losses[:step], "adapter": adapter_signature(job.spec),
+                 "split": [list(b.halves) for b in self.driver.bounds]}
         folder.mkdir(parents=True, exist_ok=True)  # the stages' slices may still be on their way
         tmp = folder / f".{STATE}.tmp"
         tmp.write_text(json.dumps(state))

@@ -21,7 +21,7 @@ from mlora.config import ConfigError, RunSpec
 from mlora.jobs import JobState, PendingMicro, plan_steps
 from mlora.model.stage import StageBounds, base_linear_shapes, read_config
 from mlora.runtime.batch import collate, make_layout, padded_length
-from mlora.runtime.checkpoint import check_resumable, latest_checkpoint, read_state
+from mlora.runtime.checkpoint import check_resumable, latest_checkpoint, read_state, resumed_split
 from mlora.runtime.meteora_jobs import check_meteora_inputs, gated_linears, run_dependencies
 from mlora.runtime.output import SHARED_MARKER, is_finished, job_dir, prepare_output, slices_dir
 from mlora.runtime.setup import build_job_states, load_tokenizer, warn_about_data, warn_about_precision
@@ -29,7 +29,7 @@ from mlora.runtime.stage_worker import MicroBatchPlan
 from mlora.runtime.trainer import check_init_adapter, truncate_metrics
 from mlora.schedule.actions import Schedule
 from mlora.schedule.microbatch import MicroBatch
-from mlora.schedule.partition import ModelShape, balanced_split, explicit_split
+from mlora.schedule.partition import ModelShape, balanced_split, cuts_split, explicit_split, split_as_layers
 from mlora.schedule.pipeline import build_schedule
 from mlora.schedule.planner import JobPlanSizes, plan_pipeline
 from mlora.schedule.simulate import StageCosts, simulate
@@ -65,19 +65,37 @@ def stage_shape(model_path: str) -> ModelShape:
     )
 
 
-def split_model(spec: RunSpec, n_stages: int) -> tuple[tuple[StageBounds, ...], str, tuple[float, ...]]:
-    """The stages' block ranges, their description and their relative costs."""
+def split_model(
+    spec: RunSpec, n_stages: int, written: tuple[int, tuple[tuple[int, int], ...] | None] | None = None
+) -> tuple[tuple[StageBounds, ...], str, tuple[float, ...]]:
+    """The stages' block ranges, their description and their relative costs.
+
+    `written`: the split a resumed run's checkpoints were written under
+    (`checkpoint.resumed_split`); the run keeps it, so that each stage's slice fits the
+    stage that reads it back (checkpoints from before splits were recorded: whole
+    blocks, as then)."""
     shape = stage_shape(spec.model.path)
     layers = spec.run.layers_per_stage
     if layers is not None and len(layers) != n_stages:
         raise ConfigError(f"{spec.source}: run: layers_per_stage: {len(layers)} entries for {n_stages} processes")
     try:
-        split = explicit_split(shape, layers) if layers is not None else balanced_split(shape, n_stages)
+        if layers is not None:
+            split = explicit_split(shape, layers)
+        else:
+            split = balanced_split(shape, n_stages, halves=written is None or written[1] is not None)
     except ValueError as exc:
         field = "run: layers_per_stage" if layers is not None else f"model: path: {spec.model.path!r}"
         raise ConfigError(f"{spec.source}: {field}: {exc}") from exc
+    if written is not None and written[1] is not None and tuple(split.stage_halves(k) for k in range(n_stages)) != written[1]:
+        kept = cuts_split(shape, [lo for lo, _ in written[1]] + [written[1][-1][1]])
+        if layers is not None:
+            raise ConfigError(
+                f"{spec.source}: run: layers_per_stage: {list(layers)} is not the split its checkpoints were "
+                f"written with ({split_as_layers(kept)}); put that back to resume, or leave the field out"
+            )
+        split = kept
     bounds = tuple(
-        StageBounds(split.bounds[k], split.bounds[k + 1], k == 0, k == n_stages - 1) for k in range(n_stages)
+        StageBounds.from_halves(*split.stage_halves(k), k == 0, k == n_stages - 1) for k in range(n_stages)
     )
     return bounds, split.describe(), split.costs
 
@@ -94,10 +112,15 @@ class Driver:
         if any(j.kind == "meteora" for j in spec.jobs):
             check_meteora_inputs(spec, *base_linear_shapes(spec.model.path))
         self.jobs: dict[str, JobState] = {s.name: s for s in build_job_states(spec, tokenizer, plan_steps)}
-        self.bounds, self.split_text, self.stage_costs = split_model(spec, n_stages)
-        self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
+        # a resumed run keeps the split its checkpoints were written under; a new one claims
+        # its output folder only once the split is known to be good
         if resume:
+            self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
             check_resumable(spec, self.out, n_stages)
+        written = resumed_split(spec, self.out) if resume else None
+        self.bounds, self.split_text, self.stage_costs = split_model(spec, n_stages, written)
+        if not resume:
+            self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
         warn_about_data(self.jobs.values())
         warn_about_precision(spec)
         self.resume = resume

@@ -332,7 +332,7 @@ class StageWorker:
     def _apply_step(self, key: tuple[str, int]) -> None:
         norm = self.known_norms.pop(key)
         opt = self.optimizers[key[0]]
-        opt.step(torch.as_tensor(norm, dtype=torch.float32, device=opt.params[0].device))
+        opt.step(torch.as_tensor(norm, dtype=torch.float32, device=opt.device))
         self.pending_steps.discard(key)
         if self.on_step is not None:
             self.on_step(*key)

@@ -453,7 +453,8 @@ class Trainer:
             self.summary.job_eval(job.name, eval_loss)
             self.sink.log_eval({"kind": "eval", "job": job.name, "step": job.step, "eval_loss": eval_loss, "time": time.time()})
         if save_due:
-            state = {"step": job.step, "tokens": job.tokens, "losses": list(job.losses), "adapter": adapter_signature(spec)}
+            state = {"step": job.step, "tokens": job.tokens, "losses": list(job.losses), "adapter": adapter_signature(spec),
+                     "split": [list(self.stage.bounds.halves)]}
             self.writer.submit_checkpoint(job.name, self.out, job.step, snapshot(opt.state_dict()), state)
         if job.done:
             self._finish_job(job)
