@@ -71,6 +71,11 @@ def test_command_line_overrides(tmp_path, files):
     assert spec.run.output_dir == "elsewhere"
 
 
+def test_a_split_by_hand_may_cut_inside_a_block(tmp_path, files):
+    raw = {**GOOD, "run": {"layers_per_stage": [8.5, 7.5]}}
+    assert load_run_file(write(tmp_path, raw, files)).run.layers_per_stage == (8.5, 7.5)
+
+
 def test_overrides_do_not_mutate_input():
     raw = {"jobs": [{"name": "a"}]}
     out = apply_overrides(raw, ["jobs.a.lora_r=3"], "f.yaml")
@@ -118,6 +123,11 @@ BROKEN = [
     (_broken(model__dtype="fp8"), "model: dtype: 'fp8' is not one of float32, bfloat16, float16"),
     (_broken(model__path="missing_model_dir"), "model: path: 'missing_model_dir' is not a folder"),
     (_broken(run__max_concurrent_jobs=0), "run: max_concurrent_jobs: must be at least 1, got 0"),
+    (_broken(run__layers_per_stage=[8, 7.25]), "run: layers_per_stage: each stage holds a positive number of blocks "
+                                               "in halves (8, 8.5: a block's attention, its MLP on the next stage), "
+                                               "got [8, 7.25]"),
+    (_broken(run__layers_per_stage=[8, 0]), "run: layers_per_stage: each stage holds a positive number of blocks"),
+    (_broken(run__layers_per_stage=[8, "7"]), "run: layers_per_stage: must be a list of numbers, got [8, '7']"),
     (_broken(jobs=[]), "jobs: must be a non-empty list of jobs"),
     (_broken(modle=1), "top level: unknown field 'modle' (did you mean 'model'?)"),
 ]
