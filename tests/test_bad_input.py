@@ -189,12 +189,12 @@ def test_validate_plans_a_pipeline_only_of_two_stages_or_more(tmp_path, tiny_mod
     assert many.returncode == 2 and "run.yaml: model: path:" in many.stderr and "into 64 stages" in many.stderr, many.stderr
 
 
-def test_validate_says_float16_trains_without_loss_scaling(tmp_path, tiny_models, datasets):
+def test_validate_says_float16_trains_with_loss_scaling(tmp_path, tiny_models, datasets):
     raw = base_run(tmp_path, tiny_models["llama"], datasets["copy"])
     run = write_run(tmp_path / "run.yaml", {**raw, "model": {**raw["model"], "dtype": "float16"}})
     checked = mlora("validate", str(run), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
-    assert "note: " + str(run) + ": model: dtype: float16 trains without loss scaling" in checked.stdout
+    assert "note: " + str(run) + ": model: dtype: float16 trains with dynamic loss scaling" in checked.stdout
     plain = mlora("validate", str(write_run(tmp_path / "bf16.yaml", raw)), cwd=tmp_path)
     assert "loss scaling" not in plain.stdout
 

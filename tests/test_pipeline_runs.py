@@ -22,6 +22,7 @@ from mlora.config import load_run_file
 from mlora.runtime.trainer import train
 
 from conftest import free_port, write_run
+from conftest import rel as rel_err
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +40,10 @@ JOBS = [
 EVAL_STEPS = {"copy": [2, 4], "reverse": [4], "count": [], "copy2": [1, 2, 3, 4]}
 
 
-def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, max_steps: int = 4, **run) -> Path:
+def run_file(tmp_path: Path, model: Path, datasets: dict[str, Path], out: str, max_steps: int = 4,
+             model_dtype: str = "float32", **run) -> Path:
     raw = {
-        "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
+        "model": {"path": str(model), "dtype": model_dtype, "device": "cpu"},
         "defaults": {"template": "plain", "cutoff_len": 32, "max_steps": max_steps, "learning_rate": 2e-3, "seed": 5},
         "jobs": [{**j, "dataset": str(datasets[j["dataset"]])} for j in JOBS],
         "run": {"output_dir": str(tmp_path / out), **run},
@@ -53,13 +55,17 @@ def train_losses(metrics: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
 
 
-def assert_same_adapters(want: Path, got: Path) -> None:
-    """Every job's adapter in `got` equals the one in `want` (fp32, 1e-5)."""
+def assert_same_adapters(want: Path, got: Path, rel: float | None = None) -> None:
+    """Every job's adapter in `got` equals the one in `want` (fp32, 1e-5; or each
+    tensor within `rel` relative error, as a whole)."""
     for job in JOBS:
         a = load_file(str(want / job["name"] / "adapter_model.safetensors"))
         b = load_file(str(got / job["name"] / "adapter_model.safetensors"))
         assert a.keys() == b.keys(), job["name"]
         for key in a:
+            if rel is not None:
+                assert torch.isfinite(b[key]).all() and rel_err(b[key], a[key]) < rel, (job["name"], key)
+                continue
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, j=job["name"], k=key: f"{j} {k}: {m}")
 
 
@@ -124,6 +130,31 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     # `mlora validate --stages` plans exactly what the run then ran
     trace_mbs = {e["args"]["mb"] for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("args", {}).get("mb") is not None}
     assert f"{len(trace_mbs)} micro-batches (" in outline.stdout and f"predicted bubble {100 * predicted:.1f}%" in outline.stdout
+
+
+def loss_scales(metrics: Path) -> list[float]:
+    return [r["loss_scale"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_a_float16_pipeline_scales_losses_and_skips_overflowed_steps_as_one_process_does(tmp_path, tiny_models, datasets):
+    """float16 with dynamic loss scaling: every stage skips a job's overflowed step (the
+    whole adapter's norm decides), and keeps the same scale, so the adapters, the losses
+    and the logged scales are one process's. The 'count' job's first step overflows at
+    the initial scale (2^16) here; without the skip its adapter would be nan."""
+    single = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, "single"), ["model.dtype=float16"]),
+                   live=False)
+    proc = torchrun(2, run_file(tmp_path, tiny_models["llama"], datasets, "pipe", model_dtype="float16"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "pipe"
+    # float16 rounds differently as rows are batched differently (another GEMM blocking):
+    # one process training the jobs one at a time differs from the fused run by 2.4e-3
+    assert_same_adapters(single.output_dir, out, rel=1e-2)
+    for job in JOBS:
+        metrics = [d / job["name"] / "metrics.jsonl" for d in (single.output_dir, out)]
+        assert train_losses(metrics[1]) == pytest.approx(train_losses(metrics[0]), rel=1e-3), job["name"]
+        assert loss_scales(metrics[1]) == loss_scales(metrics[0]), job["name"]
+    assert loss_scales(out / "count" / "metrics.jsonl")[:2] == [2.0**16, 2.0**15]
+    assert loss_scales(out / "copy" / "metrics.jsonl") == [2.0**16] * 4
 
 
 def test_a_job_that_ends_early_has_its_adapter_written_while_the_others_train(tmp_path, tiny_models, datasets):

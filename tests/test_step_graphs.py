@@ -3,6 +3,7 @@ batches qualify, and on CUDA a graphed run trains the same adapters as an eager 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -379,6 +380,21 @@ def test_graphed_run_trains_the_eager_adapters(tmp_path, tiny_models, request):
     eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="torch")
     graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend="torch")
     _assert_same_adapters(graphed, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_graphed_float16_run_scales_losses_as_the_eager_run(tmp_path, tiny_models, request):
+    """float16: the recorded step reads each job's loss scale from the same device tensor
+    the optimizer updates, so the graphed run skips and scales as the eager one does."""
+    if rerun_compiled(request):
+        return
+    eager = _fixed_length_run(tiny_models["llama"], tmp_path / "eager", graphs=False, backend="torch", dtype="float16")
+    graphed = _fixed_length_run(tiny_models["llama"], tmp_path / "graphed", graphs=True, backend="torch", dtype="float16")
+    _assert_same_adapters(graphed, eager, rtol=1e-3, atol=1e-4)
+    for job in "abc":
+        scales = [[json.loads(line).get("loss_scale") for line in (tmp_path / run / job / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["kind"] == "train"] for run in ("eager", "graphed")]
+        assert scales[0] == scales[1] and all(s is not None for s in scales[0]), job
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -13,27 +13,36 @@ import torch
 from torch import Tensor
 
 from mlora.config import JobSpec
+from mlora.jobs.loss_scale import LossScaler
 from mlora.jobs.lr import lr_factor
 from mlora.model.lora_linear import StageAdapter
 
 
-def build_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW (default) or SGD with the job's hyper-parameters."""
+def build_optimizer(spec: JobSpec, params: list[torch.nn.Parameter], skips: bool = False) -> torch.optim.Optimizer:
+    """AdamW (default) or SGD with the job's hyper-parameters. `skips`: the step may be
+    skipped on the device (loss scaling), which the fused implementations do (`found_inf`)."""
     if spec.optimizer == "adamw":
-        on_gpu = bool(params) and params[0].is_cuda
+        fused = skips or (bool(params) and params[0].is_cuda)
         return torch.optim.AdamW(
             params,
             lr=spec.learning_rate,
             betas=(spec.adam_beta1, spec.adam_beta2),
             eps=spec.adam_epsilon,
             weight_decay=spec.weight_decay,
-            fused=on_gpu or None,  # one kernel for all of a job's tensors on CUDA
-            foreach=None if on_gpu else True,  # CPU: multi-tensor ops, not a Python loop over hundreds of tensors
+            fused=fused or None,  # one kernel for all of a job's tensors on CUDA
+            foreach=None if fused else True,  # CPU: multi-tensor ops, not a Python loop over hundreds of tensors
         )
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=spec.learning_rate, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True
+        sgd = torch.optim.SGD(
+            params, lr=spec.learning_rate, momentum=spec.momentum, weight_decay=spec.weight_decay,
+            fused=skips or None, foreach=None if skips else True,
         )
+        if skips and spec.momentum:
+            # a first step skipped would leave fused SGD's new momentum buffer uninitialised;
+            # zeros from the start give what "the first gradient" gives (no dampening)
+            for p in params:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return sgd
     raise ValueError(f"unknown optimizer {spec.optimizer!r}")
 
 
@@ -70,7 +79,7 @@ class JobOptimizer:
     """Optimizer + LR schedule for one job's adapter slice on this stage."""
 
     def __init__(self, spec: JobSpec, adapter: StageAdapter | Any, total_steps: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, loss_scaling: bool = False) -> None:
         """`adapter`: a StageAdapter, or any slice with `parameters()` (a MeteoRA adapter).
 
         The adapter's tensors are moved into flat buffers (`flatten_params`); gradients
@@ -78,13 +87,15 @@ class JobOptimizer:
         (a CUDA graph adds into them). A pipeline stage may hold none of a job's adapted
         linears (a stage of MLP halves, a job adapting attention only): the slice is then
         empty, and its steps only advance the schedule. `device`: where the stage computes
-        (for an empty slice's zero norm).
+        (for an empty slice's zero norm). `loss_scaling` (float16): the job's loss is
+        scaled (`scaler.scale`) and a step with overflowed gradients skipped (`loss_scale`).
         """
         self.spec, self.adapter, self.total_steps = spec, adapter, total_steps
         self.params = adapter.parameters()
         self.device = self.params[0].device if self.params else (device or torch.device("cpu"))
         self.flat = flatten_params(self.params)
-        self.optimizer = build_optimizer(spec, self.flat) if self.flat else None
+        self.scaler = LossScaler(self.device) if loss_scaling else None
+        self.optimizer = build_optimizer(spec, self.flat, skips=loss_scaling) if self.flat else None
         self.steps_done = 0
         self._lr = spec.learning_rate
         self._set_lr()
@@ -105,15 +116,40 @@ class JobOptimizer:
             return torch.zeros((), dtype=torch.float32, device=self.device)
         return sum(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square() for p in self.flat)  # type: ignore[return-value]
 
+    @property
+    def needs_norm(self) -> bool:
+        """Whether a step needs the whole adapter's gradient norm: to clip, or (loss
+        scaling) to know whether any stage's gradients overflowed."""
+        return self.spec.max_grad_norm is not None or self.scaler is not None
+
     def step(self, total_norm: Tensor | None) -> None:
-        """Clip by the whole adapter's norm, step, advance the LR schedule, clear grads."""
+        """Unscale (loss scaling), clip by the whole adapter's norm, step (skipped on the
+        device if the norm is not finite), advance the LR schedule, clear grads.
+
+        `total_norm` is the norm of the gradients as they are (scaled, under loss scaling).
+        A skipped step still counts towards the job's steps and its LR schedule."""
+        coef: Tensor | None = None
+        found_inf: Tensor | None = None
+        if self.scaler is not None:
+            assert total_norm is not None, "a loss-scaled step needs the gradient norm"
+            total_norm = total_norm.to(self.device, torch.float32)
+            found_inf = (~torch.isfinite(total_norm)).float()
+            coef = self.scaler.scale.reciprocal()
+            total_norm = total_norm * coef
         if self.spec.max_grad_norm is not None and total_norm is not None:
-            coef = torch.clamp(self.spec.max_grad_norm / (total_norm + 1e-6), max=1.0)
+            clip = torch.clamp(self.spec.max_grad_norm / (total_norm + 1e-6), max=1.0)
+            coef = clip if coef is None else coef * clip
+        if coef is not None:
             for p in self.flat:
                 p.grad.mul_(coef.to(p.device))
         if self.optimizer is not None:
+            if found_inf is not None:
+                self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # read by the fused step
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=False)
+        if self.scaler is not None:
+            assert found_inf is not None
+            self.scaler.update(found_inf)
         self.steps_done += 1
         self._set_lr()
 
@@ -121,6 +157,7 @@ class JobOptimizer:
         return {
             "steps_done": self.steps_done,
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            **({"loss_scale": self.scaler.state_dict()} if self.scaler is not None else {}),
             "params": [p.detach().clone() for p in self.params],  # the trained tensors, in the optimizer's order
         }
 
@@ -156,4 +193,6 @@ class JobOptimizer:
             for param, value in zip(self.params, saved):
                 param.copy_(value)
         self.steps_done = int(state["steps_done"])
+        if self.scaler is not None and "loss_scale" in state:
+            self.scaler.load_state_dict(state["loss_scale"])
         self._set_lr()

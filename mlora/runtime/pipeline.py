@@ -144,7 +144,8 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             else:
                 adapter = make_adapter(specs[name], stage, device)
             stage.routing.adapters[name] = adapter
-            optimizers[name] = JobOptimizer(specs[name], adapter, plan.total_steps[name], device)
+            optimizers[name] = JobOptimizer(specs[name], adapter, plan.total_steps[name], device,
+                                           loss_scaling=spec.model.dtype == "float16")
             if plan.restored[name] is not None:
                 optimizers[name].load_state_dict(read_stage_slice(Path(plan.restored[name]), rank))
 

@@ -24,7 +24,7 @@ from mlora.runtime.batch import collate, make_layout, padded_length
 from mlora.runtime.checkpoint import check_resumable, latest_checkpoint, read_state, resumed_split
 from mlora.runtime.meteora_jobs import check_meteora_inputs, gated_linears, run_dependencies
 from mlora.runtime.output import SHARED_MARKER, is_finished, job_dir, prepare_output, slices_dir
-from mlora.runtime.setup import build_job_states, load_tokenizer, warn_about_data, warn_about_precision
+from mlora.runtime.setup import build_job_states, load_tokenizer, warn_about_data
 from mlora.runtime.stage_worker import MicroBatchPlan
 from mlora.runtime.trainer import check_init_adapter, truncate_metrics
 from mlora.schedule.actions import Schedule
@@ -122,7 +122,6 @@ class Driver:
         if not resume:
             self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
         warn_about_data(self.jobs.values())
-        warn_about_precision(spec)
         self.resume = resume
         self.device = torch.device("cpu")
         self.live_flag = live

@@ -123,19 +123,13 @@ def context_note(data: Any, positions: int | None) -> str:
 
 
 def precision_note(spec: RunSpec) -> str:
-    """What to know about the run's dtype before training ("" when nothing): float16
-    activations and gradients run without loss scaling here, so gradients below fp16's
-    range are lost; bfloat16 has fp32's range."""
+    """What to know about the run's dtype before training ("" when nothing): float16's
+    small range is made up for by dynamic loss scaling (`jobs.loss_scale`)."""
     if spec.model.dtype != "float16":
         return ""
-    return (f"{spec.source}: model: dtype: float16 trains without loss scaling (gradients below float16's range "
-            "are lost); bfloat16, on GPUs that have it (Ampere and later), keeps float32's range")
-
-
-def warn_about_precision(spec: RunSpec) -> None:
-    note = precision_note(spec)
-    if note:
-        print(f"mlora: {note}", file=sys.stderr, flush=True)
+    return (f"{spec.source}: model: dtype: float16 trains with dynamic loss scaling, one scale per job (a step whose "
+            "gradients overflow is skipped and its scale halved; loss_scale in metrics.jsonl); bfloat16, on GPUs "
+            "that have it (Ampere and later), needs none")
 
 
 def warn_about_data(states: Iterable[JobState]) -> None:

@@ -3,14 +3,15 @@
 The worker owns its slice of every job's adapter and optimizer. Everything a stage must
 know beyond its own tensors arrives as notes riding on activations and gradients:
 
-- gradient clipping needs the norm of the *whole* adapter. After the backward of a
-  job step's last micro-batch, stage k adds its squared norm to the partial sum that
-  came up from stage k+1 and passes it upstream with the gradient. Stage 0 then knows
-  the total, steps, and sends the total downstream with its next activations; stage
-  k > 0 applies its pending step when the total arrives. The job's next step cannot
-  reach stage k before that (it travels behind the total), so no step is stale. The sums
-  stay on the device until a receiver reads the notes: a stage never waits for its own
-  backward to finish before queuing more work.
+- gradient clipping, and the overflow check of a float16 job's loss scaling (so that
+  every stage skips or takes the step alike), need the norm of the *whole* adapter.
+  After the backward of a job step's last micro-batch, stage k adds its squared norm to
+  the partial sum that came up from stage k+1 and passes it upstream with the gradient.
+  Stage 0 then knows the total, steps, and sends the total downstream with its next
+  activations; stage k > 0 applies its pending step when the total arrives. The job's
+  next step cannot reach stage k before that (it travels behind the total), so no step
+  is stale. The sums stay on the device until a receiver reads the notes: a stage never
+  waits for its own backward to finish before queuing more work.
 - the last stage reports each (job, step) loss upstream the same way, to rank 0, reading
   a micro-batch's losses on the host only after its backward is queued.
 - an evaluation micro-batch is forwarded without autograd and never backwarded; the last
@@ -39,6 +40,7 @@ from mlora.runtime.transport import (
     NOTE_GRAD_NORM,
     NOTE_GRAD_SQ,
     NOTE_LOSS,
+    NOTE_LOSS_SCALE,
     Note,
     PipelineError,
     Transport,
@@ -135,12 +137,13 @@ class StageWorker:
         token_ids: Callable[[int], Tensor] | None = None,
         targets: Callable[[int], Targets] | None = None,
         send_targets: Callable[[int], None] | None = None,
-        on_loss: Callable[[str, int, float], None] | None = None,
+        on_loss: Callable[[str, int, float, float | None], None] | None = None,
         on_step: Callable[[str, int], None] | None = None,
         on_eval: Callable[[str, int, float], None] | None = None,
     ) -> None:
         """token_ids/send_targets (rank 0) and targets (last stage) bring the data in;
-        on_loss / on_eval (rank 0) take each step's loss and each evaluation's loss sum."""
+        on_loss / on_eval (rank 0) take each step's loss (and float16 loss scale) and each
+        evaluation's loss sum."""
         self.index, self.n_stages = index, n_stages
         self.first, self.last = index == 0, index == n_stages - 1
         self.stage, self.optimizers, self.job_ids = stage, optimizers, job_ids
@@ -151,6 +154,7 @@ class StageWorker:
         self.backwarded: dict[tuple[str, int], int] = {}
         self.state = StageState()
         self.step_loss: dict[tuple[str, int], float] = {}
+        self.loss_scales: dict[tuple[str, int], float] = {}  # rank 0: a step's loss scale until its loss comes
         self.eval_loss: dict[tuple[str, int], Tensor] = {}  # last stage: evaluation sums so far
         self.pending_steps: set[tuple[str, int]] = set()  # OPTIMIZER_STEP seen, total norm not yet
         self.known_norms: dict[tuple[str, int], float | Tensor] = {}
@@ -258,10 +262,14 @@ class StageWorker:
         reading the values waits for the forward only, with the backward's work behind it
         on the device (read right after the forward, the device would idle meanwhile)."""
         notes = []
-        for s, value in zip(self.plans[mb].batch.slices, weighted.tolist()):
+        scales = self._loss_scales(mb)
+        scale_values = scales.tolist() if scales is not None else None
+        for k, (s, value) in enumerate(zip(self.plans[mb].batch.slices, weighted.tolist())):
             key = (s.job, s.step)
             self.step_loss[key] = self.step_loss.get(key, 0.0) + value
             if s.last:
+                if scale_values is not None:
+                    notes.append(Note(NOTE_LOSS_SCALE, self.job_ids[s.job], s.step, scale_values[k]))
                 notes.append(Note(NOTE_LOSS, self.job_ids[s.job], s.step, self.step_loss.pop(key)))
         self.state.up_notes.setdefault(mb, []).extend(notes)
 
@@ -278,7 +286,10 @@ class StageWorker:
                 continue
             labels = token_task_labels(rows, plan.layout.seq_len)
             ce, _ = gate_step_terms(logits, labels)
-            term = self.optimizers[s.job].spec.gate_loss_coef * ce / denom
+            opt = self.optimizers[s.job]
+            term = opt.spec.gate_loss_coef * ce / denom
+            if opt.scaler is not None:  # float16: the job's loss scale, as on its LM loss
+                term = term * opt.scaler.scale
             total = term if total is None else total + term
         return total
 
@@ -288,7 +299,8 @@ class StageWorker:
         gate_loss = self.state.gate_losses.pop(mb, None)
         if self.last:
             weighted = self.state.losses.pop(mb)
-            loss = weighted.sum()
+            scales = self._loss_scales(mb)
+            loss = weighted.sum() if scales is None else (weighted * scales).sum()
             (loss if gate_loss is None else loss + gate_loss).backward()
             self._report_losses(mb, weighted.detach())
         elif gate_loss is None:
@@ -306,7 +318,7 @@ class StageWorker:
                 self.backwarded.pop(key, None)
             else:
                 self.backwarded[key] = done
-            if s.last and self._clips(s.job):
+            if s.last and self._needs_norm(s.job):
                 # fp64 as the notes carry it; no .item(): that would wait for this backward
                 partial = self.optimizers[s.job].grad_sq_norm().double() + self.partials.pop(key, 0.0)
                 if self.first:
@@ -317,7 +329,7 @@ class StageWorker:
     def _optimizer_step(self, action: Action) -> None:
         key = (action.job, action.step)
         assert action.job is not None
-        if not self._clips(action.job):
+        if not self._needs_norm(action.job):
             self.optimizers[action.job].step(None)
             if self.on_step is not None:
                 self.on_step(*key)
@@ -339,8 +351,15 @@ class StageWorker:
         if self.first and not self.last:  # later stages pass totals on as they arrive
             self.state.down_notes.append(Note(NOTE_GRAD_NORM, self.job_ids[key[0]], key[1], norm))
 
-    def _clips(self, job: str) -> bool:
-        return self.optimizers[job].spec.max_grad_norm is not None
+    def _needs_norm(self, job: str) -> bool:
+        return self.optimizers[job].needs_norm
+
+    def _loss_scales(self, mb: int) -> Tensor | None:
+        """float16: each slice's job loss scale (`LossScaler`), else None."""
+        scalers = [self.optimizers[s.job].scaler for s in self.plans[mb].batch.slices]
+        if any(s is None for s in scalers):
+            return None
+        return torch.stack([s.scale for s in scalers])  # type: ignore[union-attr]
 
     # ------------------------------------------------------- communication
     def _send_act(self, action: Action) -> None:
@@ -384,11 +403,13 @@ class StageWorker:
             key = (self.job_names[note.job], note.step)
             if note.kind == NOTE_GRAD_SQ:
                 self.partials[key] = note.value
-            elif note.kind == NOTE_LOSS:
-                if self.first and self.on_loss is not None:
-                    self.on_loss(key[0], key[1], note.value)
-                else:
+            elif note.kind in (NOTE_LOSS, NOTE_LOSS_SCALE):
+                if not self.first or self.on_loss is None:
                     relay.append(note)
+                elif note.kind == NOTE_LOSS_SCALE:
+                    self.loss_scales[key] = note.value
+                else:
+                    self.on_loss(key[0], key[1], note.value, self.loss_scales.pop(key, None))
         self.state.up_notes.setdefault(action.mb, []).extend(relay)
         self._absorb_up(notes)
 

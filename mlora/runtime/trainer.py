@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ from mlora.runtime.setup import (
     load_tokenizer,
     resolve_device,
     warn_about_data,
-    warn_about_precision,
 )
 from mlora.runtime.step_graphs import StepGraphs
 from mlora.schedule.planner import Candidate, plan_fused_batch, split_by_length
@@ -178,7 +177,6 @@ def prepare(spec: RunSpec, *, resume: bool = False, overwrite: bool = False) -> 
     if resume:
         check_resumable(spec, out)
     warn_about_data(jobs)
-    warn_about_precision(spec)
     stage = load_stage(
         spec.model.path, dtype=spec.model.dtype, device=device, attn_implementation=spec.model.attn_implementation
     )
@@ -357,7 +355,8 @@ class Trainer:
                 continue
             adapter = self._make_adapter(job)
             self.stage.routing.adapters[job.name] = adapter
-            opt = JobOptimizer(job.spec, adapter, job.max_steps)
+            opt = JobOptimizer(job.spec, adapter, job.max_steps, self.device,
+                               loss_scaling=self.spec.model.dtype == "float16")
             if job.resume_slice is not None:
                 opt.load_state_dict(job.resume_slice)
                 job.resume_slice = None
@@ -405,6 +404,10 @@ class Trainer:
             with_tasks=[j.spec.kind == "meteora" for j in jobs],
             pad_to_multiple_of=self.spec.run.pad_to_multiple_of,
         )
+        scalers = [self.optimizers[j.name].scaler for j in jobs]
+        scales = torch.stack([s.scale for s in scalers]) if all(s is not None for s in scalers) else None
+        if scales is not None:  # float16: each job's loss times its scale (a power of two: exact)
+            batch = replace(batch, loss_weights=batch.loss_weights * scales)
         adapters = [self.stage.routing.adapters[j.name] for j in jobs]
         graphed = self.graphs.step(batch, adapters) if self.graphs is not None else None
         if graphed is not None:
@@ -415,9 +418,12 @@ class Trainer:
             total = per_job.sum()
             for k, (job, micro) in enumerate(zip(jobs, chosen)):
                 if job.spec.kind == "meteora":
-                    total = total + self._gate_loss(job, micro.step, batch.task_labels[k])
+                    gate = self._gate_loss(job, micro.step, batch.task_labels[k])
+                    total = total + (gate if scales is None else gate * scales[k])
             total.backward()
             per_job = per_job.detach()
+        if scales is not None:
+            per_job = per_job / scales
         for k, job in enumerate(jobs):
             job.loss_sum = job.loss_sum + per_job[k]
             if job.micro_done(batch.tokens[k]):
@@ -439,6 +445,8 @@ class Trainer:
     def _finish_step(self, job: JobState) -> None:
         opt = self.optimizers[job.name]
         extra = {k: DeferredScalar(v) for k, v in job.gate_sums.items()}
+        if opt.scaler is not None:  # the scale this step's loss was multiplied by
+            extra["loss_scale"] = DeferredScalar(opt.scaler.scale.clone())
         self._logs.append(StepLog(job.name, job.step, job.tokens, opt.lr, DeferredScalar(job.loss_sum), time.time(), extra))
         opt.step(opt.grad_sq_norm().sqrt())
         job.loss_sum = 0.0

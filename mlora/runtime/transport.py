@@ -36,6 +36,7 @@ NOTE_GRAD_NORM = 1  # total gradient norm of (job, step) over all stages
 NOTE_LOSS = 2  # loss of (job, step), from the last stage
 NOTE_DONE = 3  # end of the run: no more messages on this channel
 NOTE_EVAL = 4  # evaluation loss sum of (job, after step), from the last stage
+NOTE_LOSS_SCALE = 5  # float16: the loss scale (job, step) ran with, from the last stage, just before its NOTE_LOSS
 
 
 class PipelineError(RuntimeError):
