@@ -119,6 +119,10 @@ BROKEN = [
     (_broken(jobs__0__name=_DELETE), "jobs[0]: name: missing (required)"),
     (_broken(jobs__0__eval_steps=10), "jobs[0] ('a'): eval_steps: evaluates the job's held-out records, and it holds "
                                       "none (eval_split is 0)"),
+    (_broken(jobs__0__save_total_limit=2), "jobs[0] ('a'): save_total_limit: keeps the job's newest checkpoints, and it "
+                                           "writes none (save_steps is not set): set save_steps too"),
+    (_broken(jobs__0__save_total_limit=0, jobs__0__save_steps=5), "jobs[0] ('a'): save_total_limit: must be a positive "
+                                                                  "whole number or empty, got 0"),
     (_broken(defaults__cutof_len=64), "defaults: unknown field 'cutof_len' (did you mean 'cutoff_len'?)"),
     (_broken(model__dtype="fp8"), "model: dtype: 'fp8' is not one of float32, bfloat16, float16"),
     (_broken(model__path="missing_model_dir"), "model: path: 'missing_model_dir' is not a folder"),

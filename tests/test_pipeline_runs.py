@@ -103,6 +103,10 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
     # nothing) and reruns each block in the backward (run.gradient_checkpointing: the same gradients)
     extra = {"pad_to_multiple_of": 16, "gradient_checkpointing": True} if stages == 3 else {}
     pipe_run = run_file(tmp_path, tiny_models["llama"], datasets, "pipe", **extra)
+    if stages == 3:  # and checkpoints every step, keeping the newest complete one (save_total_limit)
+        raw = yaml.safe_load(pipe_run.read_text())
+        raw["defaults"].update(save_steps=1, save_total_limit=1)
+        pipe_run.write_text(yaml.safe_dump(raw))
     outline = subprocess.run([sys.executable, "-m", "mlora", "validate", str(pipe_run), "--stages", str(stages)],
                              capture_output=True, text=True, timeout=300)
     assert outline.returncode == 0 and f"pipeline of {stages} stages:" in outline.stdout, outline.stderr
@@ -119,6 +123,9 @@ def test_pipeline_gives_the_single_process_adapters(tmp_path, tiny_models, datas
         evals = [eval_losses(d / job["name"] / "metrics.jsonl") for d in (single.output_dir, out)]
         assert [s for s, _ in evals[1]] == [s for s, _ in evals[0]] == EVAL_STEPS[job["name"]], job["name"]
         assert [v for _, v in evals[1]] == pytest.approx([v for _, v in evals[0]], rel=1e-5), job["name"]
+    if stages == 3:  # steps 1-3 were checkpointed (not the last); step 3's, complete, is the one left
+        for job in JOBS:
+            assert sorted(p.name for p in (out / job["name"] / "checkpoints").iterdir()) == ["step-000003"], job["name"]
     trace = json.loads((out / "trace.json").read_text())
     assert {e["tid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == set(range(stages))
     summary = json.loads((out / "run_summary.json").read_text())

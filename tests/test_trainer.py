@@ -113,6 +113,7 @@ def test_resume_ends_with_the_same_adapters(tmp_path, tiny_models, datasets, mon
 
     jobs = [{**j, "save_steps": 2, "max_steps": 5} for j in JOBS]
     full = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "full")), live=False)
+    jobs = [{**j, "save_total_limit": 1} for j in jobs]  # the interrupted run keeps only its newest checkpoint
     spec = load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, jobs, "cut"))
     real = writer.write_checkpoint
     monkeypatch.setattr(writer, "write_checkpoint", lambda *a, **k: (time_mod.sleep(0.2), real(*a, **k))[1])
@@ -122,7 +123,10 @@ def test_resume_ends_with_the_same_adapters(tmp_path, tiny_models, datasets, mon
     assert summary["run"]["state"] == "stopped"
     assert {j["state"] for j in summary["jobs"].values()} <= {"stopped", "finished"}
     assert "stopped" in {j["state"] for j in summary["jobs"].values()}
-    assert any((stopped.output_dir / j["name"] / "checkpoints").is_dir() for j in jobs)
+    kept = {j["name"]: sorted(p.name for p in (stopped.output_dir / j["name"] / "checkpoints").glob("step-*"))
+            for j in jobs if (stopped.output_dir / j["name"] / "checkpoints").is_dir()}
+    assert kept and all(len(names) == 1 for names in kept.values()), kept
+    assert "step-000004" in {n for names in kept.values() for n in names}  # step 2's went when step 4's was written
     resumed = train(spec, resume=True, live=False)
     assert not resumed.stopped_early
     for job in jobs:

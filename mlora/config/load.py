@@ -272,7 +272,8 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explici
     """Check a job's values; return it with `target_modules: all` spelled out.
 
     `explicit` are the fields the job itself sets (not inherited from defaults): a
-    MeteoRA-only field set on a LoRA job, or eval_steps on a job without an eval split,
+    MeteoRA-only field set on a LoRA job, eval_steps on a job without an eval split or
+    save_total_limit on one without save_steps,
     is a mistake worth naming (from defaults it may simply not apply to this job).
     """
     def fail(field_name: str, why: str) -> None:
@@ -306,13 +307,16 @@ def _check_job(job: JobSpec, source: str, where: str, check_paths: bool, explici
     for name in ("lora_r", "num_epochs", "micro_batch_size", "gradient_accumulation_steps"):
         if getattr(job, name) < 1:
             fail(name, f"must be a positive whole number, got {getattr(job, name)}")
-    for name in ("max_steps", "save_steps", "eval_steps"):
+    for name in ("max_steps", "save_steps", "eval_steps", "save_total_limit"):
         value = getattr(job, name)
         if value is not None and value < 1:
             fail(name, f"must be a positive whole number or empty, got {value}")
     if "eval_steps" in explicit and job.eval_steps is not None and job.eval_split == 0:
         fail("eval_steps", "evaluates the job's held-out records, and it holds none (eval_split is 0): "
                            "set eval_split to a fraction or a number of records")
+    if "save_total_limit" in explicit and job.save_total_limit is not None and job.save_steps is None:
+        fail("save_total_limit", "keeps the job's newest checkpoints, and it writes none (save_steps is not set): "
+                                 "set save_steps too")
     if job.lora_alpha <= 0:
         fail("lora_alpha", f"must be positive, got {job.lora_alpha}")
     if not 0.0 <= job.lora_dropout < 1.0:

@@ -68,6 +68,7 @@ class JobSpec:
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     save_steps: int | None = None  # checkpoint every N optimizer steps
+    save_total_limit: int | None = None  # keep only the newest N checkpoints (older ones are deleted)
     seed: int = 42
     # MeteoRA (kind: meteora)
     adapters: tuple[str, ...] = ()  # PEFT folders, or names of LoRA jobs of this run

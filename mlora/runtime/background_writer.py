@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mlora.model.peft_io import AdapterMeta, save_adapter
-from mlora.runtime.checkpoint import write_checkpoint, write_stage_slice
+from mlora.runtime.checkpoint import prune_checkpoints, write_checkpoint, write_stage_slice
 
 
 class WriteError(RuntimeError):
@@ -112,11 +112,16 @@ class BackgroundWriter:
         self._submit(job, "checkpoint", folder, stage_state, lambda host: write_stage_slice(folder, stage, host))
 
     def submit_checkpoint(self, job: str, out_dir: Path, step: int, stage_state: dict[str, Any],
-                          state: dict[str, Any]) -> None:
+                          state: dict[str, Any], keep: int | None = None) -> None:
         """Write a single-stage checkpoint of `stage_state`, which must be the caller's
-        `snapshot` (its tensors unchanged from now on), and the driver's `state`."""
-        self._submit(job, "checkpoint", out_dir / job, stage_state,
-                     lambda host: write_checkpoint(out_dir, job, step, {0: host}, state))
+        `snapshot` (its tensors unchanged from now on), and the driver's `state`; then,
+        with `keep`, delete the job's checkpoints older than its `keep` newest."""
+        def write(host: Any) -> None:
+            write_checkpoint(out_dir, job, step, {0: host}, state)
+            if keep is not None:
+                prune_checkpoints(out_dir, job, keep)
+
+        self._submit(job, "checkpoint", out_dir / job, stage_state, write)
 
     def _submit(self, job: str, what: str, folder: Path, tensors: Any, write: Callable[[Any], Any]) -> None:
         event = None

@@ -74,6 +74,24 @@ def adapter_signature(job: JobSpec) -> dict[str, Any]:
     return {"kind": job.kind, "lora_r": job.lora_r, "target_modules": list(job.target_modules), "optimizer": job.optimizer}
 
 
+def prune_checkpoints(out_dir: Path, job: str, keep: int, n_stages: int = 1) -> list[Path]:
+    """Delete a job's checkpoints older than its `keep` newest complete ones (state and
+    every stage's slice there); returns the folders deleted. A newer folder still being
+    written is kept, and so is every folder when fewer than `keep` are complete, so a
+    crash at any moment leaves a checkpoint to resume from."""
+    root = checkpoint_root(out_dir, job)
+    folders = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+    complete = [f for f in folders if (f / STATE).is_file()
+                and all((f / f"stage{k}.pt").is_file() for k in range(n_stages))]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[keep - 1].name
+    gone = [f for f in folders if f.name < oldest_kept]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return gone
+
+
 def newest_state(out_dir: Path, job: str) -> Path | None:
     """The newest checkpoint folder of a job with its progress written, whatever its slices."""
     root = checkpoint_root(out_dir, job)

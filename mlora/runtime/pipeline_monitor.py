@@ -18,7 +18,7 @@ from mlora.config import RunSpec
 from mlora.jobs import JobState
 from mlora.model.peft_io import save_adapter
 from mlora.runtime.background_writer import BackgroundWriter, Written
-from mlora.runtime.checkpoint import STATE, adapter_signature, read_stage_slice
+from mlora.runtime.checkpoint import STATE, adapter_signature, prune_checkpoints, read_stage_slice
 from mlora.runtime.meteora_jobs import write_meteora_slices
 from mlora.runtime.output import SUMMARY, TRACE, job_dir, slices_dir
 from mlora.runtime.pipeline_plan import Driver, PipelinePlan
@@ -153,6 +153,14 @@ class PipelineMonitor:
         self.summary.job_finished(job.name, written.time, None, str(written.folder))
         self.summary.save(self.out / SUMMARY)
         self.live.update(self.summary)
+        self._prune(job)  # its last checkpoint's slices are written by now
+
+    def _prune(self, job: JobState) -> None:
+        """save_total_limit: delete the job's checkpoints older than its newest complete
+        ones. Only rank 0 can see whether a folder is complete, and only if the ranks
+        share the output folder; elsewhere every checkpoint stays."""
+        if self.shared and job.spec.save_total_limit is not None:
+            prune_checkpoints(self.out, job.name, job.spec.save_total_limit, self.n_stages)
 
     @staticmethod
     def _lr(job: JobState, step: int) -> float:
@@ -169,6 +177,7 @@ class PipelineMonitor:
         tmp = folder / f".{STATE}.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, folder / STATE)
+        self._prune(job)
 
     def interrupted(self, plan: PipelinePlan, signum: int, n_ranks: int) -> None:
         """Ctrl-C or SIGTERM: adapters handed to the writer are written, the other jobs of

@@ -463,7 +463,8 @@ class Trainer:
         if save_due:
             state = {"step": job.step, "tokens": job.tokens, "losses": list(job.losses), "adapter": adapter_signature(spec),
                      "split": [list(self.stage.bounds.halves)]}
-            self.writer.submit_checkpoint(job.name, self.out, job.step, snapshot(opt.state_dict()), state)
+            self.writer.submit_checkpoint(job.name, self.out, job.step, snapshot(opt.state_dict()), state,
+                                          keep=spec.save_total_limit)
         if job.done:
             self._finish_job(job)
 
