@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_run
+from conftest import rel, write_run
 from safetensors.torch import load_file
 
 from mlora.config import ConfigError, load_run_file
@@ -84,6 +84,27 @@ def test_gates_match_the_single_job_reference(tmp_path, tiny_models):
         torch.testing.assert_close(got[path + ".gate.weight"], gate.detach(), rtol=1e-5, atol=1e-6)
     rows = [json.loads(line) for line in (result.output_dir / "mix" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(0 <= r["route_acc"] <= 1 and r["gate_loss"] > 0 for r in rows)
+
+
+def test_a_float16_job_scales_its_gate_loss_with_its_lm_loss(tmp_path, tiny_models):
+    """float16 loss scaling multiplies the gate loss by the job's scale too (its share of
+    the gates' gradient is kept). The first step overflows at 2^16 and is skipped, so 3
+    float16 steps are 2 float32 steps (one batch of all records a step): gates within
+    float16's routing noise (0.19 here; 1.4 with the gate loss left unscaled)."""
+    model_dir = tiny_models["llama"]
+    folders = random_loras(tmp_path, model_dir, 3)
+    data = task_file(tmp_path / "d.jsonl", {0: 0, 3: 1, 5: 2}, 12)
+    out = {}
+    for dtype, steps in (("float32", 2), ("float16", 3)):
+        job = meteora_job("mix", folders, data, micro_batch_size=12, max_steps=steps, learning_rate=1e-2, top_k=2,
+                          temperature=0.7)
+        out[dtype] = train(load_run_file(run(tmp_path, model_dir, [job], dtype), [f"model.dtype={dtype}"]),
+                           live=False).output_dir
+    rows = [json.loads(line) for line in (out["float16"] / "mix" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_scale"] for r in rows] == [2.0**16, 2.0**15, 2.0**15]
+    want, got = gates(out["float32"], "mix"), gates(out["float16"], "mix")
+    for key in want:
+        assert rel(got[key], want[key]) < 0.5, key
 
 
 @pytest.mark.parametrize("recompute", [False, True])
