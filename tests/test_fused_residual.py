@@ -88,41 +88,51 @@ def _blocks(path, dtype):
     return model
 
 
+def _fused_against_own(inner, params, seq, seed, fused, own) -> int:  # type: ignore[no-untyped-def]
+    """Run `fused(hidden, kwargs)` and `own(hidden, kwargs)` on the same random hidden
+    states and output gradient: values, the input's gradient and every parameter's
+    agree. Returns how many gradients were compared (a part not run has none)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = inner.config.hidden_size
+    hidden0 = torch.randn(2, seq, width, generator=gen).to(DEVICE)
+    grad_out = torch.randn(2, seq, width, generator=gen).to(DEVICE)
+    positions = torch.arange(seq, device=DEVICE).unsqueeze(0)
+    kwargs = dict(attention_mask=None, position_ids=positions, position_embeddings=inner.rotary_emb(hidden0, positions))
+
+    def run(forward) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[no-untyped-def]
+        hidden = hidden0.clone().requires_grad_()
+        out = forward(hidden, kwargs)
+        out.backward(grad_out)
+        grads = [hidden.grad] + [p.grad for p in params if p.grad is not None]
+        for p in params:
+            p.grad = None
+        return out, grads
+
+    want, want_grads = run(own)
+    got, got_grads = run(fused)
+    tol = 1e-2 if COMPILED else 1e-5
+    assert rel(got, want) < tol
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads):
+        assert rel(g, w) < tol
+    return len(got_grads)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("last", [True, False])
 def test_run_layers_equals_the_blocks_own_forward(tiny_models, arch, last):
     model = _blocks(tiny_models[arch], torch.float32)
     inner = model.model
     assert fusable(inner.layers, inner.norm)
-    gen = torch.Generator().manual_seed(3)
-    hidden0 = torch.randn(2, 11, model.config.hidden_size, generator=gen).to(DEVICE)
-    grad_out = torch.randn(2, 11, model.config.hidden_size, generator=gen).to(DEVICE)
-    positions = torch.arange(11, device=DEVICE).unsqueeze(0)
-    kwargs = dict(attention_mask=None, position_ids=positions, position_embeddings=inner.rotary_emb(hidden0, positions))
     final = inner.norm if last else None
+
+    def own(hidden, kwargs):  # type: ignore[no-untyped-def]
+        for layer in inner.layers:
+            hidden = layer(hidden, **kwargs)
+        return final(hidden) if last else hidden
+
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hidden = hidden0.clone().requires_grad_()
-        if fused:
-            out = run_layers(inner.layers, hidden, final, **kwargs)
-        else:
-            out = hidden
-            for layer in inner.layers:
-                out = layer(out, **kwargs)
-            out = final(out) if last else out
-        out.backward(grad_out)
-        grads = [hidden.grad] + [p.grad.clone() for p in params]
-        for p in params:
-            p.grad = None
-        return out, grads
-
-    want, want_grads = run(fused=False)
-    got, got_grads = run(fused=True)
-    tol = 1e-2 if COMPILED else 1e-5
-    assert rel(got, want) < tol
-    for g, w in zip(got_grads, want_grads):
-        assert rel(g, w) < tol
+    _fused_against_own(inner, params, 11, 3, lambda h, kw: run_layers(inner.layers, h, final, **kw), own)
 
 
 @pytest.mark.parametrize("held", [[("mlp",), ("attention", "mlp"), ("attention",)], [("attention",)], [("mlp",)]])
@@ -135,35 +145,16 @@ def test_run_layers_over_a_cut_inside_blocks_equals_the_parts_own_forward(tiny_m
     inner = model.model
     layers = list(inner.layers)[1 : 1 + len(held)]
     assert fusable(layers, None, held) and unhooked(layers, None, held)
-    gen = torch.Generator().manual_seed(4)
-    hidden0 = torch.randn(2, 9, model.config.hidden_size, generator=gen).to(DEVICE)
-    grad_out = torch.randn(2, 9, model.config.hidden_size, generator=gen).to(DEVICE)
-    positions = torch.arange(9, device=DEVICE).unsqueeze(0)
-    kwargs = dict(attention_mask=None, position_ids=positions, position_embeddings=inner.rotary_emb(hidden0, positions))
+
+    def own(hidden, kwargs):  # type: ignore[no-untyped-def]
+        for layer, parts in zip(layers, held):
+            for part in parts:
+                hidden = run_part(layer, part, hidden, **kwargs)
+        return hidden
+
     params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
-
-    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hidden = hidden0.clone().requires_grad_()
-        if fused:
-            out = run_layers(layers, hidden, None, held, **kwargs)
-        else:
-            out = hidden
-            for layer, parts in zip(layers, held):
-                for part in parts:
-                    out = run_part(layer, part, out, **kwargs)
-        out.backward(grad_out)
-        grads = [hidden.grad] + [p.grad for p in params if p.grad is not None]  # a part not held: none
-        for p in params:
-            p.grad = None
-        return out, grads
-
-    want, want_grads = run(fused=False)
-    got, got_grads = run(fused=True)
-    tol = 1e-2 if COMPILED else 1e-5
-    assert rel(got, want) < tol
-    assert len(got_grads) == len(want_grads) == 1 + sum(len(parts) for parts in held)
-    for g, w in zip(got_grads, want_grads):
-        assert rel(g, w) < tol
+    compared = _fused_against_own(inner, params, 9, 4, lambda h, kw: run_layers(layers, h, None, held, **kw), own)
+    assert compared == 1 + sum(len(parts) for parts in held)  # the input's, and one trainable linear per part run
     if held == [("attention",)]:  # a stage's block without its MLP needs no post-attention norm
         del layers[0].post_attention_layernorm
         assert fusable(layers, None, held) and not fusable(layers, None)
