@@ -198,6 +198,43 @@ def test_without_a_shared_output_folder_adapters_are_gathered_at_the_end(tmp_pat
     assert not any(out.glob("*/.stage-slices"))
 
 
+def test_ranks_without_a_shared_folder_resume_from_their_own_checkpoint_slices(tmp_path, tiny_models, datasets):
+    """Hosts without a shared file system: each rank writes its checkpoint slices to its
+    own disk (here its own working folder), and --resume continues from the newest step
+    that every rank holds (rank 0 alone sees only its own slices: it restarted every job
+    from scratch, over the old checkpoints); the adapters are the uninterrupted run's."""
+    steps = 60
+    single = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, "single", max_steps=steps)),
+                   live=False)
+    run = run_file(tmp_path, tiny_models["llama"], datasets, "pipe", max_steps=steps)
+    raw = yaml.safe_load(run.read_text())
+    raw["run"]["output_dir"] = "out"  # relative: each rank's own
+    raw["defaults"]["save_steps"] = 5
+    run.write_text(yaml.safe_dump(raw))
+    ranks = tmp_path / "ranks"
+    entry = str(Path(__file__).with_name("unshared_output.py"))
+    cmd = [sys.executable, "-m", "mlora.runtime.torchrun_launch", "--nproc-per-node=2", f"--master-port={free_port()}",
+           entry, "train", str(run), "--plain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLORA_TEST_RANK_DIRS": str(ranks)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    marks = [ranks / "rank0" / "out" / j["name"] / "checkpoints" / "step-000010" / "state.json" for j in JOBS]
+    marks += [ranks / "rank1" / "out" / j["name"] / "checkpoints" / "step-000010" / "stage1.pt" for j in JOBS]
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not all(m.is_file() for m in marks):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert not (ranks / "rank1" / "out" / "copy" / "checkpoints" / "step-000010" / "stage0.pt").exists()
+    resumed = subprocess.run([*cmd[:4], f"--master-port={free_port()}", *cmd[5:], "--resume"], capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    out = ranks / "rank0" / "out"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert all(j["resumed_steps"] >= 10 for j in summary["jobs"].values()), summary["jobs"]
+    assert_same_adapters(single.output_dir, out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_pipeline_refuses_the_triton_backend_without_a_gpu(tmp_path, tiny_models, datasets):
     """Rank 0 checks `backend: triton` against the stages' device with the other inputs:

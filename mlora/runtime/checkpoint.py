@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -19,6 +19,9 @@ from mlora.config import ConfigError, JobSpec, RunSpec
 from mlora.runtime.output import checkpoint_root, is_finished, job_dir
 
 STATE = "state.json"
+# per stage: job -> the checkpoint steps whose slice of that stage is on the stage's own disk
+# (ranks on hosts without a shared file system see only their own slices)
+Held = Sequence[Mapping[str, Collection[int]]]
 
 
 def step_dir(out_dir: Path, job: str, step: int) -> Path:
@@ -51,13 +54,31 @@ def write_stage_slice(folder: Path, stage: int, stage_state: dict[str, Any]) -> 
     os.replace(tmp, folder / f"stage{stage}.pt")
 
 
-def latest_checkpoint(out_dir: Path, job: str, n_stages: int = 1) -> Path | None:
-    """The newest complete checkpoint of a job: state.json and every stage's slice present."""
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("-", 1)[1])
+
+
+def local_slices(out_dir: Path, jobs: Sequence[str], stage: int) -> dict[str, list[int]]:
+    """The checkpoint steps of each job whose slice of `stage` this machine holds."""
+    return {job: sorted(step_of(f.parent) for f in checkpoint_root(out_dir, job).glob(f"step-*/stage{stage}.pt"))
+            for job in jobs}
+
+
+def _slices_there(folder: Path, job: str, n_stages: int, held: Held | None) -> bool:
+    """Every stage's slice of this checkpoint written: on this disk, or (`held`) on each stage's own."""
+    if held is None:
+        return all((folder / f"stage{k}.pt").is_file() for k in range(n_stages))
+    return len(held) >= n_stages and all(step_of(folder) in held[k].get(job, ()) for k in range(n_stages))
+
+
+def latest_checkpoint(out_dir: Path, job: str, n_stages: int = 1, held: Held | None = None) -> Path | None:
+    """The newest complete checkpoint of a job: state.json and every stage's slice present
+    (`held`: as each stage reports its own, where the ranks do not share this folder)."""
     root = checkpoint_root(out_dir, job)
     if not root.is_dir():
         return None
     for folder in sorted(root.glob("step-*"), reverse=True):
-        if (folder / STATE).is_file() and all((folder / f"stage{k}.pt").is_file() for k in range(n_stages)):
+        if (folder / STATE).is_file() and _slices_there(folder, job, n_stages, held):
             return folder
     return None
 
@@ -81,8 +102,7 @@ def prune_checkpoints(out_dir: Path, job: str, keep: int, n_stages: int = 1) -> 
     crash at any moment leaves a checkpoint to resume from."""
     root = checkpoint_root(out_dir, job)
     folders = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
-    complete = [f for f in folders if (f / STATE).is_file()
-                and all((f / f"stage{k}.pt").is_file() for k in range(n_stages))]
+    complete = [f for f in folders if (f / STATE).is_file() and _slices_there(f, job, n_stages, None)]
     if len(complete) <= keep:
         return []
     oldest_kept = complete[keep - 1].name
@@ -99,24 +119,29 @@ def newest_state(out_dir: Path, job: str) -> Path | None:
     return next((f for f in folders if (f / STATE).is_file()), None)
 
 
-def written_split(folder: Path) -> tuple[int, tuple[tuple[int, int], ...] | None]:
+def written_split(folder: Path, held: Held | None = None) -> tuple[int, tuple[tuple[int, int], ...] | None]:
     """How many stages wrote a checkpoint, and their split (halves per stage; None when
-    written before checkpoints recorded it: whole blocks, one slice file per stage, the
-    most any of the job's checkpoints holds, as a crash may have cut the newest short)."""
+    written before checkpoints recorded it: whole blocks, one slice per stage, the most
+    any of the job's checkpoints has, as a crash may have cut the newest short; counted
+    on this disk and, with `held`, on each stage's own)."""
     split = read_state(folder).get("split")
     if split is None:
-        return max(len(list(f.glob("stage*.pt"))) for f in folder.parent.glob("step-*")), None
+        job, folders = folder.parent.parent.name, list(folder.parent.glob("step-*"))
+        here = max(len(list(f.glob("stage*.pt"))) for f in folders)
+        reported = max(sum(step_of(f) in h.get(job, ()) for h in held) for f in folders) if held else 0
+        return max(here, reported), None
     return len(split), tuple((int(lo), int(hi)) for lo, hi in split)
 
 
-def resumed_split(spec: RunSpec, out_dir: Path) -> tuple[int, tuple[tuple[int, int], ...] | None] | None:
+def resumed_split(spec: RunSpec, out_dir: Path, held: Held | None = None
+                  ) -> tuple[int, tuple[tuple[int, int], ...] | None] | None:
     """The split the checkpoints of the run's unfinished jobs were written under (as
     `written_split`), None if none has a checkpoint; a ConfigError if they disagree."""
     found: dict[Any, str] = {}
     for job in spec.jobs:
         folder = newest_state(out_dir, job.name)
         if folder is not None and not is_finished(job_dir(out_dir, job.name)):
-            found.setdefault(written_split(folder), job.name)
+            found.setdefault(written_split(folder, held), job.name)
     if len(found) > 1:
         names = ", ".join(repr(name) for name in found.values())
         raise ConfigError(f"{spec.source}: --resume: the checkpoints of jobs {names} in {out_dir} were written "
@@ -124,14 +149,14 @@ def resumed_split(spec: RunSpec, out_dir: Path) -> tuple[int, tuple[tuple[int, i
     return next(iter(found), None)
 
 
-def check_resumable(spec: RunSpec, out_dir: Path, n_stages: int = 1) -> None:
+def check_resumable(spec: RunSpec, out_dir: Path, n_stages: int = 1, held: Held | None = None) -> None:
     """Before any weight is read: each job's newest checkpoint was written by as many
     stages as will resume it and for the adapter the run file describes now, else a
-    ConfigError naming the job and what changed."""
+    ConfigError naming the job and what changed. `held` as for `latest_checkpoint`."""
     for job in spec.jobs:
         newest = newest_state(out_dir, job.name)
         if newest is not None and not is_finished(job_dir(out_dir, job.name)):
-            written = written_split(newest)[0]
+            written = written_split(newest, held)[0]
             if written != n_stages:
                 how = "one process" if written == 1 else f"a {written}-stage pipeline ({written} processes)"
                 now = "one process" if n_stages == 1 else f"{n_stages} processes"
@@ -139,7 +164,7 @@ def check_resumable(spec: RunSpec, out_dir: Path, n_stages: int = 1) -> None:
                     f"{spec.source}: job {job.name!r}: --resume: its checkpoint {newest.name} was written by {how}, "
                     f"and this run has {now}; resume it with {how}"
                 )
-        folder = latest_checkpoint(out_dir, job.name, n_stages)
+        folder = latest_checkpoint(out_dir, job.name, n_stages, held)
         if folder is None or is_finished(job_dir(out_dir, job.name)):  # a finished job is not trained again
             continue
         saved = read_state(folder).get("adapter")

@@ -36,7 +36,7 @@ from mlora.model.lora_linear import StageAdapter
 from mlora.model.loss import Targets
 from mlora.model.stage import load_stage
 from mlora.runtime.background_writer import BackgroundWriter, map_tensors, snapshot
-from mlora.runtime.checkpoint import read_stage_slice, step_dir
+from mlora.runtime.checkpoint import local_slices, read_stage_slice, step_dir
 from mlora.runtime.meteora_jobs import make_meteora_on_stage, meteora_slice
 from mlora.runtime.output import slices_dir
 from mlora.runtime.pipeline_monitor import PipelineMonitor
@@ -97,6 +97,11 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
 
+    held: list[Any] | None = None
+    if resume:  # each rank's own checkpoint slices: the ranks may not share the output folder
+        mine = local_slices(Path(spec.run.output_dir), [j.name for j in spec.jobs], rank) if spec is not None else {}
+        held = [None] * n_ranks
+        dist.all_gather_object(held, mine)
     driver: Driver | None = None
     message: dict[str, Any] = {}
     if rank == 0:
@@ -104,7 +109,7 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             assert spec is not None
             try:
                 check_backend(spec, device)  # every stage's device is of rank 0's type
-                driver = Driver(spec, n_ranks, resume, overwrite, live)
+                driver = Driver(spec, n_ranks, resume, overwrite, live, held)
                 message = {"plan": driver.plan()}
             except user_errors() as exc:
                 error = str(exc)

@@ -21,7 +21,7 @@ from mlora.config import ConfigError, RunSpec
 from mlora.jobs import JobState, PendingMicro, plan_steps
 from mlora.model.stage import StageBounds, base_linear_shapes, read_config
 from mlora.runtime.batch import collate, make_layout, padded_length
-from mlora.runtime.checkpoint import check_resumable, latest_checkpoint, read_state, resumed_split
+from mlora.runtime.checkpoint import Held, check_resumable, latest_checkpoint, read_state, resumed_split
 from mlora.runtime.meteora_jobs import check_meteora_inputs, gated_linears, run_dependencies
 from mlora.runtime.output import SHARED_MARKER, is_finished, job_dir, prepare_output, slices_dir
 from mlora.runtime.setup import build_job_states, load_tokenizer, warn_about_data
@@ -103,7 +103,10 @@ def split_model(
 class Driver:
     """Rank 0's view: data, the plan, metrics and outputs."""
 
-    def __init__(self, spec: RunSpec, n_stages: int, resume: bool, overwrite: bool, live: bool | None) -> None:
+    def __init__(self, spec: RunSpec, n_stages: int, resume: bool, overwrite: bool, live: bool | None,
+                 held: Held | None = None) -> None:
+        """`held`: each stage's own checkpoint slices (`checkpoint.local_slices`), for a
+        resumed run whose ranks may not share the output folder."""
         self.spec, self.n_stages = spec, n_stages
         tokenizer = load_tokenizer(spec.model.path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -116,13 +119,13 @@ class Driver:
         # its output folder only once the split is known to be good
         if resume:
             self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
-            check_resumable(spec, self.out, n_stages)
-        written = resumed_split(spec, self.out) if resume else None
+            check_resumable(spec, self.out, n_stages, held)
+        written = resumed_split(spec, self.out, held) if resume else None
         self.bounds, self.split_text, self.stage_costs = split_model(spec, n_stages, written)
         if not resume:
             self.out = prepare_output(Path(spec.run.output_dir), resume, overwrite)
         warn_about_data(self.jobs.values())
-        self.resume = resume
+        self.resume, self.held = resume, held
         self.device = torch.device("cpu")
         self.live_flag = live
         self.members: dict[int, list[tuple[PendingMicro, list[Any], int]]] = {}
@@ -136,7 +139,7 @@ class Driver:
             if self.resume and is_finished(folder):
                 job.step, job.status = job.max_steps, "finished"
                 continue
-            ckpt = latest_checkpoint(self.out, job.name, self.n_stages) if self.resume else None
+            ckpt = latest_checkpoint(self.out, job.name, self.n_stages, self.held) if self.resume else None
             if ckpt is not None:
                 state = read_state(ckpt)
                 job.step, job.tokens, job.losses = state["step"], state["tokens"], state["losses"]
