@@ -235,6 +235,19 @@ def test_ranks_without_a_shared_folder_resume_from_their_own_checkpoint_slices(t
     assert_same_adapters(single.output_dir, out)
 
 
+def test_a_stage_out_of_gpu_memory_says_which_settings_to_change(tmp_path, tiny_models, datasets):
+    """A stage's batch that does not fit: that rank names the micro-batch, its shape and
+    the run-file fields to lower, without a traceback; the others stop as for a lost rank."""
+    entry = (str(Path(__file__).with_name("oom_entry.py")),)
+    proc = torchrun(2, run_file(tmp_path, tiny_models["llama"], datasets, "out", pipeline_timeout_s=20), entry=entry,
+                    MLORA_TEST_OOM_RANK="1", MLORA_TEST_OOM_AT="3")
+    assert proc.returncode != 0
+    line = next((x for x in proc.stderr.splitlines() if "out of GPU memory" in x), "")
+    assert line.startswith("mlora: rank 1 (stage 1): out of GPU memory at the forward of micro-batch "), proc.stderr[-3000:]
+    assert " rows x " in line and "lower run.max_tokens_per_batch (now 8192), or a job's micro_batch_size" in line
+    assert "[rank1]:" not in proc.stderr  # no traceback from the rank that said why
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_pipeline_refuses_the_triton_backend_without_a_gpu(tmp_path, tiny_models, datasets):
     """Rank 0 checks `backend: triton` against the stages' device with the other inputs:

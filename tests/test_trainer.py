@@ -223,6 +223,37 @@ def test_a_job_counts_as_finished_once_its_adapter_is_on_disk(tmp_path, tiny_mod
         assert summary[name]["finished_at"] >= max(done_at[name], last_step + 0.3)
 
 
+def test_out_of_gpu_memory_names_the_batch_and_the_settings_and_resume_finishes(tmp_path, tiny_models, datasets,
+                                                                               monkeypatch, capsys):
+    """torch's out-of-memory error in a fused batch (raised here by hand: a CPU has no GPU
+    to fill): the run ends `failed` with the batch's shape and the fields to lower, not a
+    traceback; the launch's exit status is 1; checkpoints written before it resume."""
+    from mlora.runtime.launch import train_from_cli
+
+    jobs = [{**j, "save_steps": 2, "max_steps": 5} for j in JOBS]
+    path = run_file(tmp_path, tiny_models["llama"], datasets, jobs, "out")
+    real, calls = StageModel.forward, [0]
+
+    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 9:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageModel, "forward", forward)
+    assert train_from_cli(str(path), [], resume=False, overwrite=False, live=False) == 1
+    err = capsys.readouterr().err
+    assert "mlora: out of GPU memory in a fused batch of " in err and " rows x " in err, err[-2000:]
+    assert "(jobs " in err and "lower run.max_tokens_per_batch (now 8192), or a job's micro_batch_size" in err
+    assert "set run.gradient_checkpointing: true" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["run"]["state"] == "failed"
+    assert "stopped" in {j["state"] for j in summary["jobs"].values()}
+    monkeypatch.setattr(StageModel, "forward", real)
+    resumed = train(load_run_file(path), resume=True, live=False)
+    assert all((resumed.output_dir / j["name"] / "adapter_model.safetensors").is_file() for j in jobs)
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_ends_the_run_cleanly_and_resume_finishes_it(tmp_path, tiny_models, datasets, signame):
     """Ctrl-C (SIGINT), or a scheduler's SIGTERM, in the middle of a run: no traceback,

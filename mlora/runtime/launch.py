@@ -22,4 +22,4 @@ def train_from_cli(run_file: str, overrides: Sequence[str], *, resume: bool, ove
     result = train(spec, resume=resume, overwrite=overwrite, live=live)
     if result.interrupted_by:
         return 128 + int(result.interrupted_by)
-    return 1 if result.stopped_early else 0
+    return 1 if result.stopped_early or result.failed else 0

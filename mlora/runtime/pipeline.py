@@ -41,7 +41,7 @@ from mlora.runtime.meteora_jobs import make_meteora_on_stage, meteora_slice
 from mlora.runtime.output import slices_dir
 from mlora.runtime.pipeline_monitor import PipelineMonitor
 from mlora.runtime.pipeline_plan import Driver, PipelinePlan
-from mlora.runtime.setup import check_backend
+from mlora.runtime.setup import check_backend, out_of_memory_advice
 from mlora.runtime.stage_worker import StageWorker
 from mlora.runtime.trainer import StopSignal, make_adapter, peak_memory_bytes
 from mlora.runtime.transport import PipelineError, Transport
@@ -202,8 +202,11 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         monitor.start(plan.predicted_bubble)
     events: list[Any] = []
     clock = None
+    worker: StageWorker | None = None
+    where = "starting the run"
     try:
         for names, schedule in plan.phases:
+            worker, where = None, f"starting jobs {', '.join(names)} (their adapters and optimizers)"
             start_jobs(names)
             worker = StageWorker(
                 rank, n_ranks, stage, optimizers, plan.job_ids, transport, plan.plans,
@@ -228,6 +231,9 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         if monitor is not None:
             monitor.interrupted(plan, stop.received or signal.SIGINT, n_ranks)
         raise
+    except torch.OutOfMemoryError as exc:  # say which setting to change; the others stop as for a lost rank
+        where = worker.doing() if worker is not None and worker.current is not None else where
+        raise PipelineError(f"rank {rank} (stage {rank}): {out_of_memory_advice(spec, where)}") from exc
     finally:
         writer.close()  # writes already handed over reach the disk
     dist.destroy_process_group()

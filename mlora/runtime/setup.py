@@ -132,6 +132,16 @@ def precision_note(spec: RunSpec) -> str:
             "that have it (Ampere and later), needs none")
 
 
+def out_of_memory_advice(spec: RunSpec, where: str) -> str:
+    """What to change when a batch did not fit in GPU memory (`where`: which batch),
+    naming the fields."""
+    advice = (f"out of GPU memory {where}: lower run.max_tokens_per_batch (now {spec.run.max_tokens_per_batch}), "
+              "or a job's micro_batch_size or cutoff_len, or run.max_concurrent_jobs")
+    if not spec.run.gradient_checkpointing:
+        advice += ", or set run.gradient_checkpointing: true"
+    return advice + "; the same launch with --resume then continues each job from its last checkpoint"
+
+
 def warn_about_data(states: Iterable[JobState]) -> None:
     """Say, before training, what cutoff_len took from each job's data (dropped or cut
     examples are otherwise silently not learned) and which examples pass the model's

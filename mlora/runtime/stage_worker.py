@@ -161,6 +161,7 @@ class StageWorker:
         self.partials: dict[tuple[str, int], float] = {}  # downstream squared-norm partials
         self.events: list[TraceEvent] = []
         self.clock = TraceClock(next(iter(stage.parameters())).device)
+        self.current: Action | None = None  # the action running, for an error's message
 
     # ------------------------------------------------------------ execution
     def run(self, actions: Sequence[Action]) -> list[TraceEvent]:
@@ -175,6 +176,7 @@ class StageWorker:
         }
         for action in actions:
             start = self.clock.mark()
+            self.current = action
             handlers[action.kind](action)
             end = self.clock.mark()
             mb = self.plans[action.mb].batch if action.mb is not None else None
@@ -182,6 +184,19 @@ class StageWorker:
         self._finish()
         self.clock.resolve(self.events)
         return self.events
+
+    def doing(self) -> str:
+        """What the stage was doing, in words: the action and its micro-batch's shape."""
+        action = self.current
+        if action is None:
+            return "before its first action"
+        what = action.kind.name.lower().replace("_", " ")
+        if action.mb is None:
+            return f"at the {what} of job {action.job} step {action.step}"
+        plan = self.plans[action.mb]
+        jobs = ", ".join(dict.fromkeys(s.job for s in plan.batch.slices))
+        return (f"at the {what} of micro-batch {action.mb} ({plan.layout.rows} rows x {plan.layout.seq_len} tokens; "
+                f"jobs {jobs})")
 
     def _finish(self) -> None:
         """End of the list: pass the last totals downstream and wait for ours, then the

@@ -58,6 +58,7 @@ from mlora.runtime.setup import (
     build_job_states,
     check_backend,
     load_tokenizer,
+    out_of_memory_advice,
     resolve_device,
     warn_about_data,
 )
@@ -88,6 +89,7 @@ class RunResult:
     final_loss: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     interrupted_by: int | None = None  # the signal that stopped the run: SIGINT (Ctrl-C) or SIGTERM
+    failed: str | None = None  # why the run stopped with an error it could say in a line (out of GPU memory)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -247,6 +249,7 @@ class Trainer:
         self._logs: deque[StepLog] = deque()
         self._in_flight: deque[torch.cuda.Event] = deque()
         self.result = RunResult(self.out)
+        self._where = "starting the run"  # what the GPU was doing, for an out-of-memory message
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
         self.summary = RunSummary(
@@ -287,6 +290,9 @@ class Trainer:
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: end as a stopped run, keeping what is written
                 self.result.interrupted_by = stop.received or signal.SIGINT
                 self._collect_writes(block=True)  # adapters already handed over reach the disk
+            except torch.OutOfMemoryError:  # a batch too large for the GPU: say which setting to change
+                self.result.failed = out_of_memory_advice(self.spec, self._where)
+                self._collect_writes(block=True)
             finally:
                 self.writer.close()  # even when the run fails: finished jobs' adapters reach the disk
         self._flush_logs(block=True)
@@ -295,11 +301,14 @@ class Trainer:
             if job.status == "running":
                 self.summary.job_stopped(job.name)
         finished = all(j.status == "finished" for j in self.jobs.values())
-        state = "finished" if finished else "interrupted" if self.result.interrupted_by else "stopped"
+        state = ("finished" if finished else "interrupted" if self.result.interrupted_by
+                 else "failed" if self.result.failed else "stopped")
         self.summary.run_finished(now, state)
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
         self.live.print_table(self.summary)
+        if self.result.failed:
+            print(f"mlora: {self.result.failed}", file=sys.stderr, flush=True)
         if self.result.interrupted_by:
             name = signal.Signals(self.result.interrupted_by).name
             print(f"mlora: interrupted ({name}); continue with `mlora train {self.spec.source} --resume` (each "
@@ -353,6 +362,7 @@ class Trainer:
                 return
             if job.status != "queued" or not self._dependencies_done(job):
                 continue
+            self._where = f"starting job {job.name} (its adapter and optimizer)"
             adapter = self._make_adapter(job)
             self.stage.routing.adapters[job.name] = adapter
             opt = JobOptimizer(job.spec, adapter, job.max_steps, self.device,
@@ -408,6 +418,8 @@ class Trainer:
         scales = torch.stack([s.scale for s in scalers]) if all(s is not None for s in scalers) else None
         if scales is not None:  # float16: each job's loss times its scale (a power of two: exact)
             batch = replace(batch, loss_weights=batch.loss_weights * scales)
+        self._where = (f"in a fused batch of {batch.layout.rows} rows x {batch.layout.seq_len} tokens "
+                       f"(jobs {', '.join(j.name for j in jobs)})")
         adapters = [self.stage.routing.adapters[j.name] for j in jobs]
         graphed = self.graphs.step(batch, adapters) if self.graphs is not None else None
         if graphed is not None:
