@@ -228,6 +228,7 @@ def test_out_of_gpu_memory_names_the_batch_and_the_settings_and_resume_finishes(
     """torch's out-of-memory error in a fused batch (raised here by hand: a CPU has no GPU
     to fill): the run ends `failed` with the batch's shape and the fields to lower, not a
     traceback; the launch's exit status is 1; checkpoints written before it resume."""
+    from mlora.monitor.status import render_status
     from mlora.runtime.launch import train_from_cli
 
     jobs = [{**j, "save_steps": 2, "max_steps": 5} for j in JOBS]
@@ -249,6 +250,8 @@ def test_out_of_gpu_memory_names_the_batch_and_the_settings_and_resume_finishes(
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["run"]["state"] == "failed"
     assert "stopped" in {j["state"] for j in summary["jobs"].values()}
+    status = render_status(tmp_path / "out")
+    assert status.startswith("run out (failed)") and "error: out of GPU memory in a fused batch of " in status
     monkeypatch.setattr(StageModel, "forward", real)
     resumed = train(load_run_file(path), resume=True, live=False)
     assert all((resumed.output_dir / j["name"] / "adapter_model.safetensors").is_file() for j in jobs)

@@ -125,5 +125,7 @@ def render_status(output_dir: Path, now: float | None = None, sort: str | None =
     done = [j.completion_s for j in summary.jobs.values() if j.completion_s is not None]
     foot = f"average job completion time {fmt_s(sum(done) / len(done))}" if done else ""
     failed = [f"{name}: {j.error}" for name, j in summary.jobs.items() if j.state == "failed" and j.error]
-    parts = [_headline(summary, now), plain_table(summary), foot, *(f"failed {x}" for x in failed)]
+    error = summary.info.get("error")  # why a failed run stopped (out of GPU memory)
+    parts = [_headline(summary, now), plain_table(summary), foot, *(f"failed {x}" for x in failed),
+             f"error: {error}" if error else ""]
     return "\n".join(p for p in parts if p)

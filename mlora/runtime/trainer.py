@@ -304,6 +304,8 @@ class Trainer:
         state = ("finished" if finished else "interrupted" if self.result.interrupted_by
                  else "failed" if self.result.failed else "stopped")
         self.summary.run_finished(now, state)
+        if self.result.failed:
+            self.summary.set_run_info(error=self.result.failed)
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
         self.live.print_table(self.summary)
