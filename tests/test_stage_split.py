@@ -204,6 +204,9 @@ def test_a_resumed_pipeline_keeps_the_split_its_checkpoints_were_written_under(t
     _checkpoint(out, "b", 2, [[0, 6], [6, 8]], 2)
     with pytest.raises(ConfigError, match="jobs 'a', 'b' .* were written under different pipeline splits"):
         resumed_split(spec, out)
+    # a job checkpointed before splits were recorded, beside one resumed since (whole blocks kept)
+    _checkpoint(out, "a", 4, None, 2)
+    assert resumed_split(spec, out) == (2, ((0, 6), (6, 8)))
 
 
 def test_resume_refuses_another_number_of_stages_before_reading_anything(tmp_path, tiny_models):

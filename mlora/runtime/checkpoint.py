@@ -136,12 +136,17 @@ def written_split(folder: Path, held: Held | None = None) -> tuple[int, tuple[tu
 def resumed_split(spec: RunSpec, out_dir: Path, held: Held | None = None
                   ) -> tuple[int, tuple[tuple[int, int], ...] | None] | None:
     """The split the checkpoints of the run's unfinished jobs were written under (as
-    `written_split`), None if none has a checkpoint; a ConfigError if they disagree."""
+    `written_split`), None if none has a checkpoint; a ConfigError if they disagree. A
+    checkpoint from before splits were recorded agrees with a recorded split of whole
+    blocks over as many stages (a run resumed since has recorded the split it kept)."""
     found: dict[Any, str] = {}
     for job in spec.jobs:
         folder = newest_state(out_dir, job.name)
         if folder is not None and not is_finished(job_dir(out_dir, job.name)):
             found.setdefault(written_split(folder, held), job.name)
+    recorded = [w for w in found if w[1] is not None]
+    if len(recorded) == 1 and all(lo % 2 == 0 for lo, _ in recorded[0][1]):
+        found = {w: name for w, name in found.items() if w[1] is not None or w[0] != recorded[0][0]}
     if len(found) > 1:
         names = ", ".join(repr(name) for name in found.values())
         raise ConfigError(f"{spec.source}: --resume: the checkpoints of jobs {names} in {out_dir} were written "
