@@ -295,6 +295,10 @@ def test_a_killed_rank_stops_every_rank_with_an_error(tmp_path, tiny_models, dat
     assert any("lost rank 1 (stage 1)" in err or "no answer from rank 1 (stage 1)" in err
                for err in errors.values()), errors
     assert time.time() - killed_at < timeout_s + 30
+    # rank 0 saved the run as failed, with its own line, and the jobs as stopped (--resume)
+    summary = json.loads((tmp_path / "killed" / "run_summary.json").read_text())
+    assert summary["run"]["state"] == "failed" and summary["run"]["error"] in errors[0], summary["run"]
+    assert {j["state"] for j in summary["jobs"].values()} == {"stopped"}
 
 
 def test_pipeline_resume_after_a_crash_ends_with_the_uninterrupted_adapters(tmp_path, tiny_models, datasets):

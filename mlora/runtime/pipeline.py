@@ -231,9 +231,16 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
         if monitor is not None:
             monitor.interrupted(plan, stop.received or signal.SIGINT, n_ranks)
         raise
-    except torch.OutOfMemoryError as exc:  # say which setting to change; the others stop as for a lost rank
-        where = worker.doing() if worker is not None and worker.current is not None else where
-        raise PipelineError(f"rank {rank} (stage {rank}): {out_of_memory_advice(spec, where)}") from exc
+    except (PipelineError, torch.OutOfMemoryError) as exc:
+        error = exc
+        if isinstance(exc, torch.OutOfMemoryError):  # say which setting to change; the others stop as for a lost rank
+            where = worker.doing() if worker is not None and worker.current is not None else where
+            error = PipelineError(f"rank {rank} (stage {rank}): {out_of_memory_advice(spec, where)}")
+        if monitor is not None:  # rank 0 keeps why, for `mlora status`
+            monitor.failed(plan, str(error))
+        if error is exc:
+            raise
+        raise error from exc
     finally:
         writer.close()  # writes already handed over reach the disk
     dist.destroy_process_group()

@@ -200,6 +200,22 @@ class PipelineMonitor:
               f"(`torchrun --nproc-per-node {n_ranks} -m mlora train {self.spec.source} --resume`: each unfinished "
               "job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
 
+    def failed(self, plan: PipelinePlan, error: str) -> None:
+        """A rank was lost, or this one ran out of memory: before rank 0 exits, the run is
+        saved as failed, with why, and its unfinished jobs as stopped (`--resume`)."""
+        try:
+            self.collect(block=True)
+        except Exception as exc:  # the failure is what the user needs to hear about
+            print(f"mlora: {exc}", file=sys.stderr, flush=True)
+        for name in plan.active:
+            if self.driver.jobs[name].status in ("running", "writing"):
+                self.summary.job_stopped(name)
+        self.summary.run_finished(time.time(), "failed")
+        self.summary.set_run_info(error=error)
+        self.summary.save(self.out / SUMMARY)
+        self.sink.close()
+        self.live.__exit__(None, None, None)
+
     def finish(self, plan: PipelinePlan, gathered: list[Any]) -> None:
         """The end: the adapters not yet written (all of them without a shared folder), the
         trace and the summary."""
