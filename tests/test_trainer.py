@@ -190,6 +190,9 @@ def test_a_failed_adapter_write_names_the_job_and_the_others_are_written(tmp_pat
         train(spec, live=False)
     out = tmp_path / "failing"
     assert not (out / "copy" / CONFIG_FILE).exists()
+    summary = json.loads((out / "run_summary.json").read_text())  # not left "running"
+    assert summary["run"]["state"] == "failed" and summary["run"]["error"].startswith("WriteError: job 'copy'")
+    assert summary["jobs"]["copy"]["state"] == "stopped"
     for name in ("count", "reverse"):
         meta, weights = load_adapter(out / name)
         assert weights and meta.r == next(j["lora_r"] for j in JOBS if j["name"] == name)

@@ -293,6 +293,14 @@ class Trainer:
             except torch.OutOfMemoryError:  # a batch too large for the GPU: say which setting to change
                 self.result.failed = out_of_memory_advice(self.spec, self._where)
                 self._collect_writes(block=True)
+            except Exception as exc:  # anything else: the summary says failed, and why, then it goes on up
+                for job in self.jobs.values():
+                    if job.status in ("running", "writing"):
+                        self.summary.job_stopped(job.name)
+                self.summary.run_finished(time.time(), "failed")
+                self.summary.set_run_info(error=f"{type(exc).__name__}: {exc}")
+                self.summary.save(self.out / SUMMARY)
+                raise
             finally:
                 self.writer.close()  # even when the run fails: finished jobs' adapters reach the disk
         self._flush_logs(block=True)
