@@ -22,6 +22,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, AdapterError, ModelFolderError, OutputError, NotARunError, MeteoraError)
 
 
+def write_errors() -> tuple[type[BaseException], ...]:
+    """A job's output that could not be written: one line (job, folder, why), not a
+    traceback. Imported only when an error is raised (it brings torch in)."""
+    from mlora.runtime.background_writer import WriteError
+
+    return (WriteError,)
+
+
 def _train(args: argparse.Namespace) -> int:
     from mlora.runtime.launch import train_from_cli
 
@@ -193,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as exc:
         print(f"mlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except write_errors() as exc:  # a full disk, a folder made read-only: the job, the folder and why say it all
+        print(f"mlora {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `mlora status OUT | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # as a shell reports a process SIGPIPE ended

@@ -170,7 +170,8 @@ def test_eval_split_reports_eval_loss(tmp_path, tiny_models, datasets):
     assert all(0 < r["eval_loss"] < 20 for r in evals)
 
 
-def test_a_failed_adapter_write_names_the_job_and_the_others_are_written(tmp_path, tiny_models, datasets, monkeypatch):
+def test_a_failed_adapter_write_names_the_job_and_the_others_are_written(tmp_path, tiny_models, datasets, monkeypatch,
+                                                                         capsys):
     """Adapters go to disk on a writer thread: a write that fails is raised in the run,
     naming the job and its folder; the other jobs' adapters are still written whole."""
     import mlora.runtime.background_writer as writer
@@ -196,6 +197,14 @@ def test_a_failed_adapter_write_names_the_job_and_the_others_are_written(tmp_pat
     for name in ("count", "reverse"):
         meta, weights = load_adapter(out / name)
         assert weights and meta.r == next(j["lora_r"] for j in JOBS if j["name"] == name)
+    # from the command line: that line, exit status 1, no traceback
+    from mlora.cli import main
+
+    path = run_file(tmp_path, tiny_models["llama"], datasets, [{**JOBS[0], "max_steps": 1}], "cli")
+    assert main(["train", str(path), "--plain"]) == 1
+    err = capsys.readouterr().err
+    assert "mlora train: error: job 'copy': writing its adapter under " in err and "No space left" in err, err[-2000:]
+    assert "Traceback" not in err
 
 
 def test_a_job_counts_as_finished_once_its_adapter_is_on_disk(tmp_path, tiny_models, datasets, monkeypatch):
