@@ -371,10 +371,10 @@ class StageWorker:
 
     def _loss_scales(self, mb: int) -> Tensor | None:
         """float16: each slice's job loss scale (`LossScaler`), else None."""
-        scalers = [self.optimizers[s.job].scaler for s in self.plans[mb].batch.slices]
-        if any(s is None for s in scalers):
+        slices = self.plans[mb].batch.slices
+        if self.optimizers[slices[0].job].scaler is None:  # not float16 (one dtype for the run's jobs)
             return None
-        return torch.stack([s.scale for s in scalers])  # type: ignore[union-attr]
+        return torch.stack([self.optimizers[s.job].scaler.scale for s in slices])  # type: ignore[union-attr]
 
     # ------------------------------------------------------- communication
     def _send_act(self, action: Action) -> None:

@@ -27,7 +27,7 @@ import torch
 from mlora.config import ALL_TARGET_MODULES, JobSpec, RunSpec
 from mlora.jobs import JobOptimizer, JobState, PendingMicro, plan_steps
 from mlora.meteora.gate import gate_step_terms
-from mlora.model.lora_linear import StageAdapter
+from mlora.model.lora_linear import BatchLayout, StageAdapter
 from mlora.model.loss import job_loss_sums
 from mlora.model.peft_io import (
     AdapterError,
@@ -249,7 +249,8 @@ class Trainer:
         self._logs: deque[StepLog] = deque()
         self._in_flight: deque[torch.cuda.Event] = deque()
         self.result = RunResult(self.out)
-        self._where = "starting the run"  # what the GPU was doing, for an out-of-memory message
+        self._where: str | tuple[BatchLayout, list[JobState]] = "starting the run"  # for an out-of-memory message
+        self.loss_scaling = spec.model.dtype == "float16"  # one dynamic loss scale per job (jobs.loss_scale)
 
         previous = RunSummary.load(self.out / SUMMARY) if resume and (self.out / SUMMARY).is_file() else None
         self.summary = RunSummary(
@@ -291,7 +292,7 @@ class Trainer:
                 self.result.interrupted_by = stop.received or signal.SIGINT
                 self._collect_writes(block=True)  # adapters already handed over reach the disk
             except torch.OutOfMemoryError:  # a batch too large for the GPU: say which setting to change
-                self.result.failed = out_of_memory_advice(self.spec, self._where)
+                self.result.failed = out_of_memory_advice(self.spec, self._doing())
                 self._collect_writes(block=True)
             except Exception as exc:  # anything else: the summary says failed, and why, then it goes on up
                 for job in self.jobs.values():
@@ -324,6 +325,13 @@ class Trainer:
             print(f"mlora: interrupted ({name}); continue with `mlora train {self.spec.source} --resume` (each "
                   "unfinished job from its last checkpoint, or from the start without one)", file=sys.stderr, flush=True)
         return self.result
+
+    def _doing(self) -> str:
+        """What the trainer was doing, in words (formatted only when an error needs it)."""
+        if isinstance(self._where, str):
+            return self._where
+        layout, jobs = self._where
+        return f"in a fused batch of {layout.rows} rows x {layout.seq_len} tokens (jobs {', '.join(j.name for j in jobs)})"
 
     def _loop(self) -> None:
         """Fused batches until every job is finished (or `stop_after_batches`)."""
@@ -375,8 +383,7 @@ class Trainer:
             self._where = f"starting job {job.name} (its adapter and optimizer)"
             adapter = self._make_adapter(job)
             self.stage.routing.adapters[job.name] = adapter
-            opt = JobOptimizer(job.spec, adapter, job.max_steps, self.device,
-                               loss_scaling=self.spec.model.dtype == "float16")
+            opt = JobOptimizer(job.spec, adapter, job.max_steps, self.device, loss_scaling=self.loss_scaling)
             if job.resume_slice is not None:
                 opt.load_state_dict(job.resume_slice)
                 job.resume_slice = None
@@ -424,12 +431,11 @@ class Trainer:
             with_tasks=[j.spec.kind == "meteora" for j in jobs],
             pad_to_multiple_of=self.spec.run.pad_to_multiple_of,
         )
-        scalers = [self.optimizers[j.name].scaler for j in jobs]
-        scales = torch.stack([s.scale for s in scalers]) if all(s is not None for s in scalers) else None
-        if scales is not None:  # float16: each job's loss times its scale (a power of two: exact)
+        scales = None
+        if self.loss_scaling:  # float16: each job's loss times its scale (a power of two: exact)
+            scales = torch.stack([self.optimizers[j.name].scaler.scale for j in jobs])  # type: ignore[union-attr]
             batch = replace(batch, loss_weights=batch.loss_weights * scales)
-        self._where = (f"in a fused batch of {batch.layout.rows} rows x {batch.layout.seq_len} tokens "
-                       f"(jobs {', '.join(j.name for j in jobs)})")
+        self._where = (batch.layout, jobs)
         adapters = [self.stage.routing.adapters[j.name] for j in jobs]
         graphed = self.graphs.step(batch, adapters) if self.graphs is not None else None
         if graphed is not None:
