@@ -290,6 +290,10 @@ def test_pipeline_gives_the_single_process_gates(tmp_path, tiny_models, datasets
     for name, steps in (("folders", [1, 2]), ("mix", [3])):
         rows = [[json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
                 for out in (single.output_dir, tmp_path / "pipe")]
+        # every step's gate loss and routing accuracy: each stage's gates' share, summed down the pipe
+        for field in ("gate_loss", "route_acc"):
+            want, got = ([r[field] for r in rs if r["kind"] == "train"] for rs in rows)
+            assert len(got) == len(want) and got == pytest.approx(want, rel=1e-5), (name, field)
         evals = [[(r["step"], r["eval_loss"]) for r in rs if r["kind"] == "eval"] for rs in rows]
         assert [s for s, _ in evals[1]] == [s for s, _ in evals[0]] == steps
         assert [v for _, v in evals[1]] == pytest.approx([v for _, v in evals[0]], rel=1e-5)

@@ -90,16 +90,16 @@ class PipelineMonitor:
                 self.summary.job_started(s.job, time.time(), steps=job.step, tokens=job.tokens)
             job.tokens += s.tokens
 
-    def loss(self, job_name: str, step: int, loss: float, loss_scale: float | None = None) -> None:
+    def loss(self, job_name: str, step: int, loss: float, extras: dict[str, float] | None = None) -> None:
+        """A step's loss arrived (with, as one process logs them, its float16 loss scale and
+        a MeteoRA job's gate loss and routing accuracy)."""
         job = self.driver.jobs[job_name]
         job.losses.append(loss)
         now = time.time()
         lr = self._lr(job, step)
         self.summary.job_progress(job_name, step + 1, job.tokens, loss, now)
         row = self.summary.train_row(job_name, loss=loss, lr=lr, t=now, epoch=job.steps[step].epoch)
-        if loss_scale is not None:  # float16: the scale this step's loss was multiplied by
-            row["loss_scale"] = float(loss_scale)
-        self.sink.log_train(row)
+        self.sink.log_train({**row, **(extras or {})})
         if step + 1 == job.max_steps and not job.evaluates_after(job.max_steps):
             self._trained(job)
         self.live.update(self.summary)

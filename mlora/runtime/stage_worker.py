@@ -13,7 +13,10 @@ know beyond its own tensors arrives as notes riding on activations and gradients
   is stale. The sums stay on the device until a receiver reads the notes: a stage never
   waits for its own backward to finish before queuing more work.
 - the last stage reports each (job, step) loss upstream the same way, to rank 0, reading
-  a micro-batch's losses on the host only after its backward is queued.
+  a micro-batch's losses on the host only after its backward is queued. A MeteoRA job's
+  gate loss and routing accuracy are summed the other way: each stage's share rides
+  downstream with the step's last activations, and the last stage reports the totals
+  beside the loss.
 - an evaluation micro-batch is forwarded without autograd and never backwarded; the last
   stage sums its loss on the device and sends the evaluation's total upstream with the
   next gradient it sends (or the end-of-run message), every stage relaying it to rank 0.
@@ -40,7 +43,9 @@ from mlora.runtime.transport import (
     NOTE_GRAD_NORM,
     NOTE_GRAD_SQ,
     NOTE_LOSS,
+    NOTE_GATE_LOSS,
     NOTE_LOSS_SCALE,
+    NOTE_ROUTE_ACC,
     Note,
     PipelineError,
     Transport,
@@ -49,6 +54,9 @@ from mlora.runtime.transport import (
 from mlora.schedule.actions import Action, ActionKind
 from mlora.schedule.microbatch import MicroBatch
 from mlora.schedule.trace import TraceEvent, action_event
+
+
+EXTRAS = {NOTE_LOSS_SCALE: "loss_scale", NOTE_GATE_LOSS: "gate_loss", NOTE_ROUTE_ACC: "route_acc"}  # logged beside a loss
 
 
 class TraceClock:
@@ -137,13 +145,13 @@ class StageWorker:
         token_ids: Callable[[int], Tensor] | None = None,
         targets: Callable[[int], Targets] | None = None,
         send_targets: Callable[[int], None] | None = None,
-        on_loss: Callable[[str, int, float, float | None], None] | None = None,
+        on_loss: Callable[[str, int, float, dict[str, float]], None] | None = None,
         on_step: Callable[[str, int], None] | None = None,
         on_eval: Callable[[str, int, float], None] | None = None,
     ) -> None:
         """token_ids/send_targets (rank 0) and targets (last stage) bring the data in;
-        on_loss / on_eval (rank 0) take each step's loss (and float16 loss scale) and each
-        evaluation's loss sum."""
+        on_loss / on_eval (rank 0) take each step's loss (with its float16 loss scale,
+        MeteoRA gate loss and routing accuracy: `EXTRAS`) and each evaluation's loss sum."""
         self.index, self.n_stages = index, n_stages
         self.first, self.last = index == 0, index == n_stages - 1
         self.stage, self.optimizers, self.job_ids = stage, optimizers, job_ids
@@ -154,13 +162,16 @@ class StageWorker:
         self.backwarded: dict[tuple[str, int], int] = {}
         self.state = StageState()
         self.step_loss: dict[tuple[str, int], float] = {}
-        self.loss_scales: dict[tuple[str, int], float] = {}  # rank 0: a step's loss scale until its loss comes
+        # rank 0: a step's loss scale (float16) and gate figures (MeteoRA) until its loss comes
+        self.extras: dict[tuple[str, int], dict[str, float]] = {}
+        self.gate_sums: dict[tuple[str, int], Tensor] = {}  # MeteoRA: [gate loss, route acc] so far, on the device
         self.eval_loss: dict[tuple[str, int], Tensor] = {}  # last stage: evaluation sums so far
         self.pending_steps: set[tuple[str, int]] = set()  # OPTIMIZER_STEP seen, total norm not yet
         self.known_norms: dict[tuple[str, int], float | Tensor] = {}
         self.partials: dict[tuple[str, int], float] = {}  # downstream squared-norm partials
         self.events: list[TraceEvent] = []
-        self.clock = TraceClock(next(iter(stage.parameters())).device)
+        self.device = next(iter(stage.parameters())).device
+        self.clock = TraceClock(self.device)
         self.current: Action | None = None  # the action running, for an error's message
 
     # ------------------------------------------------------------ execution
@@ -283,9 +294,14 @@ class StageWorker:
             key = (s.job, s.step)
             self.step_loss[key] = self.step_loss.get(key, 0.0) + value
             if s.last:
+                job_id = self.job_ids[s.job]
                 if scale_values is not None:
-                    notes.append(Note(NOTE_LOSS_SCALE, self.job_ids[s.job], s.step, scale_values[k]))
-                notes.append(Note(NOTE_LOSS, self.job_ids[s.job], s.step, self.step_loss.pop(key)))
+                    notes.append(Note(NOTE_LOSS_SCALE, job_id, s.step, scale_values[k]))
+                gate = self.gate_sums.pop(key, None)
+                if gate is not None:  # read here, with the losses, behind the queued backward
+                    gate_loss, route_acc = gate.tolist()
+                    notes += [Note(NOTE_GATE_LOSS, job_id, s.step, gate_loss), Note(NOTE_ROUTE_ACC, job_id, s.step, route_acc)]
+                notes.append(Note(NOTE_LOSS, job_id, s.step, self.step_loss.pop(key)))
         self.state.up_notes.setdefault(mb, []).extend(notes)
 
     def _gate_loss(self, plan: MicroBatchPlan) -> Tensor | None:
@@ -300,7 +316,8 @@ class StageWorker:
             if not logits:
                 continue
             labels = token_task_labels(rows, plan.layout.seq_len)
-            ce, _ = gate_step_terms(logits, labels)
+            ce, hits = gate_step_terms(logits, labels)
+            self._add_gate_sums((s.job, s.step), torch.stack([ce.detach(), hits.float()]) / denom)
             opt = self.optimizers[s.job]
             term = opt.spec.gate_loss_coef * ce / denom
             if opt.scaler is not None:  # float16: the job's loss scale, as on its LM loss
@@ -385,6 +402,12 @@ class StageWorker:
             out = self.state.outputs[action.mb]
         if self.send_targets is not None:
             self.send_targets(action.mb)
+        for s in self.plans[action.mb].batch.slices:  # this stage's gate figures join those from upstream
+            gate = self.gate_sums.pop((s.job, s.step), None) if s.last and not s.eval else None
+            if gate is not None:
+                job_id = self.job_ids[s.job]
+                self.state.down_notes += [Note(NOTE_GATE_LOSS, job_id, s.step, gate[0]),
+                                          Note(NOTE_ROUTE_ACC, job_id, s.step, gate[1])]
         self.transport.send(self.index + 1, action.mb, out.detach(), self.state.down_notes)
         self.state.down_notes = []
 
@@ -418,13 +441,13 @@ class StageWorker:
             key = (self.job_names[note.job], note.step)
             if note.kind == NOTE_GRAD_SQ:
                 self.partials[key] = note.value
-            elif note.kind in (NOTE_LOSS, NOTE_LOSS_SCALE):
+            elif note.kind in (NOTE_LOSS, *EXTRAS):
                 if not self.first or self.on_loss is None:
                     relay.append(note)
-                elif note.kind == NOTE_LOSS_SCALE:
-                    self.loss_scales[key] = note.value
+                elif note.kind in EXTRAS:
+                    self.extras.setdefault(key, {})[EXTRAS[note.kind]] = float(note.value)
                 else:
-                    self.on_loss(key[0], key[1], note.value, self.loss_scales.pop(key, None))
+                    self.on_loss(key[0], key[1], note.value, self.extras.pop(key, {}))
         self.state.up_notes.setdefault(action.mb, []).extend(relay)
         self._absorb_up(notes)
 
@@ -439,8 +462,18 @@ class StageWorker:
             elif self.on_eval is not None:
                 self.on_eval(self.job_names[note.job], note.step, float(note.value))
 
+    def _add_gate_sums(self, key: tuple[str, int], value: Tensor) -> None:
+        self.gate_sums[key] = value if key not in self.gate_sums else self.gate_sums[key] + value
+
     def _absorb_down(self, notes: list[Note]) -> None:
-        """Totals from upstream: apply the steps they complete, pass them on."""
+        """Totals from upstream: apply the steps they complete, pass them on; gate figures
+        of the stages before, added to this stage's."""
+        gates: dict[tuple[str, int], list[Tensor]] = {}
+        for note in notes:
+            if note.kind in (NOTE_GATE_LOSS, NOTE_ROUTE_ACC):
+                gates.setdefault((self.job_names[note.job], note.step), []).append(torch.as_tensor(note.value))
+        for key, (gate_loss, route_acc) in gates.items():
+            self._add_gate_sums(key, torch.stack([gate_loss, route_acc]).to(self.device))
         for note in notes:
             if note.kind != NOTE_GRAD_NORM:
                 continue

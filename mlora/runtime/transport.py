@@ -37,6 +37,10 @@ NOTE_LOSS = 2  # loss of (job, step), from the last stage
 NOTE_DONE = 3  # end of the run: no more messages on this channel
 NOTE_EVAL = 4  # evaluation loss sum of (job, after step), from the last stage
 NOTE_LOSS_SCALE = 5  # float16: the loss scale (job, step) ran with, from the last stage, just before its NOTE_LOSS
+# MeteoRA: (job, step)'s mean gate cross-entropy and top-1 routing accuracy; each stage adds
+# its gates' share riding downstream, the last stage reports the totals just before NOTE_LOSS
+NOTE_GATE_LOSS = 6
+NOTE_ROUTE_ACC = 7
 
 
 class PipelineError(RuntimeError):
