@@ -468,18 +468,17 @@ class StageWorker:
     def _absorb_down(self, notes: list[Note]) -> None:
         """Totals from upstream: apply the steps they complete, pass them on; gate figures
         of the stages before, added to this stage's."""
-        gates: dict[tuple[str, int], list[Tensor]] = {}
+        gates: dict[tuple[str, int], list[float]] = {}  # [gate loss, route acc], whatever the notes' order
         for note in notes:
+            key = (self.job_names[note.job], note.step)
             if note.kind in (NOTE_GATE_LOSS, NOTE_ROUTE_ACC):
-                gates.setdefault((self.job_names[note.job], note.step), []).append(torch.as_tensor(note.value))
-        for key, (gate_loss, route_acc) in gates.items():
-            self._add_gate_sums(key, torch.stack([gate_loss, route_acc]).to(self.device))
-        for note in notes:
+                gates.setdefault(key, [0.0, 0.0])[note.kind == NOTE_ROUTE_ACC] = float(note.value)
             if note.kind != NOTE_GRAD_NORM:
                 continue
-            key = (self.job_names[note.job], note.step)
             self.known_norms[key] = note.value
             if not self.last:
                 self.state.down_notes.append(note)
             if key in self.pending_steps:
                 self._apply_step(key)
+        for key, figures in gates.items():
+            self._add_gate_sums(key, torch.tensor(figures, device=self.device))
