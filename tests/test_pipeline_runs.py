@@ -202,14 +202,16 @@ def test_ranks_without_a_shared_folder_resume_from_their_own_checkpoint_slices(t
     """Hosts without a shared file system: each rank writes its checkpoint slices to its
     own disk (here its own working folder), and --resume continues from the newest step
     that every rank holds (rank 0 alone sees only its own slices: it restarted every job
-    from scratch, over the old checkpoints); the adapters are the uninterrupted run's."""
+    from scratch, over the old checkpoints); the adapters are the uninterrupted run's.
+    save_total_limit: 2 prunes each rank's own disk, as the ranks agree by notes while
+    they train, and exactly at the end (it pruned nothing there before)."""
     steps = 60
     single = train(load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, "single", max_steps=steps)),
                    live=False)
     run = run_file(tmp_path, tiny_models["llama"], datasets, "pipe", max_steps=steps)
     raw = yaml.safe_load(run.read_text())
     raw["run"]["output_dir"] = "out"  # relative: each rank's own
-    raw["defaults"]["save_steps"] = 5
+    raw["defaults"].update(save_steps=5, save_total_limit=2)
     run.write_text(yaml.safe_dump(raw))
     ranks = tmp_path / "ranks"
     entry = str(Path(__file__).with_name("unshared_output.py"))
@@ -217,22 +219,35 @@ def test_ranks_without_a_shared_folder_resume_from_their_own_checkpoint_slices(t
            entry, "train", str(run), "--plain"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLORA_TEST_RANK_DIRS": str(ranks)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    marks = [ranks / "rank0" / "out" / j["name"] / "checkpoints" / "step-000010" / "state.json" for j in JOBS]
-    marks += [ranks / "rank1" / "out" / j["name"] / "checkpoints" / "step-000010" / "stage1.pt" for j in JOBS]
+
+    def steps_held(rank: int, job: str, file: str = "*") -> list[int]:
+        root = ranks / f"rank{rank}" / "out" / job / "checkpoints"
+        return sorted({int(f.parent.name[5:]) for f in root.glob(f"step-*/{file}")})
+
+    def checkpointed(step: int) -> bool:  # every job, on both ranks, has a checkpoint at `step` or after
+        return all(max(steps_held(k, j["name"], f), default=0) >= step
+                   for j in JOBS for k, f in ((0, "state.json"), (1, "stage1.pt")))
+
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not all(m.is_file() for m in marks):
+    while time.time() < deadline and proc.poll() is None and not checkpointed(25):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert not (ranks / "rank1" / "out" / "copy" / "checkpoints" / "step-000010" / "stage0.pt").exists()
+    for job in JOBS:  # while training: step 5's went once both ranks held 10 and 15 (both hold 25 or later now)
+        assert all(5 not in steps_held(k, job["name"]) for k in (0, 1)), job["name"]
     resumed = subprocess.run([*cmd[:4], f"--master-port={free_port()}", *cmd[5:], "--resume"], capture_output=True,
                              text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     out = ranks / "rank0" / "out"
     summary = json.loads((out / "run_summary.json").read_text())
-    assert all(j["resumed_steps"] >= 10 for j in summary["jobs"].values()), summary["jobs"]
+    assert all(j["resumed_steps"] >= 20 for j in summary["jobs"].values()), summary["jobs"]
     assert_same_adapters(single.output_dir, out)
+    for job in JOBS:  # checkpoints at 5, 10, ..., 55 (not the last step): the newest 2 are left on each disk
+        assert [steps_held(k, job["name"]) for k in (0, 1)] == [[50, 55], [50, 55]], job["name"]
+        folder = ranks / "rank1" / "out" / job["name"] / "checkpoints" / "step-000050"
+        assert sorted(p.name for p in folder.iterdir()) == ["stage1.pt"]
 
 
 def test_a_stage_out_of_gpu_memory_says_which_settings_to_change(tmp_path, tiny_models, datasets):

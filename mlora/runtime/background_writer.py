@@ -63,6 +63,7 @@ class _Pending:
     what: str  # "adapter" or "checkpoint"
     folder: Path
     future: Future
+    step: int | None = None  # a stage's checkpoint slice: its step
 
 
 def map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -88,6 +89,7 @@ class BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlora-writer")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: list[_Pending] = []
+        self.slices_written: dict[str, int] = {}  # job -> newest checkpoint step whose stage slice is written
         self.device_lock = threading.Lock()  # held by this thread's CUDA work, and by graph recordings
 
     def submit_adapter(self, job: str, folder: Path, meta: AdapterMeta,
@@ -106,10 +108,12 @@ class BackgroundWriter:
 
         self._submit(job, "adapter", folder, None, locked)
 
-    def submit_stage_slice(self, job: str, folder: Path, stage: int, stage_state: dict[str, Any]) -> None:
-        """Write a pipeline stage's slice of a checkpoint; `stage_state` as for
-        `submit_checkpoint`. The folder counts as complete once every slice is there."""
-        self._submit(job, "checkpoint", folder, stage_state, lambda host: write_stage_slice(folder, stage, host))
+    def submit_stage_slice(self, job: str, folder: Path, stage: int, stage_state: dict[str, Any],
+                           step: int | None = None) -> None:
+        """Write a pipeline stage's slice of a checkpoint (of `step`; None: a finished job's
+        final slice); `stage_state` as for `submit_checkpoint`. The folder counts as complete
+        once every slice is there; `collect` notes the step in `slices_written`."""
+        self._submit(job, "checkpoint", folder, stage_state, lambda host: write_stage_slice(folder, stage, host), step)
 
     def submit_checkpoint(self, job: str, out_dir: Path, step: int, stage_state: dict[str, Any],
                           state: dict[str, Any], keep: int | None = None) -> None:
@@ -123,12 +127,13 @@ class BackgroundWriter:
 
         self._submit(job, "checkpoint", out_dir / job, stage_state, write)
 
-    def _submit(self, job: str, what: str, folder: Path, tensors: Any, write: Callable[[Any], Any]) -> None:
+    def _submit(self, job: str, what: str, folder: Path, tensors: Any, write: Callable[[Any], Any],
+                step: int | None = None) -> None:
         event = None
         if self._stream is not None:
             event = torch.cuda.Event()
             event.record()  # on the trainer's stream, after the step that made the tensors
-        self._pending.append(_Pending(job, what, folder, self._pool.submit(self._write, tensors, write, event)))
+        self._pending.append(_Pending(job, what, folder, self._pool.submit(self._write, tensors, write, event), step))
 
     def _write(self, tensors: Any, write: Callable[[Any], Any], event: torch.cuda.Event | None) -> Any:
         if event is None:
@@ -145,7 +150,8 @@ class BackgroundWriter:
 
     def collect(self, block: bool = False) -> list[Written]:
         """The adapter writes that are done (all writes, if block), in the order handed over;
-        raises the first failed write, of either kind."""
+        raises the first failed write, of either kind. Checkpoint slices done update
+        `slices_written`."""
         out = []
         while self._pending and (block or self._pending[0].future.done()):
             item = self._pending.pop(0)  # one thread writes in order: later ones are not done before
@@ -155,6 +161,8 @@ class BackgroundWriter:
                 raise WriteError(f"job {item.job!r}: writing its {item.what} under {item.folder} failed: {exc}") from exc
             if item.what == "adapter":
                 out.append(Written(item.job, item.folder, result))
+            elif item.step is not None:
+                self.slices_written[item.job] = item.step
         return out
 
     def close(self) -> None:

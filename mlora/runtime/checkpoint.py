@@ -112,6 +112,25 @@ def prune_checkpoints(out_dir: Path, job: str, keep: int, n_stages: int = 1) -> 
     return gone
 
 
+def delete_stage_slices(out_dir: Path, job: str, stage: int, before: int) -> list[int]:
+    """Delete this stage's slices of the job's checkpoints before step `before` on this
+    machine's disk (stage 0: their progress too), and each folder left empty; returns the
+    steps. For ranks that do not share the output folder, each deleting its own."""
+    gone = []
+    for folder in checkpoint_root(out_dir, job).glob("step-*"):
+        if step_of(folder) >= before:
+            continue
+        (folder / f"stage{stage}.pt").unlink(missing_ok=True)
+        if stage == 0:
+            (folder / STATE).unlink(missing_ok=True)
+        try:
+            folder.rmdir()  # another rank on this machine may still have its slice here
+        except OSError:
+            pass
+        gone.append(step_of(folder))
+    return sorted(gone)
+
+
 def newest_state(out_dir: Path, job: str) -> Path | None:
     """The newest checkpoint folder of a job with its progress written, whatever its slices."""
     root = checkpoint_root(out_dir, job)

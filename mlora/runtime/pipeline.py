@@ -42,6 +42,7 @@ from mlora.runtime.output import slices_dir
 from mlora.runtime.pipeline_monitor import PipelineMonitor
 from mlora.runtime.pipeline_plan import Driver, PipelinePlan
 from mlora.runtime.setup import check_backend, out_of_memory_advice
+from mlora.runtime.slice_pruning import SlicePruner
 from mlora.runtime.stage_worker import StageWorker
 from mlora.runtime.trainer import StopSignal, make_adapter, peak_memory_bytes
 from mlora.runtime.transport import PipelineError, Transport
@@ -159,6 +160,9 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
     transport = Transport(rank, device, timeout, lambda r: f"rank {r} (stage {r})", channels)
     writer = BackgroundWriter(device)  # this stage's checkpoint and final slices go to disk beside the pipeline
     monitor = PipelineMonitor(driver, spec, n_ranks, writer, shared) if rank == 0 else None
+    limits = {j.name: j.save_total_limit for j in spec.jobs if j.save_total_limit is not None}
+    # save_total_limit where rank 0 cannot see the other ranks' slices: the ranks agree by notes
+    pruner = SlicePruner(out, rank, n_ranks, limits, plan.job_ids) if limits and not shared else None
     last = n_ranks - 1
 
     def token_ids(mb: int) -> torch.Tensor:
@@ -186,13 +190,15 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
             monitor.collect(block)
         else:
             writer.collect(block)
+        if pruner is not None:
+            pruner.written(writer.slices_written)
 
     def on_step(job: str, step: int) -> None:
         collect_writes()
         save_steps = specs[job].save_steps
         if save_steps and (step + 1) % save_steps == 0 and step + 1 < plan.total_steps[job]:
             folder = step_dir(out, job, step + 1)
-            writer.submit_stage_slice(job, folder, rank, snapshot(optimizers[job].state_dict()))
+            writer.submit_stage_slice(job, folder, rank, snapshot(optimizers[job].state_dict()), step + 1)
             if monitor is not None:
                 monitor.checkpoint(job, step + 1, folder)
         if shared and step + 1 == plan.total_steps[job]:  # its weights on this stage are final
@@ -216,11 +222,14 @@ def _run(rank: int, n_ranks: int, local_rank: int, run_file: str, overrides: Seq
                 on_loss=monitor.loss if monitor is not None else None,
                 on_step=on_step,
                 on_eval=monitor.evaluated if monitor is not None else None,
+                pruner=pruner,
             )
             clock = worker.clock = clock or worker.clock  # one clock for the whole run's trace
             events += worker.run(schedule.stages[rank])
         transport.flush_sends()
         collect_writes(block=True)  # every stage's final slices are on disk before the gather
+        if pruner is not None:
+            pruner.settle()
         # without a shared output folder, rank 0 writes the adapters from slices gathered here
         slices = None if shared else {name: on_host(stage_slice(stage.routing.adapters[name])) for name in plan.active}
         gathered: list[Any] = [None] * n_ranks if rank == 0 else []

@@ -37,6 +37,7 @@ from mlora.meteora.gate import gate_step_terms, token_task_labels
 from mlora.model.lora_linear import BatchLayout
 from mlora.model.loss import Targets, job_loss_sums
 from mlora.model.stage import StageModel
+from mlora.runtime.slice_pruning import SlicePruner
 from mlora.runtime.transport import (
     NOTE_DONE,
     NOTE_EVAL,
@@ -148,10 +149,13 @@ class StageWorker:
         on_loss: Callable[[str, int, float, dict[str, float]], None] | None = None,
         on_step: Callable[[str, int], None] | None = None,
         on_eval: Callable[[str, int, float], None] | None = None,
+        pruner: SlicePruner | None = None,
     ) -> None:
         """token_ids/send_targets (rank 0) and targets (last stage) bring the data in;
         on_loss / on_eval (rank 0) take each step's loss (with its float16 loss scale,
-        MeteoRA gate loss and routing accuracy: `EXTRAS`) and each evaluation's loss sum."""
+        MeteoRA gate loss and routing accuracy: `EXTRAS`) and each evaluation's loss sum.
+        `pruner` (save_total_limit without a shared output folder) sends and takes its
+        notes with the messages."""
         self.index, self.n_stages = index, n_stages
         self.first, self.last = index == 0, index == n_stages - 1
         self.stage, self.optimizers, self.job_ids = stage, optimizers, job_ids
@@ -159,6 +163,7 @@ class StageWorker:
         self.transport, self.plans = transport, plans
         self.token_ids, self.targets_of, self.on_loss = token_ids, targets, on_loss
         self.send_targets, self.on_step, self.on_eval = send_targets, on_step, on_eval
+        self.pruner = pruner
         self.backwarded: dict[tuple[str, int], int] = {}
         self.state = StageState()
         self.step_loss: dict[tuple[str, int], float] = {}
@@ -219,13 +224,14 @@ class StageWorker:
             self._absorb_down(notes)
         if not self.last:
             assert self.transport is not None
-            self.transport.send(self.index + 1, -1, None, self.state.down_notes + [done])
+            self.transport.send(self.index + 1, -1, None, self.state.down_notes + self._pruner_notes(up=False) + [done])
             self.state.down_notes = []
             _, notes = self.transport.recv(self.index + 1, -1, "the end-of-run message", channel="grad")
             self._absorb_up(notes)
         if not self.first:
             assert self.transport is not None
-            self.transport.send(self.index - 1, -1, None, self.state.loose_up + [done], channel="grad")
+            self.transport.send(self.index - 1, -1, None, self.state.loose_up + self._pruner_notes(up=True) + [done],
+                                channel="grad")
             self.state.loose_up = []
         if self.transport is not None:
             self.transport.flush_sends()
@@ -408,7 +414,7 @@ class StageWorker:
                 job_id = self.job_ids[s.job]
                 self.state.down_notes += [Note(NOTE_GATE_LOSS, job_id, s.step, gate[0]),
                                           Note(NOTE_ROUTE_ACC, job_id, s.step, gate[1])]
-        self.transport.send(self.index + 1, action.mb, out.detach(), self.state.down_notes)
+        self.transport.send(self.index + 1, action.mb, out.detach(), self.state.down_notes + self._pruner_notes(up=False))
         self.state.down_notes = []
 
     def _recv_act(self, action: Action) -> None:
@@ -427,7 +433,7 @@ class StageWorker:
     def _send_grad(self, action: Action) -> None:
         assert self.transport is not None and action.mb is not None
         x = self.state.inputs.pop(action.mb)
-        notes = self.state.up_notes.pop(action.mb, []) + self.state.loose_up
+        notes = self.state.up_notes.pop(action.mb, []) + self.state.loose_up + self._pruner_notes(up=True)
         self.state.loose_up = []
         self.transport.send(self.index - 1, action.mb, x.grad, notes, channel="grad")
 
@@ -451,10 +457,17 @@ class StageWorker:
         self.state.up_notes.setdefault(action.mb, []).extend(relay)
         self._absorb_up(notes)
 
+    def _pruner_notes(self, up: bool) -> list[Note]:
+        if self.pruner is None:
+            return []
+        return self.pruner.take_up() if up else self.pruner.take_down()
+
     def _absorb_up(self, notes: list[Note]) -> None:
         """Evaluation losses from downstream (or, on the last stage, its own): rank 0 takes
-        them, other stages send them on with their next gradient."""
+        them, other stages send them on with their next gradient. Pruning notes go to the pruner."""
         for note in notes:
+            if self.pruner is not None:
+                self.pruner.absorb(note)
             if note.kind != NOTE_EVAL:
                 continue
             if not self.first:
@@ -470,6 +483,8 @@ class StageWorker:
         of the stages before, added to this stage's."""
         gates: dict[tuple[str, int], list[float]] = {}  # [gate loss, route acc], whatever the notes' order
         for note in notes:
+            if self.pruner is not None and self.pruner.absorb(note):
+                continue
             key = (self.job_names[note.job], note.step)
             if note.kind in (NOTE_GATE_LOSS, NOTE_ROUTE_ACC):
                 gates.setdefault(key, [0.0, 0.0])[note.kind == NOTE_ROUTE_ACC] = float(note.value)

@@ -41,6 +41,11 @@ NOTE_LOSS_SCALE = 5  # float16: the loss scale (job, step) ran with, from the la
 # its gates' share riding downstream, the last stage reports the totals just before NOTE_LOSS
 NOTE_GATE_LOSS = 6
 NOTE_ROUTE_ACC = 7
+# save_total_limit without a shared output folder (slice_pruning.py): upstream, the newest
+# checkpoint step of (job) that this stage and every one after it has written; downstream,
+# "delete (job)'s checkpoints before this step", from rank 0
+NOTE_CKPT_HELD = 8
+NOTE_CKPT_CUT = 9
 
 
 class PipelineError(RuntimeError):
