@@ -198,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C while starting (imports, loading, tokenising); first, as the clauses
+        # below import what they name, torch among them (a run under way stops itself)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all ranks
+            print(f"mlora {args.command}: interrupted", file=sys.stderr)
+        return 130
     except user_errors() as exc:
         print(f"mlora {args.command}: error: {exc}", file=sys.stderr)
         return 2

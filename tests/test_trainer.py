@@ -309,6 +309,26 @@ def test_ctrl_c_or_sigterm_ends_the_run_cleanly_and_resume_finishes_it(tmp_path,
     assert all(adapter(tmp_path / "cut", j["name"]) for j in jobs)
 
 
+def test_ctrl_c_while_starting_ends_with_one_line(tmp_path, tiny_models, datasets):
+    """Ctrl-C before the run is under way (Python importing torch, the model loading, data
+    tokenising): one line and exit status 130, not a KeyboardInterrupt traceback from
+    wherever the import was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "early")
+    proc = subprocess.Popen([sys.executable, "-m", "mlora", "train", str(run), "--plain"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(0.5)  # importing torch alone takes longer
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "mlora train: interrupted"
+
+
 def test_gradient_checkpointing_keeps_less_for_the_backward_and_changes_no_adapter(tmp_path, tiny_models, datasets):
     """run.gradient_checkpointing: each block keeps only its input and runs again in the
     backward (same dropout masks, same routing): the same adapters and losses, and far
