@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/random_runs.py --seeds 0:30                # together == each job alone, resumed == not
     .venv/bin/python tests/random_runs.py --seeds 0:30 --pipeline     # and 2 or 3 stages, also Ctrl-C'd and resumed
+    MLORA_TRITON_COMPILED=1 python3 tests/random_runs.py --device cuda  # on a GPU: fp32 steps replayed as CUDA graphs
 
 Each seed draws 2-5 jobs (ranks, targets, micro-batch and accumulation, schedules,
 AdamW or SGD, clipping, dropout, evaluation, rsLoRA, checkpoints) and run limits (token
@@ -81,8 +82,9 @@ def random_case(seed: int, folder: Path, archs: list[str]) -> tuple[list[dict[st
     return jobs, run, rng.choice(archs), rng
 
 
-def run_file(path: Path, model: Path, jobs: list[dict[str, Any]], out: Path, run: dict[str, Any]) -> Path:
-    raw = {"model": {"path": str(model), "dtype": "float32", "device": "cpu"}, "defaults": {"template": "plain"},
+def run_file(path: Path, model: Path, jobs: list[dict[str, Any]], out: Path, run: dict[str, Any],
+             device: str = "cpu") -> Path:
+    raw = {"model": {"path": str(model), "dtype": "float32", "device": device}, "defaults": {"template": "plain"},
            "jobs": jobs, "run": {"output_dir": str(out), **run}}
     return write_run(path, raw)
 
@@ -101,17 +103,18 @@ def differences(want: Path, got: Path, names: list[str]) -> dict[str, float]:
 
 
 def check_single_process(case: Path, model: Path, jobs: list[dict[str, Any]], run: dict[str, Any],
-                         rng: random.Random) -> tuple[Path, dict[str, dict[str, float]]]:
+                         rng: random.Random, device: str = "cpu") -> tuple[Path, dict[str, dict[str, float]]]:
     """Together against each job alone, and a run stopped after a few batches and resumed."""
     names = [j["name"] for j in jobs]
-    together = train(load_run_file(run_file(case / "together.yaml", model, jobs, case / "together", run)), live=False)
+    together = train(load_run_file(run_file(case / "together.yaml", model, jobs, case / "together", run, device)),
+                     live=False)
     bad = {}
     for job in jobs:
-        alone = train(load_run_file(run_file(case / f"{job['name']}.yaml", model, [job], case / f"alone-{job['name']}", {})),
-                      live=False)
+        alone = train(load_run_file(run_file(case / f"{job['name']}.yaml", model, [job], case / f"alone-{job['name']}",
+                                             {}, device)), live=False)
         bad[f"{job['name']} alone"] = differences(together.output_dir, alone.output_dir, [job["name"]])
     if any(j.get("save_steps") for j in jobs):
-        spec = load_run_file(run_file(case / "resumed.yaml", model, jobs, case / "resumed", run))
+        spec = load_run_file(run_file(case / "resumed.yaml", model, jobs, case / "resumed", run, device))
         batches = rng.randint(1, 6)
         train(spec, live=False, stop_after_batches=batches)
         train(spec, live=False, resume=True)
@@ -160,6 +163,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0:10", help="first:last (last excluded)")
     parser.add_argument("--pipeline", action="store_true", help="also 2 / 3-stage pipelines under torchrun")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mlora-random-runs"))
+    parser.add_argument("--device", default="cpu", help="cuda: the single-process checks on a GPU (fp32, CUDA graphs)")
     args = parser.parse_args()
     from mlora.model.tiny import write_tiny_model
 
@@ -176,7 +180,7 @@ def main() -> int:
         case.mkdir(parents=True)
         jobs, run, arch, rng = random_case(seed, case, archs)
         print(f"seed {seed}: {len(jobs)} jobs on {arch}, run {run}", file=sys.stderr, flush=True)
-        together, bad = check_single_process(case, models[arch], jobs, run, rng)
+        together, bad = check_single_process(case, models[arch], jobs, run, rng, args.device)
         if args.pipeline:
             bad.update(check_pipeline(case, models[arch], jobs, run, rng, together))
         if bad:
