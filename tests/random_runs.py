@@ -10,7 +10,8 @@ budget down to 64, one to four jobs at a time, padding, gradient checkpointing) 
 tiny Llama, Mistral, Qwen2 or Qwen3, and checks invariant 1 (the jobs trained together
 give each job the adapter it gets alone), that a run stopped after a few batches and
 resumed gives the same adapters, and with --pipeline invariant 2 (torchrun, gloo) and a
-pipeline stopped by Ctrl-C at a random moment, then resumed. fp32; each adapter tensor
+pipeline stopped by Ctrl-C at a random moment, then resumed; the loss and evaluation rows
+must come at the same steps with the same values (1e-4). fp32; each adapter tensor
 within 1e-3 relative error: AdamW turns the rounding noise of other batch shapes into
 updates of up to ~lr on entries whose gradient is near zero (5 of 288 seeds showed
 1e-4 to 8.3e-4, each an AdamW job whose losses agreed to 1e-6, worst where Qwen3's
@@ -102,6 +103,25 @@ def differences(want: Path, got: Path, names: list[str]) -> dict[str, float]:
     return out
 
 
+def curves(out: Path, job: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """A job's (step, train loss) and (step, eval loss) rows."""
+    rows = [json.loads(line) for line in (out / job / "metrics.jsonl").read_text().splitlines()]
+    return ([(r["step"], r["loss"]) for r in rows if r["kind"] == "train"],
+            [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"])
+
+
+def curve_differences(want: Path, got: Path, names: list[str]) -> dict[str, str]:
+    """Jobs whose loss or evaluation rows differ: other steps, or values beyond 1e-4 relative."""
+    out = {}
+    for name in names:
+        for kind, a, b in zip(("train", "eval"), curves(want, name), curves(got, name)):
+            if [s for s, _ in a] != [s for s, _ in b]:
+                out[name] = f"{kind} rows at steps {[s for s, _ in b]}, not {[s for s, _ in a]}"
+            elif any(abs(x - y) > 1e-4 * abs(x) for (_, x), (_, y) in zip(a, b)):
+                out[name] = f"{kind} losses {[round(y, 6) for _, y in b]}, not {[round(x, 6) for _, x in a]}"
+    return out
+
+
 def check_single_process(case: Path, model: Path, jobs: list[dict[str, Any]], run: dict[str, Any],
                          rng: random.Random, device: str = "cpu") -> tuple[Path, dict[str, dict[str, float]]]:
     """Together against each job alone, and a run stopped after a few batches and resumed."""
@@ -113,12 +133,14 @@ def check_single_process(case: Path, model: Path, jobs: list[dict[str, Any]], ru
         alone = train(load_run_file(run_file(case / f"{job['name']}.yaml", model, [job], case / f"alone-{job['name']}",
                                              {}, device)), live=False)
         bad[f"{job['name']} alone"] = differences(together.output_dir, alone.output_dir, [job["name"]])
+        bad[f"{job['name']} alone, losses"] = curve_differences(alone.output_dir, together.output_dir, [job["name"]])
     if any(j.get("save_steps") for j in jobs):
         spec = load_run_file(run_file(case / "resumed.yaml", model, jobs, case / "resumed", run, device))
         batches = rng.randint(1, 6)
         train(spec, live=False, stop_after_batches=batches)
         train(spec, live=False, resume=True)
         bad[f"resumed after {batches} batches"] = differences(together.output_dir, case / "resumed", names)
+        bad[f"resumed after {batches} batches, losses"] = curve_differences(together.output_dir, case / "resumed", names)
     return together.output_dir, {k: v for k, v in bad.items() if v}
 
 
@@ -137,7 +159,7 @@ def check_pipeline(case: Path, model: Path, jobs: list[dict[str, Any]], run: dic
     if proc.returncode != 0:
         return {f"{stages} stages": proc.stderr[-2000:]}
     bad: dict[str, Any] = {}
-    if diff := differences(together, case / "pipe", names):
+    if diff := {**differences(together, case / "pipe", names), **curve_differences(together, case / "pipe", names)}:
         bad[f"{stages} stages"] = diff
     if any(j.get("save_steps") for j in jobs):
         cmd = torchrun(stages, run_file(case / "cut.yaml", model, jobs, case / "cut", run))
@@ -153,7 +175,7 @@ def check_pipeline(case: Path, model: Path, jobs: list[dict[str, Any]], run: dic
         proc = subprocess.run(again, capture_output=True, text=True, timeout=600, env=env)
         if proc.returncode != 0:
             return {**bad, f"{stages} stages, resumed after Ctrl-C at {delay:.1f} s": proc.stderr[-2000:]}
-        if diff := differences(together, case / "cut", names):
+        if diff := {**differences(together, case / "cut", names), **curve_differences(together, case / "cut", names)}:
             bad[f"{stages} stages, resumed after Ctrl-C at {delay:.1f} s"] = diff
     return bad
 
