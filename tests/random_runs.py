@@ -5,7 +5,8 @@
     MLORA_TRITON_COMPILED=1 python3 tests/random_runs.py --device cuda  # on a GPU: fp32 steps replayed as CUDA graphs
 
 Each seed draws 2-5 jobs (ranks, targets, micro-batch and accumulation, schedules,
-AdamW or SGD, clipping, dropout, evaluation, rsLoRA, checkpoints) and run limits (token
+AdamW or SGD, clipping, dropout, evaluation, rsLoRA, checkpoints; a third of the seeds
+add a MeteoRA job over two of them, top-1 or 2, its adapters trained or not) and run limits (token
 budget down to 64, one to four jobs at a time, padding, gradient checkpointing) over a
 tiny Llama, Mistral, Qwen2 or Qwen3, and checks invariant 1 (the jobs trained together
 give each job the adapter it gets alone), that a run stopped after a few batches and
@@ -78,6 +79,17 @@ def random_case(seed: int, folder: Path, archs: list[str]) -> tuple[list[dict[st
     datasets = {t: make_dataset(folder / f"{t}.jsonl", t, rng.randint(6, 30), seed * 7 + i)
                 for i, t in enumerate(("copy", "reverse", "count"))}
     jobs = [random_job(rng, i, datasets) for i in range(rng.randint(2, 5))]
+    if rng.random() < 0.35:  # a MeteoRA job over two of the run's LoRA jobs (which must adapt the same modules)
+        jobs[1]["target_modules"] = jobs[0]["target_modules"]
+        mix = {"name": "mix", "kind": "meteora", "adapters": ["j0", "j1"],
+               "datasets": {"j0": jobs[0]["dataset"], "j1": jobs[1]["dataset"]}, "top_k": rng.choice([1, 2]),
+               "temperature": rng.choice([1.0, 0.7]), "train_loras": rng.random() < 0.3,
+               "micro_batch_size": rng.randint(1, 4), "gradient_accumulation_steps": rng.randint(1, 2),
+               "max_steps": rng.randint(2, 4), "learning_rate": 5e-3, "max_grad_norm": rng.choice([None, 0.5]),
+               "seed": rng.randint(0, 99), "cutoff_len": rng.choice([24, 32, 48])}
+        if rng.random() < 0.5:
+            mix["save_steps"] = 1
+        jobs.insert(rng.randint(0, len(jobs)), mix)
     run = {"max_concurrent_jobs": rng.randint(1, 4), "max_tokens_per_batch": rng.choice([64, 128, 256, 8192]),
            "pad_to_multiple_of": rng.choice([1, 1, 8]), "gradient_checkpointing": rng.random() < 0.3}
     return jobs, run, rng.choice(archs), rng
@@ -90,13 +102,19 @@ def run_file(path: Path, model: Path, jobs: list[dict[str, Any]], out: Path, run
     return write_run(path, raw)
 
 
+def tensors(folder: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """Every tensor a job wrote: a LoRA job's adapter; a MeteoRA job's gates (and its
+    trained adapters' copies), by file and key."""
+    return {(str(f.relative_to(folder)), k): v for f in sorted(folder.rglob("*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
 def differences(want: Path, got: Path, names: list[str]) -> dict[str, float]:
     """Each job's worst tensor relative error, for the jobs over TOLERANCE (or with other keys: inf)."""
     out = {}
     for name in names:
-        a = load_file(str(want / name / "adapter_model.safetensors"))
-        b = load_file(str(got / name / "adapter_model.safetensors"))
-        worst = float("inf") if a.keys() != b.keys() else max(
+        a, b = tensors(want / name), tensors(got / name)
+        worst = float("inf") if a.keys() != b.keys() or not a else max(
             float((b[k] - a[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a)
         if worst > TOLERANCE:
             out[name] = worst
@@ -130,6 +148,8 @@ def check_single_process(case: Path, model: Path, jobs: list[dict[str, Any]], ru
                      live=False)
     bad = {}
     for job in jobs:
+        if job.get("kind") == "meteora":  # alone, it mixes the folders the run wrote for the LoRA jobs
+            job = {**job, "adapters": [str(together.output_dir / a) for a in job["adapters"]]}
         alone = train(load_run_file(run_file(case / f"{job['name']}.yaml", model, [job], case / f"alone-{job['name']}",
                                              {}, device)), live=False)
         bad[f"{job['name']} alone"] = differences(together.output_dir, alone.output_dir, [job["name"]])
