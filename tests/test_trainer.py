@@ -329,6 +329,22 @@ def test_ctrl_c_while_starting_ends_with_one_line(tmp_path, tiny_models, dataset
     assert err.strip().splitlines()[-1] == "mlora train: interrupted"
 
 
+def test_a_run_stopped_before_its_first_step_leaves_a_folder_the_same_command_reuses(tmp_path, tiny_models, datasets):
+    """Everything a run sets up before training (output folder claimed, model loaded,
+    trainer built) writes no file: a Ctrl-C there leaves an empty folder, which the same
+    command takes again (a folder with files but no run summary is refused as not ours,
+    even with --overwrite: TensorBoard's event file, opened eagerly, left exactly that)."""
+    from mlora.runtime.trainer import Trainer, prepare
+
+    spec = load_run_file(run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "early"))
+    Trainer(prepare(spec), live=False)  # the run would start here
+    out = tmp_path / "early"
+    assert out.is_dir() and list(out.iterdir()) == []
+    result = train(spec, live=False)
+    assert all((result.output_dir / j["name"] / "adapter_model.safetensors").is_file() for j in JOBS)
+    assert any((out / "tensorboard").iterdir())  # the event file came with the first row
+
+
 def test_gradient_checkpointing_keeps_less_for_the_backward_and_changes_no_adapter(tmp_path, tiny_models, datasets):
     """run.gradient_checkpointing: each block keeps only its input and runs again in the
     backward (same dropout masks, same routing): the same adapters and losses, and far

@@ -66,28 +66,39 @@ class TensorBoardSink:
     """OUTPUT/tensorboard/ with tags <job>/loss, <job>/lr, <job>/tokens_per_s, <job>/eval_loss.
 
     Without a working TensorBoard writer it says so once and records nothing: a
-    missing optional viewer must never stop a training run.
+    missing optional viewer must never stop a training run. The writer (and its event
+    file) comes with the first row: a run stopped while it starts leaves its output
+    folder empty, so the same command starts it again.
     """
 
     def __init__(self, output_dir: Path) -> None:
+        self.log_dir = Path(output_dir) / TB_DIR
         self.writer: Any = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            print(f"mlora: TensorBoard logging off ({exc})", file=sys.stderr)
-            return
-        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / TB_DIR))
+        self._tried = False
+
+    def _open(self) -> Any:
+        if not self._tried:
+            self._tried = True
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                print(f"mlora: TensorBoard logging off ({exc})", file=sys.stderr)
+            else:
+                self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self.writer
 
     def log_train(self, row: dict[str, Any]) -> None:
-        if self.writer is None:
+        writer = self._open()
+        if writer is None:
             return
         for key in TB_TRAIN_KEYS:
             if row.get(key) is not None:
-                self.writer.add_scalar(f"{row['job']}/{key}", float(row[key]), row["step"], walltime=row.get("time"))
+                writer.add_scalar(f"{row['job']}/{key}", float(row[key]), row["step"], walltime=row.get("time"))
 
     def log_eval(self, row: dict[str, Any]) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(f"{row['job']}/eval_loss", float(row["eval_loss"]), row["step"], walltime=row.get("time"))
+        writer = self._open()
+        if writer is not None:
+            writer.add_scalar(f"{row['job']}/eval_loss", float(row["eval_loss"]), row["step"], walltime=row.get("time"))
 
     def close(self) -> None:
         if self.writer is not None:
