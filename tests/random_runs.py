@@ -140,8 +140,14 @@ def curve_differences(want: Path, got: Path, names: list[str]) -> dict[str, str]
     return out
 
 
+def mismatches(want: Path, got: Path, names: list[str]) -> dict[str, Any]:
+    """The jobs whose tensors or loss and evaluation rows differ, and how."""
+    return {**{f"{n} adapter": worst for n, worst in differences(want, got, names).items()},
+            **{f"{n} losses": how for n, how in curve_differences(want, got, names).items()}}
+
+
 def check_single_process(case: Path, model: Path, jobs: list[dict[str, Any]], run: dict[str, Any],
-                         rng: random.Random, device: str = "cpu") -> tuple[Path, dict[str, dict[str, float]]]:
+                         rng: random.Random, device: str = "cpu") -> tuple[Path, dict[str, dict[str, Any]]]:
     """Together against each job alone, and a run stopped after a few batches and resumed."""
     names = [j["name"] for j in jobs]
     together = train(load_run_file(run_file(case / "together.yaml", model, jobs, case / "together", run, device)),
@@ -152,15 +158,13 @@ def check_single_process(case: Path, model: Path, jobs: list[dict[str, Any]], ru
             job = {**job, "adapters": [str(together.output_dir / a) for a in job["adapters"]]}
         alone = train(load_run_file(run_file(case / f"{job['name']}.yaml", model, [job], case / f"alone-{job['name']}",
                                              {}, device)), live=False)
-        bad[f"{job['name']} alone"] = differences(together.output_dir, alone.output_dir, [job["name"]])
-        bad[f"{job['name']} alone, losses"] = curve_differences(alone.output_dir, together.output_dir, [job["name"]])
+        bad[f"{job['name']} alone"] = mismatches(alone.output_dir, together.output_dir, [job["name"]])
     if any(j.get("save_steps") for j in jobs):
         spec = load_run_file(run_file(case / "resumed.yaml", model, jobs, case / "resumed", run, device))
         batches = rng.randint(1, 6)
         train(spec, live=False, stop_after_batches=batches)
         train(spec, live=False, resume=True)
-        bad[f"resumed after {batches} batches"] = differences(together.output_dir, case / "resumed", names)
-        bad[f"resumed after {batches} batches, losses"] = curve_differences(together.output_dir, case / "resumed", names)
+        bad[f"resumed after {batches} batches"] = mismatches(together.output_dir, case / "resumed", names)
     return together.output_dir, {k: v for k, v in bad.items() if v}
 
 
@@ -179,7 +183,7 @@ def check_pipeline(case: Path, model: Path, jobs: list[dict[str, Any]], run: dic
     if proc.returncode != 0:
         return {f"{stages} stages": proc.stderr[-2000:]}
     bad: dict[str, Any] = {}
-    if diff := {**differences(together, case / "pipe", names), **curve_differences(together, case / "pipe", names)}:
+    if diff := mismatches(together, case / "pipe", names):
         bad[f"{stages} stages"] = diff
     if any(j.get("save_steps") for j in jobs):
         cmd = torchrun(stages, run_file(case / "cut.yaml", model, jobs, case / "cut", run))
@@ -195,7 +199,7 @@ def check_pipeline(case: Path, model: Path, jobs: list[dict[str, Any]], run: dic
         proc = subprocess.run(again, capture_output=True, text=True, timeout=600, env=env)
         if proc.returncode != 0:
             return {**bad, f"{stages} stages, resumed after Ctrl-C at {delay:.1f} s": proc.stderr[-2000:]}
-        if diff := {**differences(together, case / "cut", names), **curve_differences(together, case / "cut", names)}:
+        if diff := mismatches(together, case / "cut", names):
             bad[f"{stages} stages, resumed after Ctrl-C at {delay:.1f} s"] = diff
     return bad
 
