@@ -167,7 +167,8 @@ def main() -> None:
               f"from partials {with_parts:.1f} us (g err {rel(parts()[1], gg_ref):.0e}); "
               f"dB alone {graph_us(db_alone):.1f} us + g by a shrink of dy {graph_us(g_shrink):.1f} us "
               f"(g err {rel(g_shrink(), gg_ref):.0e}, dB err {rel(db_alone()[0], db_ref):.0e})", flush=True)
-        print(f"K={jobs} with dropout (shipped configs): x pass {graph_us(x_drop):.1f} us, "
+        print(f"K={jobs} x pass (shipped config): {graph_us(seg_fn('x', **shipped['x'])[0]):.1f} us; "
+              f"with dropout (shipped configs): x pass {graph_us(x_drop):.1f} us, "
               f"shrink {graph_us(shrink_drop):.1f} us", flush=True)
 
         sweeps = []
