@@ -129,8 +129,8 @@ def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_ti
     cfg = seg_grads.dy_pass(size, rank_pad, paired) if dy_pass else seg_grads.x_pass(size, rank_pad, precision)
     shrink_g = dy_pass and (rank_pad <= seg_grads.G_IN_DY_PASS_MAX_RANK or paired)
     left = "fp32" if not dy_pass else dt
-    types = {n: "*i32" for n in ("item_lo", "item_hi", "run_slot", "run_lo", "run_hi", "run_part", "piece_start",
-                                 "piece_end", "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
+    types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
+                                 "piece_seg", "seg_start", "seg_mask_row", "slot_rank", "slot_off")}
     types.update(left_ptr=f"*{left}", right_ptr=f"*{dt}", out_ptr="*fp32",
                  part_ptr="*fp32", g_ptr="*fp32", b_cat=f"*{dt}", mask_ptr="*i8", out_off="*i64",
                  slot_scale="*fp32", slot_keep="*fp32", D="i32", RT="i32", G_ROWS="i32", LEFT_STRIDE="i32",

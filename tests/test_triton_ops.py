@@ -195,49 +195,10 @@ def check_autograd(case: Case, dtype: torch.dtype, device: str, seed: int, tol: 
             assert rel(o, r) < tol, (case.name, k, rel(o, r))
 
 
-def test_items_cut_every_slots_rows_once_into_even_items() -> None:
-    """64 uneven jobs (the benchmark's layout) and 8 programs wanted of a 16-column pass
-    (two column tiles): four items of 2,048 rows whatever the slots, each a run per slot
-    it meets; every slot's rows in its runs exactly once, in order; a slot cut over items
-    has one partial per run, consecutive, summed by one reduce entry. With room for one
-    partial only, fewer items are cut until the split slots' partials fit."""
-    import random
-
-    from mlora.ops.kernels.plan import item_plan
-
-    cuts = sorted(random.Random(64).sample(range(1, 8192), 63))
-    bounds = [0, *cuts, 8192]
-    segs = tuple(Segment(i, bounds[i], bounds[i + 1]) for i in range(64))
-    cpu = torch.device("cpu")
-    items = item_plan(segs, 16, 16, cpu, 64, 8, 8, 16 << 20)
-    lo, hi = items.item_lo.tolist(), items.item_hi.tolist()
-    slot, r_lo, r_hi, part = (t.tolist() for t in (items.run_slot, items.run_lo, items.run_hi, items.run_part))
-    p0, p1 = items.piece_start.tolist(), items.piece_end.tolist()
-    assert items.n_items == 4 and lo[0] == 0 and hi[-1] == items.n_runs and lo[1:] == hi[:-1]
-    for i in range(items.n_items):
-        rows = sum(p1[p] - p0[p] for run in range(lo[i], hi[i]) for p in range(r_lo[run], r_hi[run]))
-        assert rows == 2048
-        assert len({slot[run] for run in range(lo[i], hi[i])}) == hi[i] - lo[i]  # one run per slot
-    for s in segs:
-        runs = [run for run in range(items.n_runs) if slot[run] == s.slot]
-        got = [(p0[p], p1[p]) for run in runs for p in range(r_lo[run], r_hi[run])]
-        assert got[0][0] == s.start and got[-1][1] == s.end and all(a[1] == b[0] for a, b in zip(got, got[1:]))
-        parts = [part[run] for run in runs]
-        assert parts == [-1] if len(runs) == 1 else parts == list(range(parts[0], parts[0] + len(runs)))
-    split = {s for s in range(64) if slot.count(s) > 1}
-    assert len(split) == 3 and items.n_partials == sum(slot.count(s) for s in split)
-    reduce = sorted(zip(*(t.tolist() for t in (items.red_slot, items.red_lo, items.red_hi))))
-    assert [r[0] for r in reduce] == sorted(split)
-    assert all(part[slot.index(s)] == lo_ and hi_ - lo_ == slot.count(s) for s, lo_, hi_ in reduce)
-
-    tight = item_plan(segs, 16, 16, cpu, 64, 8, 8, 2 * 16 * 16 * 4)  # two partials' bytes
-    assert tight.n_items < items.n_items and tight.n_partials <= 2
-
-
 def test_cpu_cases_reach_every_reduction_path() -> None:
-    """The cases above drive each branch of the reductions: a run of several pieces, an
-    item of several slots' runs, slots split into items whose fp32 partials are summed,
-    and, with dropout on, pieces with a mask and pieces without one in the same launch."""
+    """The cases above drive each branch of the reductions: an item of several pieces,
+    slots split into items whose fp32 partials are summed, and, with dropout on, pieces
+    with a mask and pieces without one in the same launch."""
     from mlora.ops.kernels import seg_grads
     from mlora.ops.kernels.plan import item_plan, rank_block
 
@@ -247,18 +208,16 @@ def test_cpu_cases_reach_every_reduction_path() -> None:
             cfg = seg_grads.x_pass(4, rank_block(case.ranks))
             items = item_plan(layout(case), width, rank_block(case.ranks), torch.device("cpu"), cfg.block_m,
                               cfg.block_d, 8, 16 << 20)
-            pieces = (items.run_hi - items.run_lo).tolist()
-            parts = items.run_part.tolist()
+            pieces = (items.item_hi - items.item_lo).tolist()
+            parts = items.item_part.tolist()
             if any(n > 1 and part < 0 for n, part in zip(pieces, parts)):
                 seen.add("pieces")
             if any(part >= 0 for part in parts):
                 seen.add("partials")
-            if any(hi - lo > 1 for lo, hi in zip(items.item_lo.tolist(), items.item_hi.tolist())):
-                seen.add("runs")
         masked = {case.dropout[s.slot] > 0 for s in layout(case) if s.end > s.start}
         if masked == {True, False}:
             seen.add("masked and unmasked")
-    assert seen == {"pieces", "runs", "partials", "masked and unmasked"}
+    assert seen == {"pieces", "partials", "masked and unmasked"}
 
 
 def test_g_goes_in_pairs_only_compiled_and_where_no_thread_holds_copies() -> None:

@@ -205,28 +205,19 @@ def segment_plan(
 class ItemPlan:
     """Work items of the per-slot token reductions (dA, dB) for one output width.
 
-    The used slots' token rows, slot after slot, are cut into items of about equal rows,
-    so items × column tiles ≈ the programs wanted, however many slots there are. An
-    item is a list of runs, each one slot's rows inside the item (its token pieces, each
-    inside one segment); one program per (item, column tile) walks its runs, starting a
-    fresh accumulator for each. A slot whose rows all lie in one item writes its
-    gradient directly; a slot cut over several items writes one fp32 partial per run,
-    which a second kernel sums in a fixed order, so results are deterministic.
-
-    Items used to be one slot each (split further only for few slots): at 64 short
-    segments the dy pass then ran 1,024 programs of about two row blocks each, and g's
-    atomics cost three times what they cost at K = 1 (bench/README.md, 2026-12-05,
-    thirteenth session).
+    An item is one slot's run of token pieces (each piece inside one segment); one
+    program per (item, column tile) loops over them. A slot with one item writes its
+    gradient directly; a slot split over several items (to fill the GPU when few jobs
+    hold many tokens) writes fp32 partials that a second kernel sums in a fixed order,
+    so results are deterministic.
     """
 
     n_items: int
     n_partials: int
-    item_lo: Tensor  # the item's runs: [item_lo, item_hi)
+    item_slot: Tensor
+    item_lo: Tensor
     item_hi: Tensor
-    run_slot: Tensor
-    run_lo: Tensor  # the run's pieces: [run_lo, run_hi)
-    run_hi: Tensor
-    run_part: Tensor  # partial index, or -1: write the gradient directly
+    item_part: Tensor  # partial index, or -1: write the gradient directly
     piece_start: Tensor
     piece_end: Tensor
     piece_seg: Tensor  # sorted segment index (for its dropout mask)
@@ -237,33 +228,6 @@ class ItemPlan:
     @property
     def n_reduce(self) -> int:
         return self.red_slot.shape[0]
-
-    @property
-    def n_runs(self) -> int:
-        return self.run_slot.shape[0]
-
-
-Piece = tuple[int, int, int]  # rows [start, end) of sorted segment j
-
-
-def cut_items(runs_by_slot: dict[int, list[Piece]], per_item: int) -> list[list[tuple[int, list[Piece]]]]:
-    """The slots' pieces, slot after slot, cut into items of `per_item` rows (the last
-    fewer): each item a list of (slot, its pieces in the item)."""
-    items: list[list[tuple[int, list[Piece]]]] = [[]]
-    room = per_item
-    for slot in sorted(runs_by_slot):
-        for start, end, j in runs_by_slot[slot]:
-            while start < end:
-                if room == 0:
-                    items.append([])
-                    room = per_item
-                if not items[-1] or items[-1][-1][0] != slot:
-                    items[-1].append((slot, []))
-                take = min(room, end - start)
-                items[-1][-1][1].append((start, start + take, j))
-                start += take
-                room -= take
-    return [item for item in items if item]
 
 
 @functools.lru_cache(maxsize=64)
@@ -277,60 +241,60 @@ def item_plan(
     target_programs: int,
     partial_budget_bytes: int,
 ) -> ItemPlan:
-    """Cut the slots' rows into items so items × column tiles ≈ target_programs.
+    """Split each slot's tokens into items so items × column tiles ≈ target_programs.
 
-    Items are whole multiples of block_m rows (bar the last). Fewer items are cut where
-    the fp32 partials of the slots they split would pass the budget.
+    The number of split items is capped so the fp32 partials stay under the budget.
     (Capping items × column tiles at target_programs instead, so that the 7B batch's
     4096-wide dy pass is 128 programs in one wave rather than 192, left the trainer's
     step where it was: bench/README.md, 2026-12-04, fifth session.)
     """
     live = _sorted_nonempty(segments)
-    by_slot: dict[int, list[Piece]] = {}
+    by_slot: dict[int, list[tuple[int, int, int]]] = {}
     for j, (_, s) in enumerate(live):
         by_slot.setdefault(s.slot, []).append((s.start, s.end, j))
     covered = sum(s.end - s.start for _, s in live)
     want = max(1, cdiv(target_programs, cdiv(width, block_d)))
-    partial_bytes = rank_pad * width * 4
-    while True:
-        per_item = cdiv(max(block_m, cdiv(covered, want)), block_m) * block_m
-        cut = cut_items(by_slot, per_item) if covered else []
-        runs_of = {}  # slot -> how many runs it has
-        for item in cut:
-            for slot, _ in item:
-                runs_of[slot] = runs_of.get(slot, 0) + 1
-        n_partials = sum(n for n in runs_of.values() if n > 1)
-        if want == 1 or n_partials * partial_bytes <= partial_budget_bytes:
-            break
-        want = max(1, want // 2)
+    want = min(want, max(1, partial_budget_bytes // (rank_pad * width * 4)))
+    chunk = cdiv(max(block_m, cdiv(covered, want)), block_m) * block_m
 
-    items: list[tuple[int, int]] = []  # runs [lo, hi)
-    runs: list[tuple[int, int, int, int]] = []  # slot, pieces [lo, hi), partial
-    pieces: list[Piece] = []
-    first_part: dict[int, int] = {}
-    at = 0
-    for item in cut:
-        items.append((len(runs), len(runs) + len(item)))
-        for slot, group in item:
-            part = -1
-            if runs_of[slot] > 1:  # partials of one slot are consecutive: its runs come in order
-                first_part.setdefault(slot, at)
-                part, at = at, at + 1
-            runs.append((slot, len(pieces), len(pieces) + len(group), part))
+    items: list[tuple[int, int, int, int]] = []  # slot, piece lo, piece hi, partial
+    pieces: list[tuple[int, int, int]] = []
+    reduce: list[tuple[int, int, int]] = []
+    n_partials = 0
+    for slot in sorted(by_slot):
+        runs = by_slot[slot]
+        rows = sum(e - s for s, e, _ in runs)
+        per_item = cdiv(cdiv(rows, cdiv(rows, chunk)), block_m) * block_m
+        first_part = n_partials
+        cut: list[list[tuple[int, int, int]]] = [[]]
+        room = per_item
+        for start, end, j in runs:
+            while start < end:
+                if room == 0:
+                    cut.append([])
+                    room = per_item
+                take = min(room, end - start)
+                cut[-1].append((start, start + take, j))
+                start += take
+                room -= take
+        split = len(cut) > 1
+        for group in cut:
+            part = n_partials if split else -1
+            n_partials += int(split)
+            items.append((slot, len(pieces), len(pieces) + len(group), part))
             pieces.extend(group)
-    reduce = [(slot, lo, lo + runs_of[slot]) for slot, lo in first_part.items()]
+        if split:
+            reduce.append((slot, first_part, n_partials))
 
     def col(rows: list[tuple], k: int) -> np.ndarray:
         return np.array([r[k] for r in rows], dtype=np.int64)
 
     t = _to_device(
         {
-            "item_lo": col(items, 0),
-            "item_hi": col(items, 1),
-            "run_slot": col(runs, 0),
-            "run_lo": col(runs, 1),
-            "run_hi": col(runs, 2),
-            "run_part": col(runs, 3),
+            "item_slot": col(items, 0),
+            "item_lo": col(items, 1),
+            "item_hi": col(items, 2),
+            "item_part": col(items, 3),
             "piece_start": col(pieces, 0),
             "piece_end": col(pieces, 1),
             "piece_seg": col(pieces, 2),
@@ -341,4 +305,4 @@ def item_plan(
         torch.int32,
         device,
     )
-    return ItemPlan(n_items=len(items), n_partials=at, **t)
+    return ItemPlan(n_items=len(items), n_partials=n_partials, **t)

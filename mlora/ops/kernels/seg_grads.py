@@ -3,10 +3,10 @@
     dA_i  = s_i · Σ_{t ∈ slot i} g[t]ᵀ · drop(x[t])        (left = g,  right = x)
     dB_iᵀ = s_i · Σ_{t ∈ slot i} h[t]ᵀ · dy[t]             (left = h,  right = dy)
 
-One program per (work item, column tile of BLOCK_D): it walks its item's runs (one
-slot's token pieces each, `plan.ItemPlan`) in BLOCK_M rows, accumulating for each run a
-[R, BLOCK_D] fp32 tile (or its transpose, [BLOCK_D, R] = rightᵀ·left:
-`PassConfig.d_major`, bf16 at R ≤ 16), so no atomics are needed for the gradients and their result does not depend on scheduling. The dB
+One program per (work item, column tile of BLOCK_D): it loops over its item's token
+pieces in BLOCK_M rows, accumulating a [R, BLOCK_D] fp32 tile (or its transpose,
+[BLOCK_D, R] = rightᵀ·left: `PassConfig.d_major`, bf16 at R ≤ 16), so no atomics are
+needed for the gradients and their result does not depend on scheduling. The dB
 pass reads dy anyway, so at rank 16 it also computes g = dy·B_i on the way (`g_mode`):
 each column tile adds its [BLOCK_M, R] share of the reduction over d_out into g with
 relaxed fp32 atomics (the only atomics in the operator: g's summation order may vary
@@ -140,7 +140,7 @@ REDUCE_BLOCK = 64 if INTERPRET else 1024
 @triton.jit
 def seg_grad_kernel(
     left_ptr, right_ptr, out_ptr, part_ptr, g_ptr, b_cat, mask_ptr,
-    item_lo, item_hi, run_slot, run_lo, run_hi, run_part, piece_start, piece_end, piece_seg,
+    item_slot, item_lo, item_hi, item_part, piece_start, piece_end, piece_seg,
     seg_start, seg_mask_row, out_off, slot_rank, slot_off, slot_scale, slot_keep,
     D, RT, G_ROWS, LEFT_STRIDE, G_STRIDE,
     R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr,
@@ -149,31 +149,11 @@ def seg_grad_kernel(
 ):
     item = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
+    slot = tl.load(item_slot + item)
+    rank = tl.load(slot_rank + slot)
     dd = d0 + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     rr = tl.arange(0, R)
-    if G_TILES:  # this column tile's own [G_ROWS, R] partial of g
-        g_ptr += tl.program_id(1).to(tl.int64) * G_ROWS * G_STRIDE
-    for run in range(tl.load(item_lo + item), tl.load(item_hi + item)):  # one slot's rows each
-        _run(left_ptr, right_ptr, out_ptr, part_ptr, g_ptr, b_cat, mask_ptr, run, run_slot, run_lo, run_hi,
-             run_part, piece_start, piece_end, piece_seg, seg_start, seg_mask_row, out_off, slot_rank, slot_off,
-             slot_scale, slot_keep, dd, d_ok, rr, D, RT, LEFT_STRIDE, G_STRIDE, R, OUT_T, DROPOUT, SHRINK_G,
-             G_TILES, PRECISION, BLOCK_M, BLOCK_D, D_MAJOR, PAIRED_RED)
-
-
-@triton.jit
-def _run(
-    left_ptr, right_ptr, out_ptr, part_ptr, g_ptr, b_cat, mask_ptr, run, run_slot, run_lo, run_hi, run_part,
-    piece_start, piece_end, piece_seg, seg_start, seg_mask_row, out_off, slot_rank, slot_off, slot_scale, slot_keep,
-    dd, d_ok, rr, D, RT, LEFT_STRIDE, G_STRIDE,
-    R: tl.constexpr, OUT_T: tl.constexpr, DROPOUT: tl.constexpr, SHRINK_G: tl.constexpr, G_TILES: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_MAJOR: tl.constexpr,
-    PAIRED_RED: tl.constexpr,
-):
-    """One run: a slot's pieces summed into a fresh [R, BLOCK_D] (or [BLOCK_D, R]) tile,
-    written as the slot's gradient or as the run's partial."""
-    slot = tl.load(run_slot + run)
-    rank = tl.load(slot_rank + slot)
     r_ok = rr < rank
     keep = tl.load(slot_keep + slot) if DROPOUT else 1.0
     if SHRINK_G:  # B_i rows d0.. as a [BLOCK_D, R] tile: g[rows] += dy[rows, d-tile]·B_i[d-tile]
@@ -182,8 +162,10 @@ def _run(
                          mask=d_ok[:, None] & r_ok[None, :], other=0.0)
     else:
         b_tile = tl.zeros((BLOCK_D, R), dtype=right_ptr.dtype.element_ty)
+    if G_TILES:  # this column tile's own [G_ROWS, R] partial of g
+        g_ptr += tl.program_id(1).to(tl.int64) * G_ROWS * G_STRIDE
     acc = tl.zeros((BLOCK_D, R) if D_MAJOR else (R, BLOCK_D), dtype=tl.float32)
-    for p in range(tl.load(run_lo + run), tl.load(run_hi + run)):
+    for p in range(tl.load(item_lo + item), tl.load(item_hi + item)):
         p0 = tl.load(piece_start + p)
         p1 = tl.load(piece_end + p)
         if DROPOUT:
@@ -205,7 +187,7 @@ def _run(
                          rr, r_ok, D, LEFT_STRIDE, G_STRIDE, R, SHRINK_G, G_TILES, False, PRECISION, BLOCK_M,
                          D_MAJOR, PAIRED_RED)
     acc = acc * tl.load(slot_scale + slot)
-    part = tl.load(run_part + run)
+    part = tl.load(item_part + item)
     if D_MAJOR:  # acc is [BLOCK_D, R]: index it by (column, rank)
         d_idx, r_idx, tile_ok = dd[:, None], rr[None, :], d_ok[:, None] & r_ok[None, :]
     else:  # acc is [R, BLOCK_D]
@@ -402,7 +384,7 @@ def seg_grads(
         raise ValueError(f"g's partials have {g.shape[0]} column tiles, the pass {triton.cdiv(width, cfg.block_d)}")
     seg_grad_kernel[(items.n_items, triton.cdiv(width, cfg.block_d))](
         left, right, out, parts, g if shrink_g else parts, b_cat if shrink_g else right, masks,
-        items.item_lo, items.item_hi, items.run_slot, items.run_lo, items.run_hi, items.run_part,
+        items.item_slot, items.item_lo, items.item_hi, items.item_part,
         items.piece_start, items.piece_end, items.piece_seg,
         plan.seg_start, plan.seg_mask_row, out_off,
         plan.slot_rank, plan.slot_off, plan.slot_scale, plan.slot_keep,
