@@ -121,12 +121,13 @@ def shrink_shared(dt: str, precision: str, rank_pad: int, of_b: bool) -> dict:
 
 
 def seg_grads_shared(dt: str, precision: str, dy_pass: bool, rank_pad: int, g_tiles: bool = False,
-                     paired: bool = False) -> dict:
+                     paired: bool = False, width: int = 4096) -> dict:
     """The reduction pass with the launch shape the operator picks for this dtype and rank
     (the dy pass with g up to rank 16, or 32 when `paired`, by atomics or, with g_tiles, as
-    partials; else dB alone)."""
+    partials; else dB alone) over a `width`-wide dy in one segment (`seg_grads.narrow_dy`)."""
     size = 4 if dt == "fp32" else 2
-    cfg = seg_grads.dy_pass(size, rank_pad, paired) if dy_pass else seg_grads.x_pass(size, rank_pad, precision)
+    cfg = (seg_grads.dy_pass(size, rank_pad, paired, width=width, segments=1) if dy_pass
+           else seg_grads.x_pass(size, rank_pad, precision))
     shrink_g = dy_pass and (rank_pad <= seg_grads.G_IN_DY_PASS_MAX_RANK or paired)
     left = "fp32" if not dy_pass else dt
     types = {n: "*i32" for n in ("item_slot", "item_lo", "item_hi", "item_part", "piece_start", "piece_end",
@@ -198,6 +199,10 @@ def main() -> None:
                     rows.append(dict(kernel="seg_grads", config=f"dB+g pairs/R{rank_pad}", dtype=dt,
                                      precision=precision, **seg_grads_shared(dt, precision, True, rank_pad,
                                                                              paired=True)))
+                if with_g and dt == "bf16":  # the 16-bit pass's 256-column tiles (wide dy, few segments)
+                    rows.append(dict(kernel="seg_grads", config=f"dB+g wide/R{rank_pad}", dtype=dt,
+                                     precision=precision,
+                                     **seg_grads_shared(dt, precision, True, rank_pad, width=11008)))
                 if with_g:  # g as column-tile partials, under torch's deterministic algorithms
                     rows.append(dict(kernel="seg_grads", config=f"dB+g partials/R{rank_pad}", dtype=dt,
                                      precision=precision,

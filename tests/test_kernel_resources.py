@@ -46,10 +46,11 @@ def test_every_gemm_and_reduction_config_fits_hopper_shared_memory() -> None:
     # 3 precisions × (GEMM configs + 2 at R = 128 + the shared-input dx (3 products, R = 64) + 2 shrinks
     # (h, g) × 4 ranks + 2 reductions × 4 ranks + the dy pass with g as partials at R = 16): 6 GEMM
     # configs (3 tiles × forward, dx) in bf16 and TF32, 2 in true fp32 (its one tile); and the bf16
-    # dy pass with g in pairs at R = 32, and the persistent GEMM: forward and dx at R = 32, with
+    # dy pass with g in pairs at R = 32 and in 256 columns at R = 16 (a wide dy: `narrow_dy`, the
+    # other rows' 4096 columns take 128), and the persistent GEMM: forward and dx at R = 32, with
     # the segment loop after the pair and without, and at R = 64; its dx with dropout at R = 32
     # and 64, and summing two (R = 32) and three (R = 64) products
-    assert len(kinds) == 10 and len(rows) == 85
+    assert len(kinds) == 10 and len(rows) == 86
     too_big = [r for r in rows if not 0 < r["shared"] <= HOPPER_SMEM]
     assert not too_big, too_big
     # The persistent GEMM's expand reads stay plain loads after the K loop: pipelined into

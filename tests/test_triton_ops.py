@@ -158,7 +158,8 @@ def g_mode(case: Case, dtype: torch.dtype) -> str:
     r = rank_block(case.ranks)
     size = torch.tensor([], dtype=dtype).element_size()
     paired = torch.cuda.is_available() and seg_grads.paired_red(torch.device("cuda"), size)
-    return seg_grads.g_mode(r, case.tokens, case.d_out, seg_grads.dy_pass(size, r, paired).block_d,
+    cfg = seg_grads.dy_pass(size, r, paired, width=case.d_out, segments=sum(s.end > s.start for s in layout(case)))
+    return seg_grads.g_mode(r, case.tokens, case.d_out, cfg.block_d,
                             torch.are_deterministic_algorithms_enabled(), paired)
 
 
@@ -231,6 +232,19 @@ def test_g_goes_in_pairs_only_compiled_and_where_no_thread_holds_copies() -> Non
     assert sg.pairs_fit(shipped, 16) and sg.pairs_fit(dataclasses.replace(shipped, warps=8), 16)
     assert not sg.pairs_fit(dataclasses.replace(shipped, block_m=32, warps=8), 16)  # 2 elements a thread
     assert not sg.pairs_fit(dataclasses.replace(shipped, warps=8), 8)
+
+
+def test_the_compiled_dy_pass_takes_128_columns_at_most_4096_wide_or_16_segments(monkeypatch) -> None:
+    """The 16-bit rank-16 dy pass as the GPU launches it: 256-column tiles only for a dy
+    wider than 4096 in fewer than 16 segments (the 7B MLP's four jobs), 128 otherwise;
+    either way each thread holds whole fragments of g's share, as its paired atomics need."""
+    from mlora.ops.kernels import seg_grads as sg
+
+    monkeypatch.setattr(sg, "INTERPRET", False)
+    for width, segments, block_d in ((4096, 1, 128), (4096, 64, 128), (11008, 4, 256), (11008, 16, 128)):
+        cfg = sg.dy_pass(2, 16, True, width=width, segments=segments)
+        assert cfg.block_d == block_d and cfg.d_major and sg.pairs_fit(cfg, 16), (width, segments, cfg)
+    assert sg.dy_pass(4, 16, width=4096, segments=1).block_d == 256  # fp32: unchanged
 
 
 def test_concat_pads_each_slot_to_a_multiple_of_8() -> None:
@@ -419,7 +433,7 @@ def check_g_by_launch_shape() -> None:
         b_slot = b_cat[:, offs[seg.slot]:offs[seg.slot] + r].float()
         want[seg.start:seg.end, :r] = dy[seg.start:seg.end].float() @ b_slot
     off, ends = tm._offset_table(ranks, width, dev)
-    shipped = sg.dy_pass(2, plan.rank_pad)
+    shipped = sg.dy_pass(2, plan.rank_pad, width=width, segments=len(segs))
     for cfg in (shipped, sg.PassConfig(64, 256, 8, 3, 2, True), sg.PassConfig(32, 128, 8, 3, 2, True),
                 sg.PassConfig(32, 128, 4, 3, 2, True), sg.PassConfig(128, 128, 8, 3, 1, True)):
         items = item_plan(segs, width, plan.rank_pad, dev, cfg.block_m, cfg.block_d,

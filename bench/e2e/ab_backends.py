@@ -93,7 +93,7 @@ def earlier_launches(arm: str):
         return
     shapes, dy_pass, x_pass = fused_gemm.SHAPES, seg_grads.dy_pass, seg_grads.x_pass
     if arm == "triton-unpaired":  # the dy pass's launch before g's atomics went in pairs
-        seg_grads.dy_pass = lambda *args: dataclasses.replace(dy_pass(*args), warps=8, per_sm=2)
+        seg_grads.dy_pass = lambda *args, **kw: dataclasses.replace(dy_pass(*args, **kw), warps=8, per_sm=2)
         try:
             yield
         finally:
@@ -102,8 +102,8 @@ def earlier_launches(arm: str):
     if arm == "triton-g8":
         fused_gemm.SHAPES = [shape[:5] + (8,) for shape in shapes]
 
-    def before(element_size: int, rank_pad: int) -> seg_grads.PassConfig:
-        cfg = dataclasses.replace(dy_pass(element_size, rank_pad), d_major=False)
+    def before(element_size: int, rank_pad: int, paired: bool = False, **kw: int) -> seg_grads.PassConfig:
+        cfg = dataclasses.replace(dy_pass(element_size, rank_pad, paired, **kw), d_major=False)
         if arm == "triton-g8" and cfg.block_d == 256:
             cfg = dataclasses.replace(cfg, stages=2, per_sm=2)
         return cfg

@@ -153,7 +153,7 @@ def main() -> None:
         g_ref = torch.randn(T, rank, device=dev, dtype=torch.float32, generator=gen)
         shipped = {kind: dict(bm=c.block_m, bd=c.block_d, warps=c.warps, stages=c.stages, mult=c.per_sm,
                               d_major=c.d_major)
-                   for kind, c in (("x", sg.x_pass(2, rank)), ("dy", sg.dy_pass(2, rank)))}
+                   for kind, c in (("x", sg.x_pass(2, rank)), ("dy", sg.dy_pass(2, rank, width=D, segments=jobs)))}
         da_ref = seg_fn("x", **shipped["x"])[0]()[0].clone()
         db_ref, gg_ref = (t.clone() for t in seg_fn("dy", **shipped["dy"])[0]())
         x_drop = seg_fn("x", **shipped["x"], dropout=True)[0]

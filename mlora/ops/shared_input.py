@@ -121,7 +121,7 @@ class _SharedInputFunction(torch.autograd.Function):
             off_b, ends_b = tm._offsets(st, d_out)
             flat_b = alloc(ends_b[-1], dtype=grad_dtype, device=x.device)
             if st.plan.n_segments:
-                cfg = grads.dy_pass(dy.element_size(), p)
+                cfg = grads.dy_pass(dy.element_size(), p, width=d_out, segments=st.plan.n_segments)
                 grads.seg_grads(h_all[:, m * p : (m + 1) * p], dy, flat_b, off_b, st.plan, tm._items(st, d_out, cfg),
                                 cfg, transposed=True, masks=x, dropout=False, precision=precision,
                                 g=g_all[:, m * p : (m + 1) * p], b_cat=b_cats[m])

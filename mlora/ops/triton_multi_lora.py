@@ -321,7 +321,7 @@ def _db_and_g(dy: Tensor, h: Tensor, b_cat: Tensor, flat_b: Tensor, off_b: Tenso
     if not plan.n_segments:
         return torch.zeros(tokens, plan.rank_pad, dtype=torch.float32, device=dy.device)
     paired = grads.paired_red(dy.device, dy.element_size())  # g's atomics pay up to R = 32
-    cfg = grads.dy_pass(dy.element_size(), plan.rank_pad, paired)
+    cfg = grads.dy_pass(dy.element_size(), plan.rank_pad, paired, width=d_out, segments=plan.n_segments)
     items = _items(st, d_out, cfg)
     mode = grads.g_mode(plan.rank_pad, tokens, d_out, cfg.block_d, torch.are_deterministic_algorithms_enabled(),
                         paired)

@@ -93,12 +93,30 @@ def g_partials_bytes(rank_pad: int, tokens: int, d_out: int, block_d: int) -> in
     return triton.cdiv(d_out, block_d) * tokens * rank_pad * 4
 
 
-def dy_pass(element_size: int, rank_pad: int, paired: bool = False) -> PassConfig:
-    """The dB pass, with g up to rank 16 (`g_mode`; 32 when `paired`). Wide column tiles
-    mean fewer g atomics (H200 sweep, bench/ops/tune_passes.py); B's [BLOCK_D, R] tile shares the block's
-    shared memory, so wide ranks and fp32 take narrower tiles (all fit Hopper:
-    tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64 jobs:
-    39 / 73 us, 4 warps and 2 stages 43 / 113)."""
+# The 16-bit rank-16 dy pass in 128 columns (two programs per SM aimed at) rather than 256
+# (one): on an H100, T = 8192, K = 1 / 4 / 16 / 64 jobs, 39.0 / 39.6 / 44.7 / 46.1 us against
+# 39.6 / 40.0 / 49.7 / 50.8 at width 4096; at 11008 80.7 / 89.0 / 88.1 / 109.4 against 81.5 /
+# 79.5 / 97.0 / 115.0; an H200 the same way (bench/README.md, 2026-12-05, thirteenth session).
+# Half-width blocks take half the shared memory, so twice as many stay resident to hide the
+# short programs' pipeline fill and flush; at 11008 with few long segments, twice as many
+# column tiles cost g twice the atomics.
+NARROW_DY_MAX_WIDTH = 4096
+NARROW_DY_MIN_SEGMENTS = 16
+
+
+def narrow_dy(width: int, segments: int) -> bool:
+    """Whether the 16-bit rank-16 dy pass takes 128-column tiles (see NARROW_DY_MAX_WIDTH)."""
+    return width <= NARROW_DY_MAX_WIDTH or segments >= NARROW_DY_MIN_SEGMENTS
+
+
+def dy_pass(element_size: int, rank_pad: int, paired: bool = False, *, width: int, segments: int) -> PassConfig:
+    """The dB pass over dy [T, width] in `segments` segments, with g up to rank 16
+    (`g_mode`; 32 when `paired`). Wide column tiles mean fewer g atomics (H200 sweep,
+    bench/ops/tune_passes.py), except where the width is at most NARROW_DY_MAX_WIDTH or
+    many short segments make many short programs (`narrow_dy`); B's [BLOCK_D, R] tile
+    shares the block's shared memory, so wide ranks and fp32 take narrower tiles (all fit
+    Hopper: tests/kernel_smem.py). dB alone at wide ranks: 8 warps (R = 128, K = 1 / 64
+    jobs: 39 / 73 us, 4 warps and 2 stages 43 / 113)."""
     if INTERPRET:  # d-major where the GPU takes it for bf16 (R <= 16), so tests meet both forms
         return dataclasses.replace(INTERPRET_PASS, d_major=rank_pad <= D_MAJOR_MAX_RANK)
     if paired and element_size <= 2 and G_IN_DY_PASS_MAX_RANK < rank_pad <= G_PAIRED_MAX_RANK:
@@ -111,6 +129,9 @@ def dy_pass(element_size: int, rank_pad: int, paired: bool = False) -> PassConfi
         # 114.5 [R, BLOCK_D] with 2 stages at d_out 4096 / 11008 (4 jobs, H200). With g's atomics
         # in pairs, 4 warps and one program per SM: 34.8 / 67.2 us against 41.0 / 78.1 at 8 warps,
         # two per SM (the best of 64 shapes at 11008, within 0.5 us of the best at 4096)
+        if narrow_dy(width, segments):
+            return PassConfig(block_m=64, block_d=128, warps=4, stages=3, per_sm=2,
+                              d_major=rank_pad <= D_MAJOR_MAX_RANK)
         return PassConfig(block_m=64, block_d=256, warps=4, stages=3, per_sm=1,
                           d_major=rank_pad <= D_MAJOR_MAX_RANK)
     if row_bytes <= 128:
