@@ -115,6 +115,23 @@ def test_a_resumed_job_counts_its_rate_and_eta_from_where_it_resumed():
     assert s.jobs["j"].state == "stopped" and s.table_rows()[0][1:3] == ("stopped", "1001/5000")
 
 
+def test_a_run_ending_early_stops_its_unfinished_jobs_and_keeps_why():
+    """Every way a run ends goes through run_finished: the jobs named as still under way
+    are stopped (no finish time), the others keep their state, and the error is saved."""
+    s = RunSummary(name="r", output_dir="x", device="cpu")
+    for name in ("done", "busy", "waiting"):
+        s.job_queued(name, 10, 0.0)
+    s.job_started("done", 1.0)
+    s.job_finished("done", 2.0, None, "out/done")
+    s.job_started("busy", 2.0)
+    s.run_finished(3.0, "failed", ["busy"], "RuntimeError: lost rank 1")
+    assert [s.jobs[n].state for n in ("done", "busy", "waiting")] == ["finished", "stopped", "queued"]
+    assert s.jobs["busy"].finished_at is None and s.jobs["done"].finished_at == 2.0
+    assert s.to_json()["run"]["state"] == "failed" and s.to_json()["run"]["error"] == "RuntimeError: lost rank 1"
+    s.run_finished(4.0, "finished")
+    assert "error" in s.to_json()["run"]  # a later end adds no error and takes none away
+
+
 def test_jsonl_accepts_numpy_scalars_and_tail_skips_partial_lines(tmp_path):
     np = pytest.importorskip("numpy")
     sink = JsonlSink(tmp_path)

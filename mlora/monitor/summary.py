@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,15 @@ class RunSummary:
         else:
             self.jobs[name].state = "finished"
 
-    def run_finished(self, t: float, state: str) -> None:
+    def run_finished(self, t: float, state: str, unfinished: Iterable[str] = (), error: str | None = None) -> None:
+        """The run ended in `state` at `t`: the jobs still under way (`unfinished`) are
+        stopped (`job_stopped`), and a failure's reason is kept under "run" as `error`.
+        One call for every way a run ends, in the trainer and in a pipeline's rank 0."""
+        for name in unfinished:
+            self.job_stopped(name)
         self.finished_at, self.state = t, state
+        if error:
+            self.set_run_info(error=error)
 
     def set_run_info(self, **info: Any) -> None:
         """Extra run facts (pipeline bubble, memory per stage) saved under "run"."""

@@ -186,12 +186,10 @@ class PipelineMonitor:
             self.collect(block=True)
         except Exception as exc:  # the interrupt is what the user needs to hear about
             print(f"mlora: {exc}", file=sys.stderr, flush=True)
-        for name in plan.active:
-            job = self.driver.jobs[name]
-            if job.status in ("running", "writing"):
-                job.status = "stopped"
-                self.summary.job_stopped(name)
-        self.summary.run_finished(time.time(), "interrupted")
+        unfinished = self._unfinished(plan)
+        for name in unfinished:
+            self.driver.jobs[name].status = "stopped"
+        self.summary.run_finished(time.time(), "interrupted", unfinished)
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
         self.live.__exit__(None, None, None)
@@ -207,14 +205,14 @@ class PipelineMonitor:
             self.collect(block=True)
         except Exception as exc:  # the failure is what the user needs to hear about
             print(f"mlora: {exc}", file=sys.stderr, flush=True)
-        for name in plan.active:
-            if self.driver.jobs[name].status in ("running", "writing"):
-                self.summary.job_stopped(name)
-        self.summary.run_finished(time.time(), "failed")
-        self.summary.set_run_info(error=error)
+        self.summary.run_finished(time.time(), "failed", self._unfinished(plan), error)
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
         self.live.__exit__(None, None, None)
+
+    def _unfinished(self, plan: PipelinePlan) -> list[str]:
+        """This run's jobs still training or being written when it ends early."""
+        return [name for name in plan.active if self.driver.jobs[name].status in ("running", "writing")]
 
     def finish(self, plan: PipelinePlan, gathered: list[Any]) -> None:
         """The end: the adapters not yet written (all of them without a shared folder), the

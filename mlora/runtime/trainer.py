@@ -295,26 +295,18 @@ class Trainer:
                 self.result.failed = out_of_memory_advice(self.spec, self._doing())
                 self._collect_writes(block=True)
             except Exception as exc:  # anything else: the summary says failed, and why, then it goes on up
-                for job in self.jobs.values():
-                    if job.status in ("running", "writing"):
-                        self.summary.job_stopped(job.name)
-                self.summary.run_finished(time.time(), "failed")
-                self.summary.set_run_info(error=f"{type(exc).__name__}: {exc}")
+                unfinished = [job.name for job in self.jobs.values() if job.status in ("running", "writing")]
+                self.summary.run_finished(time.time(), "failed", unfinished, f"{type(exc).__name__}: {exc}")
                 self.summary.save(self.out / SUMMARY)
                 raise
             finally:
                 self.writer.close()  # even when the run fails: finished jobs' adapters reach the disk
         self._flush_logs(block=True)
-        now = time.time()
-        for job in self.jobs.values():
-            if job.status == "running":
-                self.summary.job_stopped(job.name)
         finished = all(j.status == "finished" for j in self.jobs.values())
         state = ("finished" if finished else "interrupted" if self.result.interrupted_by
                  else "failed" if self.result.failed else "stopped")
-        self.summary.run_finished(now, state)
-        if self.result.failed:
-            self.summary.set_run_info(error=self.result.failed)
+        unfinished = [job.name for job in self.jobs.values() if job.status == "running"]
+        self.summary.run_finished(time.time(), state, unfinished, self.result.failed)
         self.summary.save(self.out / SUMMARY)
         self.sink.close()
         self.live.print_table(self.summary)
