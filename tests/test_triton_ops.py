@@ -433,8 +433,9 @@ def check_g_by_launch_shape() -> None:
         b_slot = b_cat[:, offs[seg.slot]:offs[seg.slot] + r].float()
         want[seg.start:seg.end, :r] = dy[seg.start:seg.end].float() @ b_slot
     off, ends = tm._offset_table(ranks, width, dev)
-    shipped = sg.dy_pass(2, plan.rank_pad, width=width, segments=len(segs))
-    for cfg in (shipped, sg.PassConfig(64, 256, 8, 3, 2, True), sg.PassConfig(32, 128, 8, 3, 2, True),
+    shipped = sg.dy_pass(2, plan.rank_pad, width=width, segments=len(segs))  # 128 columns (`narrow_dy`)
+    wide = sg.dy_pass(2, plan.rank_pad, width=11008, segments=len(segs))  # 256, as the 7B MLP's takes
+    for cfg in (shipped, wide, sg.PassConfig(64, 256, 8, 3, 2, True), sg.PassConfig(32, 128, 8, 3, 2, True),
                 sg.PassConfig(32, 128, 4, 3, 2, True), sg.PassConfig(128, 128, 8, 3, 1, True)):
         items = item_plan(segs, width, plan.rank_pad, dev, cfg.block_m, cfg.block_d,
                           tm._target_programs(dev, cfg.per_sm), tm.PARTIAL_BUDGET_BYTES)
@@ -444,7 +445,7 @@ def check_g_by_launch_shape() -> None:
                      g=g, b_cat=b_cat)
         assert rel(g, want) < 1e-5, (cfg, sg.pairs_fit(cfg, plan.rank_pad), rel(g, want))
     assert sg.pairs_fit(shipped, plan.rank_pad) and not sg.pairs_fit(sg.PassConfig(32, 128, 8, 3, 2, True), 16)
-    print("ok g at five launch shapes", flush=True)
+    print("ok g at six launch shapes", flush=True)
 
 
 def run_cuda_checks() -> None:
