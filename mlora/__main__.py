@@ -2,6 +2,6 @@
 
 import sys
 
-from mlora.cli import main
+from mlora.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -312,7 +312,9 @@ def test_ctrl_c_or_sigterm_ends_the_run_cleanly_and_resume_finishes_it(tmp_path,
 def test_ctrl_c_while_starting_ends_with_one_line(tmp_path, tiny_models, datasets):
     """Ctrl-C before the run is under way (Python importing torch, the model loading, data
     tokenising): one line and exit status 130, not a KeyboardInterrupt traceback from
-    wherever the import was."""
+    wherever the import was, nor torch's C++ aborting on it ("terminate called", -6), nor
+    CPython ending the process by the signal (-2) after the line (both seen at 0.3-2.7 s
+    before torch's import held SIGINT back and the program exited at once)."""
     import os
     import signal
     import subprocess
@@ -320,13 +322,14 @@ def test_ctrl_c_while_starting_ends_with_one_line(tmp_path, tiny_models, dataset
     import time
 
     run = run_file(tmp_path, tiny_models["llama"], datasets, JOBS, "early")
-    proc = subprocess.Popen([sys.executable, "-m", "mlora", "train", str(run), "--plain"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(0.5)  # importing torch alone takes longer
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == "mlora train: interrupted"
+    for delay in (0.3, 0.8):  # importing torch alone takes longer
+        proc = subprocess.Popen([sys.executable, "-m", "mlora", "train", str(run), "--plain"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "Traceback" not in err and "terminate" not in err, (delay, err[-3000:])
+        assert err.strip().splitlines()[-1] == "mlora train: interrupted"
 
 
 def test_a_run_stopped_before_its_first_step_leaves_a_folder_the_same_command_reuses(tmp_path, tiny_models, datasets):
