@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -10,8 +11,13 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-# Commands that bring torch in; `status` and `report` read files only and stay quick.
-TORCH_COMMANDS = frozenset({"train", "validate", "tiny-model", "generate", "eval"})
+# What each command's start brings in that runs C++ start-up code, imported with SIGINT held
+# back (`import_holding_sigint`): torch, and for a command that loads a model what that
+# imports later, DTensor (sympy, op registrations) and transformers' modeling_utils. `status`
+# and `report` read files only and stay quick.
+_LOADS_A_MODEL = ("torch", "torch.distributed.tensor", "transformers.modeling_utils")
+HEAVY_IMPORTS = {"train": _LOADS_A_MODEL, "generate": _LOADS_A_MODEL, "eval": _LOADS_A_MODEL,
+                 "tiny-model": _LOADS_A_MODEL, "validate": ("torch",)}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -35,30 +41,32 @@ def write_errors() -> tuple[type[BaseException], ...]:
     return (WriteError,)
 
 
-def import_torch_holding_sigint() -> None:
-    """Import torch with SIGINT held back until the import is done, then let it in.
+def import_holding_sigint(names: Sequence[str]) -> None:
+    """Import `names` with SIGINT held back until they are done, then let it in.
 
-    A Ctrl-C landing inside torch's import raised its KeyboardInterrupt in the middle of
+    A Ctrl-C landing inside these imports raised its KeyboardInterrupt in the middle of
     torch's C++ start-up: the process aborted ("terminate called after throwing an instance
     of ... KeyboardInterrupt", exit -6), or CPython, having seen the interrupt leave code it
-    ran on torch's behalf, ended the process by the signal (-2) although `main` had caught it
-    and printed its line (tests/test_trainer.py, under load). Held back, the signal arrives
-    as the mask is lifted, in plain Python, and `main` turns it into one line and exit 130.
-    Only the main thread takes signals; threads torch starts meanwhile keep SIGINT blocked,
-    which leaves it to the main thread as before."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        import torch  # noqa: F401
+    ran on an extension's behalf, ended the process by the signal (-2) although `main` had
+    caught it and printed its line (tests/test_trainer.py, under load). Held back, the signal
+    arrives as the mask is lifted, in plain Python, and `main` turns it into one line and
+    exit 130. Only the main thread takes signals; threads torch starts meanwhile keep SIGINT
+    blocked, which leaves it to the main thread as before. (A model's own modeling file,
+    imported as it loads, is small and not held.)"""
+    if not names:
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if held else None
     try:
-        import torch  # noqa: F401
-
-        try:  # what transformers' model loading brings in later (DTensor: sympy, op registrations)
-            import torch.distributed.tensor  # noqa: F401
-        except ImportError:  # a torch built without distributed
-            pass
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                if name != "torch.distributed.tensor":  # a torch built without distributed has none
+                    raise
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -236,8 +244,7 @@ def main(argv: Sequence[str] | None = None, *, exit_now_on_interrupt: bool = Fal
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command in TORCH_COMMANDS:
-            import_torch_holding_sigint()
+        import_holding_sigint(HEAVY_IMPORTS.get(args.command, ()))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C while starting (imports, loading, tokenising); first, as the clauses
         # below import what they name, torch among them (a run under way stops itself)
