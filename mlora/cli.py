@@ -232,10 +232,10 @@ def main(argv: Sequence[str] | None = None, *, exit_now_on_interrupt: bool = Fal
     itself, not callers in-process): a Ctrl-C while a command starts ends the process at
     once with status 130, after its one line. Returned instead, CPython may still end the
     process by the signal (-2 to a parent, no longer 130) when the KeyboardInterrupt passed
-    through code it ran for a C extension, though caught here: seen 1 run in 6 with the
-    signal landing in transformers' lazy imports while a model loads. Nothing of the
-    command is under way then that exit handlers would finish (a run under way stops
-    itself and returns)."""
+    through code it ran for a C extension, though caught here (about 1 run in 7 with the
+    signal landing in torch's imports, before `import_holding_sigint`; it still can in what
+    is not held, a model's own modeling file). Nothing of the command is under way then
+    that exit handlers would finish (a run under way stops itself and returns)."""
     parser = build_parser()
     # overrides may come before or after the flags: `train run.yaml --resume lr=1e-3`
     args, extra = parser.parse_known_args(argv)
